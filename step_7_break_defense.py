@@ -1,0 +1,118 @@
+"""Step 7: break the defense. An attacker who knows about the JPEG step attacks *through* it.
+
+    python step_7_break_defense.py IMAGE [--defense jpeg] [--target goldfish] [--epsilon 10] [--steps 100] [--eot 1]
+                                         [--method pgd] [--model resnet18] [--output-dir outputs]
+
+The forward pass runs the real defense (the 8-bit image re-compressed, filtered, ...); the backward pass treats it as
+the identity (BPDA, Athalye, Carlini and Wagner 2018, "Obfuscated Gradients Give a False Sense of Security"); with
+--eot N each step averages N random draws of a randomized defense (Expectation over Transformation). Success is judged
+only by the truth: the saved PNG read back from disk, put through the real defense, classified as the target.
+Writes adaptive.png and break_defense.png (the plain step-5 attack and the adaptive one, before and after the defense).
+"""
+from pathlib import Path
+
+import torch
+
+from step_2_pretrained import find_class, get_device, get_label, load_model, predict_images, prepare_image, to_tensor, to_uint8
+from step_3_adversarial import read_back
+from step_5_perturb import add_attack_arguments, add_common_arguments, attack_options, print_loss_every
+from step_6_defend import add_defense_arguments, defense_settings
+from utils.attacks import make_attack
+from utils.cli import ArgumentParser, UsageError, number_in, run
+from utils.defenses import describe, make_defense
+from utils.figures import image_grid, short
+from utils.files import save_figure, save_image
+
+JUDGE_SEED_OFFSET = 7919  # the judge's draws of a random defense are not the attacker's
+
+
+class DefenseBPDA(torch.autograd.Function):
+    """Forward: the real defense on each 8-bit image. Backward: the identity (Backward Pass Differentiable Approximation)."""
+
+    @staticmethod
+    def forward(ctx, pixels, defense):
+        return to_tensor([defense(image) for image in to_uint8(pixels)], pixels.device)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def defended_forward(model, defense):
+    """The model behind the defense, differentiable by BPDA."""
+    return lambda pixels: model(DefenseBPDA.apply(pixels, defense))
+
+
+def attack_through(model, images_u8, labels, defense, args, adaptive, on_step=None):
+    """Adversarial 8-bit images: through the defense (adaptive) or against the bare model (plain, as in step 5)."""
+    options = attack_options(args, on_step=on_step)
+    if adaptive:
+        options.update(forward=defended_forward(model, defense), eot=args.eot)
+    attack = make_attack(args.method, model, **options)
+    device = model.mean.device
+    result = attack(to_tensor(images_u8, device), torch.tensor(labels, device=device))
+    return to_uint8(result.adversarial), result.steps_used.tolist()
+
+
+def figure(rows):
+    """rows: (name, image before the defense, prediction, image after, prediction)."""
+    panels = []
+    for name, before, before_label, after, after_label in rows:
+        panels += [(before, f"{name}\npredicted: {short(before_label)}"),
+                   (after, f"{name} after the defense\npredicted: {short(after_label)}")]
+    return image_grid(panels, columns=2)
+
+
+def main(args):
+    torch.manual_seed(args.seed)
+    if args.untargeted:
+        raise UsageError("step 7 is a targeted attack: drop --untargeted")
+    target = find_class("1" if args.target is None else args.target)
+    settings = defense_settings(args)
+    name = describe(args.defense, **settings)
+    model = load_model(args.model, get_device(args.device))
+    image = prepare_image(args.image, model)
+    attacker_defense = make_defense(args.defense, seed=args.seed, **settings)
+    judge_defense = make_defense(args.defense, seed=args.seed + JUDGE_SEED_OFFSET, **settings)
+    print(f"Target class: {get_label(target)}")
+    print(f"Defense: {name}; attack: {args.method} through it (BPDA, EOT {args.eot}), epsilon {args.epsilon:g}")
+
+    out = Path(args.output_dir)
+    [plain], _ = attack_through(model, [image], [target], attacker_defense, args, adaptive=False)
+    [adaptive], [steps] = attack_through(model, [image], [target], attacker_defense, args, adaptive=True,
+                                         on_step=print_loss_every(10, model))
+    plain_path = save_image(plain, out / "plain.png")
+    adaptive_path = save_image(adaptive, out / "adaptive.png")
+
+    old = predict_images(model, [image])[0]
+    plain_before, adaptive_before = predict_images(model, [read_back(plain_path, model), read_back(adaptive_path, model)])
+    defended = [judge_defense(read_back(path, model)) for path in (plain_path, adaptive_path)]  # the truth
+    plain_after, new = predict_images(model, defended)
+    print(f"Old prediction: {get_label(old)}")
+    print(f"New prediction: {get_label(new)}")
+    print(f"Plain step-5 attack: {get_label(plain_before)} -> after the defense: {get_label(plain_after)}")
+    print(f"Adaptive attack:     {get_label(adaptive_before)} -> after the defense: {get_label(new)} ({steps} steps)")
+    rows = [("plain attack (step 5)", plain, get_label(plain_before), defended[0], get_label(plain_after)),
+            ("adaptive attack (step 7)", adaptive, get_label(adaptive_before), defended[1], get_label(new))]
+    save_figure(figure(rows), out / "break_defense.png")
+    if new != target:
+        print(f"The adaptive attack did not get through: after the defense {adaptive_path} is {get_label(new)}; "
+              f"try more --steps, a larger --epsilon or more --eot")
+        return 1
+    return 0
+
+
+def get_args_parser():
+    parser = ArgumentParser(description="Craft an adversarial image that survives a defense (BPDA + EOT).")
+    parser.add_argument("image", help="path to the photo")
+    add_common_arguments(parser, steps=100)
+    add_attack_arguments(parser)
+    parser.set_defaults(method="pgd")
+    add_defense_arguments(parser)
+    parser.add_argument("--eot", type=number_in(1, 1000, int, name="--eot"), default=1,
+                        help="random draws of the defense averaged per step (default: %(default)s)")
+    return parser
+
+
+if __name__ == "__main__":
+    run(main, get_args_parser())

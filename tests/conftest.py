@@ -1,0 +1,83 @@
+"""Shared fixtures: a tiny model for fast unit tests, the offline real model, the test photos, and running scripts."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from step_2_pretrained import Classifier, Preprocessing, freeze, load_model  # noqa: E402
+
+GRACE_HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+CORGI = Path(os.environ.get("TNN_CORGI", REPO.parent / "shared" / "assets" / "corgi.png"))
+RESNET18_WEIGHTS = Path(torch.hub.get_dir()) / "checkpoints" / "resnet18-f37072fd.pth"
+OFFLINE = "efficientnet_lite0"
+
+
+def run_script(script, *args, cwd):
+    """Run a step script as a user would: a fresh process, in `cwd`, returning the CompletedProcess."""
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=900)
+
+
+class TinyNet(nn.Module):
+    """A small convolutional classifier with random weights over the 1000 ImageNet classes: milliseconds per step."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+                                      nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2))
+        self.classifier = nn.Linear(64, 1000)
+
+    def forward(self, x):
+        return self.classifier(self.features(x).flatten(1))
+
+
+def make_tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return freeze(Classifier(TinyNet(), Preprocessing(32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "tiny"))
+
+
+@pytest.fixture
+def tiny_model():
+    return make_tiny_model()
+
+
+@pytest.fixture
+def tiny_images():
+    """Four random 32x32 8-bit photos as a float batch on whole levels."""
+    rng = np.random.default_rng(0)
+    levels = rng.integers(0, 256, size=(4, 3, 32, 32))
+    return torch.from_numpy(levels).float() / 255
+
+
+@pytest.fixture(scope="session")
+def offline_model():
+    return load_model(OFFLINE, "cpu")
+
+
+@pytest.fixture
+def grace_hopper():
+    assert GRACE_HOPPER.is_file(), f"matplotlib should ship {GRACE_HOPPER}"
+    return GRACE_HOPPER
+
+
+@pytest.fixture
+def corgi():
+    if not CORGI.is_file():
+        pytest.skip(f"the tutorial's corgi is not at {CORGI} (set TNN_CORGI to its path)")
+    return CORGI
+
+
+@pytest.fixture
+def resnet18_weights():
+    if not RESNET18_WEIGHTS.is_file():
+        pytest.skip(f"ResNet18's ImageNet weights are not in the torch cache ({RESNET18_WEIGHTS}); no network here")
+    return RESNET18_WEIGHTS
