@@ -1,0 +1,27 @@
+# The two quick-start commands: `make demo` (the tutorial end to end) and `make test`.
+# The first use creates .venv and installs requirements.txt into it.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+
+.PHONY: demo test bench evaluate samples
+
+$(VENV)/.installed: requirements.txt
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet -r requirements.txt
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PYTHON) utils/demo.py
+
+test: $(VENV)/.installed
+	$(PYTHON) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(PYTHON) bench/attack_speed.py
+
+samples: $(VENV)/.installed
+	$(PYTHON) utils/sample_images.py --output-dir samples
+
+evaluate: samples
+	$(PYTHON) step_8_evaluate.py samples --model efficientnet_lite0 --methods fgsm,pgd,mifgsm,sgd,cw \
+		--epsilons 1,2,4,8,16 --steps 1,5,10,20 --output-dir outputs/eval
