@@ -13,6 +13,7 @@ The shared mechanics live once, in `Attack`:
 
 Each attack then only says what it minimizes (`loss`) and how it steps (`update`).
 """
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -81,14 +82,18 @@ class Attack:
         hit = logits.argmax(dim=-1) == labels
         return hit if self.targeted else ~hit
 
+    # The elementwise helpers below work in place on one fresh tensor each: on a large batch an allocation costs more
+    # than the arithmetic. They compute exactly, bit for bit, what the plain expressions in their comments compute.
     def project(self, delta, original):
-        return (original + delta.clamp(-self.eps, self.eps)).clamp(0, 1) - original
+        # (original + delta.clamp(-eps, eps)).clamp(0, 1) - original
+        return delta.clamp(-self.eps, self.eps).add_(original).clamp_(0, 1).sub_(original)
 
     def on_lattice(self, original_levels, delta):
         """The 8-bit image original + delta, never more than floor(epsilon) levels away, as a float in [0, 1]."""
         budget = float(int(self.levels))
-        steps = (delta.detach() * 255).round().clamp(-budget, budget)
-        return (original_levels + steps).clamp(0, 255) / 255
+        # (original_levels + (delta * 255).round().clamp(-budget, budget)).clamp(0, 255) / 255
+        steps = delta.detach().mul(255).round_().clamp_(-budget, budget)
+        return steps.add_(original_levels).clamp_(0, 255).div_(255)
 
     def random_delta(self, original, restart):
         if not self.random_start:
@@ -115,26 +120,31 @@ class Attack:
         predictions = torch.zeros_like(steps_used)
         active = torch.ones_like(success)
         for step in range(self.steps + 1):
-            delta.requires_grad_(True)
+            last = step == self.steps
             lattice = self.on_lattice(original_levels, delta)
-            image = delta + original + (lattice - original - delta).detach()  # straight-through rounding
-            loss, reached, logits = self.judge(image, labels)
+            # straight-through rounding: the model sees exactly the 8-bit image, and its gradient with respect to that
+            # image is used as the gradient for delta (rounding treated as the identity in the backward pass)
+            image = lattice.clone().requires_grad_(not last)
+            with torch.no_grad() if last else contextlib.nullcontext():  # the last image is only judged
+                loss, reached, logits = self.judge(image, labels)
             with torch.no_grad():
                 keep = (reached & active) | (active & ~success)  # a success, or the latest try of a failure
-                best[keep] = lattice[keep]
-                steps_used[keep] = step
-                predictions[keep] = logits.argmax(dim=1)[keep]
+                # torch.where rather than x[keep] = y[keep]: no host sync on a GPU
+                best = torch.where(keep.view(-1, 1, 1, 1), lattice, best)
+                steps_used = torch.where(keep, step, steps_used)
+                predictions = torch.where(keep, logits.argmax(dim=1), predictions)
                 success |= reached & active
                 if self.early_stop:
                     active &= ~reached
-            if step == self.steps or not active.any():
+            # without early stop every sample stays active: no need to ask the device (a host sync) every step
+            if step == self.steps or (self.early_stop and not active.any()):
                 break
             if self.on_step:
                 self.on_step(step, loss.detach(), logits.detach())
-            grad, = torch.autograd.grad(loss.sum(), delta)
+            grad, = torch.autograd.grad(loss.sum(), image)
             with torch.no_grad():
-                moved = self.project(self.update(delta.detach(), grad, state), original)
-                delta = torch.where(active.view(-1, 1, 1, 1), moved, delta.detach())
+                moved = self.project(self.update(delta, grad, state), original)
+                delta = torch.where(active.view(-1, 1, 1, 1), moved, delta) if self.early_stop else moved
         return AttackResult(best, success, steps_used, predictions)
 
     def __call__(self, images, labels):
@@ -186,7 +196,7 @@ class FGSM(Attack):
         return self.levels
 
     def update(self, delta, grad, state):
-        return delta - self.alpha * grad.sign()
+        return grad.sign().mul_(-self.alpha).add_(delta)  # delta - alpha * sign(grad), one allocation
 
 
 class PGD(Attack):
@@ -196,7 +206,7 @@ class PGD(Attack):
     name = "pgd"
 
     def update(self, delta, grad, state):
-        return delta - self.alpha * grad.sign()
+        return grad.sign().mul_(-self.alpha).add_(delta)  # delta - alpha * sign(grad), one allocation
 
 
 class MIFGSM(Attack):
