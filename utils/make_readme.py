@@ -23,6 +23,11 @@ from utils.cli import ArgumentParser, run  # noqa: E402
 from utils.files import save_text  # noqa: E402
 
 DIRECTIVE = re.compile(r"<!-- (run|cmd|include|figure): (.*) -->")
+PROGRESS_BAR = re.compile(r"^\s*$|\d+%\|")  # tqdm's lines on stderr: a terminal shows them, a README should not
+
+
+def without_progress_bars(text):
+    return "\n".join(line for line in text.replace("\r", "\n").splitlines() if not PROGRESS_BAR.search(line))
 
 
 def execute(command, show_output):
@@ -32,7 +37,7 @@ def execute(command, show_output):
     print(f"[{time.perf_counter() - started:6.1f}s] exit {completed.returncode}: {command}", file=sys.stderr)
     if completed.returncode not in (0, 1, 2):
         raise SystemExit(f"{command} failed:\n{completed.stderr}")
-    printed = (completed.stdout + completed.stderr) if show_output else ""
+    printed = without_progress_bars(completed.stdout + completed.stderr) if show_output else ""
     return "```console\n$ " + command + "\n" + printed.rstrip("\n") + ("\n" if printed else "") + "```"
 
 
