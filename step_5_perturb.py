@@ -75,17 +75,23 @@ def print_loss_every(period, model):
     return on_step
 
 
+def run_attack(model, method, images_u8, labels, **options):
+    """One attack on a list of 8-bit images: (adversarial 8-bit images, steps each used)."""
+    device = model.mean.device
+    result = make_attack(method, model, **options)(to_tensor(images_u8, device), torch.tensor(labels, device=device))
+    return to_uint8(result.adversarial), result.steps_used.tolist()
+
+
 def attack_images(model, images, labels, args, on_step=None):
     """Attack 8-bit images in batches; returns (adversarial 8-bit images, steps used)."""
-    device = model.mean.device
     adversarial, steps_used = [], []
     batches = range(0, len(images), args.batch_size)
     for start in tqdm(batches, desc=f"{args.method} attack", unit="batch", disable=len(batches) < 2):
-        attack = make_attack(args.method, model, **attack_options(args, on_step=on_step))
-        result = attack(to_tensor(images[start:start + args.batch_size], device),
-                        torch.tensor(labels[start:start + args.batch_size], device=device))
-        adversarial += to_uint8(result.adversarial)
-        steps_used += result.steps_used.tolist()
+        batch_adversarial, batch_steps = run_attack(model, args.method, images[start:start + args.batch_size],
+                                                    labels[start:start + args.batch_size],
+                                                    **attack_options(args, on_step=on_step))
+        adversarial += batch_adversarial
+        steps_used += batch_steps
     return adversarial, steps_used
 
 

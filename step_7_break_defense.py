@@ -15,9 +15,8 @@ import torch
 
 from step_2_pretrained import find_class, get_device, get_label, load_model, predict_images, prepare_image, to_tensor, to_uint8
 from step_3_adversarial import read_back
-from step_5_perturb import add_attack_arguments, add_common_arguments, attack_options, print_loss_every
+from step_5_perturb import add_attack_arguments, add_common_arguments, attack_options, print_loss_every, run_attack
 from step_6_defend import add_defense_arguments, defense_settings
-from utils.attacks import make_attack
 from utils.cli import ArgumentParser, UsageError, number_in, run
 from utils.defenses import describe, make_defense
 from utils.figures import image_grid, short
@@ -48,10 +47,7 @@ def attack_through(model, images_u8, labels, defense, args, adaptive, on_step=No
     options = attack_options(args, on_step=on_step)
     if adaptive:
         options.update(forward=defended_forward(model, defense), eot=args.eot)
-    attack = make_attack(args.method, model, **options)
-    device = model.mean.device
-    result = attack(to_tensor(images_u8, device), torch.tensor(labels, device=device))
-    return to_uint8(result.adversarial), result.steps_used.tolist()
+    return run_attack(model, args.method, images_u8, labels, **options)
 
 
 def figure(rows):

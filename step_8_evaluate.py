@@ -30,11 +30,11 @@ import torch
 from tqdm import tqdm
 
 from step_2_pretrained import (DEFAULT_MODEL, OFFLINE_MODEL, find_class, get_device, get_label, load_model,
-                               predict_images, prepare_image, to_tensor, to_uint8)
+                               predict_images, prepare_image, to_tensor)
 from step_3_adversarial import read_back
-from step_5_perturb import list_images, output_names, reached
+from step_5_perturb import list_images, output_names, reached, run_attack
 from step_7_break_defense import JUDGE_SEED_OFFSET, defended_forward
-from utils.attacks import ATTACKS, make_attack, perturbation_size
+from utils.attacks import ATTACKS, perturbation_size
 from utils.cli import ArgumentParser, UsageError, comma_list, number_in, run
 from utils.defenses import DEFENSES, make_defense
 from utils.figures import plt
@@ -147,12 +147,9 @@ def attack_batch(model, photos, job, batch, args):
     forward = None
     if job.attack == "adaptive":
         forward = defended_forward(model, make_defense(job.defense, seed=args.seed))
-    attack = make_attack(job.method, model, epsilon=job.epsilon, steps=job.steps, targeted=photos.target is not None,
-                         seed=args.seed, forward=forward, eot=args.eot)
-    device = model.mean.device
-    result = attack(to_tensor([photos.originals[i] for i in batch], device),
-                    torch.tensor([photos.goals[i] for i in batch], device=device))
-    return to_uint8(result.adversarial), result.steps_used.tolist()
+    return run_attack(model, job.method, [photos.originals[i] for i in batch], [photos.goals[i] for i in batch],
+                      epsilon=job.epsilon, steps=job.steps, targeted=photos.target is not None, seed=args.seed,
+                      forward=forward, eot=args.eot)
 
 
 def judge_batch(model, photos, job, batch, files, args):

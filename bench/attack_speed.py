@@ -16,7 +16,6 @@ Ours runs `steps + 1` forwards (the last one judges the final 8-bit image) and `
 loop costs about 1 + fwd / (steps * fwd+bwd) times fwd+bwd; the "fwd" column and "ours/floor" show that share.
 The issue's targets: ours <= 1.05 x fwd+bwd, and ours <= torchattacks.
 """
-import argparse
 import importlib.util
 import statistics
 import sys
