@@ -29,6 +29,7 @@ from torch import nn
 from torchvision import transforms
 
 from utils.cli import ArgumentParser, UsageError, number_in, run
+from utils.images import to_tensor, to_uint8  # noqa: F401  (the steps import them from here, as in the tutorial)
 
 LABELS_PATH = Path(__file__).resolve().parent / "assets" / "imagenet_idx_to_label.json"
 OFFLINE_MODEL = "efficientnet_lite0"
@@ -124,18 +125,6 @@ def get_image_transform(preprocessing):
 def prepare_image(path, model):
     """The 8-bit HxWx3 array the model sees for the file at `path`: loaded, resized and centre-cropped."""
     return np.asarray(get_image_transform(model.preprocessing)(load_image(path)), dtype=np.uint8).copy()
-
-
-def to_tensor(images_u8, device="cpu"):
-    """8-bit HxWx3 arrays (one or a list) as a float batch (B, 3, H, W) in [0, 1]."""
-    batch = np.stack([images_u8] if np.ndim(images_u8) == 3 else list(images_u8))
-    return torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().div(255)
-
-
-def to_uint8(batch):
-    """A float batch in [0, 1] as a list of 8-bit HxWx3 arrays (rounded to the nearest level)."""
-    levels = batch.detach().mul(255).round().clamp(0, 255).to(torch.uint8)
-    return list(levels.permute(0, 2, 3, 1).cpu().numpy())
 
 
 # ---- models ---------------------------------------------------------------------------------------------------

@@ -19,38 +19,13 @@ import torch
 from tqdm import tqdm
 
 from step_2_pretrained import (DEFAULT_MODEL, OFFLINE_MODEL, find_class, get_device, get_label, load_model,
-                               predict_images, prepare_image, to_tensor, to_uint8)
+                               predict_images, prepare_image, to_tensor)
 from step_3_adversarial import perturbation_from_images, read_back
-from utils.attacks import ATTACKS, make_attack, perturbation_size
+from utils.attacks import ATTACKS, goal_reached, perturbation_size, run_attack
 from utils.cli import ArgumentParser, UsageError, number_in, run
 from utils.figures import comparison_figure
 from utils.files import save_array, save_figure, save_image
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-
-
-def list_images(paths):
-    """The image files named, with folders expanded to the images directly inside them (sorted)."""
-    found = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            inside = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not inside:
-                raise UsageError(f"{path}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            found += inside
-        else:
-            found.append(path)
-    return found
-
-
-def output_names(paths):
-    """A distinct file stem per input, so two cat.jpg from different folders do not overwrite each other."""
-    names, seen = [], {}
-    for path in paths:
-        seen[path.stem] = seen.get(path.stem, 0) + 1
-        names.append(path.stem if seen[path.stem] == 1 else f"{path.stem}_{seen[path.stem]}")
-    return names
-
+from utils.images import list_images, output_names
 
 def attack_options(args, **extra):
     """The attack's keyword arguments from the command line."""
@@ -75,13 +50,6 @@ def print_loss_every(period, model):
     return on_step
 
 
-def run_attack(model, method, images_u8, labels, **options):
-    """One attack on a list of 8-bit images: (adversarial 8-bit images, steps each used)."""
-    device = model.mean.device
-    result = make_attack(method, model, **options)(to_tensor(images_u8, device), torch.tensor(labels, device=device))
-    return to_uint8(result.adversarial), result.steps_used.tolist()
-
-
 def attack_images(model, images, labels, args, on_step=None):
     """Attack 8-bit images in batches; returns (adversarial 8-bit images, steps used)."""
     adversarial, steps_used = [], []
@@ -93,10 +61,6 @@ def attack_images(model, images, labels, args, on_step=None):
         adversarial += batch_adversarial
         steps_used += batch_steps
     return adversarial, steps_used
-
-
-def reached(prediction, label, untargeted):
-    return prediction != label if untargeted else prediction == label
 
 
 def describe_goal(model, image, args):
@@ -120,7 +84,7 @@ def attack_one(model, path, args):
     print(f"Old prediction: {get_label(old)}")
     print(f"New prediction: {get_label(new)}")
     print(f"Steps used: {steps} / L-inf: {linf.item():.0f} levels of 255 / L2: {l2.item():.3f}")
-    if not reached(new, labels[0], args.untargeted):
+    if not goal_reached(new, labels[0], args.untargeted):
         print(f"The attack did not get there: {saved} is still classified as {get_label(new)}; "
               f"try more --steps, a larger --epsilon or --method pgd")
         return 1
@@ -138,7 +102,7 @@ def attack_many(model, paths, args):
         save_array(perturbation_from_images(adv, image, model), out / f"{name}_r.npy")
         saved = save_image(adv, out / f"{name}.png")
         old, new = predict_images(model, [image, read_back(saved, model)])
-        ok = reached(new, label, args.untargeted)
+        ok = goal_reached(new, label, args.untargeted)
         failures += not ok
         linf = int(np.abs(adv.astype(int) - image.astype(int)).max())
         print(f"{path}: {get_label(old)} -> {get_label(new)} ({'fooled' if ok else 'NOT fooled'}, {steps} steps, "

@@ -13,34 +13,16 @@ from pathlib import Path
 
 import torch
 
-from step_2_pretrained import find_class, get_device, get_label, load_model, predict_images, prepare_image, to_tensor, to_uint8
+from step_2_pretrained import find_class, get_device, get_label, load_model, predict_images, prepare_image
 from step_3_adversarial import read_back
-from step_5_perturb import add_attack_arguments, add_common_arguments, attack_options, print_loss_every, run_attack
+from step_5_perturb import add_attack_arguments, add_common_arguments, attack_options, print_loss_every
 from step_6_defend import add_defense_arguments, defense_settings
+from utils.adaptive import JUDGE_SEED_OFFSET, defended_forward
+from utils.attacks import run_attack
 from utils.cli import ArgumentParser, UsageError, number_in, run
 from utils.defenses import describe, make_defense
 from utils.figures import image_grid, short
 from utils.files import save_figure, save_image
-
-JUDGE_SEED_OFFSET = 7919  # the judge's draws of a random defense are not the attacker's
-
-
-class DefenseBPDA(torch.autograd.Function):
-    """Forward: the real defense on each 8-bit image. Backward: the identity (Backward Pass Differentiable Approximation)."""
-
-    @staticmethod
-    def forward(ctx, pixels, defense):
-        return to_tensor([defense(image) for image in to_uint8(pixels)], pixels.device)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-def defended_forward(model, defense):
-    """The model behind the defense, differentiable by BPDA."""
-    return lambda pixels: model(DefenseBPDA.apply(pixels, defense))
-
 
 def attack_through(model, images_u8, labels, defense, args, adaptive, on_step=None):
     """Adversarial 8-bit images: through the defense (adaptive) or against the bare model (plain, as in step 5)."""

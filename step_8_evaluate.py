@@ -31,14 +31,13 @@ from tqdm import tqdm
 
 from step_2_pretrained import (DEFAULT_MODEL, OFFLINE_MODEL, find_class, get_device, get_label, load_model,
                                predict_images, prepare_image, to_tensor)
-from step_3_adversarial import read_back
-from step_5_perturb import list_images, output_names, reached, run_attack
-from step_7_break_defense import JUDGE_SEED_OFFSET, defended_forward
-from utils.attacks import ATTACKS, perturbation_size
+from utils.adaptive import JUDGE_SEED_OFFSET, defended_forward
+from utils.attacks import ATTACKS, goal_reached, perturbation_size, run_attack
 from utils.cli import ArgumentParser, UsageError, comma_list, number_in, run
 from utils.defenses import DEFENSES, make_defense
 from utils.figures import plt
 from utils.files import atomic_path, save_figure, save_image, save_text
+from utils.images import list_images, output_names
 
 COLUMNS = ("image", "method", "epsilon", "steps", "defense", "attack", "target", "clean_label", "final_label",
            "defended_label", "clean_defended_label", "success", "steps_used", "linf", "l2", "seconds", "file")
@@ -155,7 +154,7 @@ def attack_batch(model, photos, job, batch, args):
 def judge_batch(model, photos, job, batch, files, args):
     """Classify the saved PNGs read back (and through the real defense, with the judge's own seed): a dict of
     columns per photo."""
-    back = [read_back(path, model) for path in files]
+    back = [prepare_image(path, model) for path in files]  # the file read back, as a receiver would
     originals = [photos.originals[i] for i in batch]
     final = predict_images(model, back)
     linf, l2 = perturbation_size(to_tensor(back), to_tensor(originals))
@@ -166,7 +165,7 @@ def judge_batch(model, photos, job, batch, files, args):
         clean_defended = predict_images(model, [judge(image) for image in originals])
     verdict = final if job.defense == "none" else defended
     return [{"final_label": final[k], "defended_label": defended[k], "clean_defended_label": clean_defended[k],
-             "success": int(reached(verdict[k], photos.goals[i], photos.target is None)),
+             "success": int(goal_reached(verdict[k], photos.goals[i], photos.target is None)),
              "linf": int(linf[k]), "l2": f"{l2[k]:.4f}"} for k, i in enumerate(batch)]
 
 

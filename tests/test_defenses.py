@@ -8,7 +8,7 @@ from PIL import Image
 from scipy import ndimage
 
 from step_2_pretrained import predict_images, prepare_image
-from step_7_break_defense import DefenseBPDA
+from utils.adaptive import DefenseBPDA
 from tests.conftest import OFFLINE, run_script
 from utils.cli import UsageError
 from utils.defenses import DEFENSES, make_defense

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from utils.images import to_tensor, to_uint8
+
 
 @dataclass
 class AttackResult:
@@ -277,3 +279,15 @@ def perturbation_size(adversarial, original):
     """(L-infinity in levels, L2 in [0, 1] units) per sample."""
     difference = (adversarial - original).flatten(1)
     return (difference.abs().amax(dim=1) * 255).round(), difference.norm(dim=1)
+
+
+def run_attack(model, method, images_u8, labels, **options):
+    """One attack on a list of 8-bit images: (adversarial 8-bit images, steps each used)."""
+    device = model.mean.device
+    result = make_attack(method, model, **options)(to_tensor(images_u8, device), torch.tensor(labels, device=device))
+    return to_uint8(result.adversarial), result.steps_used.tolist()
+
+
+def goal_reached(prediction, goal, untargeted):
+    """A prediction meets the goal: the target class, or (untargeted) anything but the class to leave."""
+    return prediction != goal if untargeted else prediction == goal

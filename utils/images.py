@@ -1,0 +1,45 @@
+"""Images as the steps pass them around: 8-bit HxWx3 arrays (what a file holds), and float batches in [0, 1] (what a
+model takes); finding the photos in a folder and naming their outputs."""
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils.cli import UsageError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+def to_tensor(images_u8, device="cpu"):
+    """8-bit HxWx3 arrays (one or a list) as a float batch (B, 3, H, W) in [0, 1]."""
+    batch = np.stack([images_u8] if np.ndim(images_u8) == 3 else list(images_u8))
+    return torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().div(255)
+
+
+def to_uint8(batch):
+    """A float batch in [0, 1] as a list of 8-bit HxWx3 arrays (rounded to the nearest level)."""
+    levels = batch.detach().mul(255).round().clamp(0, 255).to(torch.uint8)
+    return list(levels.permute(0, 2, 3, 1).cpu().numpy())
+
+
+def list_images(paths):
+    """The image files named, with folders expanded to the images directly inside them (sorted)."""
+    found = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            inside = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not inside:
+                raise UsageError(f"{path}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            found += inside
+        else:
+            found.append(path)
+    return found
+
+
+def output_names(paths):
+    """A distinct file stem per input, so two cat.jpg from different folders do not overwrite each other."""
+    names, seen = [], {}
+    for path in paths:
+        seen[path.stem] = seen.get(path.stem, 0) + 1
+        names.append(path.stem if seen[path.stem] == 1 else f"{path.stem}_{seen[path.stem]}")
+    return names
