@@ -39,3 +39,26 @@ def comparison_figure(original_u8, adversarial_u8, old_label, new_label):
     return image_grid([(original_u8, f"original\npredicted: {short(old_label)}"),
                        (adversarial_u8, f"adversarial\npredicted: {short(new_label)}"),
                        (difference, f"perturbation (max {linf} levels)\nmagnified x{magnification:.0f}")])
+
+
+def grouped_bars_figure(panels, groups, series, ylabel, title):
+    """One panel per entry of `panels` (title, {(group, series name): rate in [0, 1]}), with a bar per series in each
+    group, each bar labelled with its value so a 0% bar is still seen; one legend above the panels, off the data."""
+    figure, axes = plt.subplots(1, len(panels), figsize=(max(6.4, 0.3 * len(groups) * len(series) * len(panels) + 1.5), 4.2),
+                                sharey=True, squeeze=False)
+    width = 0.8 / len(series)
+    for axis, (panel_title, values) in zip(axes[0], panels):
+        for k, (name, style) in enumerate(series):
+            xs = np.arange(len(groups)) + (k - (len(series) - 1) / 2) * width
+            rates = [100 * values[group, name] for group in groups]
+            bars = axis.bar(xs, rates, width, label=name, **style)
+            axis.bar_label(bars, [f"{rate:.0f}" for rate in rates], fontsize=7, padding=1)
+        axis.set_xticks(np.arange(len(groups)), groups)
+        axis.set(title=panel_title, ylim=(0, 112))
+        axis.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.suptitle(title, fontsize=11)
+    figure.tight_layout(rect=(0, 0, 1, 0.88))
+    figure.legend(handles, labels, loc="upper center", ncol=len(series), fontsize=9, bbox_to_anchor=(0.5, 0.94))
+    return figure
