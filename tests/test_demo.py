@@ -4,18 +4,25 @@ import functools
 import http.server
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
+import urllib.error
+from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pytest
 import torch
 import torchvision
 from PIL import Image
 
+from step_2_pretrained import load_torchvision
 from tests.conftest import CORGI, REPO, run_script
 from utils import demo
+from utils.cli import UsageError
+from utils.files import display_path
 from utils.make_readme import without_progress_bars
 
 TUTORIAL_R = CORGI.parent / "tutorial_adversarial_r.npy"
@@ -150,6 +157,41 @@ def test_r_falls_back_to_the_companion_copy_and_bad_files_are_refused(tmp_path, 
     assert out[1].startswith(f"Download failed: {server}/step2a.png: the file it sent is not usable: ")
     assert len(out) == 2
     assert r.read_bytes() == TUTORIAL_R.read_bytes() and photo.read_bytes() == CORGI.read_bytes()
+
+
+# ---- no machine paths in what the scripts print ----------------------------------------------------------------
+
+def test_paths_are_shown_relative_to_the_working_folder_or_under_home(tmp_path, monkeypatch):
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert display_path(tmp_path / "work" / "samples" / "a.png") == "samples/a.png"
+    assert display_path(tmp_path / "home" / ".cache" / "x.pth") == "~/.cache/x.pth"
+    assert display_path("outputs/adversarial.png") == "outputs/adversarial.png"  # as the user typed it
+    assert display_path("/elsewhere/x.png") == "/elsewhere/x.png"
+
+
+def test_sample_photos_are_listed_relative_to_the_working_folder(tmp_path):
+    site_packages = Path(matplotlib.__file__).resolve().parent.parent  # run from there: the photos are below it
+    result = subprocess.run([sys.executable, str(REPO / "utils" / "sample_images.py"), "--output-dir", str(tmp_path)],
+                            cwd=site_packages, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    first = result.stdout.splitlines()[0]
+    assert first.startswith("matplotlib/mpl-data/sample_data/grace_hopper.jpg -> "), first
+
+
+def test_missing_weights_name_the_torch_cache_under_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / ".cache" / "torch"))
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+
+    monkeypatch.setattr(torchvision.models, "get_model", no_network)
+    with pytest.raises(UsageError) as error:
+        load_torchvision("resnet18")
+    assert "to ~/.cache/torch/hub/checkpoints/resnet18-f37072fd.pth, or use --model efficientnet_lite0" in str(error.value)
+    assert str(tmp_path) not in str(error.value)
 
 
 @pytest.mark.parametrize("text, kept", [
