@@ -37,6 +37,15 @@ def test_the_page_tricks_the_model_and_judges_the_png_it_offers(offline_model):
         assert Path(path).is_file()
 
 
+def test_the_page_shows_each_attacks_progress():
+    calls = []
+    app.trick(None, "grace_hopper.jpg", "1", 8, 6, "pgd", "jpeg", OFFLINE,
+              progress=lambda fraction, desc: calls.append((fraction, desc)))
+    plain = [fraction for fraction, desc in calls if desc.startswith("pgd attack: loss ")]
+    adaptive = [fraction for fraction, desc in calls if desc.startswith("adaptive attack: loss ")]
+    assert plain[0] == (1, 6) and adaptive[0] == (1, 6) and len(plain) + len(adaptive) == len(calls)
+
+
 @pytest.mark.parametrize("inputs, message", [
     (dict(target="goldfsh"), "unknown class name 'goldfsh'; closest: 1 (goldfish, Carassius auratus)"),
     (dict(target=" "), "type a target class"),

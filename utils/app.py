@@ -46,13 +46,19 @@ def refuse(message):
     raise UsageError(re.sub(r"--(\w)", r"\1", problem))
 
 
+def as_typed(value):
+    """A form value as it would be typed on the command line (a slider's 4.0 is "4")."""
+    if value is None:
+        return ""
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value).strip()
+
+
 def settings(target, epsilon, steps, method, defense, model_name):
     """The page's choices as step 7 would take them on its command line: same defaults, same checks."""
     parser = step_7_parser()
     parser.error = refuse  # a bad value is a message on the page, not an exit
-    text = lambda value: "" if value is None else f"{value:g}" if isinstance(value, (int, float)) else str(value)
-    args = parser.parse_args(["photo", f"--target={text(target).strip()}", f"--epsilon={text(epsilon)}",
-                              f"--steps={text(steps)}", f"--method={method}", f"--defense={defense}",
+    args = parser.parse_args(["photo", f"--target={as_typed(target)}", f"--epsilon={as_typed(epsilon)}",
+                              f"--steps={as_typed(steps)}", f"--method={method}", f"--defense={defense}",
                               f"--model={model_name}"])
     if not args.target:
         raise UsageError("type a target class, e.g. goldfish (or its index, 1)")
