@@ -37,6 +37,7 @@ from utils.sample_images import sample_paths  # noqa: E402
 
 MAX_STEPS = 500  # a page answers in minutes at most; the scripts take more
 SAMPLES = {path.name: path for path in sample_paths()}
+WORK = tempfile.TemporaryDirectory(prefix="tnn-app-")  # each answer's files, removed when the server stops
 
 
 def refuse(message):
@@ -105,7 +106,7 @@ def trick(upload, sample, target, epsilon, steps, method, defense, model_name=OF
     goal = find_class(args.target)
     model = load_model(args.model, get_device(args.device))
     image = load_photo(upload, sample, model)
-    out = Path(tempfile.mkdtemp(prefix="tnn-app-"))
+    out = Path(tempfile.mkdtemp(dir=WORK.name))
     attacker_defense = make_defense(args.defense, seed=args.seed)
     judge_defense = make_defense(args.defense, seed=args.seed + JUDGE_SEED_OFFSET)
 
@@ -148,7 +149,7 @@ def on_page(function):
 
 def build_page(model_name=OFFLINE_MODEL):
     labels = list(get_idx_to_label().values())
-    with gr.Blocks(title="Trick a neural network") as page:
+    with gr.Blocks(title="Trick a neural network", delete_cache=(3600, 3600)) as page:
         gr.Markdown(f"# Trick a neural network\nUpload a photo, name a class, and {model_name} will see that class "
                     "in a photo that looks unchanged. Then a defense, and an attack that gets through it.")
         with gr.Row():
@@ -167,14 +168,15 @@ def build_page(model_name=OFFLINE_MODEL):
                 clean = gr.Label(num_top_classes=5, label="What the model sees (top 5)", elem_id="clean")
                 verdict = gr.Markdown(elem_id="verdict")
                 comparison = gr.Image(label="original | adversarial | perturbation magnified", show_label=False,
-                                      height=260, elem_id="comparison")
+                                      height=260, format="png", elem_id="comparison")
                 download = gr.File(label="The adversarial PNG", elem_id="download")
         with gr.Row():
             with gr.Column():
                 defense_report = gr.Markdown(elem_id="defense-report")
                 adaptive_download = gr.File(label="The adaptive attack's PNG", elem_id="adaptive-download")
             with gr.Column():
-                through = gr.Image(label="before and after the defense", show_label=False, height=420, elem_id="through")
+                through = gr.Image(label="before and after the defense", show_label=False, height=420,
+                                   format="png", elem_id="through")
         model = gr.State(model_name)
         button.click(on_page(trick), [upload, sample, target, epsilon, steps, method, defense, model],
                      [clean, verdict, comparison, download, defense_report, through, adaptive_download])
