@@ -33,8 +33,10 @@ def test_demo_tells_the_whole_story(tmp_path):
     result = run_script("utils/demo.py", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = result.stdout.splitlines()
-    if any(line.startswith("Running the same steps offline") for line in out):
-        assert out[0].startswith("Download failed: ") and "efficientnet_lite0" in out[1]
+    offline = [index for index, line in enumerate(out) if line.startswith("Running the same steps offline")]
+    if offline:  # first the reasons: which address failed and why, or why ResNet18 could not load
+        assert offline[0] >= 1 and "efficientnet_lite0" in out[offline[0]]
+        assert all(line.startswith(("Download failed: ", "ResNet18 unavailable: ")) for line in out[:offline[0]])
         expected = ["Prediction: military uniform", "New prediction: goldfish, Carassius auratus"]
     else:  # a machine that could download the corgi and ResNet18's weights
         expected = ["Prediction: Pembroke, Pembroke Welsh corgi", "New prediction: goldfish, Carassius auratus"]
@@ -137,11 +139,15 @@ def test_http_error_is_reported_as_such_not_as_no_network(tmp_path, server, monk
     assert not (tmp_path / "outputs" / "downloads" / "dog.png").exists()
 
 
-def test_a_name_that_does_not_resolve_is_no_network(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("address, why", [
+    ("http://tnn-no-such-host.invalid/step2a.png", "no network (the name tnn-no-such-host.invalid does not resolve)"),
+    ("step2a.png", "not a web address (unknown url type: 'step2a.png')"),
+])
+def test_an_address_that_cannot_be_reached_says_why(tmp_path, monkeypatch, capsys, address, why):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("TNN_CORGI_URL", "http://tnn-no-such-host.invalid/step2a.png")
+    monkeypatch.setenv("TNN_CORGI_URL", address)
     assert demo.online_inputs() is None
-    assert "no network (the name tnn-no-such-host.invalid does not resolve)" in capsys.readouterr().out
+    assert capsys.readouterr().out == f"Download failed: {address}: {why}\n"
 
 
 def test_r_falls_back_to_the_companion_copy_and_bad_files_are_refused(tmp_path, server, monkeypatch, capsys):

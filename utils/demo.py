@@ -40,7 +40,7 @@ def addresses(variable, defaults):
 
 
 def why_failed(error, url):
-    """A download error in a reader's words: which of no network, an HTTP answer, or an unusable file."""
+    """A download error in a reader's words: no network, an HTTP answer, an unusable file, or a bad address."""
     if isinstance(error, urllib.error.HTTPError):
         return f"the address answered HTTP {error.code} {error.reason}"
     reason = getattr(error, "reason", error)
@@ -48,6 +48,8 @@ def why_failed(error, url):
         return f"no network (the name {urllib.parse.urlsplit(url).hostname} does not resolve)"
     if isinstance(error, UsageError):
         return f"the file it sent is not usable: {str(error).split(': ', 1)[-1]}"
+    if isinstance(error, ValueError):
+        return f"not a web address ({error})"
     return f"cannot connect ({reason})"
 
 
@@ -58,7 +60,7 @@ def download(url, path, check):
             temp.write_bytes(response.read())
             check(temp)
         return path
-    except (OSError, UsageError) as error:  # urllib's URLError and HTTPError are OSErrors
+    except (OSError, UsageError, ValueError) as error:  # urllib's URLError and HTTPError are OSErrors
         print(f"Download failed: {url}: {why_failed(error, url)}", flush=True)
     return None
 
