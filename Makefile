@@ -1,9 +1,9 @@
-# The two quick-start commands: `make demo` (the tutorial end to end) and `make test`.
+# The quick-start commands: `make demo` (the tutorial end to end), `make app` (the web page) and `make test`.
 # The first use creates .venv and installs requirements.txt into it.
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: demo test bench evaluate samples
+.PHONY: demo app test bench evaluate samples
 
 $(VENV)/.installed: requirements.txt
 	python3 -m venv $(VENV)
@@ -12,6 +12,10 @@ $(VENV)/.installed: requirements.txt
 
 demo: $(VENV)/.installed
 	$(PYTHON) utils/demo.py
+
+# a local page on http://127.0.0.1:7860 (PORT=... for another port, MODEL=... for another classifier)
+app: $(VENV)/.installed
+	GRADIO_ANALYTICS_ENABLED=False $(PYTHON) utils/app.py --port $(or $(PORT),7860) --model $(or $(MODEL),efficientnet_lite0)
 
 test: $(VENV)/.installed
 	$(PYTHON) -m pytest -q

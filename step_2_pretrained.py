@@ -29,6 +29,7 @@ from torch import nn
 from torchvision import transforms
 
 from utils.cli import ArgumentParser, UsageError, number_in, run
+from utils.files import display_path
 from utils.images import to_tensor, to_uint8  # noqa: F401  (the steps import them from here, as in the tutorial)
 
 LABELS_PATH = Path(__file__).resolve().parent / "assets" / "imagenet_idx_to_label.json"
@@ -170,7 +171,7 @@ def load_torchvision(name, pretrained=True):
     except (URLError, OSError, RuntimeError) as error:
         cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
         reason = getattr(error, "reason", None) or str(error).splitlines()[0]
-        raise UsageError(f"cannot load the ImageNet weights of {name} ({reason}): download {weights.url} to {cache}, "
+        raise UsageError(f"cannot load the ImageNet weights of {name} ({reason}): download {weights.url} to {display_path(cache)}, "
                          f"or use --model {OFFLINE_MODEL}, which needs no network")
     return Classifier(net, preprocessing, name)
 

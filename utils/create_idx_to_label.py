@@ -8,7 +8,12 @@ rather than re-serialising, so the committed asset stays identical to the tutori
 import argparse
 import json
 from importlib.resources import files
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+from utils.files import display_path  # noqa: E402
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent.parent / "assets" / "imagenet_idx_to_label.json"
 
@@ -23,7 +28,7 @@ def main(args):
     assert len(labels) == 1000 and labels["1"] == "goldfish, Carassius auratus"
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_bytes(data)
-    print(f"Wrote {len(labels)} labels to {args.output}")
+    print(f"Wrote {len(labels)} labels to {display_path(args.output)}")
 
 
 def get_args_parser():

@@ -1,7 +1,7 @@
 """Writing files atomically (a temp file beside the target, then a rename) so no half-written output is ever left."""
 import os
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -47,3 +47,15 @@ def save_figure(figure, path):
     with atomic_path(path) as temp:
         figure.savefig(temp, format=Path(path).suffix.lstrip(".").lower(), dpi=100, bbox_inches="tight")
     return Path(path)
+
+
+def display_path(path):
+    """A path as a reader should see it: relative to the working directory, else under ~, else as given. Output that
+    is quoted (the README) then names no folder of the machine it ran on."""
+    path = Path(path)
+    if not path.is_absolute():
+        return str(path)
+    for base, prefix in ((Path.cwd(), ""), (Path.home(), "~/")):
+        with suppress(ValueError):
+            return prefix + str(path.relative_to(base))
+    return str(path)

@@ -13,7 +13,7 @@ import matplotlib
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from utils.cli import ArgumentParser, UsageError, run  # noqa: E402
-from utils.files import atomic_path  # noqa: E402
+from utils.files import atomic_path, display_path  # noqa: E402
 
 SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png")
 
@@ -30,7 +30,7 @@ def sample_paths():
     """The sample photos: matplotlib's Grace Hopper, then scikit-image's colour photos."""
     paths = [Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"]
     paths += [skimage_data_folder() / name for name in SKIMAGE_PHOTOS]
-    missing = [str(path) for path in paths if not path.is_file()]
+    missing = [display_path(path) for path in paths if not path.is_file()]
     if missing:
         raise UsageError(f"sample photos missing from this install: {', '.join(missing)}")
     return paths
@@ -42,8 +42,8 @@ def main(args):
     for path in paths:
         with atomic_path(out / path.name) as temp:
             shutil.copyfile(path, temp)
-        print(f"{path} -> {out / path.name}")
-    print(f"Wrote {len(paths)} photos to {out}")
+        print(f"{display_path(path)} -> {display_path(out / path.name)}")
+    print(f"Wrote {len(paths)} photos to {display_path(out)}")
 
 
 def get_args_parser():

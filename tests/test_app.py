@@ -1,0 +1,155 @@
+"""The page (utils/app.py): its function on real input and on bad input, then the real page in headless Chromium."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from step_2_pretrained import find_class, predict_images, prepare_image
+from tests.conftest import GRACE_HOPPER, OFFLINE, REPO
+
+gr = pytest.importorskip("gradio", reason="gradio is not installed (pip install -r requirements.txt)")
+from utils import app  # noqa: E402
+
+GOLDFISH = "goldfish, Carassius auratus"
+
+
+def ask(upload=None, sample="grace_hopper.jpg", target="goldfish", epsilon=8, steps=20, method="pgd", defense="jpeg"):
+    return app.on_page(app.trick)(upload, sample, target, epsilon, steps, method, defense, OFFLINE)
+
+
+def test_the_page_tricks_the_model_and_judges_the_png_it_offers(offline_model):
+    clean, verdict, comparison, png, defense_report, through, adaptive_png = ask(upload=str(GRACE_HOPPER), sample=None)
+    assert next(iter(clean)) == "military uniform" and len(clean) == 5
+    image = prepare_image(GRACE_HOPPER, offline_model)
+    adversarial = np.asarray(Image.open(png))
+    assert np.abs(adversarial.astype(int) - image.astype(int)).max() <= 8
+    assert predict_images(offline_model, [prepare_image(png, offline_model)]) == [find_class("goldfish")]
+    assert verdict.startswith(f"**New prediction:** {GOLDFISH}")
+    assert "**After jpeg (quality 75):**" in defense_report and "**Adaptive attack**" in defense_report
+    for path in (comparison, through, adaptive_png):
+        assert Path(path).is_file()
+
+
+def test_the_page_shows_each_attacks_progress():
+    calls = []
+    app.trick(None, "grace_hopper.jpg", "1", 8, 6, "pgd", "jpeg", OFFLINE,
+              progress=lambda fraction, desc: calls.append((fraction, desc)))
+    plain = [fraction for fraction, desc in calls if desc.startswith("pgd attack: loss ")]
+    adaptive = [fraction for fraction, desc in calls if desc.startswith("adaptive attack: loss ")]
+    assert plain[0] == (1, 6) and adaptive[0] == (1, 6) and len(plain) + len(adaptive) == len(calls)
+
+
+@pytest.mark.parametrize("inputs, message", [
+    (dict(target="goldfsh"), "unknown class name 'goldfsh'; closest: 1 (goldfish, Carassius auratus)"),
+    (dict(target=" "), "type a target class"),
+    (dict(epsilon=300), "epsilon must be in (0, 255], got 300"),
+    (dict(epsilon=None), "epsilon must be a number, got ''"),
+    (dict(steps=0), "steps must be in [1, 100000], got 0"),
+    (dict(steps=2.5), "steps must be an integer, got '2.5'"),
+    (dict(steps=501), "steps must be at most 500 on this page, got 501"),
+    (dict(sample=None), "upload a photo or pick a sample"),
+    (dict(sample="cat.jpg"), "unknown sample 'cat.jpg'"),
+    (dict(defense="nope"), "unknown defense 'nope'"),
+])
+def test_bad_input_is_one_clear_message(inputs, message):
+    with pytest.raises(gr.Error) as error:
+        ask(**inputs)
+    assert message in error.value.message
+
+
+def test_an_upload_that_is_not_an_image_is_named_by_its_file_name(tmp_path):
+    upload = tmp_path / "notes.png"
+    upload.write_text("not a picture")
+    with pytest.raises(gr.Error) as error:
+        ask(upload=str(upload))
+    assert error.value.message == "notes.png: not an image file (PIL cannot identify it)"
+
+
+# ---- the page in a real browser -------------------------------------------------------------------------------
+
+def browser():
+    """Headless Chromium driven by Debian's chromedriver, or a skip saying what is missing."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -r requirements.txt)")
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip("Chromium is not installed (apt-get install chromium chromium-driver; .ci/run does it)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1700"):
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_server(process, port, seconds=120):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the app exited with status {process.returncode}: {process.stdout.read()}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    pytest.fail(f"the app did not listen on port {port} within {seconds} s")
+
+
+@pytest.fixture
+def page_url():
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen([sys.executable, str(REPO / "utils" / "app.py"), "--port", str(port)], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_server(process, port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_a_person_uploads_a_photo_and_gets_goldfish_in_chromium(page_url, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as seen
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = browser()
+    try:
+        driver.get(page_url)
+        wait = WebDriverWait(driver, 60)
+        wait.until(seen.presence_of_element_located((By.CSS_SELECTOR, "#photo input[type=file]")))
+        driver.find_element(By.CSS_SELECTOR, "#photo input[type=file]").send_keys(str(GRACE_HOPPER))
+        wait.until(seen.text_to_be_present_in_element((By.ID, "photo"), "grace_hopper"))  # the page splits off ".jpg"
+        target = driver.find_element(By.CSS_SELECTOR, "#target input")
+        target.send_keys(Keys.CONTROL, "a")
+        target.send_keys("goldfish", Keys.ENTER)
+        driver.find_element(By.ID, "trick").click()
+        WebDriverWait(driver, 300).until(seen.text_to_be_present_in_element((By.ID, "verdict"), "New prediction: goldfish"))
+        wait.until(seen.text_to_be_present_in_element((By.ID, "defense-report"), "Adaptive attack"))
+        assert "military uniform" in driver.find_element(By.ID, "clean").text
+        screenshot = Path(os.environ.get("TNN_APP_SCREENSHOT", tmp_path / "app.png"))
+        driver.save_screenshot(str(screenshot))
+        assert Image.open(screenshot).size[0] > 0
+
+        target.send_keys(Keys.CONTROL, "a")
+        target.send_keys("goldfsh", Keys.TAB)  # a typo: the page should say so, and suggest the class
+        driver.find_element(By.ID, "trick").click()
+        wait.until(seen.text_to_be_present_in_element((By.TAG_NAME, "body"), "unknown class name 'goldfsh'; closest: 1"))
+        assert "Traceback" not in driver.find_element(By.TAG_NAME, "body").text
+    except Exception:
+        driver.save_screenshot(str(tmp_path / "failed.png"))
+        raise
+    finally:
+        driver.quit()

@@ -1,0 +1,202 @@
+"""A web page to trick the network: upload a photo (or pick a sample), name a target class, and see the attack, what a
+defense does to it, and the adaptive attack that gets through that defense.
+
+    python utils/app.py [--model efficientnet_lite0] [--port 7860] [--host 127.0.0.1]     (or: make app)
+
+The page is a form over step 7's command line: its flags, defaults and range checks judge the numbers, and the same
+functions run (step 2 to classify, step 7's plain and adaptive attacks, utils.defenses, utils.figures). As in the
+scripts, every prediction shown after an attack is of the PNG written and read back, the file offered for download.
+Bad input gets one clear message on the page. It runs offline on EfficientNet-Lite0 by default; Gradio's telemetry is
+off.
+"""
+import functools
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: it reads this once, at import
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+import gradio as gr  # noqa: E402
+
+from step_2_pretrained import (OFFLINE_MODEL, find_class, get_device, get_idx_to_label, get_label,  # noqa: E402
+                               load_model, predict, predict_images, prepare_image, to_tensor)
+from step_3_adversarial import read_back  # noqa: E402
+from step_7_break_defense import attack_through, figure  # noqa: E402
+from step_7_break_defense import get_args_parser as step_7_parser  # noqa: E402
+from utils.adaptive import JUDGE_SEED_OFFSET  # noqa: E402
+from utils.attacks import ATTACKS, perturbation_size  # noqa: E402
+from utils.cli import ArgumentParser, UsageError, number_in, run  # noqa: E402
+from utils.defenses import DEFENSES, describe, make_defense  # noqa: E402
+from utils.figures import comparison_figure, short  # noqa: E402
+from utils.files import save_figure, save_image  # noqa: E402
+from utils.sample_images import sample_paths  # noqa: E402
+
+MAX_STEPS = 500  # a page answers in minutes at most; the scripts take more
+SAMPLES = {path.name: path for path in sample_paths()}
+WORK = tempfile.TemporaryDirectory(prefix="tnn-app-")  # each answer's files, removed when the server stops
+
+
+def refuse(message):
+    """argparse's "argument --steps: --steps must be ..." as a page says it: "steps must be ..."."""
+    flag, _, problem = message.removeprefix("argument ").partition(": ")
+    problem = problem if problem.startswith(flag) else f"{flag}: {problem}"
+    raise UsageError(re.sub(r"--(\w)", r"\1", problem))
+
+
+def as_typed(value):
+    """A form value as it would be typed on the command line (a slider's 4.0 is "4")."""
+    if value is None:
+        return ""
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value).strip()
+
+
+def settings(target, epsilon, steps, method, defense, model_name):
+    """The page's choices as step 7 would take them on its command line: same defaults, same checks."""
+    parser = step_7_parser()
+    parser.error = refuse  # a bad value is a message on the page, not an exit
+    args = parser.parse_args(["photo", f"--target={as_typed(target)}", f"--epsilon={as_typed(epsilon)}",
+                              f"--steps={as_typed(steps)}", f"--method={method}", f"--defense={defense}",
+                              f"--model={model_name}"])
+    if not args.target:
+        raise UsageError("type a target class, e.g. goldfish (or its index, 1)")
+    if args.steps > MAX_STEPS:
+        raise UsageError(f"steps must be at most {MAX_STEPS} on this page, got {args.steps}")
+    describe(args.defense)  # an unknown defense is named before any work
+    return args
+
+
+def load_photo(upload, sample, model):
+    """The photo as the model sees it; a bad upload is named by its file name, not by where the server keeps it."""
+    path = photo_path(upload, sample)
+    try:
+        return prepare_image(path, model)
+    except UsageError as error:
+        raise UsageError(str(error).replace(str(path), path.name))
+
+
+def photo_path(upload, sample):
+    if upload:
+        return Path(upload)
+    if sample:
+        if sample not in SAMPLES:
+            raise UsageError(f"unknown sample {sample!r}; choose from {', '.join(SAMPLES)}")
+        return SAMPLES[sample]
+    raise UsageError("upload a photo or pick a sample")
+
+
+def top_classes(model, image, k=5):
+    probabilities = predict(model, to_tensor(image))[0].topk(k)
+    return {get_label(index): value for value, index in zip(probabilities.values.tolist(), probabilities.indices.tolist())}
+
+
+def show_progress(progress, what, total):
+    def on_step(step, loss, logits):
+        progress((step + 1, total), desc=f"{what}: loss {loss.mean().item():.2f}, "
+                                         f"class {short(get_label(logits.argmax(dim=1)[0]))}")
+    return on_step
+
+
+def trick(upload, sample, target, epsilon, steps, method, defense, model_name=OFFLINE_MODEL, progress=gr.Progress()):
+    """Everything the page shows, from its inputs; bad input raises UsageError."""
+    args = settings(target, epsilon, steps, method, defense, model_name)
+    goal = find_class(args.target)
+    model = load_model(args.model, get_device(args.device))
+    image = load_photo(upload, sample, model)
+    out = Path(tempfile.mkdtemp(dir=WORK.name))
+    attacker_defense = make_defense(args.defense, seed=args.seed)
+    judge_defense = make_defense(args.defense, seed=args.seed + JUDGE_SEED_OFFSET)
+
+    [plain], [plain_steps] = attack_through(model, [image], [goal], attacker_defense, args, adaptive=False,
+                                            on_step=show_progress(progress, f"{args.method} attack", args.steps))
+    [adaptive], [adaptive_steps] = attack_through(model, [image], [goal], attacker_defense, args, adaptive=True,
+                                                  on_step=show_progress(progress, "adaptive attack", args.steps))
+    plain_png, adaptive_png = save_image(plain, out / "adversarial.png"), save_image(adaptive, out / "adaptive.png")
+    received = [read_back(plain_png, model), read_back(adaptive_png, model)]  # the files, as a recipient gets them
+    defended = [judge_defense(picture) for picture in received]
+    old, plain_before, adaptive_before, plain_after, adaptive_after = predict_images(model, [image, *received, *defended])
+
+    linf = perturbation_size(to_tensor(plain), to_tensor(image))[0].item()
+    comparison = save_figure(comparison_figure(image, plain, get_label(old), get_label(plain_before)), out / "comparison.png")
+    rows = [("plain attack", plain, get_label(plain_before), defended[0], get_label(plain_after)),
+            ("adaptive attack (BPDA)", adaptive, get_label(adaptive_before), defended[1], get_label(adaptive_after))]
+    through = save_figure(figure(rows), out / "break_defense.png")
+    verdict = (f"**New prediction:** {get_label(plain_before)}  \n"
+               f"{'Fooled' if plain_before == goal else 'Not fooled'}: target {get_label(goal)}, {plain_steps} "
+               f"{args.method} steps, at most {linf:.0f} of 255 levels changed; judged on the PNG below, read back.")
+    name = describe(args.defense)
+    defense_report = (f"**After {name}:** the plain attack's PNG is {get_label(plain_after)} "
+                      f"({'the attack survives' if plain_after == goal else 'the defense undoes it'}).  \n"
+                      f"**Adaptive attack** (BPDA through {args.defense}, {adaptive_steps} steps): "
+                      f"{get_label(adaptive_before)} before the defense, {get_label(adaptive_after)} after it "
+                      f"({'it gets through' if adaptive_after == goal else 'not through; try more steps or a larger epsilon'}).")
+    return top_classes(model, image), verdict, str(comparison), str(plain_png), defense_report, str(through), str(adaptive_png)
+
+
+def on_page(function):
+    """Bad input as a message on the page (Gradio shows a gr.Error's text), never a traceback."""
+    @functools.wraps(function)  # Gradio reads the signature to find, and pass, the progress tracker
+    def answer(*inputs):
+        try:
+            return function(*inputs)
+        except UsageError as error:
+            raise gr.Error(str(error), print_exception=False)
+    return answer
+
+
+def build_page(model_name=OFFLINE_MODEL):
+    labels = list(get_idx_to_label().values())
+    with gr.Blocks(title="Trick a neural network", delete_cache=(3600, 3600)) as page:
+        gr.Markdown(f"# Trick a neural network\nUpload a photo, name a class, and {model_name} will see that class "
+                    "in a photo that looks unchanged. Then a defense, and an attack that gets through it.")
+        with gr.Row():
+            with gr.Column():
+                upload = gr.File(label="Your photo", elem_id="photo")
+                sample = gr.Dropdown(list(SAMPLES), value=None, label="...or pick a sample", elem_id="sample")
+                target = gr.Dropdown(labels, value="goldfish, Carassius auratus", allow_custom_value=True,
+                                     label="Target class (type to search)", elem_id="target")
+                epsilon = gr.Slider(1, 32, value=8, step=1, label="Epsilon (levels of 255 each pixel may change)",
+                                    elem_id="epsilon")
+                steps = gr.Slider(1, 200, value=20, step=1, label="Steps", elem_id="steps")
+                method = gr.Dropdown(sorted(ATTACKS), value="pgd", label="Attack", elem_id="method")
+                defense = gr.Dropdown(list(DEFENSES), value="jpeg", label="Defense", elem_id="defense")
+                button = gr.Button("Trick it", variant="primary", elem_id="trick")
+            with gr.Column():
+                clean = gr.Label(num_top_classes=5, label="What the model sees (top 5)", elem_id="clean")
+                verdict = gr.Markdown(elem_id="verdict")
+                comparison = gr.Image(label="original | adversarial | perturbation magnified", show_label=False,
+                                      height=260, format="png", elem_id="comparison")
+                download = gr.File(label="The adversarial PNG", elem_id="download")
+        with gr.Row():
+            with gr.Column():
+                defense_report = gr.Markdown(elem_id="defense-report")
+                adaptive_download = gr.File(label="The adaptive attack's PNG", elem_id="adaptive-download")
+            with gr.Column():
+                through = gr.Image(label="before and after the defense", show_label=False, height=420,
+                                   format="png", elem_id="through")
+        model = gr.State(model_name)
+        button.click(on_page(trick), [upload, sample, target, epsilon, steps, method, defense, model],
+                     [clean, verdict, comparison, download, defense_report, through, adaptive_download])
+    return page
+
+
+def main(args):
+    load_model(args.model, get_device("auto"))  # a bad --model is named here, before the server starts
+    print(f"Open http://{args.host}:{args.port} in a browser (Ctrl-C stops it)", flush=True)
+    build_page(args.model).launch(server_name=args.host, server_port=args.port, quiet=True)
+
+
+def get_args_parser():
+    parser = ArgumentParser(description="A local web page to trick a neural network with your own photo.")
+    parser.add_argument("--model", default=OFFLINE_MODEL,
+                        help="efficientnet_lite0 (offline) or a torchvision classifier (default: %(default)s)")
+    parser.add_argument("--port", type=number_in(1, 65535, int, name="--port"), default=7860)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    return parser
+
+
+if __name__ == "__main__":
+    run(main, get_args_parser())
