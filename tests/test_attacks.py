@@ -9,8 +9,9 @@ from utils.attacks import ATTACKS, SGD, make_attack, perturbation_size
 METHODS = sorted(ATTACKS)
 TARGET = 1
 # the tiny model's random logits are flat and its input gradients small: the tutorial's SGD step and CW's
-# misclassification weight, tuned for ImageNet models, need scaling up here
-OWN = {"cw": {"c": 100.0}, "sgd": {"lr": 300.0}}
+# misclassification weight, tuned for ImageNet models, need scaling up here, and a random search needs more queries
+# than a gradient attack needs steps
+OWN = {"cw": {"c": 100.0}, "sgd": {"lr": 300.0}, "square": {"queries": 300}}
 
 
 def attack(method, model, images, labels=None, **options):
@@ -51,7 +52,8 @@ def test_epsilon_zero_returns_the_input(method, tiny_model, tiny_images):
 @pytest.mark.parametrize("method", METHODS)
 def test_success_is_the_success_of_the_8bit_image(method, tiny_model, tiny_images):
     """Reported success must hold for the rounded image a PNG stores: rounding cannot undo it."""
-    result = attack(method, tiny_model, tiny_images, epsilon=64, steps=20)
+    more = {"queries": 3000} if method == "square" else {}  # a random search towards one class of 1000
+    result = attack(method, tiny_model, tiny_images, epsilon=64, steps=20, **more)
     assert result.success.any(), "a budget of 64 levels should fool a random tiny model at least once"
     saved = to_tensor(to_uint8(result.adversarial))
     predictions = predict(tiny_model, saved).argmax(dim=1)
