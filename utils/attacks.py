@@ -313,7 +313,7 @@ class APGD(Attack):
     Logits Ratio; targeted: the margin of the target over the strongest other class, divided as in `dlr`'s targeted
     version), plus the shared ones (alpha unused)."""
     name = "apgd"
-    momentum = 0.75
+    momentum = 0.75  # the paper's alpha: the new step's weight; the previous move keeps 1 - alpha
     rho = 0.75
 
     def __init__(self, model, loss="ce", **kwargs):
@@ -487,6 +487,8 @@ class Square(Attack):
             todo = active.nonzero().view(-1)
             if len(todo) == 0:
                 break
+            if len(todo) == len(best):
+                todo = slice(None)  # a view instead of gathered copies: most queries, without early stop all
             candidate = self.square_step(best[todo], original_levels[todo], top, left, side, order, budget)
             new_loss, new_success, new_logits = self.judge(candidate / 255, labels[todo])
             # a lower loss moves on, but never away from success; reaching the goal is always kept. "Lower" means by
