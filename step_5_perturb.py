@@ -1,13 +1,16 @@
 """Step 5: learn a perturbation r, too small to see, that makes the model call the photo a goldfish.
 
-    python step_5_perturb.py IMAGE [--target 1|goldfish] [--epsilon 10] [--steps 30] [--method sgd|fgsm|pgd|mifgsm|cw]
-                                   [--model resnet18] [--seed 0] [--output-dir outputs]
+    python step_5_perturb.py IMAGE [--target 1|goldfish] [--epsilon 10] [--steps 30]
+                                   [--method sgd|fgsm|pgd|mifgsm|cw|apgd|apgd-t|square] [--loss ce|dlr]
+                                   [--target-classes 9] [--queries N] [--model resnet18] [--seed 0]
+                                   [--output-dir outputs]
 
-One image: prints "Target class: ...", a "Loss: ... / Class: ..." line every 5 steps as the tutorial does, then
-"Old prediction" and "New prediction" (on the saved PNG read back from disk), and writes adversarial_r.npy,
-adversarial.png and comparison.png into the output dir. Several images or a folder: attacks them in batches
-(--batch-size) and writes NAME.png and NAME_r.npy per input. Exit status 0 when every saved PNG is classified as the
-target (untargeted: as anything but its clean class), 1 when the attack did not get there.
+One image: prints "Target class: ...", a "Loss: ... / Class: ..." line every 5 steps as the tutorial does (every 100
+queries for square, which reports "Queries used" instead of "Steps used"), then "Old prediction" and "New prediction"
+(on the saved PNG read back from disk), and writes adversarial_r.npy, adversarial.png and comparison.png into the
+output dir. Several images or a folder: attacks them in batches (--batch-size) and writes NAME.png and NAME_r.npy per
+input. Exit status 0 when every saved PNG is classified as the target (untargeted: as anything but its clean class), 1
+when the attack did not get there.
 
 The budget --epsilon is an L-infinity bound in pixel levels out of 255: the saved PNG differs from the resized and
 cropped original by at most epsilon levels in every channel of every pixel.
@@ -31,7 +34,8 @@ def attack_options(args, **extra):
     """The attack's keyword arguments from the command line."""
     options = dict(epsilon=args.epsilon, steps=args.steps, alpha=args.alpha, targeted=not args.untargeted,
                    early_stop=not args.no_early_stop, random_start=args.random_start, restarts=args.restarts,
-                   seed=args.seed, c=args.c, decay=args.decay)
+                   seed=args.seed, c=args.c, decay=args.decay, loss=args.loss, target_classes=args.target_classes,
+                   queries=args.queries)
     options.update(extra)
     return options
 
@@ -74,7 +78,8 @@ def attack_one(model, path, args):
     image = prepare_image(path, model)
     print(describe_goal(model, image, args))
     labels = goal_labels(model, [image], args)
-    [adversarial], [steps] = attack_images(model, [image], labels, args, on_step=print_loss_every(5, model))
+    period = 100 if args.method == "square" else 5  # square takes a query where the others take a step
+    [adversarial], [steps] = attack_images(model, [image], labels, args, on_step=print_loss_every(period, model))
     out = Path(args.output_dir)
     save_array(perturbation_from_images(adversarial, image, model), out / "adversarial_r.npy")
     saved = save_image(adversarial, out / "adversarial.png")
@@ -83,7 +88,7 @@ def attack_one(model, path, args):
     linf, l2 = perturbation_size(to_tensor(adversarial), to_tensor(image))
     print(f"Old prediction: {get_label(old)}")
     print(f"New prediction: {get_label(new)}")
-    print(f"Steps used: {steps} / L-inf: {linf.item():.0f} levels of 255 / L2: {l2.item():.3f}")
+    print(f"{'Queries' if args.method == 'square' else 'Steps'} used: {steps} / L-inf: {linf.item():.0f} levels of 255 / L2: {l2.item():.3f}")
     if not goal_reached(new, labels[0], args.untargeted):
         print(f"The attack did not get there: {saved} is still classified as {get_label(new)}; "
               f"try more --steps, a larger --epsilon or --method pgd")
@@ -105,7 +110,8 @@ def attack_many(model, paths, args):
         ok = goal_reached(new, label, args.untargeted)
         failures += not ok
         linf = int(np.abs(adv.astype(int) - image.astype(int)).max())
-        print(f"{path}: {get_label(old)} -> {get_label(new)} ({'fooled' if ok else 'NOT fooled'}, {steps} steps, "
+        unit = "queries" if args.method == "square" else "steps"
+        print(f"{path}: {get_label(old)} -> {get_label(new)} ({'fooled' if ok else 'NOT fooled'}, {steps} {unit}, "
               f"L-inf {linf}) -> {saved}")
     print(f"Fooled {len(paths) - failures} of {len(paths)}")
     return 1 if failures else 0
@@ -128,9 +134,17 @@ def main(args):
 def add_attack_arguments(parser):
     """The attack flags shared by step 5, step 7 and step 8."""
     parser.add_argument("--method", choices=sorted(ATTACKS), default="sgd",
-                        help="sgd is the tutorial's; fgsm, pgd, mifgsm, cw (default: %(default)s)")
+                        help="sgd is the tutorial's; fgsm, pgd, mifgsm, cw, apgd (Auto-PGD), apgd-t (targeted-DLR "
+                             "APGD over the top other classes), square (score-based, no gradients) "
+                             "(default: %(default)s)")
     parser.add_argument("--alpha", type=number_in(0, 255, low_open=True, name="--alpha"),
-                        help="step size in levels (pgd: 2.5*epsilon/steps, mifgsm: epsilon/steps)")
+                        help="step size in levels (pgd: 2.5*epsilon/steps, mifgsm: epsilon/steps, both at least 0.25)")
+    parser.add_argument("--loss", choices=["ce", "dlr"],
+                        help="apgd: cross-entropy or Difference of Logits Ratio (default: ce)")
+    parser.add_argument("--target-classes", type=number_in(1, 999, int, name="--target-classes"),
+                        help="apgd-t, untargeted: how many of the top other classes it runs towards (default: 9)")
+    parser.add_argument("--queries", type=number_in(1, 10**7, int, name="--queries"),
+                        help="square: model queries per image, the first included (default: --steps)")
     parser.add_argument("--random-start", action="store_true", help="pgd: start at a random point of the ball")
     parser.add_argument("--restarts", type=number_in(1, 1000, int, name="--restarts"), default=1,
                         help="retry failed images from new random starts (default: %(default)s)")

@@ -193,6 +193,8 @@ def main(args):
                 progress.set_postfix_str(f"{name} batch {batch_size}")
                 rows.append(measure(name, batch_size, device, args, progress))
     print_table(rows, args)
+    if args.queries:
+        bench_apgd_square(args, device)
 
 
 def get_args_parser():
@@ -209,6 +211,8 @@ def get_args_parser():
                         help="L-infinity budget in levels out of 255 (default: %(default)s)")
     parser.add_argument("--alpha", type=number_in(0, 255, name="--alpha", low_open=True), default=None,
                         help="step size in levels (default: the project's 2.5 * epsilon / steps)")
+    parser.add_argument("--queries", type=number_in(0, 100000, int, name="--queries"), default=20,
+                        help="Square queries per timing; APGD and Square are timed too unless 0 (default: %(default)s)")
     parser.add_argument("--repeats", type=number_in(1, 1000, int, name="--repeats"), default=3,
                         help="timed runs per measurement (default: %(default)s)")
     parser.add_argument("--threads", type=number_in(1, 1024, int, name="--threads"), default=None,
@@ -217,6 +221,87 @@ def get_args_parser():
                         help="how repeats are summarized; other processes only ever add time, so the min is the least "
                              "disturbed run (default: %(default)s)")
     return parser
+
+
+# ---- APGD and Square (issue 7) --------------------------------------------------------------------------------
+# Both untargeted against the clean prediction, early stop off (every image runs every step or query), on the same
+# photos: APGD per gradient step next to fwd+bwd and torchattacks' APGD; Square per query next to one forward.
+APGD_TARGET_RATIO = 1.05   # APGD step <= 1.05 x fwd+bwd
+SQUARE_TARGET_RATIO = 1.1  # Square query <= 1.1 x forward
+
+
+def apgd_ours(model, images, labels, steps, epsilon):
+    attack = make_attack("apgd", model, epsilon=epsilon, steps=steps, targeted=False, early_stop=False)
+    return attack(images, labels).adversarial
+
+
+def apgd_theirs(model, images, labels, steps, epsilon):
+    import torchattacks
+    return torchattacks.APGD(model, eps=epsilon / 255, steps=steps, n_restarts=1, loss="ce")(images, labels)
+
+
+def square_ours(model, images, labels, queries, epsilon):
+    attack = make_attack("square", model, epsilon=epsilon, queries=queries, targeted=False, early_stop=False)
+    return attack(images, labels).adversarial
+
+
+def measure_apgd_square(name, batch_size, device, args, progress):
+    """Seconds per APGD step (ours, torchattacks), per fwd+bwd, per Square query and per forward."""
+    model = get_model(name, device)
+    images, _ = get_batch(model, batch_size, device)
+    with torch.no_grad():
+        clean = model(images).argmax(dim=1)
+    runs = {  # name: (function of the count, the count it is divided by)
+        "fwd+bwd": (lambda count: forward_backward(model, images, clean, count), args.steps),
+        "apgd": (lambda count: apgd_ours(model, images, clean, count, args.epsilon), args.steps),
+        "ta apgd": (lambda count: apgd_theirs(model, images, clean, count, args.epsilon), args.steps),
+        "fwd": (lambda count: [forward_only(model, images, clean, 1) for _ in range(count)], args.queries),
+        "square": (lambda count: square_ours(model, images, clean, count, args.epsilon), args.queries),
+    }
+    for function, count in runs.values():  # warm-up
+        function(min(2, count))
+    seconds = {key: [] for key in runs}
+    for _ in range(args.repeats):
+        for key, (function, count) in runs.items():
+            elapsed, _ = timed(lambda: function(count), device)
+            seconds[key].append(elapsed / count)
+        progress.update(1)
+    pick = statistics.median if args.stat == "median" else min
+    return dict(model=name, batch=batch_size, random=name in RANDOM_WEIGHTS,
+                **{key: pick(values) for key, values in seconds.items()})
+
+
+def print_apgd_square_table(rows, args):
+    print(f"\nuntargeted APGD (CE) and Square against the clean prediction: epsilon {args.epsilon:g} levels, "
+          f"{args.steps} APGD steps, {args.queries} Square queries, early stop off; {args.stat} of {args.repeats}")
+    header = (f"{'model':<19} {'batch':>5} {'fwd+bwd ms':>10} {'apgd ms':>8} {'ta apgd ms':>10} {'apgd/fb':>8} "
+              f"{'apgd/ta':>8} {'fwd ms':>8} {'square ms':>9} {'square/fwd':>10}")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(f"{row['model'] + ('*' if row['random'] else ' '):<19} {row['batch']:>5} {1000 * row['fwd+bwd']:>10.1f} "
+              f"{1000 * row['apgd']:>8.1f} {1000 * row['ta apgd']:>10.1f} {row['apgd'] / row['fwd+bwd']:>8.3f} "
+              f"{row['apgd'] / row['ta apgd']:>8.3f} {1000 * row['fwd']:>8.1f} {1000 * row['square']:>9.1f} "
+              f"{row['square'] / row['fwd']:>10.3f}")
+    print("times per APGD step (apgd, ta apgd: torchattacks.APGD, fwd+bwd) and per Square query (square, fwd: one "
+          "forward without gradients)")
+    for row in rows:
+        apgd, square = row["apgd"] / row["fwd+bwd"], row["square"] / row["fwd"]
+        print(f"{row['model']} batch {row['batch']}: apgd/fwd+bwd {apgd:.3f} "
+              f"({'meets' if apgd <= APGD_TARGET_RATIO else 'misses'} <= {APGD_TARGET_RATIO}), "
+              f"square/fwd {square:.3f} ({'meets' if square <= SQUARE_TARGET_RATIO else 'misses'} "
+              f"<= {SQUARE_TARGET_RATIO})")
+
+
+def bench_apgd_square(args, device):
+    from tqdm import tqdm
+    rows = []
+    with tqdm(total=len(args.models) * len(args.batch_sizes) * args.repeats, desc="timing apgd, square",
+              unit="repeat", file=sys.stderr, leave=False) as progress:
+        for name in args.models:
+            for batch_size in args.batch_sizes:
+                rows.append(measure_apgd_square(name, batch_size, device, args, progress))
+    print_apgd_square_table(rows, args)
 
 
 if __name__ == "__main__":

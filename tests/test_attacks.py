@@ -4,13 +4,14 @@ import torch
 
 from step_2_pretrained import predict, to_tensor, to_uint8
 from tests.conftest import make_tiny_model
-from utils.attacks import ATTACKS, SGD, make_attack, perturbation_size
+from utils.attacks import APGD, ATTACKS, AttackResult, SGD, apgd_checkpoints, dlr, make_attack, perturbation_size, square_fraction
 
 METHODS = sorted(ATTACKS)
 TARGET = 1
 # the tiny model's random logits are flat and its input gradients small: the tutorial's SGD step and CW's
-# misclassification weight, tuned for ImageNet models, need scaling up here
-OWN = {"cw": {"c": 100.0}, "sgd": {"lr": 300.0}}
+# misclassification weight, tuned for ImageNet models, need scaling up here, and a random search needs more queries
+# than a gradient attack needs steps
+OWN = {"cw": {"c": 100.0}, "sgd": {"lr": 300.0}, "square": {"queries": 300}}
 
 
 def attack(method, model, images, labels=None, **options):
@@ -51,7 +52,8 @@ def test_epsilon_zero_returns_the_input(method, tiny_model, tiny_images):
 @pytest.mark.parametrize("method", METHODS)
 def test_success_is_the_success_of_the_8bit_image(method, tiny_model, tiny_images):
     """Reported success must hold for the rounded image a PNG stores: rounding cannot undo it."""
-    result = attack(method, tiny_model, tiny_images, epsilon=64, steps=20)
+    more = {"queries": 3000} if method == "square" else {}  # a random search towards one class of 1000
+    result = attack(method, tiny_model, tiny_images, epsilon=64, steps=20, **more)
     assert result.success.any(), "a budget of 64 levels should fool a random tiny model at least once"
     saved = to_tensor(to_uint8(result.adversarial))
     predictions = predict(tiny_model, saved).argmax(dim=1)
@@ -138,3 +140,293 @@ def test_cw_reports_a_smaller_l2_than_pgd_at_the_same_cap(tiny_model, tiny_image
     _, pgd_l2 = perturbation_size(pgd.adversarial, tiny_images)
     _, cw_l2 = perturbation_size(cw.adversarial, tiny_images)
     assert (cw_l2[both] < pgd_l2[both]).all()
+
+
+# ---- APGD, APGD-T, Square -----------------------------------------------------------------------------------------
+
+def test_default_step_has_a_floor_of_a_quarter_level(tiny_model):
+    """Madry's 2.5 * epsilon / steps is kept where it is larger; below a quarter level it would starve on the lattice."""
+    assert make_attack("pgd", tiny_model, epsilon=1, steps=100).alpha * 255 == pytest.approx(0.25)
+    assert make_attack("mifgsm", tiny_model, epsilon=1, steps=100).alpha * 255 == pytest.approx(0.25)
+    assert make_attack("pgd", tiny_model, epsilon=8, steps=10).alpha * 255 == pytest.approx(2.0)
+    assert make_attack("mifgsm", tiny_model, epsilon=8, steps=10).alpha * 255 == pytest.approx(0.8)
+    assert make_attack("pgd", tiny_model, epsilon=1, steps=100, alpha=0.1).alpha * 255 == pytest.approx(0.1)
+
+
+def test_make_attack_routes_the_new_arguments(tiny_model):
+    extra = dict(loss="dlr", target_classes=3, queries=7, epsilon=4, steps=10)
+    assert make_attack("apgd", tiny_model, **extra).objective == "dlr"
+    assert make_attack("apgd-t", tiny_model, **extra).target_classes == 3
+    assert make_attack("square", tiny_model, **extra).queries == 7
+    assert make_attack("square", tiny_model, epsilon=4, steps=12).queries == 12, "without --queries: the steps"
+    assert make_attack("pgd", tiny_model, **extra).alpha * 255 == pytest.approx(1.0), "others drop what they don't take"
+
+
+def test_apgd_checkpoints_are_the_papers():
+    # p = 0.22, 0.41, 0.57, 0.70, 0.80, 0.87, 0.93, 0.99 (p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06))
+    assert apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert apgd_checkpoints(10) == [3, 5, 6, 7, 8, 9, 10]
+
+
+def test_dlr_formulas():
+    logits = torch.tensor([[5.0, 3.0, 2.0, 1.0, 0.0]])
+    # untargeted, true class 0: (z_0 - max other) / (z_1st - z_3rd) = (5 - 3) / (5 - 2)
+    assert dlr(logits, torch.tensor([0])).item() == pytest.approx(2 / 3)
+    # targeted, true 0, target 3: (z_0 - z_3) / (z_1st - (z_3rd + z_4th) / 2) = (5 - 1) / (5 - 1.5)
+    assert dlr(logits, torch.tensor([0]), torch.tensor([3])).item() == pytest.approx(4 / 3.5)
+
+
+class FixedLossAPGD:
+    """Drive APGD's update with chosen per-step losses and random gradients, as the shared loop would."""
+
+    def __init__(self, model, steps=10, epsilon=8):
+        self.attack = make_attack("apgd", model, epsilon=epsilon, steps=steps)
+        self.attack.original = torch.full((1, 3, 8, 8), 0.5)
+        self.state = self.attack.init_state(None)
+        self.delta = torch.zeros(1, 3, 8, 8)
+        self.generator = torch.Generator().manual_seed(0)
+
+    def step(self, loss):
+        grad = torch.randn(1, 3, 8, 8, generator=self.generator)
+        before = self.delta
+        self.delta = self.attack.project(self.attack.update(self.delta, grad, self.state, torch.tensor([loss])),
+                                         self.attack.original)
+        return before, grad
+
+    def eta_levels(self):
+        return self.state["eta"].item() * 255
+
+
+def test_apgd_halves_its_step_when_the_loss_stalls_and_restarts_from_the_best(tiny_model):
+    run = FixedLossAPGD(tiny_model)  # checkpoints at steps 3, 5, 6, ...
+    run.step(1.0)
+    assert run.eta_levels() == pytest.approx(16), "APGD starts at 2 * epsilon"
+    best_delta, best_grad = run.step(0.5)  # the best point: step 1
+    run.step(0.9)
+    state_before = dict(run.state)
+    _, _ = run.step(0.9)  # step 3 is a checkpoint: 1 improvement in 3 steps < 0.75 * 3
+    assert run.eta_levels() == pytest.approx(8)
+    # the step from the checkpoint was taken from the best point with the best point's gradient
+    attack = run.attack
+    z = attack.project(best_delta - 8 / 255 * best_grad.sign(), attack.original)
+    expected = attack.project(best_delta + 0.75 * (z - best_delta) + 0.25 * (best_delta - state_before["previous"]),
+                              attack.original)
+    assert torch.allclose(run.delta, expected, atol=1e-7)
+
+
+def test_apgd_keeps_its_step_while_the_loss_keeps_falling(tiny_model):
+    run = FixedLossAPGD(tiny_model)
+    for step in range(10):
+        run.step(10.0 - step)
+    assert run.eta_levels() == pytest.approx(16)
+
+
+def test_apgd_halves_at_a_checkpoint_without_progress_even_when_it_did_not_oscillate(tiny_model):
+    """The second condition: step not halved at the last checkpoint and the best loss unchanged since it."""
+    run = FixedLossAPGD(tiny_model, steps=100)  # checkpoints 22, 41, ...
+    losses = [5.0 - 0.1 * step for step in range(23)]  # keeps falling to the first checkpoint: no halving
+    for loss in losses:
+        run.step(loss)
+    assert run.eta_levels() == pytest.approx(16)
+    # then a saw-tooth above the best: the loss falls in 4 steps of 5 (no oscillation), but never beats the best
+    later = [4.0 - 0.1 * (step % 5) for step in range(19)]
+    falls = sum(b < a for a, b in zip([losses[-1]] + later, later))
+    assert falls >= 0.75 * 19, "the first condition must not fire here"
+    for loss in later:
+        run.step(loss)
+    assert run.eta_levels() == pytest.approx(8)
+
+
+@pytest.mark.parametrize("loss", ["ce", "dlr"])
+def test_apgd_fools_the_tiny_model_both_ways(loss, tiny_model, tiny_images):
+    clean = predict(tiny_model, tiny_images).argmax(dim=1)
+    untargeted = attack("apgd", tiny_model, tiny_images, labels=clean, targeted=False, epsilon=8, loss=loss)
+    assert untargeted.success.all()
+    targeted = attack("apgd", tiny_model, tiny_images, epsilon=64, steps=20, loss=loss)
+    assert targeted.success.any()
+    saved = predict(tiny_model, to_tensor(to_uint8(targeted.adversarial))).argmax(dim=1)
+    assert torch.equal(saved == TARGET, targeted.success)
+
+
+def test_apgd_t_runs_towards_each_top_class_on_the_images_still_standing(tiny_model, tiny_images, monkeypatch):
+    """Planted outcomes: image 0 falls to the 1st target, image 3 to the 2nd, image 1 to the 3rd, image 2 to none."""
+    clean_logits = predict(tiny_model, tiny_images)
+    true = clean_logits.argmax(dim=1)
+    ranked = clean_logits.scatter(1, true.view(-1, 1), float("-inf")).topk(4, dim=1).indices
+    falls_at = {0: 0, 3: 1, 1: 2}
+    calls = []
+
+    def planted_run(self, images, pairs):
+        which = [next(i for i in range(len(tiny_images)) if torch.equal(image, tiny_images[i])) for image in images]
+        rank = len(calls)
+        calls.append((which, pairs.clone()))
+        success = torch.tensor([falls_at.get(i) == rank for i in which])
+        predictions = torch.where(success, pairs[:, 1], pairs[:, 0])
+        return AttackResult(images + rank / 255, success, torch.full((len(images),), 10 + rank), predictions)
+
+    monkeypatch.setattr(APGD, "__call__", planted_run)
+    result = attack("apgd-t", tiny_model, tiny_images, labels=true, targeted=False, target_classes=4)
+    assert [which for which, _ in calls] == [[0, 1, 2, 3], [1, 2, 3], [1, 2], [2]], "only the images still standing"
+    for rank, (which, pairs) in enumerate(calls):
+        assert torch.equal(pairs[:, 0], true[which])
+        assert torch.equal(pairs[:, 1], ranked[which, rank]), f"run {rank} targets the rank-{rank} other class"
+    assert result.success.tolist() == [True, True, False, True]
+    assert result.steps_used.tolist() == [10, 12, 13, 11], "each image keeps what its deciding (or last) run gave"
+    assert torch.equal(result.adversarial[1], tiny_images[1] + 2 / 255)
+    assert result.predictions.tolist() == [ranked[0, 0], ranked[1, 2], true[2], ranked[3, 1]]
+
+
+def test_apgd_t_success_is_any_class_but_the_true_one_on_the_8bit_image(tiny_model, tiny_images):
+    true = predict(tiny_model, tiny_images).argmax(dim=1)
+    result = attack("apgd-t", tiny_model, tiny_images, labels=true, targeted=False, epsilon=1, steps=2)
+    assert result.success.any()
+    saved = predict(tiny_model, to_tensor(to_uint8(result.adversarial))).argmax(dim=1)
+    assert torch.equal(saved != true, result.success)
+
+
+def test_apgd_t_with_more_targets_fools_at_least_as_many(tiny_model, tiny_images):
+    true = predict(tiny_model, tiny_images).argmax(dim=1)
+    one = attack("apgd-t", tiny_model, tiny_images, labels=true, targeted=False, epsilon=1, steps=2, target_classes=1)
+    nine = attack("apgd-t", tiny_model, tiny_images, labels=true, targeted=False, epsilon=1, steps=2)
+    assert (nine.success.int() >= one.success.int()).all()
+
+
+def test_apgd_t_targeted_is_one_run_towards_the_target(tiny_model, tiny_images):
+    result = attack("apgd-t", tiny_model, tiny_images, epsilon=64, steps=20)
+    assert result.success.any()
+    saved = predict(tiny_model, to_tensor(to_uint8(result.adversarial))).argmax(dim=1)
+    assert torch.equal(saved == TARGET, result.success)
+
+
+class NoBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise AssertionError("backward was called")
+
+
+class ForwardOnly(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(NoBackward.apply(x))
+
+
+@pytest.fixture
+def forward_only_model():
+    model = make_tiny_model()
+    model.net = ForwardOnly(model.net)
+    return model
+
+
+def test_square_never_calls_backward(forward_only_model, tiny_images):
+    clean = predict(forward_only_model, tiny_images).argmax(dim=1)
+    result = attack("square", forward_only_model, tiny_images, labels=clean, targeted=False, epsilon=8, queries=200)
+    assert result.success.any()
+    with pytest.raises(AssertionError, match="backward was called"):  # the model does catch a gradient attack
+        attack("pgd", forward_only_model, tiny_images, labels=clean, targeted=False)
+
+
+def test_square_reports_its_queries(tiny_model, tiny_images):
+    clean = predict(tiny_model, tiny_images).argmax(dim=1)
+    result = attack("square", tiny_model, tiny_images, labels=clean, targeted=False, epsilon=2, queries=50)
+    assert ((result.steps_used >= 1) & (result.steps_used <= 50)).all()
+    assert (result.steps_used[~result.success] == 50).all(), "a failure spends the whole budget"
+    assert result.success.any() and not result.success.all(), "pick a budget where the check means something"
+    saved = predict(tiny_model, to_tensor(to_uint8(result.adversarial))).argmax(dim=1)
+    assert torch.equal(saved != clean, result.success)
+    stripes_only = attack("square", tiny_model, tiny_images, labels=clean, targeted=False, epsilon=2, queries=1)
+    assert (stripes_only.steps_used == 1).all()
+    levels = (stripes_only.adversarial - tiny_images) * 255
+    inside = (tiny_images * 255 >= 2) & (tiny_images * 255 <= 253)
+    assert torch.equal(levels[inside].abs().round(), torch.full_like(levels[inside], 2)), "stripes of +-epsilon"
+    # one sign per channel and column: vertical stripes
+    highest = torch.where(inside, levels.sign(), -2.0).amax(dim=2)  # over rows, per image, channel and column
+    lowest = torch.where(inside, levels.sign(), 2.0).amin(dim=2)
+    assert ((highest == lowest) | ~inside.any(dim=2)).all()
+
+
+def test_square_p_schedule_is_the_papers_rescaled():
+    assert square_fraction(0.05, 0, 10000) == 0.05
+    assert square_fraction(0.05, 10, 10000) == 0.05
+    assert square_fraction(0.05, 11, 10000) == 0.025
+    assert square_fraction(0.05, 9000, 10000) == pytest.approx(0.05 / 512)
+    assert square_fraction(0.05, 1, 100) == pytest.approx(0.05 / 4), "query 1 of 100 is iteration 100 of 10000"
+
+
+@pytest.mark.parametrize("method", ["apgd", "apgd-t", "square"])
+def test_a_budget_under_one_level_returns_the_input(method, tiny_model, tiny_images):
+    clean = predict(tiny_model, tiny_images).argmax(dim=1)
+    for targeted, labels in ((True, None), (False, clean)):
+        result = attack(method, tiny_model, tiny_images, labels=labels, targeted=targeted, epsilon=0.6)
+        assert torch.equal(result.adversarial, tiny_images)
+
+
+# ---- steps 5 and 7 from the shell ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("script, flags, named", [
+    ("step_5_perturb.py", ["--method", "apgd-t", "--target-classes", "0"], "--target-classes"),
+    ("step_5_perturb.py", ["--method", "apgd-t", "--target-classes", "1000"], "--target-classes"),
+    ("step_5_perturb.py", ["--method", "square", "--queries", "0"], "--queries"),
+    ("step_5_perturb.py", ["--method", "square", "--queries", "many"], "--queries"),
+    ("step_5_perturb.py", ["--method", "apgd", "--loss", "hinge"], "--loss"),
+    ("step_5_perturb.py", ["--method", "apgd-x"], "--method"),
+    ("step_7_break_defense.py", ["--method", "square", "--queries", "-3"], "--queries"),
+])
+def test_bad_attack_flags_are_one_line_exit_2(script, flags, named, tmp_path):
+    from tests.conftest import GRACE_HOPPER, OFFLINE, run_script
+    result = run_script(script, GRACE_HOPPER, "--model", OFFLINE, *flags, cwd=tmp_path)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and named in result.stderr, result.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def sample_photo(name):
+    from utils.sample_images import sample_paths
+    return next(path for path in sample_paths() if path.name == name)
+
+
+def saved_class(path, model):
+    from step_2_pretrained import predict_images, prepare_image
+    return predict_images(model, [prepare_image(path, model)])[0]
+
+
+def saved_linf(path, original_path, model):
+    import numpy as np
+    from PIL import Image
+    from step_2_pretrained import prepare_image
+    saved = np.asarray(Image.open(path).convert("RGB"), dtype=int)
+    return int(np.abs(saved - prepare_image(original_path, model).astype(int)).max())
+
+
+def test_step5_apgd_reaches_goldfish_on_a_sample_photo(tmp_path, offline_model):
+    from tests.conftest import OFFLINE, run_script
+    photo = sample_photo("chelsea.png")
+    result = run_script("step_5_perturb.py", photo, "--method", "apgd", "--model", OFFLINE, "--epsilon", "4",
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout.splitlines()
+    assert out[0] == "Target class: goldfish, Carassius auratus"
+    assert "New prediction: goldfish, Carassius auratus" in out
+    saved = tmp_path / "outputs" / "adversarial.png"
+    assert saved_class(saved, offline_model) == 1, "judged on the PNG read back"
+    assert saved_linf(saved, photo, offline_model) <= 4
+
+
+def test_step5_square_untargeted_reports_queries(tmp_path, offline_model):
+    from tests.conftest import OFFLINE, run_script
+    photo = sample_photo("astronaut.png")  # falls within a few queries at 4 levels; coffee.png holds out
+    clean = saved_class(photo, offline_model)
+    result = run_script("step_5_perturb.py", photo, "--method", "square", "--untargeted", "--queries", "40",
+                        "--epsilon", "4", "--model", OFFLINE, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    used = [line for line in result.stdout.splitlines() if line.startswith("Queries used: ")]
+    assert len(used) == 1 and 1 <= int(used[0].split()[2]) <= 40, result.stdout
+    saved = tmp_path / "outputs" / "adversarial.png"
+    assert saved_class(saved, offline_model) != clean, "judged on the PNG read back"
+    assert saved_linf(saved, photo, offline_model) <= 4

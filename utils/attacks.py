@@ -11,15 +11,32 @@ The shared mechanics live once, in `Attack`:
 - restarts, random starts seeded per image (so a batch gives what its images give one at a time), and an optional
   `forward` (a defense in front of the model, see utils.defenses) averaged over `eot` random draws per step.
 
-Each attack then only says what it minimizes (`loss`) and how it steps (`update`).
+Each attack then only says what it minimizes (`loss`) and how it steps (`update`). Square, which queries scores
+instead of following gradients, has its own loop but judges every image through the same `judge`.
 """
 import contextlib
+import itertools
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from utils.images import to_tensor, to_uint8
+
+# The model sees the rounded 8-bit image, so a pixel moves only once delta crosses half a level. A sign step much
+# smaller than that starves: at epsilon 1 and 100 steps Madry's 2.5 * epsilon / steps is 0.025 levels, 20 steps of
+# one sign before a single pixel changes, and PGD fooled fewer photos than torchattacks with alpha 0.25 (issue 7).
+# With a floor of a quarter level, two steps of one sign move a pixel, and a step is still fine enough to stop on
+# each level on the way (measured in tests/test_crosscheck_torchattacks.py).
+MIN_STEP_LEVELS = 0.25
+
+
+def margin(logits, labels):
+    """Per sample: the logit of `labels` minus the largest other logit (> 0 exactly when `labels` is top-1)."""
+    label_logit = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    others = logits.scatter(-1, labels.unsqueeze(-1), float("-inf")).amax(dim=-1)
+    return label_logit - others
 
 
 @dataclass
@@ -64,8 +81,12 @@ class Attack:
         self.eot = max(1, int(eot))
         self.on_step = on_step
 
+    travel = 2.5  # Madry et al.: steps of alpha = 2.5 * epsilon / steps are enough to cross the ball and come back
+
     def default_alpha_levels(self):
-        return 2.5 * self.levels / self.steps  # Madry et al.: enough to cross the ball and come back
+        """`travel` * epsilon / steps, but never under MIN_STEP_LEVELS, so that the default step cannot starve on the
+        8-bit lattice (see MIN_STEP_LEVELS)."""
+        return max(self.travel * self.levels / self.steps, MIN_STEP_LEVELS)
 
     # -- what each attack defines --------------------------------------------------------------------------------
     def loss(self, logits, labels, adversarial, original):
@@ -76,7 +97,8 @@ class Attack:
     def init_state(self, delta):
         return {}
 
-    def update(self, delta, grad, state):
+    def update(self, delta, grad, state, loss=None):
+        """The next delta from the current one, its gradient and its per-sample `loss` (APGD's step control)."""
         raise NotImplementedError
 
     # -- the shared loop -----------------------------------------------------------------------------------------
@@ -145,7 +167,7 @@ class Attack:
                 self.on_step(step, loss.detach(), logits.detach())
             grad, = torch.autograd.grad(loss.sum(), image)
             with torch.no_grad():
-                moved = self.project(self.update(delta, grad, state), original)
+                moved = self.project(self.update(delta, grad, state, loss.detach()), original)
                 delta = torch.where(active.view(-1, 1, 1, 1), moved, delta) if self.early_stop else moved
         return AttackResult(best, success, steps_used, predictions)
 
@@ -153,7 +175,7 @@ class Attack:
         """Attack a batch: `images` (B, 3, H, W) in [0, 1] on whole levels (not modified), `labels` (B,) targets or
         true classes. Failed samples are retried from new random starts, `restarts` tries in all."""
         images = images.detach()
-        labels = torch.as_tensor(labels, device=images.device).view(-1)
+        labels = torch.as_tensor(labels, device=images.device).view(len(images), -1).squeeze(1)  # (B,), or (B, k)
         result = self.run(images, labels, 0)
         for restart in range(1, self.restarts):
             failed = (~result.success).nonzero().view(-1)
@@ -178,7 +200,7 @@ class SGD(Attack):
     def init_state(self, delta):
         return {"velocity": torch.zeros_like(delta)}
 
-    def update(self, delta, grad, state):
+    def update(self, delta, grad, state, loss=None):
         std = self.model.std  # r = delta / std, so dL/dr = std * dL/ddelta and a step in r moves delta by std * step
         state["velocity"] = self.momentum * state["velocity"] + grad * std
         return delta - self.lr * state["velocity"] * std
@@ -197,37 +219,36 @@ class FGSM(Attack):
     def default_alpha_levels(self):
         return self.levels
 
-    def update(self, delta, grad, state):
+    def update(self, delta, grad, state, loss=None):
         return grad.sign().mul_(-self.alpha).add_(delta)  # delta - alpha * sign(grad), one allocation
 
 
 class PGD(Attack):
     """Projected Gradient Descent (Madry et al. 2018, "Towards Deep Learning Models Resistant to Adversarial
     Attacks"; targeted as in Kurakin et al. 2017): sign-gradient steps of `alpha` levels (default 2.5 * epsilon /
-    steps), projected onto the ball, with optional `random_start` and `restarts`. Distance: L-infinity."""
+    steps, at least MIN_STEP_LEVELS), projected onto the ball, with optional `random_start` and `restarts`.
+    Distance: L-infinity."""
     name = "pgd"
 
-    def update(self, delta, grad, state):
+    def update(self, delta, grad, state, loss=None):
         return grad.sign().mul_(-self.alpha).add_(delta)  # delta - alpha * sign(grad), one allocation
 
 
 class MIFGSM(Attack):
     """Momentum Iterative FGSM (Dong et al. 2018, "Boosting Adversarial Attacks with Momentum"): the sign of an
-    accumulated, L1-normalized gradient, `decay` in [0, 1] (default 1.0), step alpha = epsilon / steps by default.
-    Distance: L-infinity."""
+    accumulated, L1-normalized gradient, `decay` in [0, 1] (default 1.0), step alpha = epsilon / steps (at least
+    MIN_STEP_LEVELS) by default. Distance: L-infinity."""
     name = "mifgsm"
+    travel = 1.0
 
     def __init__(self, model, decay=1.0, **kwargs):
         super().__init__(model, **kwargs)
         self.decay = decay
 
-    def default_alpha_levels(self):
-        return self.levels / self.steps
-
     def init_state(self, delta):
         return {"momentum": torch.zeros_like(delta)}
 
-    def update(self, delta, grad, state):
+    def update(self, delta, grad, state, loss=None):
         l1 = grad.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
         state["momentum"] = self.decay * state["momentum"] + grad / l1
         return delta - self.alpha * state["momentum"].sign()
@@ -245,16 +266,14 @@ class CW(Attack):
         self.c, self.kappa, self.lr = c, kappa, lr
 
     def loss(self, logits, labels, adversarial, original):
-        label_logit = logits.gather(1, labels.view(-1, 1)).squeeze(1)
-        others = logits.scatter(1, labels.view(-1, 1), float("-inf")).amax(dim=1)
-        margin = others - label_logit if self.targeted else label_logit - others
+        to_go = -margin(logits, labels) if self.targeted else margin(logits, labels)
         distance = (adversarial - original).flatten(1).pow(2).sum(dim=1)
-        return distance + self.c * margin.clamp_min(-self.kappa)
+        return distance + self.c * to_go.clamp_min(-self.kappa)
 
     def init_state(self, delta):
         return {"m": torch.zeros_like(delta), "v": torch.zeros_like(delta), "t": 0}
 
-    def update(self, delta, grad, state, beta1=0.9, beta2=0.999):
+    def update(self, delta, grad, state, loss=None, beta1=0.9, beta2=0.999):
         state["t"] += 1
         state["m"] = beta1 * state["m"] + (1 - beta1) * grad
         state["v"] = beta2 * state["v"] + (1 - beta2) * grad * grad
@@ -263,12 +282,249 @@ class CW(Attack):
         return delta - self.lr * m_hat / (v_hat.sqrt() + 1e-8)
 
 
-ATTACKS = {attack.name: attack for attack in (SGD, FGSM, PGD, MIFGSM, CW)}
+def dlr(logits, labels, targets=None):
+    """Croce and Hein's Difference of Logits Ratio, as a loss to minimize: a margin divided by the spread of the top
+    logits, so that rescaling the logits does not change it.
+    Without `targets`: margin(logits, labels) / (z_1 - z_3), where z_k is the k-th largest logit (untargeted).
+    With `targets`: (z_labels - z_targets) / (z_1 - (z_3 + z_4) / 2), the targeted version."""
+    top = logits.topk(4, dim=-1).values
+    if targets is None:
+        return margin(logits, labels) / (top[..., 0] - top[..., 2] + 1e-12)
+    pick = lambda classes: logits.gather(-1, classes.unsqueeze(-1)).squeeze(-1)  # noqa: E731
+    return (pick(labels) - pick(targets)) / (top[..., 0] - (top[..., 2] + top[..., 3]) / 2 + 1e-12)
+
+
+def apgd_checkpoints(steps):
+    """The steps where APGD may halve its step size: w_j = ceil(p_j * steps) with p_0 = 0, p_1 = 0.22 and
+    p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06) (Croce and Hein 2020, section 3.2)."""
+    p = [0.0, 0.22]
+    while p[-1] + max(p[-1] - p[-2] - 0.03, 0.06) <= 1:
+        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+    return sorted({math.ceil(round(fraction * steps, 6)) for fraction in p[1:]})
+
+
+class APGD(Attack):
+    """Auto-PGD (Croce and Hein 2020, "Reliable evaluation of adversarial robustness with an ensemble of diverse
+    parameter-free attacks"), L-infinity: sign-gradient steps with momentum 0.75 and no step size to tune. The step
+    starts at 2 * epsilon and is halved at the checkpoints `apgd_checkpoints` for each sample whose loss improved in
+    fewer than `rho` (0.75) of the steps since the last checkpoint, or whose step was not halved at the last checkpoint
+    and whose best loss has not improved since; a halving restarts that sample from its best point (with the
+    gradient there). Distance: L-infinity. Arguments: loss "ce" (cross-entropy, default) or "dlr" (Difference of
+    Logits Ratio; targeted: the margin of the target over the strongest other class, divided as in `dlr`'s targeted
+    version), plus the shared ones (alpha unused)."""
+    name = "apgd"
+    momentum = 0.75  # the paper's alpha: the new step's weight; the previous move keeps 1 - alpha
+    rho = 0.75
+
+    def __init__(self, model, loss="ce", **kwargs):
+        kwargs.update(alpha=None)
+        super().__init__(model, **kwargs)
+        if loss not in ("ce", "dlr"):
+            raise ValueError(f"loss must be 'ce' or 'dlr', got {loss!r}")
+        self.objective = loss
+        self.checkpoints = set(apgd_checkpoints(self.steps))
+
+    def default_alpha_levels(self):
+        return 2 * self.levels
+
+    def loss(self, logits, labels, adversarial, original):
+        if self.objective == "ce":
+            return super().loss(logits, labels, adversarial, original)
+        if not self.targeted:
+            return dlr(logits, labels)
+        # the strongest non-target class stands in for the true class: at the start it is the clean prediction, and
+        # it stays the class to beat until the target is top-1, which is what a targeted success asks for
+        strongest_other = logits.scatter(-1, labels.unsqueeze(-1), float("-inf")).argmax(dim=-1)
+        return dlr(logits, strongest_other, labels)
+
+    def init_state(self, delta):
+        return {"step": 0}
+
+    def update(self, delta, grad, state, loss=None):
+        step = state["step"]
+        state["step"] += 1
+        if step == 0:
+            state.update(eta=torch.full_like(loss, self.alpha).view(-1, 1, 1, 1), previous=delta,
+                         best_loss=loss, best_delta=delta, best_grad=grad, last_loss=loss,
+                         improved=torch.zeros_like(loss), best_at_check=loss, halved=torch.zeros_like(loss, dtype=bool),
+                         last_check=0)
+        else:
+            state["improved"] += loss < state["last_loss"]
+            state["last_loss"] = loss
+            better = loss < state["best_loss"]
+            state["best_loss"] = torch.where(better, loss, state["best_loss"])
+            state["best_delta"] = torch.where(better.view(-1, 1, 1, 1), delta, state["best_delta"])
+            state["best_grad"] = torch.where(better.view(-1, 1, 1, 1), grad, state["best_grad"])
+        if step in self.checkpoints:
+            delta, grad = self.checkpoint(delta, grad, state, step)
+        # z = P(x + eta sign(grad)); x' = x + a (z - x) + (1 - a) (x - x_prev), a = 1 on the first step
+        z = self.project(grad.sign().mul_(-state["eta"]).add_(delta), self.original)
+        keep = self.momentum if step > 0 else 1.0
+        moved = delta + keep * (z - delta) + (1 - keep) * (delta - state["previous"])
+        state["previous"] = delta
+        return moved
+
+    def checkpoint(self, delta, grad, state, step):
+        """Halve the step of the samples that oscillate or stall, and send them back to their best point."""
+        oscillating = state["improved"] < self.rho * (step - state["last_check"])
+        stalled = ~state["halved"] & (state["best_loss"] >= state["best_at_check"])
+        halve = oscillating | stalled
+        state["eta"] = torch.where(halve.view(-1, 1, 1, 1), state["eta"] / 2, state["eta"])
+        state.update(halved=halve, best_at_check=state["best_loss"], improved=torch.zeros_like(state["improved"]),
+                     last_check=step)
+        back = halve.view(-1, 1, 1, 1)
+        return torch.where(back, state["best_delta"], delta), torch.where(back, state["best_grad"], grad)
+
+
+class APGDT(APGD):
+    """APGD-T (Croce and Hein 2020), the targeted-DLR APGD that AutoAttack uses to measure *untargeted* robustness.
+    Untargeted (labels = true classes): one APGD run with the targeted DLR loss (z_true - z_t) / (z_1 - (z_3 + z_4)
+    / 2) towards each of the `target_classes` (default 9, in [1, 999]) classes with the largest clean logits other
+    than the true one, in that order, each run only on the images no earlier run fooled; an image is fooled when its
+    prediction is not its true class. Targeted (labels = targets): one such run towards the target, the strongest
+    non-target class standing in for the true class. Distance: L-infinity. The steps reported are those of the run
+    that produced the returned image (as for restarts)."""
+    name = "apgd-t"
+
+    def __init__(self, model, target_classes=9, **kwargs):
+        kwargs.update(loss="dlr")
+        super().__init__(model, **kwargs)
+        self.target_classes = int(target_classes)
+
+    # Untargeted runs carry (true class, target) pairs as their labels, so that the shared loop's restarts and early
+    # stop see one label per sample.
+    def loss(self, logits, labels, adversarial, original):
+        if labels.dim() == logits.dim():
+            return dlr(logits, labels[..., 0], labels[..., 1])
+        return super().loss(logits, labels, adversarial, original)
+
+    def reached(self, logits, labels):
+        if labels.dim() == logits.dim():
+            return logits.argmax(dim=-1) != labels[..., 0]
+        return super().reached(logits, labels)
+
+    def __call__(self, images, labels):
+        if self.targeted:
+            return super().__call__(images, labels)
+        images = images.detach()
+        labels = torch.as_tensor(labels, device=images.device).view(-1)
+        with torch.no_grad():  # ranks the targets only: success is always judged by `judge`
+            clean = self.forward(images)
+        count = max(1, min(self.target_classes, clean.shape[1] - 1))
+        targets = clean.scatter(1, labels.view(-1, 1), float("-inf")).topk(count, dim=1).indices
+        result = None
+        for rank in range(count):
+            todo = torch.arange(len(images), device=images.device) if result is None else \
+                (~result.success).nonzero().view(-1)
+            if len(todo) == 0:
+                break
+            pairs = torch.stack([labels[todo], targets[todo, rank]], dim=1)
+            part = super().__call__(images[todo], pairs)
+            if result is None:
+                result = part
+                continue
+            for field in ("adversarial", "success", "steps_used", "predictions"):
+                getattr(result, field)[todo] = getattr(part, field)
+        return result
+
+
+def square_fraction(p_init, query, queries):
+    """Square's share of pixels changed per query: p_init, halved at the paper's marks 10, 50, 200, 500, 1000, 2000,
+    4000, 6000, 8000 out of 10000 iterations, rescaled to `queries`."""
+    scaled = int(query / queries * 10000)
+    return p_init / 2 ** sum(scaled > mark for mark in (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000))
+
+
+SQUARE_TOLERANCE = 1e-5
+
+
+class Square(Attack):
+    """Square Attack (Andriushchenko et al. 2020, "Square Attack: a query-efficient black-box adversarial attack via
+    random search"), L-infinity, score-based: it reads the model's output scores and never a gradient. It starts from
+    vertical stripes of +-epsilon (one sign per channel and column), then each query sets a random square window to
+    +-epsilon (one sign per channel, redrawn if it would change nothing) and keeps it when the loss drops: the margin
+    of the true class over the strongest other (untargeted) or the cross-entropy to the target (targeted), as in the
+    paper. The window covers a share `square_fraction` of the pixels, from `p_init` (default 0.05, the paper's for
+    ImageNet) down. Every image is on whole levels at every query, so its budget is floor(epsilon) levels.
+    Distance: L-infinity. Arguments: queries >= 1 (the budget per image, the first query included; default: `steps`),
+    p_init in (0, 1], plus the shared ones (alpha and random_start unused). `steps_used` reports the queries used.
+    The random draws depend on the seed and the query number only, the same for every image of a batch, so that an
+    image's result does not depend on which other images share its batch."""
+    name = "square"
+
+    def __init__(self, model, queries=None, p_init=0.05, **kwargs):
+        super().__init__(model, **kwargs)
+        self.queries = int(queries) if queries is not None else self.steps
+        self.p_init = float(p_init)
+
+    def loss(self, logits, labels, adversarial, original):
+        if self.targeted:
+            return F.cross_entropy(logits, labels, reduction="none")
+        return margin(logits, labels)
+
+    @torch.no_grad()
+    def run(self, original, labels, restart):
+        self.original = original
+        generator = torch.Generator().manual_seed(self.seed * 1000 + restart)
+        channels, height, width = original.shape[1:]
+        budget = float(int(self.levels))
+        original_levels = (original * 255).round()
+        stripes = torch.randint(0, 2, (channels, 1, width), generator=generator).mul_(2).sub_(1).to(original.device)
+        best = original_levels.add(budget * stripes).clamp_(0, 255)
+        loss, success, logits = self.judge(best / 255, labels)
+        used = torch.ones(len(original), dtype=torch.long, device=original.device)
+        active = ~success if self.early_stop else torch.ones_like(success)
+        combos = torch.tensor(list(itertools.product((-1.0, 1.0), repeat=channels)), device=original.device)
+        for query in range(1, self.queries if budget > 0 else 1):
+            if self.on_step:
+                self.on_step(query - 1, loss, logits)
+            # drawn whether or not any image still needs it, so every image sees the same sequence of draws
+            side = min(max(round(math.sqrt(square_fraction(self.p_init, query - 1, self.queries) * height * width)),
+                           1), height - 1, width - 1)
+            top = int(torch.randint(0, height - side, (), generator=generator))
+            left = int(torch.randint(0, width - side, (), generator=generator))
+            order = combos[torch.randperm(len(combos), generator=generator).to(original.device)]
+            todo = active.nonzero().view(-1)
+            if len(todo) == 0:
+                break
+            if len(todo) == len(best):
+                todo = slice(None)  # a view instead of gathered copies: most queries, without early stop all
+            candidate = self.square_step(best[todo], original_levels[todo], top, left, side, order, budget)
+            new_loss, new_success, new_logits = self.judge(candidate / 255, labels[todo])
+            # a lower loss moves on, but never away from success; reaching the goal is always kept. "Lower" means by
+            # more than float noise: a window the model does not feel gives the same loss up to the last bits, and
+            # those bits depend on the batch's size, so a strict < would make an image's path depend on its batch
+            lower = new_loss < loss[todo] - SQUARE_TOLERANCE * loss[todo].abs().clamp_min(1)
+            accept = (lower & (new_success | ~success[todo])) | (new_success & ~success[todo])
+            best[todo] = torch.where(accept.view(-1, 1, 1, 1), candidate, best[todo])
+            loss[todo] = torch.where(accept, new_loss, loss[todo])
+            logits[todo] = torch.where(accept.view(-1, 1), new_logits, logits[todo])
+            success[todo] = torch.where(accept, new_success, success[todo])
+            used[todo] += 1
+            if self.early_stop:
+                active &= ~success
+        return AttackResult(best / 255, success, used, logits.argmax(dim=-1))
+
+    @staticmethod
+    def square_step(best, original_levels, top, left, side, order, budget):
+        """`best` with the window set to original +- budget, the first sign pattern of `order` that changes it."""
+        window = (slice(None), slice(None), slice(top, top + side), slice(left, left + side))
+        signs = order.view(1, -1, order.shape[1], 1, 1)
+        tries = original_levels[window].unsqueeze(1).add(budget * signs).clamp_(0, 255)
+        changes = (tries != best[window].unsqueeze(1)).flatten(2).any(dim=2)
+        pick = changes.int().argmax(dim=1)  # the first that changes anything (all equal only if nothing can change)
+        candidate = best.clone()
+        candidate[window] = tries[torch.arange(len(best), device=best.device), pick]
+        return candidate
+
+
+ATTACKS = {attack.name: attack for attack in (SGD, FGSM, PGD, MIFGSM, CW, APGD, APGDT, Square)}
 
 
 def make_attack(method, model, **kwargs):
     """An attack by name, given the shared arguments plus its own (others it does not take are dropped)."""
-    own = {"sgd": ("lr", "momentum"), "mifgsm": ("decay",), "cw": ("c", "kappa", "lr")}.get(method, ())
+    own = {"sgd": ("lr", "momentum"), "mifgsm": ("decay",), "cw": ("c", "kappa", "lr"), "apgd": ("loss",),
+           "apgd-t": ("target_classes",), "square": ("queries", "p_init")}.get(method, ())
     shared = ("epsilon", "steps", "alpha", "targeted", "early_stop", "random_start", "restarts", "seed", "forward",
               "eot", "on_step")
     chosen = {key: value for key, value in kwargs.items() if value is not None and key in own + shared}
