@@ -210,7 +210,9 @@ def prepare_model(args, device):
 def check_readable(photos, batches, context):
     """--strict: every file of every rank decodes, before anything is written; else the first bad one is an error."""
     failure = None
-    for index in tqdm([i for batch in batches for i in batch], unit="image", desc="checking", leave=False):
+    # no bar off a terminal: its leftovers would precede the one-line error in a log
+    for index in tqdm([i for batch in batches for i in batch], unit="image", desc="checking", leave=False,
+                      disable=None):
         try:
             load_image(photos.paths[index])
         except UsageError as error:
