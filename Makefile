@@ -18,6 +18,7 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PYTHON) bench/attack_speed.py
+	$(PYTHON) bench/evaluate_scaling.py
 
 samples: $(VENV)/.installed
 	$(PYTHON) utils/sample_images.py --output-dir samples

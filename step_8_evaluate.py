@@ -686,16 +686,20 @@ def main(args):
             check_readable(photos, batches, context)
         out = Path(args.output_dir)
         done = start_output(out, args, context)
+        started = time.perf_counter()
         skipped = evaluate(model, photos, plan, batches, done, out, args, context)
         order = {name: i for i, name in enumerate(photos.names)}
         skipped = sorted((item for found in distributed.gather(skipped, context) for item in found),
                          key=lambda item: order[item[0]])
-        if len(skipped) == len(photos.names):
+        seconds, readable = time.perf_counter() - started, len(photos.names) - len(skipped)
+        if not readable:
             raise UsageError(f"{args.folder}: no readable image ({len(skipped)} files, none could be decoded)")
         if context.is_main:
             rows = merge_results(out, photos, plan, args)
             summary, count = write_report(rows, photos, plan, skipped, out, args, context)
             print(summary.read_text())
+            print(f"Evaluated {readable} photos in {seconds:.2f} s ({readable / seconds:.3f} photos/s), "
+                  f"{context.world_size} process(es) x {torch.get_num_threads()} thread(s)")
             print(f"Wrote {count} rows to {out / 'results.csv'}, {summary} and the figures in {out}")
     finally:
         distributed.stop(context)
