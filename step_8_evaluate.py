@@ -584,8 +584,9 @@ def summary_markdown(rows, rate, kept, accuracy, photos, plan, skipped, args, co
               "No labels were given: the clean predictions stood in for them (untargeted success means leaving the "
               "clean prediction), so no accuracy is reported.")
     readable = len(photos.names) - len(skipped)
+    grid = f"Goal of the --methods grid: {goal}. " if plan.methods else ""
     lines = [f"# Evaluation of {args.model} on {readable} photos from {args.folder}", "",
-             f"Goal of the --methods grid: {goal}. Success is judged on each saved PNG read back from disk. "
+             f"{grid}Success is judged on each saved PNG read back from disk. "
              f"Epsilon in levels out of 255 (L-infinity). {labels}", "", run_facts(photos, args, context), ""]
     if skipped:
         lines += [f"{len(skipped)} unreadable files, left out of every rate:", ""]

@@ -480,3 +480,13 @@ def test_gradient_free_check_fails_when_it_fools_what_gradients_did_not(tiny, pl
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "5. **FAIL**" in summary and "mifgsm fooled 1 of the 2 images the gradient attacks failed on" in summary
     assert "mifgsm 7 queries" in summary
+
+
+def test_loader_workers_change_nothing_but_who_decodes(tiny, tmp_path):
+    folder = tmp_path / "photos"
+    for name, colour in (("a.png", RED), ("b.png", GREEN), ("c.png", WHITE)):
+        solid(folder / name, colour)
+    grid = ("--methods", "pgd", "--epsilons", "4", "--steps", "2", "--batch-size", "2")
+    for workers in (0, 2):
+        assert tiny(folder, *grid, "--workers", workers, "--output-dir", tmp_path / f"out{workers}")[0] == 0
+    assert without_seconds(read_rows(tmp_path / "out0")) == without_seconds(read_rows(tmp_path / "out2"))
