@@ -297,7 +297,8 @@ def run_job(model, photos, plan, job, batch, todo, done, out, args):
         steps_used = [done[bare.key(photos.names[i])]["steps_used"] for i in todo]
     seconds = (time.perf_counter() - started) / len(todo) if job.makes_images and job.attack != "clean" else 0.0
     rows = []
-    for i, path, steps, columns in zip(todo, files, steps_used, judge_batch(model, plan, job, batch, todo, files, args)):
+    judged = judge_batch(model, plan, job, batch, todo, files, args)
+    for i, path, steps, columns in zip(todo, files, steps_used, judged):
         label = photos.labels[i] if photos.labels else ""
         row = dict(zip(KEY, job.key(photos.names[i])), target="" if plan.target is None else plan.target,
                    label=label, clean_label=batch.clean[i],
@@ -572,8 +573,8 @@ def run_facts(photos, args, context):
     """What a rerun needs to give the same bytes."""
     return (f"Run: batch size {args.batch_size}, {torch.get_num_threads()} torch thread(s) per process, "
             f"{context.world_size} process{'es' if context.world_size > 1 else ''}, {args.workers} loader workers, "
-            f"seed {args.seed}, device {context.device}; Python {platform.python_version()}, torch {torch.__version__}, "
-            f"torchvision {torchvision.__version__}. The same inputs, seed, batch size and threads per process give "
+            f"seed {args.seed}, device {context.device}; Python {platform.python_version()}, "
+            f"torch {torch.__version__}, torchvision {torchvision.__version__}. The same inputs, seed, batch size and threads per process give "
             "the same bytes whatever the number of processes; another batch size or thread count changes floats, "
             "so verdicts may differ for images at the decision boundary.")
 

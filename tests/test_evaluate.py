@@ -167,8 +167,8 @@ def test_resume_recomputes_only_missing_rows(evaluated, photos):
 
 def test_defenses_plain_and_adaptive(evaluated, photos, offline_model):
     out = copy_of(evaluated, "defended")
-    result = run_script("step_8_evaluate.py", photos, *GRID[:4], "--epsilons", "16", "--steps", "1,2", "--resume", "--threads", "1",
-                        "--defenses", "jpeg", "--adaptive", "--output-dir", out, cwd=photos.parent)
+    result = run_script("step_8_evaluate.py", photos, *GRID[:4], "--epsilons", "16", "--steps", "1,2", "--resume",
+                        "--threads", "1", "--defenses", "jpeg", "--adaptive", "--output-dir", out, cwd=photos.parent)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_rows(out)
     assert len(rows) == 2 * ROWS_PER_PHOTO + 2 * 2, "the grid's rows kept, a plain and an adaptive row per photo added"
@@ -228,7 +228,8 @@ def test_bad_input_is_one_line_and_writes_nothing(args, photos, tmp_path, capsys
     places = {"photos": str(photos), "missing": str(tmp_path / "missing"), "empty": str(tmp_path / "empty")}
     argv = [places.get(arg, arg) for arg in args]
     with pytest.raises(SystemExit) as exit_:
-        run(main, get_args_parser(), [*argv, "--model", OFFLINE, "--threads", "1", "--output-dir", str(tmp_path / "out")])
+        run(main, get_args_parser(),
+            [*argv, "--model", OFFLINE, "--threads", "1", "--output-dir", str(tmp_path / "out")])
     assert exit_.value.code == 2
     error = capsys.readouterr().err
     assert len(error.strip().splitlines()) == 1 and "error" in error and "Traceback" not in error, error
@@ -372,7 +373,8 @@ def test_label_sources(source, tiny, tmp_path):
     correct = sum(row["clean_correct"] == "1" for row in clean.values())
     assert all(float(row["clean_accuracy"]) == pytest.approx(correct / len(labels)) for row in accuracy)
     summary = (out / "summary.md").read_text()
-    assert "| epsilon | clean accuracy | robust accuracy after fgsm | robust accuracy after pgd | worst case |" in summary
+    assert ("| epsilon | clean accuracy | robust accuracy after fgsm | robust accuracy after pgd | worst case |"
+            in summary)
 
 
 @pytest.mark.parametrize("layout, extra, message", [

@@ -141,7 +141,8 @@ def csv_labels(path, names, find_class):
             raise UsageError(f"{path}, line {line} ({image}): {error}")
     missing = [name for name in names if name not in listed]
     if missing:
-        raise UsageError(f"{path}: no label for {missing[0]}" + (f" (and {len(missing) - 1} more)" if missing[1:] else ""))
+        more = f" (and {len(missing) - 1} more)" if missing[1:] else ""
+        raise UsageError(f"{path}: no label for {missing[0]}{more}")
     return Labels([listed[name] for name in names], str(path))
 
 
