@@ -15,6 +15,7 @@ the process's own getrusage. Keeping every prepared photo would cost 147 KB each
 Targets (issue 9, on a 2-core machine): 2 x 1 >= 1.7 x the throughput of 1 x 1 and >= 1.0 x that of 1 x 2; peak
 memory for 800 photos within 15% of that for 100.
 """
+import os
 import re
 import resource
 import subprocess
@@ -106,6 +107,8 @@ def main(args):
             rate[processes, threads] = throughput(processes, threads, folder, work, args)
         print(f"## Throughput: {args.images} photos, efficientnet_lite0, pgd {args.steps} steps (early stop off), "
               f"batch size {args.batch_size}\n")
+        print(f"{os.cpu_count()} cores; load average (1 min) when done: {os.getloadavg()[0]:.2f} (other processes "
+              "share the cores: above about 0.5 the speedups understate what an idle machine gives)\n")
         print("| processes x threads | photos/s | speedup over 1 x 1 | speedup over 1 x 2 |")
         print("|---|---|---|---|")
         for (processes, threads), value in rate.items():
