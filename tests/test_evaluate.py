@@ -10,14 +10,14 @@ import pytest
 from PIL import Image
 
 import step_8_evaluate
-from step_2_pretrained import predict_images, prepare_image
+from step_2_pretrained import find_class, predict_images, prepare_image
 from step_3_adversarial import read_back
 from step_8_evaluate import CLEAN, COLUMNS, DEFAULT_ENSEMBLE, get_args_parser, main, make_plan
-from tests.conftest import GRACE_HOPPER, OFFLINE, make_tiny_model, run_script
+from tests.conftest import GRACE_HOPPER, OFFLINE, REPO, make_tiny_model, run_script
 from tests.test_tutorial_units import tiny_png_header, truncated_jpeg
 from utils.attacks import ATTACKS
 from utils.cli import run
-from utils.data import imagenet_val_labels
+from utils.data import csv_labels, imagenet_val_labels
 from utils.defenses import make_defense
 from utils.sample_images import sample_paths
 
@@ -492,3 +492,12 @@ def test_loader_workers_change_nothing_but_who_decodes(tiny, tmp_path):
     for workers in (0, 2):
         assert tiny(folder, *grid, "--workers", workers, "--output-dir", tmp_path / f"out{workers}")[0] == 0
     assert without_seconds(read_rows(tmp_path / "out0")) == without_seconds(read_rows(tmp_path / "out2"))
+
+
+def test_sample_labels_name_real_classes_of_the_sample_photos():
+    """make robust's labels: every row a sample photo and a valid class, each with its reason."""
+    labels_file = REPO / "assets" / "sample_labels.csv"
+    rows = read_csv(labels_file)
+    assert {path.name for path in sample_paths()} >= {row["image"] for row in rows} and all(r["why"] for r in rows)
+    labels = csv_labels(labels_file, [row["image"] for row in rows], find_class)
+    assert labels.classes == [281, 967, 652]
