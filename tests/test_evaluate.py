@@ -9,15 +9,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from step_2_pretrained import predict_images, prepare_image
+import step_8_evaluate
+from step_2_pretrained import find_class, predict_images, prepare_image
 from step_3_adversarial import read_back
-from step_8_evaluate import COLUMNS, get_args_parser, main
-from tests.conftest import GRACE_HOPPER, OFFLINE, run_script
+from step_8_evaluate import CLEAN, COLUMNS, DEFAULT_ENSEMBLE, get_args_parser, main, make_plan
+from tests.conftest import GRACE_HOPPER, OFFLINE, REPO, make_tiny_model, run_script
+from tests.test_tutorial_units import tiny_png_header, truncated_jpeg
+from utils.attacks import ATTACKS
 from utils.cli import run
+from utils.data import csv_labels, imagenet_val_labels
 from utils.defenses import make_defense
 from utils.sample_images import sample_paths
 
-GRID = ("--model", OFFLINE, "--methods", "fgsm,pgd", "--epsilons", "2,16", "--steps", "1,2")
+GRID = ("--model", OFFLINE, "--methods", "fgsm,pgd", "--epsilons", "2,16", "--steps", "1,2", "--threads", "1")
 GOLDFISH = 1
 # fgsm once per epsilon, pgd per epsilon x steps, pgd at 2x the largest steps (largest epsilon), pgd at epsilon 255
 ROWS_PER_PHOTO = 2 + 2 * 2 + 1 + 1
@@ -118,47 +122,53 @@ def expected_verdicts(rows):
 
 def verdicts(summary):
     found = re.findall(r"^(\d)\. \*\*(PASS|FAIL|N/A)\*\*", summary, flags=re.MULTILINE)
-    assert [number for number, _ in found] == ["1", "2", "3", "4"], summary
+    assert [number for number, _ in found] == ["1", "2", "3", "4", "5"], summary
     return [verdict for _, verdict in found]
 
 
 def test_summary_tables_and_sanity_checks(evaluated):
     summary = (evaluated / "summary.md").read_text()
     rows = read_rows(evaluated)
-    assert verdicts(summary) == ["PASS" if ok else "FAIL" for ok in expected_verdicts(rows)]
+    assert verdicts(summary) == ["PASS" if ok else "FAIL" for ok in expected_verdicts(rows)] + ["N/A"]
     cells = next(line for line in summary.splitlines() if line.startswith("| pgd |")).split("|")
     assert cells[2].strip() == "2", "the table is at the largest steps"
     assert cells[4].strip() == f"{100 * success_rate(rows, 'pgd', '16', '2'):.1f}%"
     assert "| fgsm | 1 |" in summary
 
 
-def keys(header, lines):
-    return {tuple(row[column] for column in COLUMNS[:6]) for row in csv.DictReader([header, *lines])}
+def without_seconds(rows):
+    return [{column: value for column, value in row.items() if column != "seconds"} for row in rows]
 
 
 def test_resume_recomputes_only_missing_rows(evaluated, photos):
+    """Finished rows come from results.csv and from the shards of any rank; a torn last line and a row whose PNG is
+    gone are redone; the rest is not touched and the merged file is the uninterrupted run's."""
     out = copy_of(evaluated, "resumed")
     header, *body = (out / "results.csv").read_text().splitlines(keepends=True)
-    dropped = [body[0], body[5], body[-1]]
-    kept = [line for line in body if line not in dropped]
-    lost = kept.pop(2)  # its row stays in the file but its PNG is gone: it must be redone too
-    (out / next(csv.DictReader([header, lost]))["file"]).unlink()
-    torn = dropped[1][: len(dropped[1]) // 2]  # as if killed while appending
-    (out / "results.csv").write_text(header + "".join(kept[:2]) + lost + "".join(kept[2:]) + torn)
-    mtimes = {row["file"]: (out / row["file"]).stat().st_mtime_ns for row in csv.DictReader([header, *kept])}
+    # 8 jobs x 2 photos, one batch: rows 0-5 (jobs 1-3) in results.csv, jobs 4-5 in a shard, jobs 6-8 missing
+    lost = next(csv.DictReader([header, body[2]]))
+    (out / lost["file"]).unlink()  # its row stays in results.csv, but its PNG is gone: it must be redone
+    (out / "results.csv").write_text(header + "".join(body[:6]))
+    (out / "shards").mkdir()
+    (out / "shards" / "results.rank-1.csv").write_text(header + "".join(body[6:10]) + body[10][:40])
+    kept = [row for row in csv.DictReader([header, *body[:10]]) if row["file"] != lost["file"]]
+    mtimes = {row["file"]: (out / row["file"]).stat().st_mtime_ns for row in kept}
 
     evaluate(photos, out, "--resume")
-    after = (out / "results.csv").read_text().splitlines(keepends=True)
-    assert len(after) == 1 + len(body)
-    assert after[: 1 + len(kept)] == [header, *kept], "finished rows are kept byte for byte, in order"
-    assert keys(header, after[1 + len(kept):]) == keys(header, [*dropped, lost]), "only the missing rows are redone"
+    before, after = read_rows(evaluated), read_rows(out)
+    assert [tuple(row[c] for c in COLUMNS[:6]) for row in after] == \
+           [tuple(row[c] for c in COLUMNS[:6]) for row in before], "every row once, in one process's order"
+    redone_alone = lost["file"]  # one photo of the batch: other floats than in a batch of two, so not compared
+    assert without_seconds([r for r in after if r["file"] != redone_alone]) == \
+           without_seconds([r for r in before if r["file"] != redone_alone])
     assert all((out / name).stat().st_mtime_ns == mtime for name, mtime in mtimes.items()), "kept PNGs untouched"
+    assert (out / redone_alone).is_file() and not (out / "shards").exists()
 
 
 def test_defenses_plain_and_adaptive(evaluated, photos, offline_model):
     out = copy_of(evaluated, "defended")
     result = run_script("step_8_evaluate.py", photos, *GRID[:4], "--epsilons", "16", "--steps", "1,2", "--resume",
-                        "--defenses", "jpeg", "--adaptive", "--output-dir", out, cwd=photos.parent)
+                        "--threads", "1", "--defenses", "jpeg", "--adaptive", "--output-dir", out, cwd=photos.parent)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_rows(out)
     assert len(rows) == 2 * ROWS_PER_PHOTO + 2 * 2, "the grid's rows kept, a plain and an adaptive row per photo added"
@@ -192,12 +202,12 @@ def test_defenses_plain_and_adaptive(evaluated, photos, offline_model):
 def test_without_resume_results_are_replaced(evaluated, photos):
     out = copy_of(evaluated, "replaced")
     result = run_script("step_8_evaluate.py", photos, "--model", OFFLINE, "--methods", "fgsm", "--epsilons", "2",
-                        "--steps", "1", "--output-dir", out, cwd=photos.parent)
+                        "--steps", "1", "--threads", "1", "--output-dir", out, cwd=photos.parent)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_rows(out)
     assert sorted((row["method"], row["epsilon"], row["steps"]) for row in rows) == \
            [("fgsm", "2", "1")] * 2 + [("pgd", "255", "1")] * 2
-    assert verdicts((out / "summary.md").read_text())[0::2] == ["N/A", "N/A"], "no iterative method given"
+    assert verdicts((out / "summary.md").read_text())[0::2] == ["N/A", "N/A", "N/A"], "no iterative method, no ensemble"
 
 
 @pytest.mark.parametrize("args", [
@@ -218,7 +228,8 @@ def test_bad_input_is_one_line_and_writes_nothing(args, photos, tmp_path, capsys
     places = {"photos": str(photos), "missing": str(tmp_path / "missing"), "empty": str(tmp_path / "empty")}
     argv = [places.get(arg, arg) for arg in args]
     with pytest.raises(SystemExit) as exit_:
-        run(main, get_args_parser(), [*argv, "--model", OFFLINE, "--output-dir", str(tmp_path / "out")])
+        run(main, get_args_parser(),
+            [*argv, "--model", OFFLINE, "--threads", "1", "--output-dir", str(tmp_path / "out")])
     assert exit_.value.code == 2
     error = capsys.readouterr().err
     assert len(error.strip().splitlines()) == 1 and "error" in error and "Traceback" not in error, error
@@ -241,3 +252,252 @@ def test_sample_images_copies_real_photos(tmp_path):
     for path in copied:
         with Image.open(path) as image:
             assert image.mode == "RGB" and min(image.size) >= 200
+
+
+# ---- in-process runs on the tiny model: unreadable files, labels, the ensemble's flow ---------------------------
+
+RED, GREEN, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (255, 255, 255), (0, 0, 0)
+TINY = {RED: 643, GREEN: 892, WHITE: 404, BLACK: 151}  # what the tiny model (seed 0) predicts for solid colours
+
+
+def solid(path, colour, size=40):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size, 3), colour, np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture
+def tiny(monkeypatch, capsys):
+    """Run step 8's main in this process on the tiny model: returns (exit status, stderr)."""
+    model = make_tiny_model()
+    monkeypatch.setattr(step_8_evaluate, "load_model", lambda name, device: model)
+
+    def call(*argv):
+        with pytest.raises(SystemExit) as exit_:
+            run(main, get_args_parser(), [*map(str, argv), "--threads", "1"])
+        return exit_.value.code, capsys.readouterr().err
+    return call
+
+
+def test_tiny_model_sees_what_the_planted_tests_assume(tmp_path):
+    model = make_tiny_model()
+    images = [prepare_image(solid(tmp_path / f"{k}.png", colour), model) for k, colour in enumerate(TINY)]
+    assert predict_images(model, images) == list(TINY.values())
+
+
+@pytest.fixture
+def mixed(tmp_path):
+    """Good photos, a truncated JPEG, a text file named .png and a decompression bomb."""
+    folder = tmp_path / "mixed"
+    solid(folder / "red.png", RED)
+    solid(folder / "green.png", GREEN)
+    truncated_jpeg(folder / "cut.jpg")
+    (folder / "notes.png").write_text("this is not an image")
+    (folder / "bomb.png").write_bytes(tiny_png_header(40000, 40000))
+    return folder
+
+
+def test_unreadable_files_are_skipped_and_listed(tiny, mixed, tmp_path):
+    out = tmp_path / "out"
+    status, err = tiny(mixed, "--methods", "fgsm", "--epsilons", "2", "--steps", "1", "--output-dir", out)
+    assert status == 0, err
+    for name, reason in (("cut.jpg", "truncated"), ("notes.png", "not an image"), ("bomb.png", "decompression bomb")):
+        assert err.count(f"skipped {name}:") == 1 and reason in err, err
+    summary = (out / "summary.md").read_text()
+    assert "on 2 photos" in summary and "3 unreadable files, left out of every rate" in summary
+    listed = [line for line in summary.splitlines() if line.startswith("- skipped: ")]
+    assert [line.split()[2] for line in listed] == ["bomb.png", "cut.jpg", "notes.png"]
+    assert "- skipped: cut.jpg (cannot read the image, it may be truncated" in summary
+    assert {row["image"] for row in read_rows(out)} == {"red.png", "green.png"}
+
+
+def test_strict_makes_the_first_unreadable_file_an_error(tiny, mixed, tmp_path):
+    status, err = tiny(mixed, "--methods", "fgsm", "--strict", "--output-dir", tmp_path / "out")
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert "bomb.png" in err and "decompression bomb" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_with_no_readable_image_is_an_error(tiny, tmp_path):
+    folder = tmp_path / "bad"
+    truncated_jpeg(folder.mkdir() or folder / "cut.jpg")
+    (folder / "notes.png").write_text("this is not an image")
+    status, err = tiny(folder, "--methods", "fgsm", "--output-dir", tmp_path / "out")
+    assert status == 2 and "no readable image" in err.strip().splitlines()[-1], err
+    assert not (tmp_path / "out").exists()
+
+
+def read_csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def labelled_folder(tmp_path, source):
+    """A folder of two solid-colour photos labelled by `source`: (folder, extra arguments, {image: label})."""
+    folder = tmp_path / source
+    if source == "wordnet":
+        solid(folder / "n01443537" / "red.png", RED)
+        solid(folder / "n01440764" / "green.png", GREEN)
+        return folder, [], {"n01443537/red.png": 1, "n01440764/green.png": 0}
+    if source == "index":
+        solid(folder / "643" / "red.png", RED)
+        solid(folder / "7" / "green.png", GREEN)
+        return folder, [], {"643/red.png": 643, "7/green.png": 7}
+    if source == "imagenet-val":
+        names = ["ILSVRC2012_val_00000001.JPEG", "ILSVRC2012_val_00000002.JPEG"]
+        for name, colour in zip(names, (RED, GREEN)):
+            solid(folder / name, colour)
+        return folder, ["--labels", "imagenet-val"], {name: imagenet_val_labels()[name] for name in names}
+    solid(folder / "red.png", RED)
+    solid(folder / "green.png", GREEN)
+    solid(folder / "white.png", WHITE)
+    (tmp_path / "labels.csv").write_text("image,label\nred.png,643\ngreen.png,n01440764\nwhite.png,goldfish\n")
+    return folder, ["--labels", tmp_path / "labels.csv"], {"red.png": 643, "green.png": 0, "white.png": 1}
+
+
+@pytest.mark.parametrize("source", ["wordnet", "index", "imagenet-val", "csv"])
+def test_label_sources(source, tiny, tmp_path):
+    folder, extra, labels = labelled_folder(tmp_path, source)
+    out = tmp_path / "out"
+    status, err = tiny(folder, *extra, "--ensemble", "fgsm,pgd", "--epsilons", "4", "--steps", "2",
+                       "--output-dir", out)
+    assert status == 0, err
+    rows = read_rows(out)
+    clean = {row["image"]: row for row in rows if row["attack"] == "clean"}
+    assert {image: int(row["label"]) for image, row in clean.items()} == labels
+    assert all(row["clean_correct"] == str(int(row["clean_label"] == row["label"])) for row in rows)
+    assert {row["attack"] for row in rows} <= {"clean", "ensemble"}, "labels and no --methods: the ensemble only"
+    accuracy = read_csv(out / "robust_accuracy.csv")
+    assert list(accuracy[0]) == ["epsilon", "attack", "images", "clean_accuracy", "robust_accuracy"]
+    assert [row["attack"] for row in accuracy] == ["fgsm", "pgd", "worst-case"]
+    correct = sum(row["clean_correct"] == "1" for row in clean.values())
+    assert all(float(row["clean_accuracy"]) == pytest.approx(correct / len(labels)) for row in accuracy)
+    summary = (out / "summary.md").read_text()
+    assert ("| epsilon | clean accuracy | robust accuracy after fgsm | robust accuracy after pgd | worst case |"
+            in summary)
+
+
+@pytest.mark.parametrize("layout, extra, message", [
+    ({"n99999999/red.png": RED}, [], "unknown WordNet ID 'n99999999'"),
+    ({"cats/red.png": RED}, [], "subfolder 'cats' is neither a WordNet ID"),
+    ({"1000/red.png": RED}, [], "class index 1000 is out of range"),
+    ({"red.png": RED}, ["--labels", "imagenet-val"], "red.png: not an ImageNet validation image name"),
+    ({"red.png": RED, "green.png": GREEN}, ["--labels", "{csv}"], "no label for green.png"),
+    ({"red.png": RED}, ["--labels", "{csv}", "row:blue.png,3"], "image 'blue.png' is not a photo of the folder"),
+    ({"red.png": RED}, ["--labels", "{csv}", "row:red.png,1000"], "class index 1000 is out of range"),
+    ({"red.png": RED}, ["--labels", "{csv}", "row:red.png,n00000000"], "unknown WordNet ID 'n00000000'"),
+    ({"red.png": RED}, ["--labels", "{csv}", "row:red.png,unicorn"], "unknown class name 'unicorn'"),
+    ({"red.png": RED}, ["--labels", "{tmp}/none.csv"], "no such labels file"),
+    ({"red.png": RED}, ["--ensemble", "fgsm"], "needs true labels"),
+    ({"7/red.png": RED}, ["--ensemble", "fgsm", "--target", "goldfish"], "excludes --target"),
+    ({"7/red.png": RED}, ["--ensemble", "fgsm,nope"], "unknown attack 'nope'"),
+])
+def test_bad_labels_are_one_line_and_write_nothing(layout, extra, message, tiny, tmp_path):
+    folder = tmp_path / "photos"
+    for name, colour in layout.items():
+        solid(folder / name, colour)
+    rows = [arg for arg in extra if arg.startswith("row:")]  # lines of the labels CSV
+    (tmp_path / "labels.csv").write_text("image,label\nred.png,643\n" * ("{csv}" in extra and not rows)
+                                         + "image,label\n" * bool(rows) + "".join(f"{row[4:]}\n" for row in rows))
+    argv = [arg.replace("{csv}", str(tmp_path / "labels.csv")).replace("{tmp}", str(tmp_path))
+            for arg in extra if arg not in rows]
+    status, err = tiny(folder, *argv, "--epsilons", "2", "--steps", "1", "--output-dir", tmp_path / "out")
+    assert status == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_with_labels_and_no_methods_only_the_default_ensemble_runs(monkeypatch):
+    monkeypatch.setattr(step_8_evaluate, "ATTACKS", {**ATTACKS, **{name: ATTACKS["pgd"] for name in DEFAULT_ENSEMBLE}})
+    args = get_args_parser().parse_args(["photos", "--epsilons", "2,8", "--steps", "10,50", "--queries", "300"])
+    plan = make_plan(args, labelled=True)
+    assert plan.target is None and plan.methods == [] and plan.ensemble == list(DEFAULT_ENSEMBLE)
+    stages = [(job.method, job.epsilon, job.steps) for job in plan.jobs if job.attack == "ensemble"]
+    assert stages == [("apgd", 2, 50), ("apgd-t", 2, 50), ("square", 2, 300),
+                      ("apgd", 8, 50), ("apgd-t", 8, 50), ("square", 8, 300)]
+    assert plan.jobs[0] == CLEAN and len(plan.jobs) == 7
+    with_grid = make_plan(get_args_parser().parse_args(["photos", "--methods", "pgd"]), labelled=True)
+    assert with_grid.target is None and with_grid.methods == ["pgd"], "with labels the grid is untargeted"
+    assert make_plan(get_args_parser().parse_args(["photos"]), labelled=False).ensemble == []
+
+
+@pytest.fixture
+def planted(tmp_path, monkeypatch):
+    """Three photos: red (correct when clean; only the last attack fools it), white (labelled 0, misclassified when
+    clean) and green (correct; no attack fools it). The attacks are fakes that record what they are asked."""
+    folder = tmp_path / "planted"
+    for name, colour in (("red.png", RED), ("white.png", WHITE), ("green.png", GREEN)):
+        solid(folder / name, colour)
+    (tmp_path / "labels.csv").write_text(f"image,label\nred.png,{TINY[RED]}\nwhite.png,0\ngreen.png,{TINY[GREEN]}\n")
+    calls = []
+
+    def fake_attack(model, method, images_u8, labels, **options):
+        calls.append((method, list(labels)))
+        fooled = [np.full_like(image, 0) if method == "mifgsm" and label == TINY[RED] else image
+                  for image, label in zip(images_u8, labels)]  # black: the tiny model says 151, not red's 643
+        return fooled, [1] * len(images_u8)
+    monkeypatch.setattr(step_8_evaluate, "run_attack", fake_attack)
+    return folder, ["--labels", tmp_path / "labels.csv", "--ensemble", "fgsm,pgd,mifgsm", "--epsilons", "8"], calls
+
+
+def test_worst_case_flow_with_planted_outcomes(tiny, planted, tmp_path):
+    folder, extra, calls = planted
+    out = tmp_path / "out"
+    status, err = tiny(folder, *extra, "--output-dir", out)
+    assert status == 0, err
+    both = [TINY[GREEN], TINY[RED]]  # green.png, red.png in sorted order; white.png is never attacked
+    assert calls == [("fgsm", both), ("pgd", both), ("mifgsm", both)]
+    accuracy = {row["attack"]: (row["images"], float(row["clean_accuracy"]), float(row["robust_accuracy"]))
+                for row in read_csv(out / "robust_accuracy.csv")}
+    assert accuracy == {"fgsm": ("3", pytest.approx(2 / 3), pytest.approx(2 / 3)),
+                        "pgd": ("3", pytest.approx(2 / 3), pytest.approx(2 / 3)),
+                        "mifgsm": ("3", pytest.approx(2 / 3), pytest.approx(1 / 3)),
+                        "worst-case": ("3", pytest.approx(2 / 3), pytest.approx(1 / 3))}
+    rows = read_rows(out)
+    white = [row for row in rows if row["image"] == "white.png"]
+    assert [(row["attack"], row["clean_correct"], row["success"]) for row in white] == [("clean", "0", "1")]
+    red = {row["method"]: row["success"] for row in rows if row["image"] == "red.png" and row["attack"] == "ensemble"}
+    assert red == {"fgsm": "0", "pgd": "0", "mifgsm": "1"}
+    summary = (out / "summary.md").read_text()
+    assert "| 8 | 66.7% | 66.7% | 66.7% | 33.3% | 33.3% |" in summary
+    assert "5. **N/A**" in summary, "no gradient-free attack in this ensemble"
+
+
+def test_resume_runs_only_the_pending_ensemble_stages(tiny, planted, tmp_path):
+    folder, extra, calls = planted
+    out = tmp_path / "out"
+    assert tiny(folder, *extra, "--output-dir", out)[0] == 0
+    header, *body = (out / "results.csv").read_text().splitlines(keepends=True)
+    (out / "results.csv").write_text(header + "".join(line for line in body if ",mifgsm," not in line))
+    calls.clear()
+    assert tiny(folder, *extra, "--output-dir", out, "--resume")[0] == 0
+    assert calls == [("mifgsm", [TINY[GREEN], TINY[RED]])], "only the missing last stage, on the photos it needs"
+    assert float(read_csv(out / "robust_accuracy.csv")[-1]["robust_accuracy"]) == pytest.approx(1 / 3)
+
+
+def test_gradient_free_check_fails_when_it_fools_what_gradients_did_not(tiny, planted, tmp_path, monkeypatch):
+    monkeypatch.setattr(step_8_evaluate, "GRADIENT_FREE", ("mifgsm",))  # plant: the last attack plays square
+    folder, extra, _ = planted
+    assert tiny(folder, *extra, "--queries", "7", "--output-dir", tmp_path / "out")[0] == 0
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "5. **FAIL**" in summary and "mifgsm fooled 1 of the 2 images the gradient attacks failed on" in summary
+    assert "mifgsm 7 queries" in summary
+
+
+def test_loader_workers_change_nothing_but_who_decodes(tiny, tmp_path):
+    folder = tmp_path / "photos"
+    for name, colour in (("a.png", RED), ("b.png", GREEN), ("c.png", WHITE)):
+        solid(folder / name, colour)
+    grid = ("--methods", "pgd", "--epsilons", "4", "--steps", "2", "--batch-size", "2")
+    for workers in (0, 2):
+        assert tiny(folder, *grid, "--workers", workers, "--output-dir", tmp_path / f"out{workers}")[0] == 0
+    assert without_seconds(read_rows(tmp_path / "out0")) == without_seconds(read_rows(tmp_path / "out2"))
+
+
+def test_sample_labels_name_real_classes_of_the_sample_photos():
+    """make robust's labels: every row a sample photo and a valid class, each with its reason."""
+    labels_file = REPO / "assets" / "sample_labels.csv"
+    rows = read_csv(labels_file)
+    assert {path.name for path in sample_paths()} >= {row["image"] for row in rows} and all(r["why"] for r in rows)
+    labels = csv_labels(labels_file, [row["image"] for row in rows], find_class)
+    assert labels.classes == [281, 967, 652]
