@@ -58,7 +58,7 @@ from utils.attacks import ATTACKS, goal_reached, perturbation_size, run_attack
 from utils.cli import ArgumentParser, UsageError, comma_list, number_in, run
 from utils.data import IMAGENET_VAL, PhotoDataset, cut, list_photos, photo_batches, read_labels
 from utils.defenses import DEFENSES, make_defense
-from utils.figures import plt
+from utils.figures import grouped_bars_figure, line_figure, plt
 from utils.files import atomic_path, save_figure, save_image, save_text
 from utils.images import output_names
 
@@ -611,21 +611,6 @@ def summary_markdown(rows, rate, kept, accuracy, photos, plan, skipped, args, co
     return "\n".join(lines).rstrip() + "\n"
 
 
-def line_figure(series, xlabel, title):
-    """Success rate (%) lines, one per (label, xs, rates, matplotlib style keywords)."""
-    figure, axis = plt.subplots(figsize=(6.4, 4.2))
-    for label, xs, rates, style in series:
-        axis.plot(xs, [100 * rate for rate in rates], label=label, **{"marker": "o", **style})
-    ticks = sorted({x for _, xs, _, _ in series for x in xs})
-    axis.set_xscale("log", base=2)
-    axis.set_xticks(ticks, [f"{tick:g}" for tick in ticks])
-    axis.minorticks_off()
-    axis.set(xlabel=xlabel, ylabel="attack success rate (%)", title=title, ylim=(-5, 105))
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    return figure
-
-
 def figures(rate, kept, plan, args):
     """{file name: figure}: success against epsilon and steps per method, and through each defense."""
     if not plan.methods:
@@ -642,16 +627,20 @@ def figures(rate, kept, plan, args):
               "success_vs_steps.png": line_figure(by_steps, "steps", f"success at epsilon {epsilon:g}")}
     if args.defenses:
         method = defense_method(methods)
-        series = []
-        for color, defense in enumerate(args.defenses):
-            for attack in ("plain", "adaptive") if args.adaptive else ("plain",):
-                cells = [Job(method, e, steps, defense, attack) for e in args.epsilons]
-                style = {"color": f"C{color}", "linestyle": "-" if attack == "plain" else "--",
-                         "marker": "o" if attack == "plain" else "s"}
-                series.append((f"{defense} (clean kept {percent(kept[cells[0]])}), {attack}", args.epsilons,
-                               [rate[cell] for cell in cells], style))
-        result["defenses.png"] = line_figure(series, "epsilon (levels out of 255)",
-                                             f"{method}, {steps} steps, judged through the defense")
+        attacks = ("plain", "adaptive") if args.adaptive else ("plain",)
+        series = [("clean accuracy kept", {"color": "0.6"})] + \
+            [(f"{attack} {method} success", {"color": "C0" if attack == "plain" else "C3"}) for attack in attacks]
+        panels = []
+        for epsilon in args.epsilons:
+            values = {}
+            for defense in args.defenses:
+                values[defense, series[0][0]] = kept[Job(method, epsilon, steps, defense)]
+                for attack, (name, _) in zip(attacks, series[1:]):
+                    values[defense, name] = rate[Job(method, epsilon, steps, defense, attack)]
+            panels.append((f"epsilon {epsilon:g}", values))
+        result["defenses.png"] = grouped_bars_figure(
+            panels, list(args.defenses), series, "% of photos",
+            f"{method}, {steps} steps: judged on the PNG read back, through the real defense")
     return result
 
 

@@ -1,4 +1,4 @@
-"""Figures: side-by-side comparisons of images with the model's predictions."""
+"""Figures: images side by side with the model's predictions, and the evaluation's rates (lines and grouped bars)."""
 import matplotlib
 
 matplotlib.use("Agg")
@@ -61,4 +61,19 @@ def grouped_bars_figure(panels, groups, series, ylabel, title):
     figure.suptitle(title, fontsize=11)
     figure.tight_layout(rect=(0, 0, 1, 0.88))
     figure.legend(handles, labels, loc="upper center", ncol=len(series), fontsize=9, bbox_to_anchor=(0.5, 0.94))
+    return figure
+
+
+def line_figure(series, xlabel, title):
+    """Success rate (%) lines, one per (label, xs, rates, matplotlib style keywords)."""
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    for label, xs, rates, style in series:
+        axis.plot(xs, [100 * rate for rate in rates], label=label, **{"marker": "o", **style})
+    ticks = sorted({x for _, xs, _, _ in series for x in xs})
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(ticks, [f"{tick:g}" for tick in ticks])
+    axis.minorticks_off()
+    axis.set(xlabel=xlabel, ylabel="attack success rate (%)", title=title, ylim=(-5, 105))
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
     return figure
