@@ -224,8 +224,10 @@ def get_device(name="auto"):
 
 
 @functools.lru_cache(maxsize=None)
-def load_model(name=DEFAULT_MODEL, device="cpu"):
-    """Load a classifier once per process, frozen, on `device`: any torchvision ImageNet classifier or efficientnet_lite0."""
+def load_model(name=DEFAULT_MODEL, device="cpu", fold=True):
+    """Load a classifier once per process, frozen, on `device`: any torchvision ImageNet classifier or efficientnet_lite0.
+    With `fold` (the default) its batch norms are folded into the convolutions before them (utils.speed), the same
+    function in fp32 up to rounding, computed faster; fold=False keeps the network as published."""
     if name == OFFLINE_MODEL:
         model = load_efficientnet_lite0()
     elif name in torchvision_classifiers():
@@ -234,7 +236,10 @@ def load_model(name=DEFAULT_MODEL, device="cpu"):
         close = difflib.get_close_matches(name, torchvision_classifiers() + [OFFLINE_MODEL], n=4)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; try {DEFAULT_MODEL} or {OFFLINE_MODEL}"
         raise UsageError(f"unknown model {name!r}{hint}")
-    return freeze(model).to(device)
+    model = freeze(model)
+    if fold:
+        model.net = speed.fold_batch_norms(model.net)
+    return model.to(device)
 
 
 # ---- prediction -----------------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from step_2_pretrained import Classifier, Preprocessing, freeze, predict, prepare_image, to_tensor
-from tests.conftest import make_tiny_model, run_script
+from step_2_pretrained import Classifier, Preprocessing, freeze, load_model, predict, prepare_image, to_tensor
+from tests.conftest import OFFLINE, make_tiny_model, run_script
 from utils import speed
 from utils.attacks import make_attack
 from utils.cli import UsageError
@@ -147,18 +147,20 @@ def save_and_read_back(images_u8, folder):
 
 
 def test_the_default_fast_path_reaches_the_plain_fp32_verdicts_on_the_sample_photos(offline_model, tmp_path):
-    """Other floats can send a sign-gradient attack down another path (1 thread against 2 changes most pixels of a
-    10-step PGD image), so verdicts and budgets are compared, not bytes; the setting gives partial success, so a
-    changed verdict would show."""
-    plain = copy.deepcopy(offline_model)
+    """The default fast path (batch norms folded, memory format measured) against the network as published in
+    PyTorch's default settings. Other floats can send a sign-gradient attack down another path (1 thread against 2
+    changes most pixels of a 10-step PGD image), so verdicts and budgets are compared, not bytes; the setting gives
+    partial success, so a changed verdict would show. Every verdict is the published network's, on PNGs read back."""
+    plain = copy.deepcopy(load_model(OFFLINE, "cpu", fold=False))
     plain.memory_format = torch.contiguous_format
     originals = [prepare_image(path, plain) for path in sample_paths()]
     labels = torch.full((len(originals),), GOLDFISH)
     epsilon, steps = 2, 3
     verdicts = {}
-    for name, memory_format, precision in [("plain", torch.contiguous_format, "fp32"), ("default", "auto", "fp32"),
-                                           ("channels_last", torch.channels_last, "fp32")]:
-        model = copy.deepcopy(offline_model)
+    for name, base, memory_format, precision in [("plain", plain, torch.contiguous_format, "fp32"),
+                                                 ("default", offline_model, "auto", "fp32"),
+                                                 ("channels_last", offline_model, torch.channels_last, "fp32")]:
+        model = copy.deepcopy(base)
         model.memory_format = memory_format
         result = make_attack("pgd", model, epsilon=epsilon, steps=steps, alpha=1, precision=precision)(to_tensor(originals), labels)
         (tmp_path / name).mkdir()
@@ -170,6 +172,67 @@ def test_the_default_fast_path_reaches_the_plain_fp32_verdicts_on_the_sample_pho
         verdicts[name] = judged.tolist()
     assert 0 < sum(verdicts["plain"]) < len(originals), f"the setting should give partial success: {verdicts}"
     assert verdicts["default"] == verdicts["plain"] and verdicts["channels_last"] == verdicts["plain"], verdicts
+
+
+# ---- batch norms folded ---------------------------------------------------------------------------------------
+
+class ConvBatchNormNet(nn.Module):
+    """Both ways a network holds a convolution before a batch norm: an nn.Conv2d module, and F.conv2d on a weight
+    (EfficientNet-Lite's same-padding convolutions), plus a batch norm that follows no convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.weight = nn.Parameter(torch.randn(4, 8, 1, 1))
+        self.bn2 = nn.BatchNorm2d(4, affine=False)
+        self.bn3 = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 1000)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv(x)))
+        x = self.bn3(torch.relu(self.bn2(torch.nn.functional.conv2d(x, self.weight))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_folding_batch_norms_keeps_the_function_and_drops_the_folded_ones(tiny_images):
+    torch.manual_seed(0)
+    net = ConvBatchNormNet()
+    for batch_norm in (net.bn1, net.bn2, net.bn3):  # statistics other than the identity, or folding proves nothing
+        batch_norm.running_mean.uniform_(-1, 1)
+        batch_norm.running_var.uniform_(0.5, 2)
+        if batch_norm.affine:
+            batch_norm.weight.data.uniform_(0.5, 2)
+            batch_norm.bias.data.uniform_(-1, 1)
+    net.eval()
+    with torch.no_grad():
+        before = net(tiny_images)
+    folded = speed.fold_batch_norms(net)
+    with torch.no_grad():
+        assert torch.equal(net(tiny_images), before), "the network folded must be left as it was"
+    kinds = [type(module) for module in folded.modules()]
+    assert kinds.count(nn.BatchNorm2d) == 1, "bn1 and bn2 follow convolutions; bn3 follows a relu and stays"
+    pixels = tiny_images.clone().requires_grad_(True)
+    expected = net(pixels)
+    expected_grad, = torch.autograd.grad(expected.logsumexp(dim=1).sum(), pixels)
+    pixels = tiny_images.clone().requires_grad_(True)
+    logits = folded(pixels)
+    grad, = torch.autograd.grad(logits.logsumexp(dim=1).sum(), pixels)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_network_fx_cannot_trace_is_left_as_it_is():
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+    net = Branchy()
+    assert speed.fold_batch_norms(net) is net
+
+
+def test_the_offline_model_is_folded(offline_model):
+    assert not any(isinstance(module, nn.BatchNorm2d) for module in offline_model.modules())
+    assert any(isinstance(module, nn.BatchNorm2d) for module in load_model(OFFLINE, "cpu", fold=False).modules())
 
 
 # ---- torch.compile --------------------------------------------------------------------------------------------
