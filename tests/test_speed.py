@@ -1,5 +1,7 @@
 """Speed never changes a verdict: the measured memory format, mixed precision judged in fp32, torch.compile."""
+import argparse
 import copy
+import re
 import time
 
 import numpy as np
@@ -235,6 +237,17 @@ def test_the_offline_model_is_folded(offline_model):
     assert any(isinstance(module, nn.BatchNorm2d) for module in load_model(OFFLINE, "cpu", fold=False).modules())
 
 
+def test_the_speed_arguments_prepare_a_model():
+    parser = argparse.ArgumentParser()
+    speed.add_speed_arguments(parser)
+    model = make_tiny_model()
+    args = parser.parse_args(["--memory-format", "channels_last", "--precision", "bf16"])
+    assert speed.prepare_model(model, args, 4, "cpu") is model and model.memory_format == torch.channels_last
+    assert speed.prepare_model(model, parser.parse_args([]), 4, "cpu").memory_format == "auto"
+    with pytest.raises(UsageError, match="fp16"):
+        speed.prepare_model(model, parser.parse_args(["--precision", "fp16"]), 4, "cpu")
+
+
 # ---- torch.compile --------------------------------------------------------------------------------------------
 
 def test_compile_on_the_tiny_model_matches_eager(tiny_images):
@@ -256,3 +269,18 @@ def test_compile_on_the_tiny_model_matches_eager(tiny_images):
     ours = make_attack("pgd", compiled, epsilon=32, steps=10)(tiny_images, labels)
     judged = predict(model, ours.adversarial).argmax(dim=1) == GOLDFISH
     assert torch.equal(judged, ours.success)
+
+
+# ---- the benchmark --------------------------------------------------------------------------------------------
+
+def test_the_benchmark_prints_every_configuration_and_one_summary_line(tmp_path):
+    process = run_script("bench/attack_speed.py", "--models", OFFLINE, "--batch-sizes", "1", "--steps", "1",
+                         "--repeats", "1", "--threads", "1", cwd=tmp_path)
+    assert process.returncode == 0, process.stderr[-2000:]
+    out = process.stdout
+    for run in ("fwd+bwd (the floor)", "torchattacks PGD", "ours fp32 [auto: ", "ours channels-last", "ours bf16"):
+        assert run in out, out
+    summary = [line for line in out.splitlines() if line.startswith(f"{OFFLINE} batch 1: ")]
+    assert len(summary) == 1, out
+    assert re.fullmatch(rf"{OFFLINE} batch 1: ours/fwd\+bwd \d+\.\d{{3}} \(ours = [\w-]+\), "
+                        r"ours/torchattacks \d+\.\d{3} \((meets|misses) <= 1\)", summary[0]), summary[0]
