@@ -2,7 +2,7 @@
 
     python bench/attack_speed.py [--models resnet18,efficientnet_lite0] [--batch-sizes 1,16] [--device auto|cpu|cuda]
                                  [--steps 10] [--epsilon 8] [--alpha LEVELS] [--repeats 3] [--threads N] [--stat median|min]
-                                 [--compile]
+                                 [--clock auto|cpu|wall] [--compile]
 
 For each model and batch size, on the same device and the same images, it times per gradient step:
 - fwd+bwd: the model's forward, a cross-entropy and the backward to the input (weights frozen), in PyTorch's default
@@ -13,7 +13,8 @@ For each model and batch size, on the same device and the same images, it times 
   measured per model and batch, see utils/speed.py), channels-last forced, bf16 autocast (fp16 too on CUDA) with fp32-confirmed successes, and with --compile,
   torch.compile (its compile time printed). All targeted, early stop off, no random start.
 Each is warmed up, then timed `--repeats` times (interleaved, so a busy machine slows all alike) and the min (or, with
---stat median, the median) is kept. Every success is an fp32 verdict: the returned image rounded to 8 bits and
+--stat median, the median) is kept. With one CPU thread the clock is this process's CPU time (--clock): on cores
+shared with other work, the wall clock would also count the time spent waiting for a core. Every success is an fp32 verdict: the returned image rounded to 8 bits and
 classified by the default fp32 model as the target, goldfish (1). A configuration's verdicts "match" when they equal,
 image by image, those of ours in fp32; the summary line per model and batch quotes the fastest configuration whose
 verdicts match.
@@ -70,13 +71,21 @@ def get_batch(model, batch_size, device):
     return to_tensor(images, device), torch.full((batch_size,), TARGET, device=device)
 
 
-def timed(function, device):
+def timed(function, device, now):
     """(seconds, result) of function(), with the device's queue drained before and after."""
     speed.synchronize(device)
-    start = time.perf_counter()
+    start = now()
     result = function()
     speed.synchronize(device)
-    return time.perf_counter() - start, result
+    return now() - start, result
+
+
+def get_clock(name, device):
+    """auto: this process's CPU time on a CPU with one torch thread (other processes on shared cores then only make
+    it wait, they do not add to it), the wall clock otherwise."""
+    if name == "auto":
+        return speed.clock(device), "process CPU time" if speed.clock(device) is time.process_time else "wall clock"
+    return (time.process_time, "process CPU time") if name == "cpu" else (time.perf_counter, "wall clock")
 
 
 # ---- the things timed -----------------------------------------------------------------------------------------
@@ -163,7 +172,7 @@ def measure(name, batch_size, device, args, progress):
     outputs = {}
     for _ in range(args.repeats):
         for key, function in runs.items():
-            elapsed, outputs[key] = timed(lambda: function(args.steps), device)
+            elapsed, outputs[key] = timed(lambda: function(args.steps), device, args.now)
             seconds[key].append(elapsed / (1 if key == "fwd" else args.steps))
         progress.update(1)
     pick = statistics.median if args.stat == "median" else min
@@ -189,7 +198,7 @@ def print_header(args, device):
           f"torch threads: {torch.get_num_threads()}, interop threads: {torch.get_num_interop_threads()}")
     print(f"targeted PGD to goldfish ({TARGET}): epsilon {args.epsilon:g} levels, alpha {args.alpha:g} levels, "
           f"{args.steps} steps, no random start, early stop off; {args.stat} of {args.repeats} repeats after a warm-up; "
-          "times are per gradient step; success = fp32 verdict on the 8-bit image")
+          f"times are per gradient step, by the {args.clock_name}; success = fp32 verdict on the 8-bit image")
 
 
 def describe(row, key):
@@ -247,6 +256,7 @@ def main(args):
         torch.set_num_threads(args.threads)
     if args.alpha is None:
         args.alpha = 2.5 * args.epsilon / args.steps  # the project's PGD default, passed to both attacks
+    args.now, args.clock_name = get_clock(args.clock, device)
     print_header(args, device)
     from tqdm import tqdm
     rows = []
@@ -280,6 +290,9 @@ def get_args_parser():
     parser.add_argument("--stat", choices=["median", "min"], default="min",
                         help="how repeats are summarized; other processes only ever add time, so the min is the least "
                              "disturbed run (default: %(default)s)")
+    parser.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
+                        help="cpu: this process's CPU time, steady on shared cores with one thread; auto: cpu with "
+                             "--threads 1 on a CPU, wall otherwise (default: %(default)s)")
     parser.add_argument("--compile", action="store_true",
                         help="also time ours on a torch.compile'd model (slow to compile: a minute or more per model)")
     return parser
