@@ -211,7 +211,8 @@ def describe(row, key):
 def print_row_table(row):
     star = "*" if row["random"] else ""
     print(f"\n{row['model']}{star} batch {row['batch']}")
-    header = f"  {'run':<44} {'ms/step':>9} {'/fwd+bwd':>9} {'/tattacks':>9} {'success':>8} {'verdicts':>9}"
+    width = max(len(describe(row, key)) for key in row["seconds"])
+    header = f"  {'run':<{width}} {'ms/step':>9} {'/fwd+bwd':>9} {'/tattacks':>9} {'success':>8} {'verdicts':>9}"
     print(header)
     print("  " + "-" * (len(header) - 2))
     floor, theirs_time = row["seconds"]["fwd+bwd"], row["seconds"]["torchattacks"]
@@ -220,7 +221,7 @@ def print_row_table(row):
         found = row["verdicts"].get(key)
         success = f"{sum(found) / len(found):.0%}" if found is not None else "-"
         same = "-" if found is None else ("= fp32" if found == reference else "differ")
-        print(f"  {describe(row, key):<44} {1000 * value:>9.1f} {value / floor:>9.3f} {value / theirs_time:>9.3f} "
+        print(f"  {describe(row, key):<{width}} {1000 * value:>9.1f} {value / floor:>9.3f} {value / theirs_time:>9.3f} "
               f"{success:>8} {same:>9}")
 
 
