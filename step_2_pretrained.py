@@ -28,6 +28,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 from torchvision import transforms
 
+from utils import speed
 from utils.cli import ArgumentParser, UsageError, number_in, run
 from utils.files import display_path
 from utils.images import to_tensor, to_uint8  # noqa: F401  (the steps import them from here, as in the tutorial)
@@ -131,18 +132,48 @@ def prepare_image(path, model):
 # ---- models ---------------------------------------------------------------------------------------------------
 
 class Classifier(nn.Module):
-    """An ImageNet classifier on RGB pixels in [0, 1]: normalization happens inside, so gradients are in pixel space."""
+    """An ImageNet classifier on RGB pixels in [0, 1]: normalization happens inside, so gradients are in pixel space.
 
-    def __init__(self, net, preprocessing, name="model"):
+    `memory_format` is "auto" (the default: the faster of contiguous and channels-last, measured once per input
+    shape, device, precision and grad mode by utils.speed.fastest_memory_format) or a torch.memory_format to force.
+    The input and the weights are put in the chosen format; the arithmetic, and so fp32, is unchanged."""
+
+    def __init__(self, net, preprocessing, name="model", memory_format="auto"):
         super().__init__()
         self.net = net
         self.preprocessing = preprocessing
         self.name = name
+        self.memory_format = memory_format
+        self.measured_formats = {}  # utils.speed.format_key(pixels) -> the faster torch.memory_format
+        self.weights_format = torch.contiguous_format
         self.register_buffer("mean", torch.tensor(preprocessing.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(preprocessing.std).view(1, 3, 1, 1))
 
-    def forward(self, pixels):
+    def format_for(self, pixels):
+        """The memory format this input runs in: forced, or measured on first sight of its shape and settings."""
+        if self.memory_format != "auto":
+            return self.memory_format
+        key = speed.format_key(pixels)
+        if key not in self.measured_formats:
+            self.measured_formats[key] = speed.fastest_memory_format(self.forward_in, pixels)
+        return self.measured_formats[key]
+
+    def forward_in(self, pixels, memory_format):
+        if pixels.dim() == 4:
+            if memory_format != self.weights_format:  # only when the choice changes, e.g. with the batch size
+                self.net.to(memory_format=memory_format)
+                self.weights_format = memory_format
+            pixels = pixels.contiguous(memory_format=memory_format)
         return self.net((pixels - self.mean) / self.std)
+
+    def forward(self, pixels):
+        return self.forward_in(pixels, self.format_for(pixels))
+
+    def with_net(self, net, memory_format=None):
+        """The same classifier (preprocessing, name, device) around another network, e.g. a compiled one."""
+        twin = Classifier(net, self.preprocessing, self.name, self.memory_format if memory_format is None else memory_format)
+        twin.weights_format = self.weights_format
+        return twin.to(self.mean.device)
 
 
 def freeze(model):
@@ -194,8 +225,10 @@ def get_device(name="auto"):
 
 
 @functools.lru_cache(maxsize=None)
-def load_model(name=DEFAULT_MODEL, device="cpu"):
-    """Load a classifier once per process, frozen, on `device`: any torchvision ImageNet classifier or efficientnet_lite0."""
+def load_model(name=DEFAULT_MODEL, device="cpu", fold=True):
+    """Load a classifier once per process, frozen, on `device`: any torchvision ImageNet classifier or efficientnet_lite0.
+    With `fold` (the default) its batch norms are folded into the convolutions before them (utils.speed), the same
+    function in fp32 up to rounding, computed faster; fold=False keeps the network as published."""
     if name == OFFLINE_MODEL:
         model = load_efficientnet_lite0()
     elif name in torchvision_classifiers():
@@ -204,7 +237,10 @@ def load_model(name=DEFAULT_MODEL, device="cpu"):
         close = difflib.get_close_matches(name, torchvision_classifiers() + [OFFLINE_MODEL], n=4)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; try {DEFAULT_MODEL} or {OFFLINE_MODEL}"
         raise UsageError(f"unknown model {name!r}{hint}")
-    return freeze(model).to(device)
+    model = freeze(model)
+    if fold:
+        model.net = speed.fold_batch_norms(model.net)
+    return model.to(device)
 
 
 # ---- prediction -----------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
     python step_5_perturb.py IMAGE [--target 1|goldfish] [--epsilon 10] [--steps 30]
                                    [--method sgd|fgsm|pgd|mifgsm|cw|apgd|apgd-t|square] [--loss ce|dlr]
                                    [--target-classes 9] [--queries N] [--model resnet18] [--seed 0]
-                                   [--output-dir outputs]
+                                   [--output-dir outputs] [--precision fp32|bf16|fp16]
 
 One image: prints "Target class: ...", a "Loss: ... / Class: ..." line every 5 steps as the tutorial does (every 100
 queries for square, which reports "Queries used" instead of "Steps used"), then "Old prediction" and "New prediction"
@@ -14,6 +14,10 @@ when the attack did not get there.
 
 The budget --epsilon is an L-infinity bound in pixel levels out of 255: the saved PNG differs from the resized and
 cropped original by at most epsilon levels in every channel of every pixel.
+
+Speed (utils/speed.py): the model runs in the faster memory format for its batch, measured on first use;
+--precision bf16 (or fp16 on CUDA) computes the gradients under autocast, and a success still counts only when an fp32
+forward of the 8-bit image confirms it.
 """
 from pathlib import Path
 
@@ -24,6 +28,7 @@ from tqdm import tqdm
 from step_2_pretrained import (DEFAULT_MODEL, OFFLINE_MODEL, find_class, get_device, get_label, load_model,
                                predict_images, prepare_image, to_tensor)
 from step_3_adversarial import perturbation_from_images, read_back
+from utils import speed
 from utils.attacks import ATTACKS, goal_reached, perturbation_size, run_attack
 from utils.cli import ArgumentParser, UsageError, number_in, run
 from utils.figures import comparison_figure
@@ -35,7 +40,7 @@ def attack_options(args, **extra):
     options = dict(epsilon=args.epsilon, steps=args.steps, alpha=args.alpha, targeted=not args.untargeted,
                    early_stop=not args.no_early_stop, random_start=args.random_start, restarts=args.restarts,
                    seed=args.seed, c=args.c, decay=args.decay, loss=args.loss, target_classes=args.target_classes,
-                   queries=args.queries)
+                   queries=args.queries, precision=args.precision)
     options.update(extra)
     return options
 
@@ -124,8 +129,10 @@ def main(args):
     args.target = "1" if args.target is None else args.target
     if not args.untargeted:
         find_class(args.target)  # an unknown target is reported before any work
+    device = get_device(args.device)
+    speed.check_precision(args.precision, device)
     paths = list_images(args.images)
-    model = load_model(args.model, get_device(args.device))
+    model = speed.prepare_model(load_model(args.model, device), args, args.batch_size, device)
     if len(paths) == 1 and not Path(args.images[0]).is_dir():
         return attack_one(model, paths[0], args)
     return attack_many(model, paths, args)
@@ -172,6 +179,7 @@ def get_args_parser():
     parser.add_argument("images", nargs="+", help="one photo (the tutorial's story), or several photos or folders")
     add_common_arguments(parser)
     add_attack_arguments(parser)
+    speed.add_speed_arguments(parser, compile=False)
     return parser
 
 

@@ -2,6 +2,7 @@
 
     python step_7_break_defense.py IMAGE [--defense jpeg] [--target goldfish] [--epsilon 10] [--steps 100] [--eot 1]
                                          [--method pgd] [--model resnet18] [--output-dir outputs]
+                                         [--precision fp32|bf16|fp16]
 
 The forward pass runs the real defense (the 8-bit image re-compressed, filtered, ...); the backward pass treats it as
 the identity (BPDA, Athalye, Carlini and Wagner 2018, "Obfuscated Gradients Give a False Sense of Security"); with
@@ -17,6 +18,7 @@ from step_2_pretrained import find_class, get_device, get_label, load_model, pre
 from step_3_adversarial import read_back
 from step_5_perturb import add_attack_arguments, add_common_arguments, attack_options, print_loss_every
 from step_6_defend import add_defense_arguments, defense_settings
+from utils import speed
 from utils.adaptive import JUDGE_SEED_OFFSET, defended_forward
 from utils.attacks import run_attack
 from utils.cli import ArgumentParser, UsageError, number_in, run
@@ -48,7 +50,9 @@ def main(args):
     target = find_class("1" if args.target is None else args.target)
     settings = defense_settings(args)
     name = describe(args.defense, **settings)
-    model = load_model(args.model, get_device(args.device))
+    device = get_device(args.device)
+    speed.check_precision(args.precision, device)
+    model = speed.prepare_model(load_model(args.model, device), args, 1, device)
     image = prepare_image(args.image, model)
     attacker_defense = make_defense(args.defense, seed=args.seed, **settings)
     judge_defense = make_defense(args.defense, seed=args.seed + JUDGE_SEED_OFFSET, **settings)
@@ -86,6 +90,7 @@ def get_args_parser():
     add_common_arguments(parser, steps=100)
     add_attack_arguments(parser)
     parser.set_defaults(method="pgd")
+    speed.add_speed_arguments(parser, compile=False)
     add_defense_arguments(parser)
     parser.add_argument("--eot", type=number_in(1, 1000, int, name="--eot"), default=1,
                         help="random draws of the defense averaged per step (default: %(default)s)")

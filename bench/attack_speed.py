@@ -1,21 +1,25 @@
-"""How much does this project's PGD cost per step, next to the model itself and next to torchattacks?
+"""How fast is this project's PGD per step, next to the model itself and next to torchattacks, and in which settings?
 
     python bench/attack_speed.py [--models resnet18,efficientnet_lite0] [--batch-sizes 1,16] [--device auto|cpu|cuda]
                                  [--steps 10] [--epsilon 8] [--alpha LEVELS] [--repeats 3] [--threads N] [--stat median|min]
+                                 [--clock auto|cpu|wall] [--compile]
 
 For each model and batch size, on the same device and the same images, it times per gradient step:
-- fwd+bwd: the model's forward, a cross-entropy and the backward to the input (weights frozen), `steps` times:
-  the floor for any gradient attack;
-- ours: utils.attacks PGD, targeted, early stop off, no random start;
-- torchattacks: torchattacks.PGD with the same eps, step size, steps and no random start, targeted by label.
-Each is warmed up, then timed `--repeats` times (interleaved, so a busy machine slows all three alike) and the
-min (or, with --stat median, the median) is kept. Success is judged the same way for both attacks: the returned image rounded to 8 bits
-(ours already is) classified as the target, goldfish (1).
-
-Ours runs `steps + 1` forwards (the last one judges the final 8-bit image) and `steps` backwards, so even a free
-loop costs about 1 + fwd / (steps * fwd+bwd) times fwd+bwd; the "fwd" column and "ours/floor" show that share.
-The issue's targets: ours <= 1.05 x fwd+bwd, and ours <= torchattacks.
+- fwd+bwd: the model's forward, a cross-entropy and the backward to the input (weights frozen), in PyTorch's default
+  settings (contiguous memory, fp32): the floor the peers stand on;
+- torchattacks: torchattacks.PGD on that same default model (it leaves the model as it is given), with the same eps,
+  step size and steps, no random start, targeted by label;
+- ours, in each configuration: fp32 (the default: batch norms folded into the convolutions, and the memory format
+  measured per model and batch, see utils/speed.py), channels-last forced, bf16 autocast (fp16 too on CUDA) with fp32-confirmed successes, and with --compile,
+  torch.compile (its compile time printed). All targeted, early stop off, no random start.
+Each is warmed up, then timed `--repeats` times (interleaved, so a busy machine slows all alike) and the min (or, with
+--stat median, the median) is kept. With one CPU thread the clock is this process's CPU time (--clock): on cores
+shared with other work, the wall clock would also count the time spent waiting for a core. Every success is an fp32 verdict: the returned image rounded to 8 bits and
+classified by the default fp32 model as the target, goldfish (1). A configuration's verdicts "match" when they equal,
+image by image, those of ours in fp32; the summary line per model and batch quotes the fastest configuration whose
+verdicts match.
 """
+import copy
 import importlib.util
 import statistics
 import sys
@@ -30,12 +34,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from step_2_pretrained import (OFFLINE_MODEL, freeze, get_device, load_model, load_torchvision,  # noqa: E402
                                predict, prepare_image, to_tensor, torchvision_classifiers)
-from utils.attacks import make_attack  # noqa: E402
+from utils import speed  # noqa: E402
+from utils.attacks import ATTACKS, make_attack  # noqa: E402
 from utils.cli import ArgumentParser, UsageError, comma_list, number_in, run  # noqa: E402
 
 TARGET = 1  # goldfish
-TARGET_RATIO_FLOOR = 1.05
 RANDOM_WEIGHTS = ("resnet18",)  # timed with random weights: no network here, and the timing does not depend on them
+# The issue's targets for ours/torchattacks on a CPU: (model, batch) -> ratio; every other case: parity or better.
+TARGETS = {(OFFLINE_MODEL, 16): 0.6, ("resnet18", 16): 0.9}
+REFERENCE = "fp32"  # the configuration whose verdicts the others must match
 
 
 def photo_paths():
@@ -45,11 +52,16 @@ def photo_paths():
     return [Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"] + [skimage_data / n for n in names]
 
 
-def get_model(name, device):
+def get_model(name, device, fold=True):
+    """A private copy (each configuration sets its own memory format), with its batch norms folded as load_model does
+    (fold=False: the network as published, for the floor and torchattacks); random weights for RANDOM_WEIGHTS."""
     if name in RANDOM_WEIGHTS:
         torch.manual_seed(0)
-        return freeze(load_torchvision(name, pretrained=False)).to(device)
-    return load_model(name, device)
+        model = freeze(load_torchvision(name, pretrained=False))
+        if fold:
+            model.net = speed.fold_batch_norms(model.net)
+        return model.to(device)
+    return copy.deepcopy(load_model(name, device, fold))
 
 
 def get_batch(model, batch_size, device):
@@ -59,21 +71,24 @@ def get_batch(model, batch_size, device):
     return to_tensor(images, device), torch.full((batch_size,), TARGET, device=device)
 
 
-def synchronize(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(function, device):
+def timed(function, device, now):
     """(seconds, result) of function(), with the device's queue drained before and after."""
-    synchronize(device)
-    start = time.perf_counter()
+    speed.synchronize(device)
+    start = now()
     result = function()
-    synchronize(device)
-    return time.perf_counter() - start, result
+    speed.synchronize(device)
+    return now() - start, result
 
 
-# ---- the three things timed -----------------------------------------------------------------------------------
+def get_clock(name, device):
+    """auto: this process's CPU time on a CPU with one torch thread (other processes on shared cores then only make
+    it wait, they do not add to it), the wall clock otherwise."""
+    if name == "auto":
+        return speed.clock(device), "process CPU time" if speed.clock(device) is time.process_time else "wall clock"
+    return (time.process_time, "process CPU time") if name == "cpu" else (time.perf_counter, "wall clock")
+
+
+# ---- the things timed -----------------------------------------------------------------------------------------
 
 def forward_backward(model, images, labels, steps):
     """The floor: `steps` forwards, losses and backwards to the input."""
@@ -81,18 +96,19 @@ def forward_backward(model, images, labels, steps):
         pixels = images.detach().requires_grad_(True)
         loss = F.cross_entropy(model(pixels), labels, reduction="sum")
         grad, = torch.autograd.grad(loss, pixels)
-    return grad
+    return None
 
 
 @torch.no_grad()
 def forward_only(model, images, labels, steps):
     """One forward without gradients: what judging the final image costs."""
-    return model(images)
+    model(images)
+    return None
 
 
-def ours(model, images, labels, steps, epsilon, alpha):
+def ours(model, images, labels, steps, epsilon, alpha, precision):
     attack = make_attack("pgd", model, epsilon=epsilon, steps=steps, alpha=alpha, targeted=True, early_stop=False,
-                         random_start=False)
+                         random_start=False, precision=precision)
     return attack(images, labels).adversarial
 
 
@@ -103,75 +119,131 @@ def theirs(model, images, labels, steps, epsilon, alpha):
     return attack(images, labels)
 
 
-def success_rate(model, adversarial, labels):
-    """Share of images whose 8-bit version is classified as the target."""
+def verdicts(judge, adversarial, labels):
+    """Per image: is its 8-bit version classified as the target by the fp32 model?"""
     levels = adversarial.detach().mul(255).round().clamp(0, 255).div(255)
-    return (predict(model, levels).argmax(dim=1) == labels).float().mean().item()
+    return tuple((predict(judge, levels).argmax(dim=1) == labels).tolist())
 
 
 # ---- one measurement ------------------------------------------------------------------------------------------
 
+def configurations(name, device, images, args):
+    """Ours' configurations: label -> (model, precision). The models are copies: each keeps its own memory format."""
+    default = get_model(name, device)
+    forced = get_model(name, device)
+    forced.memory_format = torch.channels_last
+    configs = {REFERENCE: (default, "fp32"), "channels-last": (forced, "fp32"), "bf16": (get_model(name, device), "bf16")}
+    if torch.device(device).type == "cuda":
+        configs["fp16"] = (get_model(name, device), "fp16")
+    if args.compile:
+        compiled, seconds = speed.compile_model(get_model(name, device), images, device)
+        configs[f"compiled ({seconds:.0f} s to compile)"] = (compiled, "fp32")
+    return configs
+
+
+def chosen_format(model, images, precision):
+    """What the auto memory format picked for the attack's gradient passes (or what was forced)."""
+    if model.memory_format != "auto":
+        return speed.format_name(model.memory_format)
+    dtype = speed.PRECISIONS[precision]
+    for (shape, _, grad, autocast_dtype), memory_format in model.measured_formats.items():
+        if shape == tuple(images.shape) and grad and autocast_dtype == dtype:
+            return "auto: " + speed.format_name(memory_format)
+    return "auto"
+
+
 def measure(name, batch_size, device, args, progress):
-    """Per-step seconds of fwd+bwd, ours and torchattacks (and one forward), plus both success rates."""
-    model = get_model(name, device)
-    images, labels = get_batch(model, batch_size, device)
+    """Per-step seconds and fp32 verdicts of the floor, torchattacks and each configuration of ours."""
+    plain = get_model(name, device, fold=False)
+    plain.memory_format = torch.contiguous_format  # PyTorch's default settings, as a peer would run the model
+    images, labels = get_batch(plain, batch_size, device)
+    configs = configurations(name, device, images, args)
     runs = {
-        "fwd+bwd": lambda steps: forward_backward(model, images, labels, steps),
-        "fwd": lambda steps: forward_only(model, images, labels, steps),
-        "ours": lambda steps: ours(model, images, labels, steps, args.epsilon, args.alpha),
-        "torchattacks": lambda steps: theirs(model, images, labels, steps, args.epsilon, args.alpha),
+        "fwd+bwd": lambda steps: forward_backward(plain, images, labels, steps),
+        "fwd": lambda steps: forward_only(plain, images, labels, steps),
+        "torchattacks": lambda steps: theirs(plain, images, labels, steps, args.epsilon, args.alpha),
     }
-    for function in runs.values():  # warm-up: allocator, oneDNN/cuDNN kernels, lazy imports
+    for label, (model, precision) in configs.items():
+        runs[label] = (lambda model, precision: lambda steps: ours(model, images, labels, steps, args.epsilon,
+                                                                     args.alpha, precision))(model, precision)
+    for function in runs.values():  # warm-up: allocator, oneDNN/cuDNN kernels, the memory-format measurement
         function(min(2, args.steps))
     seconds = {key: [] for key in runs}
     outputs = {}
     for _ in range(args.repeats):
         for key, function in runs.items():
-            elapsed, outputs[key] = timed(lambda: function(args.steps), device)
+            elapsed, outputs[key] = timed(lambda: function(args.steps), device, args.now)
             seconds[key].append(elapsed / (1 if key == "fwd" else args.steps))
         progress.update(1)
     pick = statistics.median if args.stat == "median" else min
-    row = {key: pick(values) for key, values in seconds.items()}
-    row.update(model=name, batch=batch_size, random=name in RANDOM_WEIGHTS,
-               ours_success=success_rate(model, outputs["ours"], labels),
-               theirs_success=success_rate(model, outputs["torchattacks"], labels))
-    return row
+    return {"model": name, "batch": batch_size, "random": name in RANDOM_WEIGHTS,
+            "seconds": {key: pick(values) for key, values in seconds.items()},
+            "verdicts": {key: verdicts(plain, output, labels) for key, output in outputs.items() if output is not None},
+            "formats": {key: chosen_format(model, images, precision) for key, (model, precision) in configs.items()},
+            "ours": list(configs)}
+
+
+def fastest_matching(row):
+    """The fastest configuration of ours whose fp32 verdicts equal the fp32 configuration's, image by image."""
+    matching = [key for key in row["ours"] if row["verdicts"][key] == row["verdicts"][REFERENCE]]
+    return min(matching, key=lambda key: row["seconds"][key])
 
 
 # ---- report ---------------------------------------------------------------------------------------------------
 
 def print_header(args, device):
     import torchattacks
-    threads = torch.get_num_threads()
     where = torch.cuda.get_device_name(torch.device(device)) if str(device).startswith("cuda") else "cpu"
     print(f"device: {device} ({where}), torch {torch.__version__}, torchattacks {torchattacks.__version__}, "
-          f"torch threads: {threads}, interop threads: {torch.get_num_interop_threads()}")
+          f"torch threads: {torch.get_num_threads()}, interop threads: {torch.get_num_interop_threads()}")
     print(f"targeted PGD to goldfish ({TARGET}): epsilon {args.epsilon:g} levels, alpha {args.alpha:g} levels, "
           f"{args.steps} steps, no random start, early stop off; {args.stat} of {args.repeats} repeats after a warm-up; "
-          "times are per gradient step")
+          f"times are per gradient step, by the {args.clock_name}; success = fp32 verdict on the 8-bit image")
 
 
-def print_table(rows, args):
-    header = (f"{'model':<19} {'batch':>5} {'fwd+bwd ms':>10} {'fwd ms':>8} {'ours ms':>9} {'tattacks ms':>11} "
-              f"{'ours/fb':>8} {'ours/ta':>8} {'ours/floor':>10} {'succ ours':>9} {'succ ta':>8}")
+def describe(row, key):
+    if key in ("fwd+bwd", "fwd", "torchattacks"):
+        return {"fwd+bwd": "fwd+bwd (the floor)", "fwd": "fwd (one call, no grad)",
+                "torchattacks": "torchattacks PGD"}[key]
+    return f"ours {key} [{row['formats'][key]}]"
+
+
+def print_row_table(row):
+    star = "*" if row["random"] else ""
+    print(f"\n{row['model']}{star} batch {row['batch']}")
+    width = max(len(describe(row, key)) for key in row["seconds"])
+    header = f"  {'run':<{width}} {'ms/step':>9} {'/fwd+bwd':>9} {'/tattacks':>9} {'success':>8} {'verdicts':>9}"
     print(header)
-    print("-" * len(header))
+    print("  " + "-" * (len(header) - 2))
+    floor, theirs_time = row["seconds"]["fwd+bwd"], row["seconds"]["torchattacks"]
+    reference = row["verdicts"][REFERENCE]
+    for key, value in row["seconds"].items():
+        found = row["verdicts"].get(key)
+        success = f"{sum(found) / len(found):.0%}" if found is not None else "-"
+        same = "-" if found is None else ("= fp32" if found == reference else "differ")
+        print(f"  {describe(row, key):<{width}} {1000 * value:>9.1f} {value / floor:>9.3f} {value / theirs_time:>9.3f} "
+              f"{success:>8} {same:>9}")
+
+
+def summary_line(row):
+    best = fastest_matching(row)
+    ratio = row["seconds"][best] / row["seconds"]["fwd+bwd"]
+    versus = row["seconds"][best] / row["seconds"]["torchattacks"]
+    target = TARGETS.get((row["model"], row["batch"]), 1.0)
+    return (f"{row['model']} batch {row['batch']}: ours/fwd+bwd {ratio:.3f} (ours = {best}), "
+            f"ours/torchattacks {versus:.3f} ({'meets' if versus <= target else 'misses'} <= {target:g})")
+
+
+def print_table(rows):
     for row in rows:
-        star = "*" if row["random"] else " "
-        floor = row["fwd+bwd"] + row["fwd"] / args.steps
-        print(f"{row['model'] + star:<19} {row['batch']:>5} {1000 * row['fwd+bwd']:>10.1f} {1000 * row['fwd']:>8.1f} "
-              f"{1000 * row['ours']:>9.1f} {1000 * row['torchattacks']:>11.1f} "
-              f"{row['ours'] / row['fwd+bwd']:>8.3f} {row['ours'] / row['torchattacks']:>8.3f} {row['ours'] / floor:>10.3f} "
-              f"{row['ours_success']:>9.0%} {row['theirs_success']:>8.0%}")
-    print(f"fwd ms: one forward without gradients (per call, not per step). ours/floor: ours / (fwd+bwd + fwd / {args.steps}),"
-          f" since ours also judges its final image with one more forward, which fwd+bwd and torchattacks do not.")
+        print_row_table(row)
+    print("\nfwd: per call, not per step; ours also judges its final image with one more forward, which fwd+bwd and "
+          "torchattacks do not. [auto: ...] is the memory format measured for that model, batch and precision.")
     if any(row["random"] for row in rows):
         print("* random weights (no network to fetch ImageNet ones): timing only, its success rates say nothing about "
               "attacking an ImageNet classifier")
     for row in rows:
-        ratio, versus = row["ours"] / row["fwd+bwd"], row["ours"] / row["torchattacks"]
-        print(f"{row['model']} batch {row['batch']}: ours/fwd+bwd {ratio:.3f} ({'meets' if ratio <= TARGET_RATIO_FLOOR else 'misses'} "
-              f"<= {TARGET_RATIO_FLOOR}), ours/torchattacks {versus:.3f} ({'meets' if versus <= 1 else 'misses'} <= 1)")
+        print(summary_line(row))
 
 
 def main(args):
@@ -179,10 +251,14 @@ def main(args):
     unknown = [name for name in args.models if name != OFFLINE_MODEL and name not in torchvision_classifiers()]
     if unknown:
         raise UsageError(f"unknown model {unknown[0]!r}; try resnet18 or {OFFLINE_MODEL}")
+    if args.compile and torch.device(device).type == "cpu" and speed.compiler_missing():
+        raise UsageError(f"--compile: {speed.compiler_missing()}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.alpha is None:
-        args.alpha = 2.5 * args.epsilon / args.steps  # the project's PGD default, passed to both attacks
+        # the project's default step, passed to both attacks
+        args.alpha = ATTACKS["pgd"](None, epsilon=args.epsilon, steps=args.steps).alpha * 255
+    args.now, args.clock_name = get_clock(args.clock, device)
     print_header(args, device)
     from tqdm import tqdm
     rows = []
@@ -192,14 +268,14 @@ def main(args):
             for batch_size in args.batch_sizes:
                 progress.set_postfix_str(f"{name} batch {batch_size}")
                 rows.append(measure(name, batch_size, device, args, progress))
-    print_table(rows, args)
+    print_table(rows)
     if args.queries:
         bench_apgd_square(args, device)
 
 
 def get_args_parser():
-    parser = ArgumentParser(description="Time this project's targeted PGD per step against the model's forward+backward "
-                                        "and torchattacks' PGD.")
+    parser = ArgumentParser(description="Time this project's targeted PGD per step, in each speed configuration, "
+                                        "against the model's forward+backward and torchattacks' PGD.")
     parser.add_argument("--models", type=comma_list(name="model"), default=["resnet18", OFFLINE_MODEL],
                         help="comma-separated; resnet18 gets random weights (default: resnet18,efficientnet_lite0)")
     parser.add_argument("--batch-sizes", type=comma_list(number_in(1, 4096, int, name="batch size"), name="batch size"),
@@ -210,7 +286,7 @@ def get_args_parser():
     parser.add_argument("--epsilon", type=number_in(0, 255, name="--epsilon"), default=8,
                         help="L-infinity budget in levels out of 255 (default: %(default)s)")
     parser.add_argument("--alpha", type=number_in(0, 255, name="--alpha", low_open=True), default=None,
-                        help="step size in levels (default: the project's 2.5 * epsilon / steps)")
+                        help="step size in levels (default: the project's PGD default, max(2.5 * epsilon / steps, 0.25))")
     parser.add_argument("--queries", type=number_in(0, 100000, int, name="--queries"), default=20,
                         help="Square queries per timing; APGD and Square are timed too unless 0 (default: %(default)s)")
     parser.add_argument("--repeats", type=number_in(1, 1000, int, name="--repeats"), default=3,
@@ -220,6 +296,11 @@ def get_args_parser():
     parser.add_argument("--stat", choices=["median", "min"], default="min",
                         help="how repeats are summarized; other processes only ever add time, so the min is the least "
                              "disturbed run (default: %(default)s)")
+    parser.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
+                        help="cpu: this process's CPU time, steady on shared cores with one thread; auto: cpu with "
+                             "--threads 1 on a CPU, wall otherwise (default: %(default)s)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time ours on a torch.compile'd model (slow to compile: a minute or more per model)")
     return parser
 
 
@@ -263,7 +344,7 @@ def measure_apgd_square(name, batch_size, device, args, progress):
     seconds = {key: [] for key in runs}
     for _ in range(args.repeats):
         for key, (function, count) in runs.items():
-            elapsed, _ = timed(lambda: function(count), device)
+            elapsed, _ = timed(lambda: function(count), device, args.now)
             seconds[key].append(elapsed / count)
         progress.update(1)
     pick = statistics.median if args.stat == "median" else min

@@ -8,6 +8,8 @@ The shared mechanics live once, in `Attack`:
   8-bit lattice;
 - a sample stops as soon as its 8-bit image is classified as the target (or, untargeted, as anything but its true
   class) unless `early_stop=False`; the steps it used are reported;
+- below fp32 (`precision`), each step's forward and gradient run under autocast, but a success counts only when an
+  fp32 forward of the 8-bit image confirms it, and the final image is judged in fp32: precision costs steps, not truth;
 - restarts, random starts seeded per image (so a batch gives what its images give one at a time), and an optional
   `forward` (a defense in front of the model, see utils.defenses) averaged over `eot` random draws per step.
 
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from utils import speed
 from utils.images import to_tensor, to_uint8
 
 # The model sees the rounded 8-bit image, so a pixel moves only once delta crosses half a level. A sign step much
@@ -61,12 +64,14 @@ class Attack:
         forward: what the attack differentiates and judges (default: the model; a defense wrapper for BPDA).
         eot: random draws of `forward` averaged per step (Expectation over Transformation); success needs all.
         on_step: called as on_step(step, loss, logits) before each update, for progress reporting.
+        precision: "fp32", or "bf16" / "fp16" (CUDA) to compute each step's forward and gradient under autocast;
+            a success then counts only when an fp32 forward of the 8-bit image confirms it (see `judge`).
     """
     name = "attack"
     iterative = True
 
     def __init__(self, model, epsilon=10, steps=30, alpha=None, targeted=True, early_stop=True, random_start=False,
-                 restarts=1, seed=0, forward=None, eot=1, on_step=None):
+                 restarts=1, seed=0, forward=None, eot=1, on_step=None, precision="fp32"):
         self.model = model
         self.levels = float(epsilon)
         self.eps = float(epsilon) / 255
@@ -80,6 +85,9 @@ class Attack:
         self.forward = forward or model
         self.eot = max(1, int(eot))
         self.on_step = on_step
+        if precision not in speed.PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(speed.PRECISIONS)}, got {precision!r}")
+        self.precision = precision
 
     travel = 2.5  # Madry et al.: steps of alpha = 2.5 * epsilon / steps are enough to cross the ball and come back
 
@@ -126,12 +134,42 @@ class Attack:
         noise = torch.rand(original.shape[1:], generator=generator).mul_(2).sub_(1).mul_(self.eps)
         return self.project(noise.to(original.device).expand_as(original).clone(), original)
 
-    def judge(self, image, labels):
-        """Mean loss over the `eot` draws, success in all of them, and the last draw's logits."""
+    def draws(self, image):
+        """Logits (eot, B, classes) of `forward` on `eot` draws of the batch."""
         batch = image.repeat(self.eot, 1, 1, 1) if self.eot > 1 else image
-        logits = self.forward(batch).view(self.eot, image.shape[0], -1)
+        return self.forward(batch).view(self.eot, image.shape[0], -1)
+
+    def judge(self, image, labels, settled=None):
+        """Mean loss over the `eot` draws, success in all of them, and the last draw's logits.
+
+        Below fp32 the forward runs under autocast only when a gradient is wanted (`image` requires it): that is
+        where the time goes; an image only judged is judged in fp32. A low-precision success is a claim, and `reached`
+        holds only where an fp32 forward of the same 8-bit image confirms it, so a rounding near the decision
+        boundary can cost steps, never a wrong success. `settled` rows (already successes: their verdict is no
+        longer needed) are not confirmed and read as not reached."""
+        low = self.precision != "fp32" and image.requires_grad
+        with speed.autocast(self.precision if low else "fp32", image.device):
+            logits = self.draws(image).float()
         loss = torch.stack([self.loss(draw, labels, image, self.original) for draw in logits]).mean(dim=0)
-        return loss, self.reached(logits, labels.unsqueeze(0)).all(dim=0), logits[-1]
+        reached = self.reached(logits, labels.unsqueeze(0)).all(dim=0)
+        if low:
+            reached, logits = self.confirm(image, labels, reached if settled is None else reached & ~settled, logits)
+        return loss, reached, logits[-1]
+
+    def confirm(self, image, labels, claimed, logits):
+        """The claimed successes an fp32 forward confirms, and the logits with those rows replaced by the fp32 ones.
+        Only claimed rows run again: a success costs one more forward, a failure none."""
+        rows = claimed.nonzero().view(-1)
+        logits = logits.detach()
+        if len(rows) == 0:
+            return claimed, logits
+        with torch.no_grad(), speed.full_precision(image.device):
+            exact = self.draws(image.detach()[rows]).float()
+        confirmed = torch.zeros_like(claimed)
+        confirmed[rows] = self.reached(exact, labels[rows].unsqueeze(0)).all(dim=0)
+        logits = logits.clone()
+        logits[:, rows] = exact
+        return confirmed, logits
 
     def run(self, original, labels, restart):
         self.original = original
@@ -150,7 +188,7 @@ class Attack:
             # image is used as the gradient for delta (rounding treated as the identity in the backward pass)
             image = lattice.clone().requires_grad_(not last)
             with torch.no_grad() if last else contextlib.nullcontext():  # the last image is only judged
-                loss, reached, logits = self.judge(image, labels)
+                loss, reached, logits = self.judge(image, labels, settled=success)
             with torch.no_grad():
                 keep = (reached & active) | (active & ~success)  # a success, or the latest try of a failure
                 # torch.where rather than x[keep] = y[keep]: no host sync on a GPU
@@ -526,7 +564,7 @@ def make_attack(method, model, **kwargs):
     own = {"sgd": ("lr", "momentum"), "mifgsm": ("decay",), "cw": ("c", "kappa", "lr"), "apgd": ("loss",),
            "apgd-t": ("target_classes",), "square": ("queries", "p_init")}.get(method, ())
     shared = ("epsilon", "steps", "alpha", "targeted", "early_stop", "random_start", "restarts", "seed", "forward",
-              "eot", "on_step")
+              "eot", "on_step", "precision")
     chosen = {key: value for key, value in kwargs.items() if value is not None and key in own + shared}
     return ATTACKS[method](model, **chosen)
 

@@ -1,0 +1,288 @@
+"""Speed never changes a verdict: the measured memory format, mixed precision judged in fp32, torch.compile."""
+import argparse
+import copy
+import re
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from step_2_pretrained import Classifier, Preprocessing, freeze, load_model, predict, prepare_image, to_tensor
+from tests.conftest import OFFLINE, make_tiny_model, run_script
+from utils import speed
+from utils.attacks import make_attack
+from utils.cli import UsageError
+from utils.images import to_uint8
+from utils.sample_images import sample_paths
+
+GOLDFISH = 1
+
+
+# ---- mixed precision: the fp32 verdict decides ----------------------------------------------------------------
+
+class BoundaryNet(nn.Module):
+    """Two classes a hair apart: logit 0 is 1000, logit 1 is 1000 + the mean pixel (normalized to [-1, 1]), the rest
+    far below. In bf16 both round to 1000 (bf16 steps by 4 there) and argmax breaks the tie towards class 0, so on a
+    bright image fp32 says 1 and bf16 says 0; an epsilon of 1 level cannot move the mean across 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(1, 1000)
+        with torch.no_grad():
+            self.linear.weight.zero_()
+            self.linear.weight[1] = 1.0
+            self.linear.bias.fill_(-1000.0)
+            self.linear.bias[:2] = 1000.0
+
+    def forward(self, x):
+        return self.linear(x.mean(dim=(1, 2, 3)).unsqueeze(1))
+
+
+def boundary_model():
+    return freeze(Classifier(BoundaryNet(), Preprocessing(8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), "boundary"))
+
+
+def top_class(model, image, precision):
+    with torch.no_grad(), speed.autocast(precision, "cpu"):
+        return model(image).argmax(dim=1).item()
+
+
+WHITE = torch.ones(1, 3, 8, 8)  # mean pixel 1: fp32 logits (1000, 1001), bf16 logits (1000, 1000)
+
+
+def boundary_attack(model, target, precision, steps=4):
+    return make_attack("pgd", model, epsilon=1, steps=steps, precision=precision)(WHITE, torch.tensor([target]))
+
+
+def test_the_boundary_case_disagrees():
+    model = boundary_model()
+    assert top_class(model, WHITE, "bf16") == 0 and top_class(model, WHITE, "fp32") == 1
+
+
+def test_a_bf16_success_the_fp32_forward_denies_is_no_success():
+    model = boundary_model()
+    result = boundary_attack(model, target=0, precision="bf16")
+    assert not result.success.item(), "bf16 claims class 0 at every step; fp32 says 1, and fp32 decides"
+    assert result.steps_used.item() == 4, "the unconfirmed claim must not stop the attack early"
+    assert result.predictions.item() == 1
+    assert top_class(model, result.adversarial, "fp32") == 1
+    plain = boundary_attack(model, target=0, precision="fp32")
+    assert not plain.success.item()
+
+
+def test_an_fp32_success_bf16_misses_is_a_success_after_more_steps():
+    model = boundary_model()
+    result = boundary_attack(model, target=1, precision="bf16")
+    plain = boundary_attack(model, target=1, precision="fp32")
+    assert plain.success.item() and plain.steps_used.item() == 0
+    assert result.success.item(), "the final image is judged in fp32, where it is class 1"
+    assert result.predictions.item() == 1
+    assert result.steps_used.item() >= plain.steps_used.item(), "precision may cost steps"
+
+
+def test_fp16_is_refused_on_cpu(tmp_path):
+    with pytest.raises(UsageError, match="fp16"):
+        speed.check_precision("fp16", "cpu")
+    speed.check_precision("bf16", "cpu")
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (8, 8)).save(photo)
+    process = run_script("step_5_perturb.py", photo, "--precision", "fp16", "--device", "cpu", cwd=tmp_path)
+    assert process.returncode == 2
+    assert process.stderr.count("\n") == 1 and "fp16" in process.stderr, process.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_bf16_attack_on_the_tiny_model_keeps_its_invariants(tiny_model, tiny_images):
+    """Below fp32 everything the fp32 attack promises still holds, checked by an fp32 forward of the 8-bit image."""
+    labels = torch.full((4,), GOLDFISH)
+    result = make_attack("pgd", tiny_model, epsilon=32, steps=20, precision="bf16")(tiny_images, labels)
+    assert result.success.any()
+    assert torch.equal(predict(tiny_model, result.adversarial).argmax(dim=1) == GOLDFISH, result.success)
+    assert (result.adversarial - tiny_images).abs().max() * 255 <= 32 + 1e-4
+
+
+# ---- memory format --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("slow", [torch.contiguous_format, torch.channels_last])
+def test_the_measurement_picks_the_faster_format(slow):
+    def run(pixels, memory_format):
+        busy_until = time.perf_counter() + (0.05 if memory_format == slow else 0.025)
+        while time.perf_counter() < busy_until:  # work, not sleep: the CPU clock must see it too
+            pass
+        return pixels * 2
+    faster = speed.fastest_memory_format(run, torch.rand(2, 3, 4, 4))
+    assert faster != slow
+
+
+def test_a_model_too_cheap_to_matter_is_not_measured():
+    calls = []
+    speed.fastest_memory_format(lambda pixels, memory_format: calls.append(memory_format) or pixels, torch.rand(1, 3, 4, 4))
+    assert calls == [torch.contiguous_format]
+
+
+def test_channels_last_changes_the_layout_not_the_logits(tiny_images):
+    plain, fast = make_tiny_model(), make_tiny_model()
+    plain.memory_format, fast.memory_format = torch.contiguous_format, torch.channels_last
+    with torch.no_grad():
+        expected, logits = plain(tiny_images), fast(tiny_images)
+    assert fast.net.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_choice_is_measured_once_per_shape(monkeypatch, tiny_images):
+    model = make_tiny_model()
+    measured = []
+    monkeypatch.setattr(speed, "fastest_memory_format", lambda run, pixels: measured.append(pixels.shape) or torch.channels_last)
+    for batch in (tiny_images, tiny_images, tiny_images[:1], tiny_images):
+        model(batch)
+    assert measured == [tiny_images.shape, tiny_images[:1].shape]
+    assert model.weights_format == torch.channels_last
+
+
+def save_and_read_back(images_u8, folder):
+    paths = []
+    for index, image in enumerate(images_u8):
+        paths.append(folder / f"{index}.png")
+        Image.fromarray(image).save(paths[-1])
+    return [np.asarray(Image.open(path).convert("RGB")) for path in paths]
+
+
+def test_the_default_fast_path_reaches_the_plain_fp32_verdicts_on_the_sample_photos(offline_model, tmp_path):
+    """The default fast path (batch norms folded, memory format measured) against the network as published in
+    PyTorch's default settings. Other floats can send a sign-gradient attack down another path (1 thread against 2
+    changes most pixels of a 10-step PGD image), so verdicts and budgets are compared, not bytes; the setting gives
+    partial success, so a changed verdict would show. Every verdict is the published network's, on PNGs read back."""
+    plain = copy.deepcopy(load_model(OFFLINE, "cpu", fold=False))
+    plain.memory_format = torch.contiguous_format
+    originals = [prepare_image(path, plain) for path in sample_paths()]
+    labels = torch.full((len(originals),), GOLDFISH)
+    epsilon, steps = 2, 3
+    verdicts = {}
+    for name, base, memory_format, precision in [("plain", plain, torch.contiguous_format, "fp32"),
+                                                 ("default", offline_model, "auto", "fp32"),
+                                                 ("channels_last", offline_model, torch.channels_last, "fp32")]:
+        model = copy.deepcopy(base)
+        model.memory_format = memory_format
+        result = make_attack("pgd", model, epsilon=epsilon, steps=steps, alpha=1, precision=precision)(to_tensor(originals), labels)
+        (tmp_path / name).mkdir()
+        written = save_and_read_back(to_uint8(result.adversarial), tmp_path / name)
+        assert max(np.abs(w.astype(int) - o.astype(int)).max() for w, o in zip(written, originals)) <= epsilon
+        assert (result.steps_used <= steps).all()
+        judged = predict(plain, to_tensor(written)).argmax(dim=1) == GOLDFISH
+        assert torch.equal(judged, result.success), name
+        verdicts[name] = judged.tolist()
+    assert 0 < sum(verdicts["plain"]) < len(originals), f"the setting should give partial success: {verdicts}"
+    assert verdicts["default"] == verdicts["plain"] and verdicts["channels_last"] == verdicts["plain"], verdicts
+
+
+# ---- batch norms folded ---------------------------------------------------------------------------------------
+
+class ConvBatchNormNet(nn.Module):
+    """Both ways a network holds a convolution before a batch norm: an nn.Conv2d module, and F.conv2d on a weight
+    (EfficientNet-Lite's same-padding convolutions), plus a batch norm that follows no convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.weight = nn.Parameter(torch.randn(4, 8, 1, 1))
+        self.bn2 = nn.BatchNorm2d(4, affine=False)
+        self.bn3 = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 1000)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv(x)))
+        x = self.bn3(torch.relu(self.bn2(torch.nn.functional.conv2d(x, self.weight))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_folding_batch_norms_keeps_the_function_and_drops_the_folded_ones(tiny_images):
+    torch.manual_seed(0)
+    net = ConvBatchNormNet()
+    for batch_norm in (net.bn1, net.bn2, net.bn3):  # statistics other than the identity, or folding proves nothing
+        batch_norm.running_mean.uniform_(-1, 1)
+        batch_norm.running_var.uniform_(0.5, 2)
+        if batch_norm.affine:
+            batch_norm.weight.data.uniform_(0.5, 2)
+            batch_norm.bias.data.uniform_(-1, 1)
+    net.eval()
+    with torch.no_grad():
+        before = net(tiny_images)
+    folded = speed.fold_batch_norms(net)
+    with torch.no_grad():
+        assert torch.equal(net(tiny_images), before), "the network folded must be left as it was"
+    kinds = [type(module) for module in folded.modules()]
+    assert kinds.count(nn.BatchNorm2d) == 1, "bn1 and bn2 follow convolutions; bn3 follows a relu and stays"
+    pixels = tiny_images.clone().requires_grad_(True)
+    expected = net(pixels)
+    expected_grad, = torch.autograd.grad(expected.logsumexp(dim=1).sum(), pixels)
+    pixels = tiny_images.clone().requires_grad_(True)
+    logits = folded(pixels)
+    grad, = torch.autograd.grad(logits.logsumexp(dim=1).sum(), pixels)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_network_fx_cannot_trace_is_left_as_it_is():
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+    net = Branchy()
+    assert speed.fold_batch_norms(net) is net
+
+
+def test_the_offline_model_is_folded(offline_model):
+    assert not any(isinstance(module, nn.BatchNorm2d) for module in offline_model.modules())
+    assert any(isinstance(module, nn.BatchNorm2d) for module in load_model(OFFLINE, "cpu", fold=False).modules())
+
+
+def test_the_speed_arguments_prepare_a_model():
+    parser = argparse.ArgumentParser()
+    speed.add_speed_arguments(parser)
+    model = make_tiny_model()
+    args = parser.parse_args(["--memory-format", "channels_last", "--precision", "bf16"])
+    assert speed.prepare_model(model, args, 4, "cpu") is model and model.memory_format == torch.channels_last
+    assert speed.prepare_model(model, parser.parse_args([]), 4, "cpu").memory_format == "auto"
+    with pytest.raises(UsageError, match="fp16"):
+        speed.prepare_model(model, parser.parse_args(["--precision", "fp16"]), 4, "cpu")
+
+
+# ---- torch.compile --------------------------------------------------------------------------------------------
+
+def test_compile_on_the_tiny_model_matches_eager(tiny_images):
+    reason = speed.compiler_missing()
+    if reason:
+        pytest.skip(reason)
+    model = make_tiny_model()
+    compiled, seconds = speed.compile_model(model, tiny_images, "cpu")
+    assert seconds > 0
+    assert compiled.net is not model.net and compiled.preprocessing == model.preprocessing
+    pixels = tiny_images.clone().requires_grad_(True)
+    expected, = torch.autograd.grad(model(pixels).logsumexp(dim=1).sum(), pixels)
+    pixels = tiny_images.clone().requires_grad_(True)
+    logits = compiled(pixels)
+    grad, = torch.autograd.grad(logits.logsumexp(dim=1).sum(), pixels)
+    torch.testing.assert_close(logits.detach(), model(tiny_images).detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-5)
+    labels = torch.full((4,), GOLDFISH)
+    ours = make_attack("pgd", compiled, epsilon=32, steps=10)(tiny_images, labels)
+    judged = predict(model, ours.adversarial).argmax(dim=1) == GOLDFISH
+    assert torch.equal(judged, ours.success)
+
+
+# ---- the benchmark --------------------------------------------------------------------------------------------
+
+def test_the_benchmark_prints_every_configuration_and_one_summary_line(tmp_path):
+    process = run_script("bench/attack_speed.py", "--models", OFFLINE, "--batch-sizes", "1", "--steps", "1",
+                         "--repeats", "1", "--threads", "1", cwd=tmp_path)
+    assert process.returncode == 0, process.stderr[-2000:]
+    out = process.stdout
+    for run in ("fwd+bwd (the floor)", "torchattacks PGD", "ours fp32 [auto: ", "ours channels-last", "ours bf16"):
+        assert run in out, out
+    summary = [line for line in out.splitlines() if line.startswith(f"{OFFLINE} batch 1: ")]
+    assert len(summary) == 1, out
+    assert re.fullmatch(rf"{OFFLINE} batch 1: ours/fwd\+bwd \d+\.\d{{3}} \(ours = [\w-]+\), "
+                        r"ours/torchattacks \d+\.\d{3} \((meets|misses) <= 1\)", summary[0]), summary[0]

@@ -1,0 +1,240 @@
+"""Speed that never changes a verdict: the memory format measured per model, batch and device, mixed precision whose
+successes an fp32 forward confirms, and torch.compile with its compile time reported.
+
+- Memory format. Channels-last (NHWC) makes EfficientNet-Lite0 twice as fast at batch 16 on this CPU and changes
+  nothing at batch 1; which one wins depends on the model, the batch, the device, the precision and the threads, so it
+  is measured, not assumed: the first forward of a `Classifier` at a given input shape times a few passes (forward and
+  backward when gradients are on) in each format and keeps the faster one for that shape (`fastest_memory_format`).
+- Precision. `--precision bf16` (or fp16, CUDA only) computes the attack's forward and gradient under
+  torch.autocast; utils.attacks.Attack.judge then counts a success only when an fp32 forward of the 8-bit image
+  confirms it, so a low-precision rounding can cost steps, never a wrong verdict.
+- Compilation. `--compile` wraps the network in torch.compile; the compile happens on the first call, whose time
+  `prepare_model` reports.
+"""
+import contextlib
+import copy
+import os
+import shutil
+import sys
+import time
+
+import torch
+
+from utils.cli import UsageError
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+# Below this many seconds per pass a model is too cheap for its memory format to matter, and measuring would cost
+# more than it could save; keeping the default there also keeps tiny test models bit-for-bit reproducible.
+MEASURE_ABOVE_SECONDS = 0.02
+# Channels-last must win by this much: under this the two are within the noise of a shared machine.
+CHANNELS_LAST_MARGIN = 0.95
+
+
+# ---- precision ------------------------------------------------------------------------------------------------
+
+def check_precision(precision, device):
+    """UsageError for a precision this device cannot run."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and torch.device(device).type != "cuda":
+        raise UsageError("--precision fp16 needs a CUDA device (CPU autocast computes in bf16); use bf16 or fp32")
+    return precision
+
+
+def autocast(precision, device):
+    """The context the attack's gradient is computed in: torch.autocast to `precision`, or nothing for fp32."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def full_precision(device):
+    """Autocast off: for the fp32 forward that confirms a verdict, even inside an autocast region."""
+    return torch.autocast(torch.device(device).type, enabled=False)
+
+
+# ---- memory format --------------------------------------------------------------------------------------------
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def clock(device):
+    """The clock to time work on `device` with: on a CPU with one torch thread, this process's CPU time, which other
+    processes sharing the cores do not inflate (they only make it wait); otherwise the wall clock."""
+    if torch.device(device).type == "cpu" and torch.get_num_threads() == 1:
+        return time.process_time
+    return time.perf_counter
+
+
+def time_pass(run, pixels, memory_format):
+    """Seconds of one forward (and, with gradients on, backward to the input) with the input in `memory_format`."""
+    now = clock(pixels.device)
+    synchronize(pixels.device)
+    start = now()
+    probe = pixels.detach().contiguous(memory_format=memory_format).requires_grad_(torch.is_grad_enabled())
+    output = run(probe, memory_format)
+    if probe.requires_grad:
+        torch.autograd.grad(output.float().sum(), probe)
+    synchronize(pixels.device)
+    return now() - start
+
+
+def fastest_memory_format(run, pixels, trials=2):
+    """The faster memory format for `run(pixels, memory_format)` at this input's shape, device, precision and grad
+    mode: a warm-up pass in each format (oneDNN and cuDNN pick their kernels on the first one), then `trials` passes
+    in each, interleaved so a busy machine slows both alike, best of each kept."""
+    if pixels.dim() != 4:
+        return torch.contiguous_format
+    if time_pass(run, pixels, torch.contiguous_format) < MEASURE_ABOVE_SECONDS:
+        return torch.contiguous_format
+    time_pass(run, pixels, torch.channels_last)
+    best = {torch.contiguous_format: float("inf"), torch.channels_last: float("inf")}
+    for _ in range(trials):
+        for memory_format in best:
+            best[memory_format] = min(best[memory_format], time_pass(run, pixels, memory_format))
+    faster = best[torch.channels_last] < CHANNELS_LAST_MARGIN * best[torch.contiguous_format]
+    return torch.channels_last if faster else torch.contiguous_format
+
+
+def format_key(pixels):
+    """What the fastest format depends on, besides the model: shape, device, grad mode and autocast dtype."""
+    device_type = pixels.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    return tuple(pixels.shape), str(pixels.device), torch.is_grad_enabled(), dtype
+
+
+def format_name(memory_format):
+    return {value: key for key, value in MEMORY_FORMATS.items()}.get(memory_format, str(memory_format))
+
+
+# ---- batch norms folded into the convolutions -------------------------------------------------------------------
+
+CONV_FUNCTIONS = (torch.conv2d, torch.nn.functional.conv2d)
+
+
+def folded_conv(weight, bias, batch_norm):
+    """(weight, bias) of the convolution that computes conv followed by `batch_norm` in eval mode, in one pass."""
+    scale = batch_norm.running_var.add(batch_norm.eps).rsqrt()
+    shift = -batch_norm.running_mean * scale
+    if batch_norm.affine:
+        scale, shift = scale * batch_norm.weight, shift * batch_norm.weight + batch_norm.bias
+    bias = shift if bias is None else bias * scale + shift
+    return weight * scale.view(-1, *[1] * (weight.dim() - 1)), bias
+
+
+def conv_parts(graph_module, conv):
+    """(weight attribute, bias attribute or None) of a conv node whose weights the graph reads directly, else None."""
+    if conv.op == "call_module" and isinstance(graph_module.get_submodule(conv.target), torch.nn.Conv2d):
+        module = graph_module.get_submodule(conv.target)
+        return (f"{conv.target}.weight", f"{conv.target}.bias" if module.bias is not None else None)
+    if conv.op != "call_function" or conv.target not in CONV_FUNCTIONS or conv.kwargs:
+        return None
+    weight = conv.args[1] if len(conv.args) > 1 else None
+    bias = conv.args[2] if len(conv.args) > 2 else None
+    if getattr(weight, "op", None) != "get_attr" or (bias is not None and getattr(bias, "op", None) != "get_attr"):
+        return None
+    return weight.target, bias.target if bias is not None else None
+
+
+def set_folded(graph_module, conv, weight, bias):
+    """Point `conv` at the folded weight and bias, stored as new frozen parameters of the graph module."""
+    if conv.op == "call_module":  # a new module: the traced graph shares its submodules with the network traced
+        module = copy.deepcopy(graph_module.get_submodule(conv.target))
+        module.weight = torch.nn.Parameter(weight, requires_grad=False)
+        module.bias = torch.nn.Parameter(bias, requires_grad=False)
+        graph_module.add_submodule(conv.target, module)
+        return
+    name = f"folded_{conv.name}"
+    graph_module.register_parameter(f"{name}_weight", torch.nn.Parameter(weight, requires_grad=False))
+    graph_module.register_parameter(f"{name}_bias", torch.nn.Parameter(bias, requires_grad=False))
+    with graph_module.graph.inserting_before(conv):
+        weight_node = graph_module.graph.get_attr(f"{name}_weight")
+        bias_node = graph_module.graph.get_attr(f"{name}_bias")
+    arguments = list(conv.args) + [None] * (3 - len(conv.args))
+    conv.args = (arguments[0], weight_node, bias_node, *arguments[3:])
+
+
+def fold_batch_norms(net):
+    """`net` (in eval mode) with every batch norm that directly follows a convolution folded into it: the same
+    function in fp32 up to rounding, one pass over each activation fewer, forward and backward (about 10% of a
+    ResNet18 step on this CPU). A network torch.fx cannot trace is returned as it is."""
+    try:
+        graph_module = torch.fx.symbolic_trace(net)
+    except Exception:  # dynamic control flow: fx cannot trace every model, and the unfolded one is still right
+        return net
+    for node in list(graph_module.graph.nodes):
+        module = graph_module.get_submodule(node.target) if node.op == "call_module" else None
+        if not isinstance(module, torch.nn.BatchNorm2d) or module.training or not module.track_running_stats:
+            continue
+        conv = node.args[0]
+        parts = conv_parts(graph_module, conv) if isinstance(conv, torch.fx.Node) and len(conv.users) == 1 else None
+        if parts is None:
+            continue
+        weight = graph_module.get_parameter(parts[0]) if parts[0] else None
+        bias = graph_module.get_parameter(parts[1]) if parts[1] else None
+        with torch.no_grad():
+            set_folded(graph_module, conv, *folded_conv(weight.detach(), None if bias is None else bias.detach(), module))
+        node.replace_all_uses_with(conv)
+        graph_module.graph.erase_node(node)
+    graph_module.graph.eliminate_dead_code()
+    graph_module.delete_all_unused_submodules()
+    graph_module.recompile()
+    return graph_module
+
+
+# ---- compilation ----------------------------------------------------------------------------------------------
+
+def compiler_missing():
+    """Why torch.compile cannot work here (its CPU backend builds C++), or None."""
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None and shutil.which("c++") is None:
+        return f"torch.compile's CPU backend needs a C++ compiler, and neither {compiler} nor c++ is on PATH"
+    return None
+
+
+def compile_model(model, example, device):
+    """A Classifier sharing `model`'s weights whose network is torch.compile'd, and the seconds its first forward
+    and backward at `example`'s shape took (the compile itself: later calls at that shape reuse the code)."""
+    reason = compiler_missing() if torch.device(device).type == "cpu" else None
+    if reason:
+        raise UsageError(f"--compile: {reason}")
+    example = example.to(device)
+    with torch.enable_grad():
+        memory_format = model.format_for(example)  # measured before compiling: the compiled code is for one format
+    compiled = model.with_net(torch.compile(model.net), memory_format=memory_format)
+    start = time.perf_counter()  # the wall clock: the compiler works in other processes too
+    time_pass(lambda pixels, _: compiled(pixels), example, memory_format)
+    return compiled, time.perf_counter() - start
+
+
+# ---- command line ---------------------------------------------------------------------------------------------
+
+def add_speed_arguments(parser, compile=True):
+    """--precision (steps 5, 7, 8, the benchmark), --memory-format, and --compile for long runs (step 8, benchmark)."""
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                        help="arithmetic of the attack's gradients: bf16 or fp16 (CUDA only) under autocast; a success "
+                             "counts only when an fp32 forward of the 8-bit image confirms it (default: %(default)s)")
+    parser.add_argument("--memory-format", choices=["auto"] + list(MEMORY_FORMATS), default="auto",
+                        help="auto measures the faster of the two per model, batch and device (default: %(default)s)")
+    if compile:
+        parser.add_argument("--compile", action="store_true",
+                            help="torch.compile the model: slow to start, worth it on long runs")
+
+
+def prepare_model(model, args, batch_size, device):
+    """The model an evaluation should use, from --memory-format, --precision and --compile: the memory format set
+    (or left to measurement), and, with --compile, compiled at `batch_size` with the compile time printed on stderr."""
+    check_precision(args.precision, device)
+    model.memory_format = "auto" if args.memory_format == "auto" else MEMORY_FORMATS[args.memory_format]
+    if not getattr(args, "compile", False):
+        return model
+    size = model.preprocessing.crop_size
+    example = torch.zeros(batch_size, 3, size, size, device=device)
+    with autocast(args.precision, device):
+        compiled, seconds = compile_model(model, example, device)
+    print(f"torch.compile: {seconds:.1f} s for the first forward and backward at batch {batch_size}", file=sys.stderr)
+    return compiled
