@@ -7,6 +7,7 @@
                                      [--queries 5000] [--target-classes 9] [--defenses jpeg,...] [--adaptive] [--eot 1]
                                      [--batch-size 16] [--workers 0] [--threads N] [--device auto|cpu|cuda]
                                      [--output-dir outputs/eval] [--resume] [--strict] [--seed 0]
+                                     [--precision fp32|bf16|fp16] [--memory-format auto] [--compile]
     torchrun --nproc_per_node 2 step_8_evaluate.py FOLDER ...      (the same run, split across processes)
 
 Photos are listed in sorted order and cut into batches of --batch-size; a DataLoader (--workers) decodes one batch at
@@ -52,7 +53,7 @@ from tqdm import tqdm
 
 from step_2_pretrained import (DEFAULT_MODEL, OFFLINE_MODEL, find_class, get_device, get_image_transform, get_label,
                                load_image, load_model, predict_images, prepare_image, to_tensor)
-from utils import distributed
+from utils import distributed, speed
 from utils.adaptive import JUDGE_SEED_OFFSET, defended_forward
 from utils.attacks import ATTACKS, goal_reached, perturbation_size, run_attack
 from utils.cli import ArgumentParser, UsageError, comma_list, number_in, run
@@ -203,8 +204,8 @@ def find_photos(args):
 
 
 def prepare_model(args, device):
-    """The one place the model is made ready (precision and compilation options belong here)."""
-    return load_model(args.model, device)
+    """The one place the model is made ready: --precision checked, --memory-format set, --compile applied."""
+    return speed.prepare_model(load_model(args.model, device), args, args.batch_size, device)
 
 
 def check_readable(photos, batches, context):
@@ -251,7 +252,7 @@ def attack_options(job, plan, args):
     """The one place an attack's options are built (every attack drops the ones it does not take)."""
     return dict(epsilon=job.epsilon, steps=job.steps, targeted=plan.target is not None and job.attack != "ensemble",
                 seed=args.seed, eot=args.eot, early_stop=not args.no_early_stop, queries=args.queries,
-                target_classes=args.target_classes)
+                target_classes=args.target_classes, precision=args.precision)
 
 
 def attack_batch(model, plan, job, batch, todo, args):
@@ -766,6 +767,7 @@ def get_args_parser():
     parser.add_argument("--adaptive", action="store_true", help="also attack through each defense (BPDA, EOT)")
     parser.add_argument("--eot", type=number_in(1, 1000, int, name="--eot"), default=1,
                         help="random draws of the defense averaged per adaptive step (default: %(default)s)")
+    speed.add_speed_arguments(parser, compile=True)
     return parser
 
 

@@ -104,6 +104,19 @@ def test_budget_and_success_remeasured_from_the_pngs(evaluated, photos, offline_
         "the tiny grid should hold both outcomes, or the agreement above proves little"
 
 
+def test_bf16_gradients_still_give_fp32_verdicts_on_the_files(photos, tmp_path, offline_model):
+    """--precision bf16 reaches step 8's attacks: their rows are judged like any other, by the fp32 model on the PNG
+    read back, so every success written is a success of the file."""
+    out = tmp_path / "bf16"
+    result = run_script("step_8_evaluate.py", photos, "--model", OFFLINE, "--methods", "pgd", "--epsilons", "16",
+                        "--steps", "2", "--threads", "1", "--precision", "bf16", "--output-dir", out, cwd=photos.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_rows(out)
+    finals = predict_images(offline_model, [read_back(out / row["file"], offline_model) for row in rows])
+    assert [row["success"] for row in rows] == [str(int(final == GOLDFISH)) for final in finals]
+    assert any(row["success"] == "1" for row in rows), "a bf16 attack at epsilon 16 fools something"
+
+
 def success_rate(rows, *setting):
     """The success rate over the two photos of (method, epsilon, steps), all as written in results.csv."""
     picked = [int(row["success"]) for row in rows if (row["method"], row["epsilon"], row["steps"]) == setting]
@@ -221,6 +234,7 @@ def test_without_resume_results_are_replaced(evaluated, photos):
     ["photos", "--target", "no such class"],
     ["photos", "--target", "goldfish", "--untargeted"],
     ["photos", "--adaptive"],
+    ["photos", "--precision", "fp16"],  # CPU autocast has no fp16: refused before anything is written
 ])
 def test_bad_input_is_one_line_and_writes_nothing(args, photos, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
