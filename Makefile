@@ -33,8 +33,7 @@ evaluate: samples
 
 # The sample photos that have a fitting ImageNet class (assets/sample_labels.csv says why; astronaut, rocket and
 # motorcycle have none), evaluated for robust accuracy with the default ensemble.
-robust: samples
-	mkdir -p samples_labelled
-	cp samples/chelsea.png samples/coffee.png samples/grace_hopper.jpg samples_labelled/
+robust: $(VENV)/.installed
+	$(PYTHON) utils/sample_images.py --labelled --output-dir samples_labelled
 	$(PYTHON) step_8_evaluate.py samples_labelled --labels assets/sample_labels.csv --model efficientnet_lite0 \
 		--epsilons 1,2,4 --steps 100 --output-dir outputs/robust

@@ -515,3 +515,13 @@ def test_sample_labels_name_real_classes_of_the_sample_photos():
     assert {path.name for path in sample_paths()} >= {row["image"] for row in rows} and all(r["why"] for r in rows)
     labels = csv_labels(labels_file, [row["image"] for row in rows], find_class)
     assert labels.classes == [281, 967, 652]
+
+
+def test_labelled_samples_are_exactly_the_photos_the_labels_name(tmp_path):
+    """`sample_images.py --labelled` makes the folder `make robust` evaluates: no photo the CSV leaves out (step 8 would
+    refuse an unlisted image), none it names missing."""
+    result = run_script("utils/sample_images.py", "--labelled", "--output-dir", "labelled", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    copied = sorted(path.name for path in (tmp_path / "labelled").iterdir())
+    assert copied == sorted(row["image"] for row in read_csv(REPO / "assets" / "sample_labels.csv"))
+    assert result.stdout.splitlines()[0].split(" -> ")[1] == "labelled/grace_hopper.jpg", "shown relative to the cwd"

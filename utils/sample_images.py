@@ -1,8 +1,10 @@
 """Copy a small folder of real photos that every install already has offline: the photos matplotlib and
-scikit-image ship with their packages. The README's evaluation (step 8) runs on this folder.
+scikit-image ship with their packages. The README's evaluation (step 8) runs on this folder; with --labelled, only
+the photos that assets/sample_labels.csv gives a true ImageNet class (the README's robust accuracy runs on those).
 
-    python utils/sample_images.py [--output-dir samples]
+    python utils/sample_images.py [--output-dir samples] [--labelled]
 """
+import csv
 import importlib.util
 import shutil
 import sys
@@ -16,6 +18,7 @@ from utils.cli import ArgumentParser, UsageError, run  # noqa: E402
 from utils.files import atomic_path, display_path  # noqa: E402
 
 SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png")
+SAMPLE_LABELS = Path(__file__).resolve().parent.parent / "assets" / "sample_labels.csv"
 
 
 def skimage_data_folder():
@@ -36,9 +39,17 @@ def sample_paths():
     return paths
 
 
+def labelled_names():
+    """The sample photos that have a fitting ImageNet class, as assets/sample_labels.csv lists them."""
+    with open(SAMPLE_LABELS, newline="") as handle:
+        return {row["image"] for row in csv.DictReader(handle)}
+
+
 def main(args):
     out = Path(args.output_dir)
     paths = sample_paths()
+    if args.labelled:
+        paths = [path for path in paths if path.name in labelled_names()]
     for path in paths:
         with atomic_path(out / path.name) as temp:
             shutil.copyfile(path, temp)
@@ -49,6 +60,8 @@ def main(args):
 def get_args_parser():
     parser = ArgumentParser(description="Copy the sample photos that matplotlib and scikit-image ship into a folder.")
     parser.add_argument("--output-dir", default="samples", help="folder to copy them into (default: %(default)s)")
+    parser.add_argument("--labelled", action="store_true",
+                        help=f"only the photos with a true class in {SAMPLE_LABELS.parent.name}/{SAMPLE_LABELS.name}")
     return parser
 
 
