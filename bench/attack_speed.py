@@ -368,7 +368,7 @@ def print_apgd_square_table(rows, args):
           "forward without gradients)")
     for row in rows:
         apgd, square = row["apgd"] / row["fwd+bwd"], row["square"] / row["fwd"]
-        print(f"{row['model']} batch {row['batch']}: apgd/fwd+bwd {apgd:.3f} "
+        print(f"{row['model']} batch {row['batch']} (apgd, square): apgd/fwd+bwd {apgd:.3f} "
               f"({'meets' if apgd <= APGD_TARGET_RATIO else 'misses'} <= {APGD_TARGET_RATIO}), "
               f"square/fwd {square:.3f} ({'meets' if square <= SQUARE_TARGET_RATIO else 'misses'} "
               f"<= {SQUARE_TARGET_RATIO})")

@@ -284,5 +284,6 @@ def test_the_benchmark_prints_every_configuration_and_one_summary_line(tmp_path)
         assert run in out, out
     summary = [line for line in out.splitlines() if line.startswith(f"{OFFLINE} batch 1: ")]
     assert len(summary) == 1, out
+    assert re.search(rf"^{OFFLINE} batch 1 \(apgd, square\): apgd/fwd\+bwd \d+\.\d{{3}} .*square/fwd \d+\.\d{{3}}", out, re.M), out
     assert re.fullmatch(rf"{OFFLINE} batch 1: ours/fwd\+bwd \d+\.\d{{3}} \(ours = [\w-]+\), "
                         r"ours/torchattacks \d+\.\d{3} \((meets|misses) <= 1\)", summary[0]), summary[0]
