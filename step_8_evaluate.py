@@ -59,7 +59,7 @@ from utils.attacks import ATTACKS, goal_reached, perturbation_size, run_attack
 from utils.cli import ArgumentParser, UsageError, comma_list, number_in, run
 from utils.data import IMAGENET_VAL, PhotoDataset, cut, list_photos, photo_batches, read_labels
 from utils.defenses import DEFENSES, make_defense
-from utils.figures import grouped_bars_figure, line_figure, plt
+from utils.figures import grouped_bars_figure, plt
 from utils.files import atomic_path, save_figure, save_image, save_text
 from utils.images import output_names
 
@@ -617,15 +617,18 @@ def figures(rate, kept, plan, args):
     if not plan.methods:
         return {}
     methods, epsilon, steps = plan.methods, max(args.epsilons), max(args.steps)
-    color = {m: {"color": f"C{k}"} for k, m in enumerate(methods)}  # a method's colour is the same in both
-    by_epsilon = [(m, args.epsilons, [rate[Job(m, e, top_steps(m, args))] for e in args.epsilons], color[m])
-                  for m in methods]
-    by_steps = [(m, [1], [rate[Job(m, epsilon, 1)]], color[m]) if not ATTACKS[m].iterative else
-                (m, [*args.steps, 2 * steps], [rate[Job(m, epsilon, s)] for s in [*args.steps, 2 * steps]], color[m])
-                for m in methods]
-    result = {"success_vs_epsilon.png": line_figure(by_epsilon, "epsilon (levels out of 255)",
-                                                    f"success at the largest steps ({steps}; fgsm: 1)"),
-              "success_vs_steps.png": line_figure(by_steps, "steps", f"success at epsilon {epsilon:g}")}
+    # bars, not lines: attacks that all reach 100% (or 0%) would hide each other's lines
+    series = [(m, {"color": f"C{k}"}) for k, m in enumerate(methods)]  # a method's colour is the same in both
+    by_epsilon = {(f"{e:g}", m): rate[Job(m, e, top_steps(m, args))] for e in args.epsilons for m in methods}
+    all_steps = [*args.steps, 2 * steps]
+    by_steps = {(str(s), m): rate[Job(m, epsilon, s)] if ATTACKS[m].iterative or s == 1 else None
+                for s in all_steps for m in methods}
+    result = {"success_vs_epsilon.png": grouped_bars_figure(
+                  [("", by_epsilon)], [f"{e:g}" for e in args.epsilons], series, "attack success rate (%)",
+                  f"success per epsilon (levels out of 255), at the largest steps ({steps}; fgsm: 1)"),
+              "success_vs_steps.png": grouped_bars_figure(
+                  [("", by_steps)], [str(s) for s in all_steps], series, "attack success rate (%)",
+                  f"success per number of steps, at epsilon {epsilon:g} (fgsm: one step only)")}
     if args.defenses:
         method = defense_method(methods)
         attacks = ("plain", "adaptive") if args.adaptive else ("plain",)

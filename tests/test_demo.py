@@ -203,6 +203,7 @@ def test_missing_weights_name_the_torch_cache_under_home(tmp_path, monkeypatch):
 @pytest.mark.parametrize("text, kept", [
     ("result 1\ntiming:  50%|#####     | 1/2 [00:01<00:01]\r   \nresult 2", "result 1\nresult 2"),
     ("no bars here\nline two", "no bars here\nline two"),
+    ("table\n" + " " * 70 + "\x1b[A\n" + " " * 71 + "\x1b[A", "table"),  # a nested bar's cursor moves, left behind
 ])
 def test_readme_generator_drops_progress_bars_only(text, kept):
     assert without_progress_bars(text) == kept

@@ -1,4 +1,4 @@
-"""Figures: images side by side with the model's predictions, and the evaluation's rates (lines and grouped bars)."""
+"""Figures: images side by side with the model's predictions, and the evaluation's rates as grouped bars."""
 import matplotlib
 
 matplotlib.use("Agg")
@@ -42,17 +42,17 @@ def comparison_figure(original_u8, adversarial_u8, old_label, new_label):
 
 
 def grouped_bars_figure(panels, groups, series, ylabel, title):
-    """One panel per entry of `panels` (title, {(group, series name): rate in [0, 1]}), with a bar per series in each
-    group, each bar labelled with its value so a 0% bar is still seen; one legend above the panels, off the data."""
+    """One panel per entry of `panels` (title, {(group, series name): rate in [0, 1], or None for no bar}), with a bar
+    per series in each group, each bar labelled with its value so a 0% bar is still seen; one legend above the panels, off the data."""
     figure, axes = plt.subplots(1, len(panels), figsize=(max(6.4, 0.3 * len(groups) * len(series) * len(panels) + 1.5), 4.2),
                                 sharey=True, squeeze=False)
     width = 0.8 / len(series)
     for axis, (panel_title, values) in zip(axes[0], panels):
         for k, (name, style) in enumerate(series):
             xs = np.arange(len(groups)) + (k - (len(series) - 1) / 2) * width
-            rates = [100 * values[group, name] for group in groups]
-            bars = axis.bar(xs, rates, width, label=name, **style)
-            axis.bar_label(bars, [f"{rate:.0f}" for rate in rates], fontsize=7, padding=1)
+            rates = [values[group, name] for group in groups]  # None: not run for that group, no bar
+            bars = axis.bar(xs, [0 if rate is None else 100 * rate for rate in rates], width, label=name, **style)
+            axis.bar_label(bars, ["" if rate is None else f"{100 * rate:.0f}" for rate in rates], fontsize=7, padding=1)
         axis.set_xticks(np.arange(len(groups)), groups)
         axis.set(title=panel_title, ylim=(0, 112))
         axis.grid(axis="y", alpha=0.3)
@@ -61,19 +61,4 @@ def grouped_bars_figure(panels, groups, series, ylabel, title):
     figure.suptitle(title, fontsize=11)
     figure.tight_layout(rect=(0, 0, 1, 0.88))
     figure.legend(handles, labels, loc="upper center", ncol=len(series), fontsize=9, bbox_to_anchor=(0.5, 0.94))
-    return figure
-
-
-def line_figure(series, xlabel, title):
-    """Success rate (%) lines, one per (label, xs, rates, matplotlib style keywords)."""
-    figure, axis = plt.subplots(figsize=(6.4, 4.2))
-    for label, xs, rates, style in series:
-        axis.plot(xs, [100 * rate for rate in rates], label=label, **{"marker": "o", **style})
-    ticks = sorted({x for _, xs, _, _ in series for x in xs})
-    axis.set_xscale("log", base=2)
-    axis.set_xticks(ticks, [f"{tick:g}" for tick in ticks])
-    axis.minorticks_off()
-    axis.set(xlabel=xlabel, ylabel="attack success rate (%)", title=title, ylim=(-5, 105))
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
     return figure

@@ -24,10 +24,12 @@ from utils.files import save_text  # noqa: E402
 
 DIRECTIVE = re.compile(r"<!-- (run|cmd|include|figure): (.*) -->")
 PROGRESS_BAR = re.compile(r"^\s*$|\d+%\|")  # tqdm's lines on stderr: a terminal shows them, a README should not
+CURSOR_MOVES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # tqdm's nested bars move the cursor up to redraw
 
 
 def without_progress_bars(text):
-    return "\n".join(line for line in text.replace("\r", "\n").splitlines() if not PROGRESS_BAR.search(line))
+    lines = CURSOR_MOVES.sub("", text).replace("\r", "\n").splitlines()
+    return "\n".join(line for line in lines if not PROGRESS_BAR.search(line))
 
 
 def execute(command, show_output):
