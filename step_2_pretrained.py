@@ -14,6 +14,7 @@ import difflib
 import functools
 import io
 import json
+import pickle
 import re
 import sys
 import warnings
@@ -199,7 +200,7 @@ def load_torchvision(name, pretrained=True):
         with contextlib.redirect_stdout(io.StringIO()) as hub_messages:
             net = torchvision.models.get_model(name, weights=weights if pretrained else None)
         sys.stderr.write(hub_messages.getvalue())
-    except (URLError, OSError, RuntimeError) as error:
+    except (URLError, OSError, RuntimeError, pickle.UnpicklingError, EOFError) as error:  # unpickling: a torn file
         cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
         reason = getattr(error, "reason", None) or str(error).splitlines()[0]
         raise UsageError(f"cannot load the ImageNet weights of {name} ({reason}): download {weights.url} to {display_path(cache)}, "

@@ -1,9 +1,13 @@
 """Bad input: one line on stderr naming the problem, exit status 2, no traceback and no output file."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import GRACE_HOPPER, OFFLINE, run_script
+from tests.conftest import GRACE_HOPPER, OFFLINE, REPO, run_script
 from tests.test_tutorial_units import tiny_png_header, truncated_jpeg
 
 
@@ -90,3 +94,15 @@ def test_unusual_image_modes_work_from_the_shell(mode, tmp_path):
     result = run_script("step_2_pretrained.py", tmp_path / "photo.png", "--model", OFFLINE, "--top-k", "1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Prediction: ")
+
+
+def test_a_corrupt_cached_weights_file_is_one_line_not_a_traceback(tmp_path):
+    """A half-downloaded resnet18-f37072fd.pth in the torch cache: torch.load's UnpicklingError named in one line."""
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "resnet18-f37072fd.pth").write_bytes(b"not a checkpoint, cut short")
+    result = subprocess.run([sys.executable, str(REPO / "step_2_pretrained.py"), str(GRACE_HOPPER)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "TORCH_HOME": str(tmp_path / "torch")})
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "cannot load the ImageNet weights of resnet18" in result.stderr
