@@ -29,7 +29,7 @@ from step_2_pretrained import (DEFAULT_MODEL, OFFLINE_MODEL, find_class, get_dev
                                predict_images, prepare_image, to_tensor)
 from step_3_adversarial import perturbation_from_images, read_back
 from utils import speed
-from utils.attacks import ATTACKS, goal_reached, perturbation_size, run_attack
+from utils.attacks import ATTACKS, budget_unit, goal_reached, perturbation_size, run_attack
 from utils.cli import ArgumentParser, UsageError, number_in, run
 from utils.figures import comparison_figure
 from utils.files import save_array, save_figure, save_image
@@ -83,7 +83,7 @@ def attack_one(model, path, args):
     image = prepare_image(path, model)
     print(describe_goal(model, image, args))
     labels = goal_labels(model, [image], args)
-    period = 100 if args.method == "square" else 5  # square takes a query where the others take a step
+    period = 100 if ATTACKS[args.method].gradient_free else 5  # a query is far cheaper than a gradient step
     [adversarial], [steps] = attack_images(model, [image], labels, args, on_step=print_loss_every(period, model))
     out = Path(args.output_dir)
     save_array(perturbation_from_images(adversarial, image, model), out / "adversarial_r.npy")
@@ -93,7 +93,7 @@ def attack_one(model, path, args):
     linf, l2 = perturbation_size(to_tensor(adversarial), to_tensor(image))
     print(f"Old prediction: {get_label(old)}")
     print(f"New prediction: {get_label(new)}")
-    print(f"{'Queries' if args.method == 'square' else 'Steps'} used: {steps} / L-inf: {linf.item():.0f} levels of 255 / L2: {l2.item():.3f}")
+    print(f"{budget_unit(args.method).capitalize()} used: {steps} / L-inf: {linf.item():.0f} levels of 255 / L2: {l2.item():.3f}")
     if not goal_reached(new, labels[0], args.untargeted):
         print(f"The attack did not get there: {saved} is still classified as {get_label(new)}; "
               f"try more --steps, a larger --epsilon or --method pgd")
@@ -115,8 +115,8 @@ def attack_many(model, paths, args):
         ok = goal_reached(new, label, args.untargeted)
         failures += not ok
         linf = int(np.abs(adv.astype(int) - image.astype(int)).max())
-        unit = "queries" if args.method == "square" else "steps"
-        print(f"{path}: {get_label(old)} -> {get_label(new)} ({'fooled' if ok else 'NOT fooled'}, {steps} {unit}, "
+        print(f"{path}: {get_label(old)} -> {get_label(new)} ({'fooled' if ok else 'NOT fooled'}, {steps} "
+              f"{budget_unit(args.method)}, "
               f"L-inf {linf}) -> {saved}")
     print(f"Fooled {len(paths) - failures} of {len(paths)}")
     return 1 if failures else 0

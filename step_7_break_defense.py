@@ -20,7 +20,7 @@ from step_5_perturb import add_attack_arguments, add_common_arguments, attack_op
 from step_6_defend import add_defense_arguments, defense_settings
 from utils import speed
 from utils.adaptive import JUDGE_SEED_OFFSET, defended_forward
-from utils.attacks import run_attack
+from utils.attacks import budget_unit, run_attack
 from utils.cli import ArgumentParser, UsageError, number_in, run
 from utils.defenses import describe, make_defense
 from utils.figures import image_grid, short
@@ -73,7 +73,7 @@ def main(args):
     print(f"Old prediction: {get_label(old)}")
     print(f"New prediction: {get_label(new)}")
     print(f"Plain step-5 attack: {get_label(plain_before)} -> after the defense: {get_label(plain_after)}")
-    print(f"Adaptive attack:     {get_label(adaptive_before)} -> after the defense: {get_label(new)} ({steps} steps)")
+    print(f"Adaptive attack:     {get_label(adaptive_before)} -> after the defense: {get_label(new)} ({steps} {budget_unit(args.method)})")
     rows = [("plain attack (step 5)", plain, get_label(plain_before), defended[0], get_label(plain_after)),
             ("adaptive attack (step 7)", adaptive, get_label(adaptive_before), defended[1], get_label(new))]
     save_figure(figure(rows), out / "break_defense.png")

@@ -55,7 +55,7 @@ from step_2_pretrained import (DEFAULT_MODEL, OFFLINE_MODEL, find_class, get_dev
                                load_image, load_model, predict_images, prepare_image, to_tensor)
 from utils import distributed, speed
 from utils.adaptive import JUDGE_SEED_OFFSET, defended_forward
-from utils.attacks import ATTACKS, goal_reached, perturbation_size, run_attack
+from utils.attacks import ATTACKS, budget_unit, goal_reached, perturbation_size, run_attack
 from utils.cli import ArgumentParser, UsageError, comma_list, number_in, run
 from utils.data import IMAGENET_VAL, PhotoDataset, cut, list_photos, photo_batches, read_labels
 from utils.defenses import DEFENSES, make_defense
@@ -71,7 +71,6 @@ ACCURACY_COLUMNS = ("epsilon", "attack", "images", "clean_accuracy", "robust_acc
 UNBOUNDED = 255.0
 DEFAULT_METHODS = ("fgsm", "pgd", "mifgsm")
 DEFAULT_ENSEMBLE = ("apgd", "apgd-t", "square")
-GRADIENT_FREE = ("square",)  # budgets in queries (--queries), and the check against masked gradients
 SHARDS = "shards"
 
 
@@ -149,7 +148,7 @@ def top_steps(method, args):
 
 def stage_steps(method, args):
     """An ensemble stage's budget: the largest --steps, or --queries for a gradient-free attack."""
-    return args.queries if method in GRADIENT_FREE else max(args.steps)
+    return args.queries if ATTACKS[method].gradient_free else max(args.steps)
 
 
 def grid_jobs(methods, args):
@@ -504,10 +503,11 @@ def check_gradient_free(rows, plan, args):
     a gradient attack is broken (Carlini et al. 2019)."""
     text = "the gradient-free attack fools no image that the gradient attacks failed on (same epsilon)"
     checked = [stage for epsilon in args.epsilons for k, stage in enumerate(plan.stages_at(epsilon))
-               if stage.method in GRADIENT_FREE
-               and any(earlier.method not in GRADIENT_FREE for earlier in plan.stages_at(epsilon)[:k])]
+               if ATTACKS[stage.method].gradient_free
+               and any(not ATTACKS[earlier.method].gradient_free for earlier in plan.stages_at(epsilon)[:k])]
     if not checked:
-        return None, text + f": needs {' or '.join(GRADIENT_FREE)} after a gradient attack in --ensemble"
+        gradient_free = " or ".join(name for name, attack in ATTACKS.items() if attack.gradient_free)
+        return None, text + f": needs {gradient_free} after a gradient attack in --ensemble"
     parts, ok = [], True
     for stage in checked:
         attacked = [row for row in rows if job_of(row) == stage]
@@ -547,7 +547,7 @@ def accuracy_table(accuracy, plan, args):
     header = ("epsilon", "clean accuracy", *(f"robust accuracy after {m}" for m in plan.ensemble), "worst case")
     table = [(f"{epsilon:g}", percent(clean), *(percent(cell[f"{epsilon:g}", m]) for m in plan.ensemble),
               percent(cell[f"{epsilon:g}", "worst-case"])) for epsilon in args.epsilons]
-    steps = ", ".join(f"{m} {stage_steps(m, args)} {'queries' if m in GRADIENT_FREE else 'steps'}"
+    steps = ", ".join(f"{m} {stage_steps(m, args)} {budget_unit(m)}"
                       for m in plan.ensemble)
     return (f"## Robust accuracy ({accuracy[0]['images']} labelled photos; ensemble {steps})\n\n"
             + markdown_table(header, table) + "\n\n"

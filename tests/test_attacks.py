@@ -1,4 +1,5 @@
 """Invariants every attack keeps, on a tiny model (milliseconds per step)."""
+import re
 import pytest
 import torch
 
@@ -430,3 +431,13 @@ def test_step5_square_untargeted_reports_queries(tmp_path, offline_model):
     saved = tmp_path / "outputs" / "adversarial.png"
     assert saved_class(saved, offline_model) != clean, "judged on the PNG read back"
     assert saved_linf(saved, photo, offline_model) <= 4
+
+
+def test_step7_counts_squares_budget_in_queries(tmp_path):
+    """Square's `steps_used` are queries: step 7 says so, as step 5 does (budget_unit), instead of calling them steps."""
+    from tests.conftest import OFFLINE, run_script
+    result = run_script("step_7_break_defense.py", sample_photo("astronaut.png"), "--method", "square", "--queries",
+                        "5", "--epsilon", "4", "--model", OFFLINE, cwd=tmp_path)
+    assert result.returncode in (0, 1), result.stderr
+    adaptive = next(line for line in result.stdout.splitlines() if line.startswith("Adaptive attack:"))
+    assert re.search(r"\(\d+ queries\)$", adaptive), adaptive

@@ -421,8 +421,7 @@ def test_bad_labels_are_one_line_and_write_nothing(layout, extra, message, tiny,
     assert not (tmp_path / "out").exists()
 
 
-def test_with_labels_and_no_methods_only_the_default_ensemble_runs(monkeypatch):
-    monkeypatch.setattr(step_8_evaluate, "ATTACKS", {**ATTACKS, **{name: ATTACKS["pgd"] for name in DEFAULT_ENSEMBLE}})
+def test_with_labels_and_no_methods_only_the_default_ensemble_runs():
     args = get_args_parser().parse_args(["photos", "--epsilons", "2,8", "--steps", "10,50", "--queries", "300"])
     plan = make_plan(args, labelled=True)
     assert plan.target is None and plan.methods == [] and plan.ensemble == list(DEFAULT_ENSEMBLE)
@@ -490,7 +489,7 @@ def test_resume_runs_only_the_pending_ensemble_stages(tiny, planted, tmp_path):
 
 
 def test_gradient_free_check_fails_when_it_fools_what_gradients_did_not(tiny, planted, tmp_path, monkeypatch):
-    monkeypatch.setattr(step_8_evaluate, "GRADIENT_FREE", ("mifgsm",))  # plant: the last attack plays square
+    monkeypatch.setattr(ATTACKS["mifgsm"], "gradient_free", True)  # plant: the last attack plays square
     folder, extra, _ = planted
     assert tiny(folder, *extra, "--queries", "7", "--output-dir", tmp_path / "out")[0] == 0
     summary = (tmp_path / "out" / "summary.md").read_text()

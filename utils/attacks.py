@@ -69,6 +69,7 @@ class Attack:
     """
     name = "attack"
     iterative = True
+    gradient_free = False  # reads only the model's scores: its budget and its `steps_used` count queries
 
     def __init__(self, model, epsilon=10, steps=30, alpha=None, targeted=True, early_stop=True, random_start=False,
                  restarts=1, seed=0, forward=None, eot=1, on_step=None, precision="fp32"):
@@ -489,6 +490,7 @@ class Square(Attack):
     The random draws depend on the seed and the query number only, the same for every image of a batch, so that an
     image's result does not depend on which other images share its batch."""
     name = "square"
+    gradient_free = True
 
     def __init__(self, model, queries=None, p_init=0.05, **kwargs):
         super().__init__(model, **kwargs)
@@ -580,6 +582,11 @@ def run_attack(model, method, images_u8, labels, **options):
     device = model.mean.device
     result = make_attack(method, model, **options)(to_tensor(images_u8, device), torch.tensor(labels, device=device))
     return to_uint8(result.adversarial), result.steps_used.tolist()
+
+
+def budget_unit(method):
+    """What an attack's budget and its steps used count: "queries" for a gradient-free attack, else "steps"."""
+    return "queries" if ATTACKS[method].gradient_free else "steps"
 
 
 def goal_reached(prediction, goal, untargeted):
