@@ -20,7 +20,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from utils.cli import UsageError
-from utils.images import IMAGE_SUFFIXES
+from utils.images import IMAGE_SUFFIXES, images_in
 
 WORDNET_ID = re.compile(r"n\d{8}")
 IMAGENET_VAL_NAME = re.compile(r"ILSVRC2012_val_\d{8}\.JPEG")
@@ -29,20 +29,16 @@ IMAGENET_VAL = "imagenet-val"
 
 # ---- listing --------------------------------------------------------------------------------------------------
 
-def is_image_name(path):
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
-
-
 def list_photos(folder):
     """The photos of `folder` in sorted order: the images directly inside, or when there are none, the images one
     level down (an ImageFolder tree), sorted by subfolder then name. Returns (paths, names relative to folder)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UsageError(f"{folder}: {'not a folder' if folder.exists() else 'no such folder'}")
-    paths = sorted(path for path in folder.iterdir() if is_image_name(path))
+    paths = images_in(folder)
     if not paths:
         for sub in sorted(path for path in folder.iterdir() if path.is_dir()):
-            paths += sorted(path for path in sub.iterdir() if is_image_name(path))
+            paths += images_in(sub)
     if not paths:
         raise UsageError(f"{folder}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}), "
                          "directly or in class subfolders")

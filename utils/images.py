@@ -22,12 +22,17 @@ def to_uint8(batch):
     return list(levels.permute(0, 2, 3, 1).cpu().numpy())
 
 
+def images_in(folder):
+    """The image files directly inside `folder`, sorted (by suffix: reading them is the loader's job)."""
+    return sorted(path for path in Path(folder).iterdir() if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def list_images(paths):
     """The image files named, with folders expanded to the images directly inside them (sorted)."""
     found = []
     for path in map(Path, paths):
         if path.is_dir():
-            inside = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            inside = images_in(path)
             if not inside:
                 raise UsageError(f"{path}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
             found += inside
