@@ -11,11 +11,11 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PYTHON) utils/demo.py
+	$(PYTHON) demo.py
 
 # a local page on http://127.0.0.1:7860 (PORT=... for another port, MODEL=... for another classifier)
 app: $(VENV)/.installed
-	GRADIO_ANALYTICS_ENABLED=False $(PYTHON) utils/app.py --port $(or $(PORT),7860) --model $(or $(MODEL),efficientnet_lite0)
+	GRADIO_ANALYTICS_ENABLED=False $(PYTHON) app.py --port $(or $(PORT),7860) --model $(or $(MODEL),efficientnet_lite0)
 
 test: $(VENV)/.installed
 	$(PYTHON) -m pytest -q

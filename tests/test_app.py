@@ -1,4 +1,4 @@
-"""The page (utils/app.py): its function on real input and on bad input, then the real page in headless Chromium."""
+"""The page (app.py): its function on real input and on bad input, then the real page in headless Chromium."""
 import os
 import shutil
 import socket
@@ -15,7 +15,7 @@ from step_2_pretrained import find_class, predict_images, prepare_image
 from tests.conftest import GRACE_HOPPER, OFFLINE, REPO
 
 gr = pytest.importorskip("gradio", reason="gradio is not installed (pip install -r requirements.txt)")
-from utils import app  # noqa: E402
+import app  # noqa: E402
 
 GOLDFISH = "goldfish, Carassius auratus"
 
@@ -109,7 +109,7 @@ def wait_for_server(process, port, seconds=120):
 def page_url():
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    process = subprocess.Popen([sys.executable, str(REPO / "utils" / "app.py"), "--port", str(port)], env=env,
+    process = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port)], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_server(process, port)

@@ -1,4 +1,4 @@
-"""`make demo` (utils/demo.py) tells the story from the shell, online (tested against a local HTTP server and stand-in
+"""`make demo` (demo.py) tells the story from the shell, online (tested against a local HTTP server and stand-in
 ResNet18 weights) and offline, and the README generator keeps only real output."""
 import functools
 import http.server
@@ -20,7 +20,7 @@ from PIL import Image
 
 from step_2_pretrained import load_torchvision
 from tests.conftest import CORGI, REPO, run_script
-from utils import demo
+import demo
 from utils.cli import UsageError
 from utils.files import display_path
 from utils.make_readme import without_progress_bars
@@ -30,7 +30,7 @@ RESNET18_STD = (0.229, 0.224, 0.225)
 
 
 def test_demo_tells_the_whole_story(tmp_path):
-    result = run_script("utils/demo.py", cwd=tmp_path)
+    result = run_script("demo.py", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = result.stdout.splitlines()
     offline = [index for index, line in enumerate(out) if line.startswith("Running the same steps offline")]
@@ -95,7 +95,7 @@ def test_online_branch_runs_the_tutorial_on_resnet18(tmp_path, server, stand_in_
     work.mkdir()
     env = dict(os.environ, TORCH_HOME=str(stand_in_resnet18), TNN_CORGI_URL=f"{server}/step2a.png",
                TNN_R_URL=f"{server}/adversarial_r.npy", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, str(REPO / "utils" / "demo.py")], cwd=work, env=env, capture_output=True,
+    result = subprocess.run([sys.executable, str(REPO / "demo.py")], cwd=work, env=env, capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Traceback" not in result.stderr, result.stderr

@@ -1,7 +1,7 @@
 """A web page to trick the network: upload a photo (or pick a sample), name a target class, and see the attack, what a
 defense does to it, and the adaptive attack that gets through that defense.
 
-    python utils/app.py [--model efficientnet_lite0] [--port 7860] [--host 127.0.0.1]     (or: make app)
+    python app.py [--model efficientnet_lite0] [--port 7860] [--host 127.0.0.1]     (or: make app)
 
 The page is a form over step 7's command line: its flags, defaults and range checks judge the numbers, and the same
 functions run (step 2 to classify, step 7's plain and adaptive attacks, utils.defenses, utils.figures). As in the
@@ -18,7 +18,7 @@ from pathlib import Path
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: it reads this once, at import
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 
 import gradio as gr  # noqa: E402
 
