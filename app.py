@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from
 
 import gradio as gr  # noqa: E402
 
-from step_2_pretrained import (OFFLINE_MODEL, find_class, get_device, get_idx_to_label, get_label,  # noqa: E402
-                               load_model, predict, predict_images, prepare_image, to_tensor)
+from step_2_pretrained import (OFFLINE_MODEL, add_model_arguments, find_class, get_device, get_label,  # noqa: E402
+                               load_model, model_from_args, predict, predict_images, prepare_image, to_tensor)
 from step_3_adversarial import read_back  # noqa: E402
 from step_7_break_defense import attack_through, figure  # noqa: E402
 from step_7_break_defense import get_args_parser as step_7_parser  # noqa: E402
@@ -54,13 +54,14 @@ def as_typed(value):
     return f"{value:g}" if isinstance(value, (int, float)) else str(value).strip()
 
 
-def settings(target, epsilon, steps, method, defense, model_name):
+def settings(target, epsilon, steps, method, defense, model_name, classes=None, input_size=None):
     """The page's choices as step 7 would take them on its command line: same defaults, same checks."""
     parser = step_7_parser()
     parser.error = refuse  # a bad value is a message on the page, not an exit
+    model_options = [f"--classes={classes}"] * bool(classes) + [f"--input-size={input_size}"] * bool(input_size)
     args = parser.parse_args(["photo", f"--target={as_typed(target)}", f"--epsilon={as_typed(epsilon)}",
                               f"--steps={as_typed(steps)}", f"--method={method}", f"--defense={defense}",
-                              f"--model={model_name}"])
+                              f"--model={model_name}", *model_options])
     if not args.target:
         raise UsageError("type a target class, e.g. goldfish (or its index, 1)")
     if args.steps > MAX_STEPS:
@@ -89,49 +90,52 @@ def photo_path(upload, sample):
 
 
 def top_classes(model, image, k=5):
-    probabilities = predict(model, to_tensor(image))[0].topk(k)
-    return {get_label(index): value for value, index in zip(probabilities.values.tolist(), probabilities.indices.tolist())}
+    probabilities = predict(model, to_tensor(image))[0].topk(min(k, len(model.classes)))
+    return {get_label(index, model.classes): value
+            for value, index in zip(probabilities.values.tolist(), probabilities.indices.tolist())}
 
 
-def show_progress(progress, what, total):
+def show_progress(progress, what, total, classes):
     def on_step(step, loss, logits):
         progress((step + 1, total), desc=f"{what}: loss {loss.mean().item():.2f}, "
-                                         f"class {short(get_label(logits.argmax(dim=1)[0]))}")
+                                         f"class {short(get_label(logits.argmax(dim=1)[0], classes))}")
     return on_step
 
 
-def trick(upload, sample, target, epsilon, steps, method, defense, model_name=OFFLINE_MODEL, progress=gr.Progress()):
+def trick(upload, sample, target, epsilon, steps, method, defense, model_name=OFFLINE_MODEL, classes=None,
+          input_size=None, progress=gr.Progress()):
     """Everything the page shows, from its inputs; bad input raises UsageError."""
-    args = settings(target, epsilon, steps, method, defense, model_name)
-    goal = find_class(args.target)
-    model = load_model(args.model, get_device(args.device))
+    args = settings(target, epsilon, steps, method, defense, model_name, classes, input_size)
+    model = model_from_args(args, get_device(args.device))
+    goal = find_class(args.target, model.classes)
+    label = functools.partial(get_label, classes=model.classes)
     image = load_photo(upload, sample, model)
     out = Path(tempfile.mkdtemp(dir=WORK.name))
     attacker_defense = make_defense(args.defense, seed=args.seed)
     judge_defense = make_defense(args.defense, seed=args.seed + JUDGE_SEED_OFFSET)
 
     [plain], [plain_steps] = attack_through(model, [image], [goal], attacker_defense, args, adaptive=False,
-                                            on_step=show_progress(progress, f"{args.method} attack", args.steps))
+                                            on_step=show_progress(progress, f"{args.method} attack", args.steps, model.classes))
     [adaptive], [adaptive_steps] = attack_through(model, [image], [goal], attacker_defense, args, adaptive=True,
-                                                  on_step=show_progress(progress, "adaptive attack", args.steps))
+                                                  on_step=show_progress(progress, "adaptive attack", args.steps, model.classes))
     plain_png, adaptive_png = save_image(plain, out / "adversarial.png"), save_image(adaptive, out / "adaptive.png")
     received = [read_back(plain_png, model), read_back(adaptive_png, model)]  # the files, as a recipient gets them
     defended = [judge_defense(picture) for picture in received]
     old, plain_before, adaptive_before, plain_after, adaptive_after = predict_images(model, [image, *received, *defended])
 
     linf = perturbation_size(to_tensor(plain), to_tensor(image))[0].item()
-    comparison = save_figure(comparison_figure(image, plain, get_label(old), get_label(plain_before)), out / "comparison.png")
-    rows = [("plain attack", plain, get_label(plain_before), defended[0], get_label(plain_after)),
-            ("adaptive attack (BPDA)", adaptive, get_label(adaptive_before), defended[1], get_label(adaptive_after))]
+    comparison = save_figure(comparison_figure(image, plain, label(old), label(plain_before)), out / "comparison.png")
+    rows = [("plain attack", plain, label(plain_before), defended[0], label(plain_after)),
+            ("adaptive attack (BPDA)", adaptive, label(adaptive_before), defended[1], label(adaptive_after))]
     through = save_figure(figure(rows), out / "break_defense.png")
-    verdict = (f"**New prediction:** {get_label(plain_before)}  \n"
-               f"{'Fooled' if plain_before == goal else 'Not fooled'}: target {get_label(goal)}, {plain_steps} "
+    verdict = (f"**New prediction:** {label(plain_before)}  \n"
+               f"{'Fooled' if plain_before == goal else 'Not fooled'}: target {label(goal)}, {plain_steps} "
                f"{args.method} steps, at most {linf:.0f} of 255 levels changed; judged on the PNG below, read back.")
     name = describe(args.defense)
-    defense_report = (f"**After {name}:** the plain attack's PNG is {get_label(plain_after)} "
+    defense_report = (f"**After {name}:** the plain attack's PNG is {label(plain_after)} "
                       f"({'the attack survives' if plain_after == goal else 'the defense undoes it'}).  \n"
                       f"**Adaptive attack** (BPDA through {args.defense}, {adaptive_steps} steps): "
-                      f"{get_label(adaptive_before)} before the defense, {get_label(adaptive_after)} after it "
+                      f"{label(adaptive_before)} before the defense, {label(adaptive_after)} after it "
                       f"({'it gets through' if adaptive_after == goal else 'not through; try more steps or a larger epsilon'}).")
     return top_classes(model, image), verdict, str(comparison), str(plain_png), defense_report, str(through), str(adaptive_png)
 
@@ -147,8 +151,8 @@ def on_page(function):
     return answer
 
 
-def build_page(model_name=OFFLINE_MODEL):
-    labels = list(get_idx_to_label().values())
+def build_page(model_name=OFFLINE_MODEL, classes=None, input_size=None):
+    labels = list(load_model(model_name, get_device("auto"), classes=classes, input_size=input_size).classes)
     with gr.Blocks(title="Trick a neural network", delete_cache=(3600, 3600)) as page:
         gr.Markdown(f"# Trick a neural network\nUpload a photo, name a class, and {model_name} will see that class "
                     "in a photo that looks unchanged. Then a defense, and an attack that gets through it.")
@@ -156,7 +160,7 @@ def build_page(model_name=OFFLINE_MODEL):
             with gr.Column():
                 upload = gr.File(label="Your photo", elem_id="photo")
                 sample = gr.Dropdown(list(SAMPLES), value=None, label="...or pick a sample", elem_id="sample")
-                target = gr.Dropdown(labels, value="goldfish, Carassius auratus", allow_custom_value=True,
+                target = gr.Dropdown(labels, value=labels[min(1, len(labels) - 1)], allow_custom_value=True,
                                      label="Target class (type to search)", elem_id="target")
                 epsilon = gr.Slider(1, 32, value=8, step=1, label="Epsilon (levels of 255 each pixel may change)",
                                     elem_id="epsilon")
@@ -177,22 +181,21 @@ def build_page(model_name=OFFLINE_MODEL):
             with gr.Column():
                 through = gr.Image(label="before and after the defense", show_label=False, height=420,
                                    format="png", elem_id="through")
-        model = gr.State(model_name)
-        button.click(on_page(trick), [upload, sample, target, epsilon, steps, method, defense, model],
+        model = [gr.State(model_name), gr.State(classes), gr.State(input_size)]
+        button.click(on_page(trick), [upload, sample, target, epsilon, steps, method, defense, *model],
                      [clean, verdict, comparison, download, defense_report, through, adaptive_download])
     return page
 
 
 def main(args):
-    load_model(args.model, get_device("auto"))  # a bad --model is named here, before the server starts
+    model_from_args(args, get_device("auto"))  # a bad --model is named here, before the server starts
     print(f"Open http://{args.host}:{args.port} in a browser (Ctrl-C stops it)", flush=True)
-    build_page(args.model).launch(server_name=args.host, server_port=args.port, quiet=True)
+    build_page(args.model, args.classes, args.input_size).launch(server_name=args.host, server_port=args.port, quiet=True)
 
 
 def get_args_parser():
     parser = ArgumentParser(description="A local web page to trick a neural network with your own photo.")
-    parser.add_argument("--model", default=OFFLINE_MODEL,
-                        help="efficientnet_lite0 (offline) or a torchvision classifier (default: %(default)s)")
+    add_model_arguments(parser, default=OFFLINE_MODEL)
     parser.add_argument("--port", type=number_in(1, 65535, int, name="--port"), default=7860)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
     return parser

@@ -136,6 +136,18 @@ def prepare_image(path, model):
     return np.asarray(get_image_transform(model.preprocessing)(load_image(path)), dtype=np.uint8).copy()
 
 
+def prepare_images(paths, model):
+    """The arrays the model sees for several files, which a batch needs to share one size: a model that takes
+    images as they are (a model file given no --input-size) would get several sizes otherwise."""
+    images = [prepare_image(path, model) for path in paths]
+    for path, image in zip(paths, images):
+        if image.shape != images[0].shape:
+            raise UsageError(f"{path} is {image.shape[1]}x{image.shape[0]} but {paths[0]} is {images[0].shape[1]}x"
+                             f"{images[0].shape[0]}: {model.name} takes images as they are; pass --input-size N to "
+                             "resize and crop them all to N x N")
+    return images
+
+
 # ---- models ---------------------------------------------------------------------------------------------------
 
 class Classifier(nn.Module):

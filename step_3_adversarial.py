@@ -3,8 +3,8 @@
     python step_3_adversarial.py IMAGE [--perturbation outputs/adversarial_r.npy] [--output outputs/adversarial.png]
                                        [--model resnet18] [--device auto|cpu|cuda]
 
-The perturbation file format is the tutorial's: a float NumPy array of shape (1, 3, H, W) (or (3, H, W)), H = W =
-the model's crop size (224), in the model's *normalized* units, i.e. added to (x - mean) / std. The tutorial's
+The perturbation file format is the tutorial's: a float NumPy array of shape (1, 3, H, W) (or (3, H, W)), H x W the
+image the model sees (224 x 224 for ResNet18), in the model's *normalized* units, i.e. added to (x - mean) / std. The tutorial's
 published `adversarial_r.npy` is in ResNet18's units; the `adversarial_r.npy` that step 5 writes is in the units of
 the `--model` it was made for, so use it with that same `--model`. Both are read with allow_pickle=False.
 
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from step_2_pretrained import (DEFAULT_MODEL, OFFLINE_MODEL, get_device, get_label, load_model, predict_images,
-                               prepare_image, to_tensor, to_uint8)
+from step_2_pretrained import (add_model_arguments, get_device, get_label, model_from_args, predict_images, prepare_image,
+                               to_tensor, to_uint8)
 from utils.cli import ArgumentParser, UsageError, run
 from utils.files import save_image
 
@@ -24,7 +24,9 @@ DEFAULT_PERTURBATION = "outputs/adversarial_r.npy"
 
 
 def load_perturbation(path, size):
-    """The float32 array (1, 3, size, size) in `path`; anything else raises UsageError (never unpickles)."""
+    """The float32 array (1, 3, H, W) in `path`, `size` being H = W or (H, W); anything else raises UsageError
+    (never unpickles)."""
+    height, width = (size, size) if isinstance(size, int) else size
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such perturbation file (step 5 writes one: python step_5_perturb.py IMAGE)")
@@ -36,8 +38,8 @@ def load_perturbation(path, size):
         raise UsageError(f"{path}: the perturbation must be a float array, got {getattr(r, 'dtype', type(r).__name__)}")
     if r.ndim == 3:
         r = r[None]
-    if r.shape != (1, 3, size, size):
-        raise UsageError(f"{path}: the perturbation must have shape (1, 3, {size}, {size}), got {tuple(r.shape)}")
+    if r.shape != (1, 3, height, width):
+        raise UsageError(f"{path}: the perturbation must have shape (1, 3, {height}, {width}), got {tuple(r.shape)}")
     if not np.isfinite(r).all():
         raise UsageError(f"{path}: the perturbation holds NaN or infinite values")
     return r.astype(np.float32)
@@ -64,12 +66,12 @@ def read_back(path, model):
 def main(args):
     if Path(args.output).suffix.lower() != ".png":
         raise UsageError(f"--output must be a .png: a lossy format would change the perturbation, got {args.output}")
-    model = load_model(args.model, get_device(args.device))
+    model = model_from_args(args, get_device(args.device))
     image = prepare_image(args.image, model)
-    r = load_perturbation(args.perturbation, model.preprocessing.crop_size)
+    r = load_perturbation(args.perturbation, image.shape[:2])
     saved = save_image(get_adversarial_example(image, r, model), args.output)
-    print(f"Old prediction: {get_label(predict_images(model, image)[0])}")
-    print(f"New prediction: {get_label(predict_images(model, read_back(saved, model))[0])}")
+    print(f"Old prediction: {get_label(predict_images(model, image)[0], model.classes)}")
+    print(f"New prediction: {get_label(predict_images(model, read_back(saved, model))[0], model.classes)}")
 
 
 def get_args_parser():
@@ -78,7 +80,7 @@ def get_args_parser():
     parser.add_argument("--perturbation", default=DEFAULT_PERTURBATION,
                         help="float .npy of shape (1, 3, 224, 224) in the model's normalized units (default: %(default)s)")
     parser.add_argument("--output", default="outputs/adversarial.png", help="where to save the PNG (default: %(default)s)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"torchvision classifier or {OFFLINE_MODEL} (default: %(default)s)")
+    add_model_arguments(parser)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     return parser
 

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from step_2_pretrained import (DEFAULT_MODEL, OFFLINE_MODEL, find_class, get_device, get_label, load_model,
-                               predict_images, prepare_image, to_tensor)
+from step_2_pretrained import (add_model_arguments, find_class, get_device, get_label, model_from_args, predict_images,
+                               prepare_image, prepare_images, to_tensor)
 from step_3_adversarial import perturbation_from_images, read_back
 from utils import speed
 from utils.attacks import ATTACKS, budget_unit, goal_reached, perturbation_size, run_attack
@@ -49,13 +49,13 @@ def goal_labels(model, images, args):
     """What each image is attacked towards: the target class, or (untargeted) its own clean class to move away from."""
     if args.untargeted:
         return predict_images(model, images)
-    return [find_class(args.target)] * len(images)
+    return [find_class(args.target, model.classes)] * len(images)
 
 
 def print_loss_every(period, model):
     def on_step(step, loss, logits):
         if step % period == 0:
-            print(f"Loss: {loss.mean().item():.2f} / Class: {get_label(logits.argmax(dim=1)[0])}", flush=True)
+            print(f"Loss: {loss.mean().item():.2f} / Class: {get_label(logits.argmax(dim=1)[0], model.classes)}", flush=True)
     return on_step
 
 
@@ -74,8 +74,8 @@ def attack_images(model, images, labels, args, on_step=None):
 
 def describe_goal(model, image, args):
     if args.untargeted:
-        return f"Untargeted: any class but {get_label(predict_images(model, image)[0])}"
-    return f"Target class: {get_label(find_class(args.target))}"
+        return f"Untargeted: any class but {get_label(predict_images(model, image)[0], model.classes)}"
+    return f"Target class: {get_label(find_class(args.target, model.classes), model.classes)}"
 
 
 def attack_one(model, path, args):
@@ -89,13 +89,14 @@ def attack_one(model, path, args):
     save_array(perturbation_from_images(adversarial, image, model), out / "adversarial_r.npy")
     saved = save_image(adversarial, out / "adversarial.png")
     old, new = predict_images(model, [image, read_back(saved, model)])
-    save_figure(comparison_figure(image, adversarial, get_label(old), get_label(new)), out / "comparison.png")
+    old_label, new_label = get_label(old, model.classes), get_label(new, model.classes)
+    save_figure(comparison_figure(image, adversarial, old_label, new_label), out / "comparison.png")
     linf, l2 = perturbation_size(to_tensor(adversarial), to_tensor(image))
-    print(f"Old prediction: {get_label(old)}")
-    print(f"New prediction: {get_label(new)}")
+    print(f"Old prediction: {old_label}")
+    print(f"New prediction: {new_label}")
     print(f"{budget_unit(args.method).capitalize()} used: {steps} / L-inf: {linf.item():.0f} levels of 255 / L2: {l2.item():.3f}")
     if not goal_reached(new, labels[0], args.untargeted):
-        print(f"The attack did not get there: {saved} is still classified as {get_label(new)}; "
+        print(f"The attack did not get there: {saved} is still classified as {new_label}; "
               f"try more --steps, a larger --epsilon or --method pgd")
         return 1
     return 0
@@ -103,7 +104,7 @@ def attack_one(model, path, args):
 
 def attack_many(model, paths, args):
     """Attack a set of photos in batches; one line per photo, judged on the PNG read back."""
-    images = [prepare_image(path, model) for path in paths]
+    images = prepare_images(paths, model)
     labels = goal_labels(model, images, args)
     print(describe_goal(model, images[0], args) if not args.untargeted else "Untargeted: any class but each image's own")
     adversarial, steps_used = attack_images(model, images, labels, args)
@@ -115,7 +116,8 @@ def attack_many(model, paths, args):
         ok = goal_reached(new, label, args.untargeted)
         failures += not ok
         linf = int(np.abs(adv.astype(int) - image.astype(int)).max())
-        print(f"{path}: {get_label(old)} -> {get_label(new)} ({'fooled' if ok else 'NOT fooled'}, {steps} "
+        print(f"{path}: {get_label(old, model.classes)} -> {get_label(new, model.classes)} "
+              f"({'fooled' if ok else 'NOT fooled'}, {steps} "
               f"{budget_unit(args.method)}, "
               f"L-inf {linf}) -> {saved}")
     print(f"Fooled {len(paths) - failures} of {len(paths)}")
@@ -127,12 +129,12 @@ def main(args):
     if args.untargeted and args.target is not None:
         raise UsageError("--target and --untargeted exclude each other")
     args.target = "1" if args.target is None else args.target
-    if not args.untargeted:
-        find_class(args.target)  # an unknown target is reported before any work
     device = get_device(args.device)
     speed.check_precision(args.precision, device)
     paths = list_images(args.images)
-    model = speed.prepare_model(load_model(args.model, device), args, args.batch_size, device)
+    model = speed.prepare_model(model_from_args(args, device), args, args.batch_size, device)
+    if not args.untargeted:
+        find_class(args.target, model.classes)  # an unknown target is reported before any work
     if len(paths) == 1 and not Path(args.images[0]).is_dir():
         return attack_one(model, paths[0], args)
     return attack_many(model, paths, args)
@@ -162,13 +164,14 @@ def add_attack_arguments(parser):
 
 
 def add_common_arguments(parser, steps=30):
-    parser.add_argument("--target", help="class index or name to reach (default: 1, goldfish)")
+    parser.add_argument("--target", help="class index or name to reach, among the model's classes (default: 1, "
+                                          "ImageNet's goldfish)")
     parser.add_argument("--untargeted", action="store_true", help="any class but the clean prediction")
     parser.add_argument("--epsilon", type=number_in(0, 255, low_open=True, name="--epsilon"), default=10,
                         help="L-infinity budget in pixel levels out of 255, in (0, 255] (default: %(default)s)")
     parser.add_argument("--steps", type=number_in(1, 100000, int, name="--steps"), default=steps,
                         help="gradient steps, >= 1 (default: %(default)s)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"torchvision classifier or {OFFLINE_MODEL} (default: %(default)s)")
+    add_model_arguments(parser)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default="outputs")

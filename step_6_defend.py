@@ -10,7 +10,7 @@ JPEG file itself for jpeg, a lossless PNG for the others. With --report, also th
 """
 from pathlib import Path
 
-from step_2_pretrained import DEFAULT_MODEL, OFFLINE_MODEL, get_device, get_label, load_model, predict_images, prepare_image
+from step_2_pretrained import add_model_arguments, get_device, get_label, model_from_args, predict_images, prepare_image
 from step_3_adversarial import read_back
 from utils.cli import ArgumentParser, UsageError, run
 from utils.defenses import DEFENSES, defense_parameters, describe, jpeg_bytes, make_defense
@@ -45,17 +45,18 @@ def report_clean_cost(model, clean_path, args):
     defended = make_defense(args.defense, seed=args.seed, **defense_settings(args))(clean)
     before, after = predict_images(model, [clean, defended])
     verdict = "kept" if before == after else "LOST"
-    print(f"Clean photo {clean_path}: {get_label(before)} -> {get_label(after)} after the defense ({verdict})")
+    print(f"Clean photo {clean_path}: {get_label(before, model.classes)} -> {get_label(after, model.classes)} after the "
+          f"defense ({verdict})")
 
 
 def main(args):
     name = describe(args.defense, **defense_settings(args))  # checks the defense and its parameters
     path = output_path(args)
-    model = load_model(args.model, get_device(args.device))
+    model = model_from_args(args, get_device(args.device))
     image = prepare_image(args.image, model)
     saved = save_defended(image, args, path)
-    print(f"Old prediction: {get_label(predict_images(model, image)[0])}")
-    print(f"New prediction: {get_label(predict_images(model, read_back(saved, model))[0])}")
+    print(f"Old prediction: {get_label(predict_images(model, image)[0], model.classes)}")
+    print(f"New prediction: {get_label(predict_images(model, read_back(saved, model))[0], model.classes)}")
     print(f"Defense: {name}, applied to the image and written to {saved}")
     if args.report:
         report_clean_cost(model, args.clean or args.image, args)
@@ -78,7 +79,7 @@ def get_args_parser():
     parser.add_argument("--seed", type=int, default=0, help="seed of the random defense (default: %(default)s)")
     parser.add_argument("--report", action="store_true", help="also report the defense's cost on a clean photo")
     parser.add_argument("--clean", help="the clean photo for --report (default: IMAGE)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"torchvision classifier or {OFFLINE_MODEL} (default: %(default)s)")
+    add_model_arguments(parser)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--output", help="where to write the defended image (default: outputs/adversarial.jpg for jpeg, "
                                          "outputs/defended_DEFENSE.png otherwise)")

@@ -10,11 +10,12 @@ the identity (BPDA, Athalye, Carlini and Wagner 2018, "Obfuscated Gradients Give
 only by the truth: the saved PNG read back from disk, put through the real defense, classified as the target.
 Writes adaptive.png and break_defense.png (the plain step-5 attack and the adaptive one, before and after the defense).
 """
+import functools
 from pathlib import Path
 
 import torch
 
-from step_2_pretrained import find_class, get_device, get_label, load_model, predict_images, prepare_image
+from step_2_pretrained import find_class, get_device, get_label, model_from_args, predict_images, prepare_image
 from step_3_adversarial import read_back
 from step_5_perturb import add_attack_arguments, add_common_arguments, attack_options, print_loss_every
 from step_6_defend import add_defense_arguments, defense_settings
@@ -47,16 +48,17 @@ def main(args):
     torch.manual_seed(args.seed)
     if args.untargeted:
         raise UsageError("step 7 is a targeted attack: drop --untargeted")
-    target = find_class("1" if args.target is None else args.target)
     settings = defense_settings(args)
     name = describe(args.defense, **settings)
     device = get_device(args.device)
     speed.check_precision(args.precision, device)
-    model = speed.prepare_model(load_model(args.model, device), args, 1, device)
+    model = speed.prepare_model(model_from_args(args, device), args, 1, device)
+    target = find_class("1" if args.target is None else args.target, model.classes)
     image = prepare_image(args.image, model)
+    label = functools.partial(get_label, classes=model.classes)
     attacker_defense = make_defense(args.defense, seed=args.seed, **settings)
     judge_defense = make_defense(args.defense, seed=args.seed + JUDGE_SEED_OFFSET, **settings)
-    print(f"Target class: {get_label(target)}")
+    print(f"Target class: {label(target)}")
     print(f"Defense: {name}; attack: {args.method} through it (BPDA, EOT {args.eot}), epsilon {args.epsilon:g}")
 
     out = Path(args.output_dir)
@@ -70,15 +72,15 @@ def main(args):
     plain_before, adaptive_before = predict_images(model, [read_back(plain_path, model), read_back(adaptive_path, model)])
     defended = [judge_defense(read_back(path, model)) for path in (plain_path, adaptive_path)]  # the truth
     plain_after, new = predict_images(model, defended)
-    print(f"Old prediction: {get_label(old)}")
-    print(f"New prediction: {get_label(new)}")
-    print(f"Plain step-5 attack: {get_label(plain_before)} -> after the defense: {get_label(plain_after)}")
-    print(f"Adaptive attack:     {get_label(adaptive_before)} -> after the defense: {get_label(new)} ({steps} {budget_unit(args.method)})")
-    rows = [("plain attack (step 5)", plain, get_label(plain_before), defended[0], get_label(plain_after)),
-            ("adaptive attack (step 7)", adaptive, get_label(adaptive_before), defended[1], get_label(new))]
+    print(f"Old prediction: {label(old)}")
+    print(f"New prediction: {label(new)}")
+    print(f"Plain step-5 attack: {label(plain_before)} -> after the defense: {label(plain_after)}")
+    print(f"Adaptive attack:     {label(adaptive_before)} -> after the defense: {label(new)} ({steps} {budget_unit(args.method)})")
+    rows = [("plain attack (step 5)", plain, label(plain_before), defended[0], label(plain_after)),
+            ("adaptive attack (step 7)", adaptive, label(adaptive_before), defended[1], label(new))]
     save_figure(figure(rows), out / "break_defense.png")
     if new != target:
-        print(f"The adaptive attack did not get through: after the defense {adaptive_path} is {get_label(new)}; "
+        print(f"The adaptive attack did not get through: after the defense {adaptive_path} is {label(new)}; "
               f"try more --steps, a larger --epsilon or more --eot")
         return 1
     return 0

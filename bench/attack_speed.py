@@ -33,7 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from step_2_pretrained import (OFFLINE_MODEL, freeze, get_device, load_model, load_torchvision,  # noqa: E402
-                               predict, prepare_image, to_tensor, torchvision_classifiers)
+                               predict, prepare_images, to_tensor)
 from utils import speed  # noqa: E402
 from utils.attacks import ATTACKS, make_attack  # noqa: E402
 from utils.cli import ArgumentParser, UsageError, comma_list, number_in, run  # noqa: E402
@@ -66,7 +66,7 @@ def get_model(name, device, fold=True):
 
 def get_batch(model, batch_size, device):
     """`batch_size` photos (the offline ones, repeated) as a float batch on whole levels, and the target labels."""
-    images = [prepare_image(path, model) for path in photo_paths()]
+    images = prepare_images(photo_paths(), model)
     images = [images[i % len(images)] for i in range(batch_size)]
     return to_tensor(images, device), torch.full((batch_size,), TARGET, device=device)
 
@@ -248,9 +248,8 @@ def print_table(rows):
 
 def main(args):
     device = get_device(args.device)
-    unknown = [name for name in args.models if name != OFFLINE_MODEL and name not in torchvision_classifiers()]
-    if unknown:
-        raise UsageError(f"unknown model {unknown[0]!r}; try resnet18 or {OFFLINE_MODEL}")
+    for name in set(args.models) - set(RANDOM_WEIGHTS):
+        load_model(name, device)  # a bad name or file is named in one line before any timing
     if args.compile and torch.device(device).type == "cpu" and speed.compiler_missing():
         raise UsageError(f"--compile: {speed.compiler_missing()}")
     if args.threads:
@@ -277,7 +276,9 @@ def get_args_parser():
     parser = ArgumentParser(description="Time this project's targeted PGD per step, in each speed configuration, "
                                         "against the model's forward+backward and torchattacks' PGD.")
     parser.add_argument("--models", type=comma_list(name="model"), default=["resnet18", OFFLINE_MODEL],
-                        help="comma-separated; resnet18 gets random weights (default: resnet18,efficientnet_lite0)")
+                        help="comma-separated, each any --model of the steps (a name, a .pt2/.pt file, timm:NAME, "
+                             "robustbench:DATASET/THREAT/NAME); resnet18 gets random weights (default: "
+                             "resnet18,efficientnet_lite0)")
     parser.add_argument("--batch-sizes", type=comma_list(number_in(1, 4096, int, name="batch size"), name="batch size"),
                         default=[1, 16], help="comma-separated (default: 1,16)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
