@@ -16,7 +16,6 @@ import functools
 import io
 import pickle
 import re
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,10 +216,8 @@ def load_torchvision(name, pretrained=True):
     meta = weights.transforms()
     preprocessing = Preprocessing(meta.crop_size[0], tuple(meta.mean), tuple(meta.std), meta.interpolation)
     try:
-        # torch.hub announces a download on stdout even when it then fails: keep that for a download that works
-        with contextlib.redirect_stdout(io.StringIO()) as hub_messages:
+        with models.announced_on_success():
             net = torchvision.models.get_model(name, weights=weights if pretrained else None)
-        sys.stderr.write(hub_messages.getvalue())
     except (URLError, OSError, RuntimeError, pickle.UnpicklingError, EOFError) as error:  # unpickling: a torn file
         cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
         reason = getattr(error, "reason", None) or str(error).splitlines()[0]

@@ -18,9 +18,13 @@ import difflib
 import functools
 import io
 import json
+import logging
 import math
 import os
+import socket
 import sys
+import urllib.parse
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -180,12 +184,29 @@ def load_torchscript(path):
 
 @contextlib.contextmanager
 def warnings_silenced():
-    """torch.jit warns that it is deprecated on every use: the README says so once, the user's output need not."""
-    import warnings
+    """Libraries' warnings about themselves (torch.jit is deprecated, robustbench imports pkg_resources) are not the
+    user's business: on stderr, a failure is one line."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore")
         yield
+
+
+@contextlib.contextmanager
+def announced_on_success():
+    """Libraries announce a download on stdout even when it then fails (torch.hub, gdown, timm): the announcement goes
+    to stderr for a load that works, and a failure stays one line."""
+    with contextlib.redirect_stdout(io.StringIO()) as messages:
+        yield
+    sys.stderr.write(messages.getvalue())
+
+
+def no_network(host):
+    """"no network: HOST does not resolve", or None when it resolves."""
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return f"no network: {host} does not resolve"
+    return None
 
 
 def first_line(error):
@@ -224,10 +245,54 @@ def load_model_file(path, classes_path=None, input_size=None):
 
 # ---- timm -----------------------------------------------------------------------------------------------------
 
+def import_timm():
+    """timm, able to download. RobustBench pins timm 1.0.9, which imports huggingface_hub's
+    repo_type_and_id_from_hf_id, gone from the huggingface_hub that gradio needs (>= 1.16); when that import fails,
+    timm silently loses every hub download. timm uses the function only to upload (push_to_hf_hub), so a stand-in that
+    refuses is registered first. torch.jit's deprecation warning on timm's import is silenced: it is not the user's."""
+    import huggingface_hub
+    if not hasattr(huggingface_hub, "repo_type_and_id_from_hf_id"):
+        def repo_type_and_id_from_hf_id(*args, **kwargs):
+            raise NotImplementedError("uploading to the Hugging Face hub is not supported with this huggingface_hub")
+        huggingface_hub.repo_type_and_id_from_hf_id = repo_type_and_id_from_hf_id
+    with warnings_silenced():
+        import timm
+    return timm
+
+
+def timm_config(timm, name):
+    """timm's pretrained config of NAME (architecture.tag); an unknown name or tag raises UsageError with the closest."""
+    try:
+        cfg = timm.models.get_pretrained_cfg(name) if timm.is_model(name) else None
+    except RuntimeError:  # a known architecture with an unknown tag
+        cfg = None
+    if cfg is None:
+        close = difflib.get_close_matches(name, timm.list_pretrained(), n=4, cutoff=0.5)
+        raise UsageError(f"unknown timm model {name!r}" + (f"; closest: {', '.join(close)}" if close else ""))
+    return cfg
+
 def hub_cache():
     """huggingface_hub's cache folder (HF_HOME/hub, or HF_HUB_CACHE, default ~/.cache/huggingface/hub)."""
     from huggingface_hub import constants
     return Path(constants.HF_HUB_CACHE)
+
+
+@contextlib.contextmanager
+def hub_quietly():
+    """huggingface_hub for one load: offline (the cache only) when its host does not resolve, since it would otherwise
+    retry for about a minute before failing, and its retry warnings kept off stderr, where a failure is one line.
+    Yields the reason there is no network, or None."""
+    from huggingface_hub import constants
+    offline = no_network(urllib.parse.urlsplit(constants.ENDPOINT).hostname)
+    saved_offline, logger = constants.HF_HUB_OFFLINE, logging.getLogger("huggingface_hub")
+    saved_level = logger.level
+    constants.HF_HUB_OFFLINE = saved_offline or offline is not None
+    logger.setLevel(logging.ERROR)
+    try:
+        yield offline
+    finally:
+        constants.HF_HUB_OFFLINE = saved_offline
+        logger.setLevel(saved_level)
 
 
 def timm_download_hint(name, cfg):
@@ -241,17 +306,15 @@ def timm_download_hint(name, cfg):
 
 def load_timm(name, input_size=None):
     """(network, preprocessing settings, class names) of timm's pretrained NAME, through timm's own loader."""
-    import timm
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_pretrained(), n=4, cutoff=0.5)
-        raise UsageError(f"unknown timm model {name!r}" + (f"; closest: {', '.join(close)}" if close else ""))
-    try:
-        with weights_only_loads(), contextlib.redirect_stdout(sys.stderr):
-            net = timm.create_model(name, pretrained=True)
-    except (OSError, RuntimeError, ValueError) as error:  # hub errors are OSErrors or ValueErrors; a torn file too
-        cfg = timm.models.get_pretrained_cfg(name) or timm.create_model(name, pretrained=False).pretrained_cfg
-        cfg = cfg if not isinstance(cfg, dict) else timm.models.PretrainedCfg(**cfg)
-        raise UsageError(f"cannot load timm's weights of {name} ({first_line(error)}): {timm_download_hint(name, cfg)}")
+    timm = import_timm()
+    cfg = timm_config(timm, name)
+    with hub_quietly() as offline:
+        try:
+            with weights_only_loads(), announced_on_success():
+                net = timm.create_model(name, pretrained=True)
+        except (OSError, RuntimeError, ValueError) as error:  # hub errors are OSErrors or ValueErrors; a torn file too
+            raise UsageError(f"cannot load timm's weights of {name} ({offline or first_line(error)}): "
+                             f"{timm_download_hint(name, cfg)}")
     cfg = net.pretrained_cfg
     crop = cfg["input_size"][-1]
     settings = dict(crop_size=crop, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
@@ -271,7 +334,9 @@ def import_robustbench():
     import pyautoattack.state
     sys.modules.setdefault("autoattack", pyautoattack)
     sys.modules.setdefault("autoattack.state", pyautoattack.state)
-    import robustbench.utils
+    import_timm()  # robustbench imports timm, which must find its hub functions (see import_timm)
+    with warnings_silenced():
+        import robustbench.utils
     return robustbench.utils
 
 
@@ -318,13 +383,14 @@ def load_robustbench(spec, input_size=None):
     utils = import_robustbench()
     folder = robustbench_dir()
     try:
-        with weights_only_loads(), contextlib.redirect_stdout(sys.stderr):  # it announces downloads on stdout
+        with weights_only_loads(), announced_on_success(), warnings_silenced():
             net = utils.load_model(name, model_dir=folder, dataset=dataset, threat_model=threat)
     except Exception as error:  # gdown, requests and a torn file each fail in their own way
         gdrive = entry.get("gdrive_id")
         address = f"https://drive.google.com/uc?id={gdrive}" if isinstance(gdrive, str) else "RobustBench's Google Drive"
         target = folder / dataset / threat / f"{name}.pt"
-        raise UsageError(f"cannot load RobustBench's weights of {dataset}/{threat}/{name} ({first_line(error)}): "
+        reason = no_network("drive.google.com") or first_line(error)
+        raise UsageError(f"cannot load RobustBench's weights of {dataset}/{threat}/{name} ({reason}): "
                          f"download {address} to {display_path(target)}")
     resize, crop, interpolation = ROBUSTBENCH_PREPROCESSING[entry.get("preprocessing")]
     settings = dict(crop_size=input_size or crop, resize_size=input_size or resize, mean=(0.0, 0.0, 0.0),
