@@ -190,11 +190,9 @@ def run_job(model, photos, plan, job, batch, todo, done, out, args):
     return rows
 
 
-def needed(job, name, plan, done):
-    """Whether `job` still has to run on photo `name`, given the rows so far. An ensemble stage runs only on a photo
-    correctly classified when clean that no earlier stage (same epsilon) fooled."""
-    if job.key(name) in done:
-        return False
+def runs_on(job, name, plan, done):
+    """Whether `job` runs on photo `name`, given the earlier jobs' rows: every job does but an ensemble stage, which
+    runs only on a photo correctly classified when clean that no earlier stage (same epsilon) fooled."""
     if job.attack != "ensemble":
         return True
     clean = done.get(CLEAN.key(name))
@@ -209,13 +207,21 @@ def needed(job, name, plan, done):
     return True
 
 
+def still_to_run(job, batch, photos, plan, done):
+    """The photos of `batch` that `job` runs on now: none when each has its row already, else all of them. A batch
+    recorded in part (a kill mid-append, a PNG deleted) runs again whole, so each photo keeps the batch it has in an
+    uninterrupted run: on CPU another batch composition gives other floats."""
+    runs = [i for i in batch if runs_on(job, photos.names[i], plan, done)]
+    return [] if all(job.key(photos.names[i]) in done for i in runs) else runs
+
+
 # ---- streaming ------------------------------------------------------------------------------------------------
 
 def evaluate(model, photos, plan, batches, done, out, args, context):
     """Decode each of this rank's batches that has work left and run every job on it before the next; rows go to
-    this rank's shard as each job finishes. Returns the unreadable files met (name, reason)."""
-    pending = [batch for batch in batches if any(needed(job, photos.names[i], plan, done)
-                                                 for i in batch for job in plan.jobs)]
+    this rank's shard as each job finishes. Returns the unreadable files met (name, reason) and how many photos the
+    batches with work left held."""
+    pending = [batch for batch in batches if any(still_to_run(job, batch, photos, plan, done) for job in plan.jobs)]
     dataset = PhotoDataset(photos.paths, load_image, get_image_transform(model.preprocessing))
     shard = shard_path(out, context.rank)
     skipped = []
@@ -227,14 +233,14 @@ def evaluate(model, photos, plan, batches, done, out, args, context):
                 tqdm.write(f"skipped {name}: {reason}", file=sys.stderr)
             skipped += unreadable
             for job in plan.jobs:
-                todo = [i for i in batch.members if needed(job, photos.names[i], plan, done)]
+                todo = still_to_run(job, batch.members, photos, plan, done)
                 if todo:
                     bar.set_postfix_str(f"{job.folder.removeprefix('images/')} {job.defense} {job.attack}")
                     rows = run_job(model, photos, plan, job, batch, todo, done, out, args)
                     append_rows(shard, rows)
                     done.update((row_key(row), row) for row in rows)
             bar.update(len(items))
-    return skipped
+    return skipped, sum(map(len, pending))
 
 
 def main(args):
@@ -251,7 +257,8 @@ def main(args):
         out = Path(args.output_dir)
         done = start_output(out, args, context)
         started = time.perf_counter()
-        skipped = evaluate(model, photos, plan, batches, done, out, args, context)
+        skipped, attacked = evaluate(model, photos, plan, batches, done, out, args, context)
+        attacked = sum(distributed.gather(attacked, context))
         order = {name: i for i, name in enumerate(photos.names)}
         skipped = sorted((item for found in distributed.gather(skipped, context) for item in found),
                          key=lambda item: order[item[0]])
@@ -262,8 +269,12 @@ def main(args):
             rows = merge_results(out, photos, plan, args)
             summary, count = write_report(rows, photos, plan, skipped, out, args, context)
             print(summary.read_text())
-            print(f"Evaluated {readable} photos in {seconds:.2f} s ({readable / seconds:.3f} photos/s), "
-                  f"{context.world_size} process(es) x {torch.get_num_threads()} thread(s)")
+            if attacked:
+                print(f"Evaluated {readable} photos in {seconds:.2f} s ({readable / seconds:.3f} photos/s), "
+                      f"{context.world_size} process(es) x {torch.get_num_threads()} thread(s)")
+            else:
+                print(f"Nothing left to do: every job had finished on all {readable} photos (--resume); the report "
+                      "was written again from results.csv")
             print(f"Wrote {count} rows to {out / 'results.csv'}, {summary} and the figures in {out}")
     finally:
         distributed.stop(context)
