@@ -106,25 +106,31 @@ def rank_pid(launcher, rank):
     return None
 
 
-def test_rank_killed_then_resumed_by_one_process(one_process, photos):
-    out = photos.parent / "killed"
-    launcher = subprocess.Popen(command(2, photos, *GRID, "--output-dir", out), cwd=photos.parent,
+def run_until_rows(processes, photos, out, shard, lines, victim):
+    """Start step 8 and SIGKILL `victim(launcher)` (a pid) once `shard` has `lines` lines; returns the exit status."""
+    launcher = subprocess.Popen(command(processes, photos, *GRID, "--output-dir", out), cwd=photos.parent,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
-    shard = out / "shards" / "results.rank-1.csv"
     try:
         deadline = time.monotonic() + 300
-        while not (shard.is_file() and len(shard.read_text().splitlines()) >= 2):  # header and a first job's rows
-            assert launcher.poll() is None and time.monotonic() < deadline, "rank 1 never wrote a row"
+        while not (shard.is_file() and len(shard.read_text().splitlines()) >= lines):
+            assert launcher.poll() is None and time.monotonic() < deadline, f"{shard.name} never had {lines} lines"
             time.sleep(0.02)
-        victim = rank_pid(launcher.pid, 1)
-        assert victim is not None
-        os.kill(victim, signal.SIGKILL)
-        assert launcher.wait(timeout=300) != 0, "torchrun reports the killed rank"
+        pid = victim(launcher)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        return launcher.wait(timeout=300)
     finally:
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait()
+
+
+def test_rank_killed_then_resumed_by_one_process(one_process, photos):
+    out = photos.parent / "killed"
+    shard = out / "shards" / "results.rank-1.csv"
+    status = run_until_rows(2, photos, out, shard, 2, lambda launcher: rank_pid(launcher.pid, 1))  # a first job's rows
+    assert status != 0, "torchrun reports the killed rank"
     assert not (out / "results.csv").exists(), "killed before the merge"
     written = len(shard.read_text().splitlines()) - 1
     assert 1 <= written < 3 * 2, "killed mid-run: some of rank 1's rows, not all"
@@ -205,21 +211,7 @@ def test_a_kill_inside_a_batch_is_resumed_byte_for_byte(one_process, photos, row
 def test_one_process_killed_then_resumed(one_process, photos):
     """A real SIGKILL of a plain run, wherever it lands after its first rows, then --resume: the uninterrupted bytes."""
     out = photos.parent / "killed_one"
-    process = subprocess.Popen(command(0, photos, *GRID, "--output-dir", out), cwd=photos.parent,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    shard = out / "shards" / "results.rank-0.csv"
-    try:
-        deadline = time.monotonic() + 300
-        while not (shard.is_file() and len(shard.read_text().splitlines()) >= 4):
-            assert process.poll() is None and time.monotonic() < deadline, "the run never wrote three rows"
-            time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    run_until_rows(0, photos, out, out / "shards" / "results.rank-0.csv", 4, lambda process: process.pid)
     assert not (out / "results.csv").exists(), "killed before the merge"
     evaluate(0, photos, out, "--resume")
     assert rows_without_seconds(out) == rows_without_seconds(one_process)
