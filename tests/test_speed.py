@@ -317,8 +317,11 @@ def test_the_benchmark_prints_every_configuration_and_one_summary_line(tmp_path)
                          "--repeats", "1", "--threads", "1", cwd=tmp_path)
     assert process.returncode == 0, process.stderr[-2000:]
     out = process.stdout
-    for run in ("fwd+bwd (the floor)", "torchattacks PGD", "ours fp32 [auto: ", "ours channels-last", "ours bf16"):
+    for run in ("fwd+bwd (the floor)", "torchattacks PGD", "ours fp32 [rule: channels_last]",
+                "ours contiguous [contiguous]", "ours bf16 [rule: channels_last]"):
         assert run in out, out
+    assert re.search(rf"^memory format, {OFFLINE} batch 1: channels_last \(the rule\) takes \d+\.\d{{3}} of contiguous's "
+                     r"time per step$", out, re.M), out
     summary = [line for line in out.splitlines() if line.startswith(f"{OFFLINE} batch 1: ")]
     assert len(summary) == 1, out
     assert re.search(rf"^{OFFLINE} batch 1 \(apgd, square\): apgd/fwd\+bwd \d+\.\d{{3}} .*square/fwd \d+\.\d{{3}}", out, re.M), out
