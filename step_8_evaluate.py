@@ -33,9 +33,10 @@ them) whose PNG is still there, and does only the rest. Unreadable files are nam
 left out of every rate; --strict makes the first one an error. Columns linf (levels) and l2 (pixels in [0, 1])
 compare the PNG read back with the prepared original; seconds is the attack's time per image.
 
-Reproducibility: the same inputs, seed, --batch-size and threads per process give the same bytes, whatever the
-number of processes; another batch size or thread count gives other floats on CPU, hence the same verdicts except for
-images at the decision boundary.
+Reproducibility: the same inputs, seed, --batch-size, threads per process, --memory-format, --precision and device
+give the same bytes, whatever the number of processes and however busy the machine (no clock decides a float);
+another batch size, thread count, memory format or precision gives other floats on CPU, hence the same verdicts
+except for images at the decision boundary.
 """
 import argparse
 import csv

@@ -1,4 +1,4 @@
-"""Speed that never changes a verdict: the memory format measured per model, batch and device, mixed precision whose
+"""Speed that never changes a verdict: the memory format by a fixed rule of model and device, mixed precision whose
 successes an fp32 forward confirms, and torch.compile with its compile time reported.
 
 - Memory format. A fixed rule, never a clock: channels-last (NHWC) for a network with 2-D convolutions on a CPU or
@@ -53,7 +53,7 @@ def full_precision(device):
     return torch.autocast(torch.device(device).type, enabled=False)
 
 
-# ---- memory format --------------------------------------------------------------------------------------------
+# ---- timing, and the memory format ---------------------------------------------------------------------------
 
 def synchronize(device):
     if torch.device(device).type == "cuda":
