@@ -102,8 +102,11 @@ def make_plan(args, labelled):
 # ---- inputs ---------------------------------------------------------------------------------------------------
 
 def prepare_model(args, device):
-    """The one place the model is made ready: --precision checked, --memory-format set, --compile applied."""
-    return speed.prepare_model(load_model(args.model, device), args, args.batch_size, device)
+    """The one place the model is made ready: --precision checked, --memory-format set, --compile applied; "auto"
+    in args.memory_format becomes the format the rule gave, which summary.md records."""
+    model = speed.prepare_model(load_model(args.model, device), args, args.batch_size, device)
+    args.memory_format = speed.memory_format_of(model, device)
+    return model
 
 
 # ---- attacking and judging ------------------------------------------------------------------------------------

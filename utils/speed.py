@@ -104,6 +104,12 @@ def memory_format_rule(net, device):
     return torch.contiguous_format
 
 
+def memory_format_of(model, device):
+    """The name of the memory format `model` (a Classifier) runs its 4-D input in on `device`: forced, or the rule's."""
+    size = model.preprocessing.crop_size
+    return format_name(model.format_for(torch.zeros(1, 3, size, size, device=device)))
+
+
 def format_name(memory_format):
     return {value: key for key, value in MEMORY_FORMATS.items()}.get(memory_format, str(memory_format))
 
