@@ -1,19 +1,30 @@
 """A web page to trick the network: upload a photo (or pick a sample), name a target class, and see the attack, what a
 defense does to it, and the adaptive attack that gets through that defense.
 
-    python app.py [--model efficientnet_lite0] [--port 7860] [--host 127.0.0.1]     (or: make app)
+    python app.py [--model efficientnet_lite0] [--port 7860] [--host 127.0.0.1] [--workers 2] [--max-queue 8]
+                                                                                    (or: make app)
 
 The page is a form over step 7's command line: its flags, defaults and range checks judge the numbers, and the same
 functions run (step 2 to classify, step 7's plain and adaptive attacks, utils.defenses, utils.figures). As in the
 scripts, every prediction shown after an attack is of the PNG written and read back, the file offered for download.
 Bad input gets one clear message on the page. It runs offline on EfficientNet-Lite0 by default; Gradio's telemetry is
 off.
+
+Several users at once: --workers attacks run at a time (they share the frozen model, which only reads its weights;
+each request has its own seeded generators, defense and figures), up to --max-queue more wait, and a request past
+that is told at once that the page is busy (Gradio's "queue is full" message) instead of waiting without end. Each
+answer's files live in a folder of their own, removed as soon as Gradio has copied them into its cache (which it
+prunes hourly), so the page's own temporary folder holds only the files of the requests being answered. An upload
+over MAX_MEGAPIXELS (or over MAX_UPLOAD) is refused with a message before it is decoded.
 """
+import contextlib
 import functools
 import os
 import re
+import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: it reads this once, at import
@@ -21,6 +32,8 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: i
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 
 import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 from step_2_pretrained import (OFFLINE_MODEL, find_class, get_device, get_idx_to_label, get_label,  # noqa: E402
                                load_model, predict, predict_images, prepare_image, to_tensor)
@@ -36,8 +49,12 @@ from utils.files import save_figure, save_image  # noqa: E402
 from utils.sample_images import sample_paths  # noqa: E402
 
 MAX_STEPS = 500  # a page answers in minutes at most; the scripts take more
+# An upload is decoded whole before it is resized: 40 megapixels (a large phone photo) is 120 MB of RGB per request,
+# under PIL's own decompression-bomb limit of about 89
+MAX_MEGAPIXELS = 40
+MAX_UPLOAD = "50mb"  # Gradio refuses a larger file before it is stored
 SAMPLES = {path.name: path for path in sample_paths()}
-WORK = tempfile.TemporaryDirectory(prefix="tnn-app-")  # each answer's files, removed when the server stops
+WORK = tempfile.TemporaryDirectory(prefix="tnn-app-")  # the answers' folders; removed when the server stops
 
 
 def refuse(message):
@@ -73,9 +90,38 @@ def load_photo(upload, sample, model):
     """The photo as the model sees it; a bad upload is named by its file name, not by where the server keeps it."""
     path = photo_path(upload, sample)
     try:
+        check_size(path)
         return prepare_image(path, model)
     except UsageError as error:
         raise UsageError(str(error).replace(str(path), path.name))
+
+
+def check_size(path):
+    """UsageError for a photo over MAX_MEGAPIXELS, read from its header before any pixel is decoded; a file PIL
+    cannot open is left to prepare_image to name."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is judged here, below PIL's
+            with Image.open(path) as image:
+                width, height = image.size
+    except Image.DecompressionBombError as error:  # declared over twice PIL's limit: PIL refuses to even open it
+        raise UsageError(f"{path}: refused as a possible decompression bomb ({error}); this page takes photos up to "
+                         f"{MAX_MEGAPIXELS} megapixels")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return
+    if width * height > MAX_MEGAPIXELS * 1_000_000:
+        raise UsageError(f"{path}: {width} x {height} is {width * height / 1e6:.1f} megapixels; this page takes photos "
+                         f"up to {MAX_MEGAPIXELS} megapixels")
+
+
+@contextlib.contextmanager
+def answer_folder():
+    """A folder for one answer's files, removed when the answer is done with."""
+    folder = Path(tempfile.mkdtemp(dir=WORK.name))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def photo_path(upload, sample):
@@ -101,12 +147,19 @@ def show_progress(progress, what, total):
 
 
 def trick(upload, sample, target, epsilon, steps, method, defense, model_name=OFFLINE_MODEL, progress=gr.Progress()):
-    """Everything the page shows, from its inputs; bad input raises UsageError."""
+    """Everything the page shows, from its inputs, yielded once; bad input raises UsageError. A generator so that its
+    files outlive the return: Gradio asks a generator for its next value only after it has sent (and copied into its
+    cache) the one before, and then this answer's folder goes."""
+    with answer_folder() as out:
+        yield answer(upload, sample, target, epsilon, steps, method, defense, model_name, progress, out)
+
+
+def answer(upload, sample, target, epsilon, steps, method, defense, model_name, progress, out):
+    """The page's outputs, its files written into the folder `out`."""
     args = settings(target, epsilon, steps, method, defense, model_name)
     goal = find_class(args.target)
     model = load_model(args.model, get_device(args.device))
     image = load_photo(upload, sample, model)
-    out = Path(tempfile.mkdtemp(dir=WORK.name))
     attacker_defense = make_defense(args.defense, seed=args.seed)
     judge_defense = make_defense(args.defense, seed=args.seed + JUDGE_SEED_OFFSET)
 
@@ -139,12 +192,12 @@ def trick(upload, sample, target, epsilon, steps, method, defense, model_name=OF
 def on_page(function):
     """Bad input as a message on the page (Gradio shows a gr.Error's text), never a traceback."""
     @functools.wraps(function)  # Gradio reads the signature to find, and pass, the progress tracker
-    def answer(*inputs):
+    def answers(*inputs):
         try:
-            return function(*inputs)
+            yield from function(*inputs)
         except UsageError as error:
             raise gr.Error(str(error), print_exception=False)
-    return answer
+    return answers
 
 
 def build_page(model_name=OFFLINE_MODEL):
@@ -183,10 +236,19 @@ def build_page(model_name=OFFLINE_MODEL):
     return page
 
 
+def warm_up(model):
+    """One forward before requests share the model: its first lays the weights out in their memory format, which no
+    two requests should race to do."""
+    size = model.preprocessing.crop_size
+    predict_images(model, [np.zeros((size, size, 3), np.uint8)])
+
+
 def main(args):
-    load_model(args.model, get_device("auto"))  # a bad --model is named here, before the server starts
+    model = load_model(args.model, get_device("auto"))  # a bad --model is named here, before the server starts
+    warm_up(model)
+    page = build_page(args.model).queue(default_concurrency_limit=args.workers, max_size=args.max_queue)
     print(f"Open http://{args.host}:{args.port} in a browser (Ctrl-C stops it)", flush=True)
-    build_page(args.model).launch(server_name=args.host, server_port=args.port, quiet=True)
+    page.launch(server_name=args.host, server_port=args.port, quiet=True, max_file_size=MAX_UPLOAD)
 
 
 def get_args_parser():
@@ -195,6 +257,11 @@ def get_args_parser():
                         help="efficientnet_lite0 (offline) or a torchvision classifier (default: %(default)s)")
     parser.add_argument("--port", type=number_in(1, 65535, int, name="--port"), default=7860)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    parser.add_argument("--workers", type=number_in(1, 64, int, name="--workers"), default=2,
+                        help="attacks computed at a time (default: %(default)s)")
+    parser.add_argument("--max-queue", type=number_in(1, 10000, int, name="--max-queue"), default=8,
+                        help="requests that may wait for a worker; one more is told the page is busy "
+                             "(default: %(default)s)")
     return parser
 
 

@@ -25,9 +25,10 @@ utils/results.py's; summary.md, robust_accuracy.csv, the sanity checks and the f
 Unreadable files are named on stderr, listed in summary.md and left out of every rate; --strict makes the first one
 an error.
 
-Reproducibility: the same inputs, seed, --batch-size and threads per process give the same bytes, whatever the
-number of processes; another batch size or thread count gives other floats on CPU, hence the same verdicts except for
-images at the decision boundary.
+Reproducibility: the same inputs, seed, --batch-size, threads per process, --memory-format, --precision and device
+give the same bytes, whatever the number of processes and however busy the machine (no clock decides a float);
+another batch size, thread count, memory format or precision gives other floats on CPU, hence the same verdicts
+except for images at the decision boundary.
 """
 import sys
 import time
@@ -101,8 +102,11 @@ def make_plan(args, labelled):
 # ---- inputs ---------------------------------------------------------------------------------------------------
 
 def prepare_model(args, device):
-    """The one place the model is made ready: --precision checked, --memory-format set, --compile applied."""
-    return speed.prepare_model(load_model(args.model, device), args, args.batch_size, device)
+    """The one place the model is made ready: --precision checked, --memory-format set, --compile applied; "auto"
+    in args.memory_format becomes the format the rule gave, which summary.md records."""
+    model = speed.prepare_model(load_model(args.model, device), args, args.batch_size, device)
+    args.memory_format = speed.memory_format_of(model, device)
+    return model
 
 
 # ---- attacking and judging ------------------------------------------------------------------------------------

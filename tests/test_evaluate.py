@@ -106,12 +106,14 @@ def test_budget_and_success_remeasured_from_the_pngs(evaluated, photos, offline_
 
 
 def test_bf16_gradients_still_give_fp32_verdicts_on_the_files(photos, tmp_path, offline_model):
-    """--precision bf16 reaches step 8's attacks: their rows are judged like any other, by the fp32 model on the PNG
-    read back, so every success written is a success of the file."""
+    """--precision bf16 (here with --memory-format contiguous) reaches step 8's attacks: their rows are judged like any
+    other, by the fp32 model on the PNG read back, so every success written is a success of the file."""
     out = tmp_path / "bf16"
     result = run_script("step_8_evaluate.py", photos, "--model", OFFLINE, "--methods", "pgd", "--epsilons", "16",
-                        "--steps", "2", "--threads", "1", "--precision", "bf16", "--output-dir", out, cwd=photos.parent)
+                        "--steps", "2", "--threads", "1", "--precision", "bf16", "--memory-format", "contiguous",
+                        "--output-dir", out, cwd=photos.parent)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "memory format contiguous, precision bf16;" in (out / "summary.md").read_text(), "what was asked, recorded"
     rows = read_rows(out)
     finals = predict_images(offline_model, [read_back(out / row["file"], offline_model) for row in rows])
     assert [row["success"] for row in rows] == [str(int(final == GOLDFISH)) for final in finals]
@@ -148,6 +150,7 @@ def test_summary_tables_and_sanity_checks(evaluated):
     assert cells[2].strip() == "2", "the table is at the largest steps"
     assert cells[4].strip() == f"{100 * success_rate(rows, 'pgd', '16', '2'):.1f}%"
     assert "| fgsm | 1 |" in summary
+    assert "device cpu, memory format channels_last, precision fp32;" in summary, "the rule's format, recorded"
 
 
 def without_seconds(rows):

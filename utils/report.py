@@ -156,10 +156,12 @@ def run_facts(photos, args, context):
     """What a rerun needs to give the same bytes."""
     return (f"Run: batch size {args.batch_size}, {torch.get_num_threads()} torch thread(s) per process, "
             f"{context.world_size} process{'es' if context.world_size > 1 else ''}, {args.workers} loader workers, "
-            f"seed {args.seed}, device {context.device}; Python {platform.python_version()}, "
-            f"torch {torch.__version__}, torchvision {torchvision.__version__}. The same inputs, seed, batch size and threads per process give "
-            "the same bytes whatever the number of processes; another batch size or thread count changes floats, "
-            "so verdicts may differ for images at the decision boundary.")
+            f"seed {args.seed}, device {context.device}, memory format {args.memory_format}, "
+            f"precision {args.precision}; "
+            f"Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}. "
+            "The same inputs, seed, batch size, threads per process, memory format, precision and device give the same "
+            "bytes whatever the number of processes; another batch size, thread count, memory format or precision "
+            "changes floats, so verdicts may differ for images at the decision boundary.")
 
 
 def summary_markdown(rows, rate, kept, accuracy, photos, plan, skipped, args, context):
