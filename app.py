@@ -1,19 +1,30 @@
 """A web page to trick the network: upload a photo (or pick a sample), name a target class, and see the attack, what a
 defense does to it, and the adaptive attack that gets through that defense.
 
-    python app.py [--model efficientnet_lite0] [--port 7860] [--host 127.0.0.1]     (or: make app)
+    python app.py [--model efficientnet_lite0] [--port 7860] [--host 127.0.0.1] [--workers 2] [--max-queue 8]
+                                                                                    (or: make app)
 
 The page is a form over step 7's command line: its flags, defaults and range checks judge the numbers, and the same
 functions run (step 2 to classify, step 7's plain and adaptive attacks, utils.defenses, utils.figures). As in the
 scripts, every prediction shown after an attack is of the PNG written and read back, the file offered for download.
 Bad input gets one clear message on the page. It runs offline on EfficientNet-Lite0 by default; Gradio's telemetry is
 off.
+
+Several users at once: --workers attacks run at a time (they share the frozen model, which only reads its weights;
+each request has its own seeded generators, defense and figures), up to --max-queue more wait, and a request past
+that is told at once that the page is busy (Gradio's "queue is full" message) instead of waiting without end. Each
+answer's files live in a folder of their own, removed as soon as Gradio has copied them into its cache (which it
+prunes hourly), so the page's own temporary folder holds only the files of the requests being answered. An upload
+over MAX_MEGAPIXELS (or over MAX_UPLOAD) is refused with a message before it is decoded.
 """
+import contextlib
 import functools
 import os
 import re
+import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: it reads this once, at import
@@ -21,6 +32,8 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: i
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 
 import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 from step_2_pretrained import (OFFLINE_MODEL, add_model_arguments, find_class, get_device, get_label,  # noqa: E402
                                load_model, model_from_args, predict, predict_images, prepare_image, to_tensor)
@@ -30,14 +43,19 @@ from step_7_break_defense import get_args_parser as step_7_parser  # noqa: E402
 from utils.adaptive import JUDGE_SEED_OFFSET  # noqa: E402
 from utils.attacks import ATTACKS, perturbation_size  # noqa: E402
 from utils.cli import ArgumentParser, UsageError, number_in, run  # noqa: E402
+from utils import models  # noqa: E402
 from utils.defenses import DEFENSES, describe, make_defense  # noqa: E402
 from utils.figures import comparison_figure, short  # noqa: E402
 from utils.files import save_figure, save_image  # noqa: E402
 from utils.sample_images import sample_paths  # noqa: E402
 
 MAX_STEPS = 500  # a page answers in minutes at most; the scripts take more
+# An upload is decoded whole before it is resized: 40 megapixels (a large phone photo) is 120 MB of RGB per request,
+# under PIL's own decompression-bomb limit of about 89
+MAX_MEGAPIXELS = 40
+MAX_UPLOAD = "50mb"  # Gradio refuses a larger file before it is stored
 SAMPLES = {path.name: path for path in sample_paths()}
-WORK = tempfile.TemporaryDirectory(prefix="tnn-app-")  # each answer's files, removed when the server stops
+WORK = tempfile.TemporaryDirectory(prefix="tnn-app-")  # the answers' folders; removed when the server stops
 
 
 def refuse(message):
@@ -74,9 +92,38 @@ def load_photo(upload, sample, model):
     """The photo as the model sees it; a bad upload is named by its file name, not by where the server keeps it."""
     path = photo_path(upload, sample)
     try:
+        check_size(path)
         return prepare_image(path, model)
     except UsageError as error:
         raise UsageError(str(error).replace(str(path), path.name))
+
+
+def check_size(path):
+    """UsageError for a photo over MAX_MEGAPIXELS, read from its header before any pixel is decoded; a file PIL
+    cannot open is left to prepare_image to name."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is judged here, below PIL's
+            with Image.open(path) as image:
+                width, height = image.size
+    except Image.DecompressionBombError as error:  # declared over twice PIL's limit: PIL refuses to even open it
+        raise UsageError(f"{path}: refused as a possible decompression bomb ({error}); this page takes photos up to "
+                         f"{MAX_MEGAPIXELS} megapixels")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return
+    if width * height > MAX_MEGAPIXELS * 1_000_000:
+        raise UsageError(f"{path}: {width} x {height} is {width * height / 1e6:.1f} megapixels; this page takes photos "
+                         f"up to {MAX_MEGAPIXELS} megapixels")
+
+
+@contextlib.contextmanager
+def answer_folder():
+    """A folder for one answer's files, removed when the answer is done with."""
+    folder = Path(tempfile.mkdtemp(dir=WORK.name))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def photo_path(upload, sample):
@@ -104,13 +151,21 @@ def show_progress(progress, what, total, classes):
 
 def trick(upload, sample, target, epsilon, steps, method, defense, model_name=OFFLINE_MODEL, classes=None,
           input_size=None, progress=gr.Progress()):
-    """Everything the page shows, from its inputs; bad input raises UsageError."""
-    args = settings(target, epsilon, steps, method, defense, model_name, classes, input_size)
+    """Everything the page shows, from its inputs, yielded once; bad input raises UsageError. A generator so that its
+    files outlive the return: Gradio asks a generator for its next value only after it has sent (and copied into its
+    cache) the one before, and then this answer's folder goes."""
+    with answer_folder() as out:
+        yield answer(upload, sample, target, epsilon, steps, method, defense, (model_name, classes, input_size),
+                     progress, out)
+
+
+def answer(upload, sample, target, epsilon, steps, method, defense, model_spec, progress, out):
+    """The page's outputs, its files written into the folder `out`; model_spec: (--model, --classes, --input-size)."""
+    args = settings(target, epsilon, steps, method, defense, *model_spec)
     model = model_from_args(args, get_device(args.device))
     goal = find_class(args.target, model.classes)
     label = functools.partial(get_label, classes=model.classes)
     image = load_photo(upload, sample, model)
-    out = Path(tempfile.mkdtemp(dir=WORK.name))
     attacker_defense = make_defense(args.defense, seed=args.seed)
     judge_defense = make_defense(args.defense, seed=args.seed + JUDGE_SEED_OFFSET)
 
@@ -143,12 +198,12 @@ def trick(upload, sample, target, epsilon, steps, method, defense, model_name=OF
 def on_page(function):
     """Bad input as a message on the page (Gradio shows a gr.Error's text), never a traceback."""
     @functools.wraps(function)  # Gradio reads the signature to find, and pass, the progress tracker
-    def answer(*inputs):
+    def answers(*inputs):
         try:
-            return function(*inputs)
+            yield from function(*inputs)
         except UsageError as error:
             raise gr.Error(str(error), print_exception=False)
-    return answer
+    return answers
 
 
 def build_page(model_name=OFFLINE_MODEL, classes=None, input_size=None):
@@ -187,10 +242,20 @@ def build_page(model_name=OFFLINE_MODEL, classes=None, input_size=None):
     return page
 
 
+def warm_up(model):
+    """One forward before requests share the model: its first lays the weights out in their memory format, which no
+    two requests should race to do."""
+    size = model.preprocessing.crop_size or models.PROBE_SIZE  # a model file that takes images as they are: any size
+    predict_images(model, [np.zeros((size, size, 3), np.uint8)])
+
+
 def main(args):
-    model_from_args(args, get_device("auto"))  # a bad --model is named here, before the server starts
+    model = model_from_args(args, get_device("auto"))  # a bad --model is named here, before the server starts
+    warm_up(model)
+    page = build_page(args.model, args.classes, args.input_size)
+    page = page.queue(default_concurrency_limit=args.workers, max_size=args.max_queue)
     print(f"Open http://{args.host}:{args.port} in a browser (Ctrl-C stops it)", flush=True)
-    build_page(args.model, args.classes, args.input_size).launch(server_name=args.host, server_port=args.port, quiet=True)
+    page.launch(server_name=args.host, server_port=args.port, quiet=True, max_file_size=MAX_UPLOAD)
 
 
 def get_args_parser():
@@ -198,6 +263,11 @@ def get_args_parser():
     add_model_arguments(parser, default=OFFLINE_MODEL)
     parser.add_argument("--port", type=number_in(1, 65535, int, name="--port"), default=7860)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    parser.add_argument("--workers", type=number_in(1, 64, int, name="--workers"), default=2,
+                        help="attacks computed at a time (default: %(default)s)")
+    parser.add_argument("--max-queue", type=number_in(1, 10000, int, name="--max-queue"), default=8,
+                        help="requests that may wait for a worker; one more is told the page is busy "
+                             "(default: %(default)s)")
     return parser
 
 

@@ -153,9 +153,9 @@ class Classifier(nn.Module):
     """A classifier on RGB pixels in [0, 1]: normalization happens inside, so gradients are in pixel space. `classes`
     names its outputs (default: ImageNet's 1000).
 
-    `memory_format` is "auto" (the default: the faster of contiguous and channels-last, measured once per input
-    shape, device, precision and grad mode by utils.speed.fastest_memory_format) or a torch.memory_format to force.
-    The input and the weights are put in the chosen format; the arithmetic, and so fp32, is unchanged."""
+    `memory_format` is "auto" (the default: utils.speed.memory_format_rule, a fixed function of the network and the
+    device, never a timing, so a run's bytes do not depend on how busy the machine is) or a torch.memory_format to
+    force. The input and the weights are put in the chosen format: the same function, computed in other floats."""
 
     def __init__(self, net, preprocessing, name="model", memory_format="auto", classes=None):
         super().__init__()
@@ -164,19 +164,18 @@ class Classifier(nn.Module):
         self.name = name
         self.classes = tuple(classes) if classes is not None else models.imagenet_classes()
         self.memory_format = memory_format
-        self.measured_formats = {}  # utils.speed.format_key(pixels) -> the faster torch.memory_format
+        self.rule_formats = {}  # device -> utils.speed.memory_format_rule's answer, found once
         self.weights_format = torch.contiguous_format
         self.register_buffer("mean", torch.tensor(preprocessing.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(preprocessing.std).view(1, 3, 1, 1))
 
     def format_for(self, pixels):
-        """The memory format this input runs in: forced, or measured on first sight of its shape and settings."""
+        """The memory format this input runs in: forced, or the rule's for this network and the input's device."""
         if self.memory_format != "auto":
             return self.memory_format
-        key = speed.format_key(pixels)
-        if key not in self.measured_formats:
-            self.measured_formats[key] = speed.fastest_memory_format(self.forward_in, pixels)
-        return self.measured_formats[key]
+        if pixels.device not in self.rule_formats:
+            self.rule_formats[pixels.device] = speed.memory_format_rule(self.net, pixels.device)
+        return self.rule_formats[pixels.device]
 
     def forward_in(self, pixels, memory_format):
         if pixels.dim() == 4:

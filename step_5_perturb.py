@@ -15,7 +15,8 @@ when the attack did not get there.
 The budget --epsilon is an L-infinity bound in pixel levels out of 255: the saved PNG differs from the resized and
 cropped original by at most epsilon levels in every channel of every pixel.
 
-Speed (utils/speed.py): the model runs in the faster memory format for its batch, measured on first use;
+Speed (utils/speed.py): the model runs in the memory format of a fixed rule (channels-last for 2-D convolutions on
+CPU and CUDA; --memory-format overrides it), never chosen by a clock;
 --precision bf16 (or fp16 on CUDA) computes the gradients under autocast, and a success still counts only when an fp32
 forward of the 8-bit image confirms it.
 """

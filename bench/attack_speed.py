@@ -10,8 +10,10 @@ For each model and batch size, on the same device and the same images, it times 
 - torchattacks: torchattacks.PGD on that same default model (it leaves the model as it is given), with the same eps,
   step size and steps, no random start, targeted by label;
 - ours, in each configuration: fp32 (the default: batch norms folded into the convolutions, and the memory format
-  measured per model and batch, see utils/speed.py), channels-last forced, bf16 autocast (fp16 too on CUDA) with fp32-confirmed successes, and with --compile,
-  torch.compile (its compile time printed). All targeted, early stop off, no random start.
+  of utils/speed.py's fixed rule), the other memory format forced, bf16 autocast (fp16 too on CUDA) with
+  fp32-confirmed successes, and with --compile, torch.compile (its compile time printed). All targeted, early stop
+  off, no random start. The "memory format" line per model and batch gives the rule's format and its measured time
+  against the other's: the measurement the rule stands on, made here and never at run time.
 Each is warmed up, then timed `--repeats` times (interleaved, so a busy machine slows all alike) and the min (or, with
 --stat median, the median) is kept. With one CPU thread the clock is this process's CPU time (--clock): on cores
 shared with other work, the wall clock would also count the time spent waiting for a core. Every success is an fp32 verdict: the returned image rounded to 8 bits and
@@ -128,11 +130,13 @@ def verdicts(judge, adversarial, labels):
 # ---- one measurement ------------------------------------------------------------------------------------------
 
 def configurations(name, device, images, args):
-    """Ours' configurations: label -> (model, precision). The models are copies: each keeps its own memory format."""
+    """Ours' configurations: label -> (model, precision). The models are copies: each keeps its own memory format;
+    the one labelled by a format name runs in the format the rule does not pick."""
     default = get_model(name, device)
-    forced = get_model(name, device)
-    forced.memory_format = torch.channels_last
-    configs = {REFERENCE: (default, "fp32"), "channels-last": (forced, "fp32"), "bf16": (get_model(name, device), "bf16")}
+    other = get_model(name, device)
+    other.memory_format = other_format(default, device)
+    configs = {REFERENCE: (default, "fp32"), speed.format_name(other.memory_format): (other, "fp32"),
+               "bf16": (get_model(name, device), "bf16")}
     if torch.device(device).type == "cuda":
         configs["fp16"] = (get_model(name, device), "fp16")
     if args.compile:
@@ -141,15 +145,17 @@ def configurations(name, device, images, args):
     return configs
 
 
-def chosen_format(model, images, precision):
-    """What the auto memory format picked for the attack's gradient passes (or what was forced)."""
+def other_format(model, device):
+    """The memory format the rule does not pick for this model on this device."""
+    rule = speed.memory_format_rule(model.net, device)
+    return torch.contiguous_format if rule == torch.channels_last else torch.channels_last
+
+
+def chosen_format(model, images):
+    """The memory format the attack ran in: the rule's (auto) or the one forced."""
     if model.memory_format != "auto":
         return speed.format_name(model.memory_format)
-    dtype = speed.PRECISIONS[precision]
-    for (shape, _, grad, autocast_dtype), memory_format in model.measured_formats.items():
-        if shape == tuple(images.shape) and grad and autocast_dtype == dtype:
-            return "auto: " + speed.format_name(memory_format)
-    return "auto"
+    return "rule: " + speed.format_name(model.format_for(images))
 
 
 def measure(name, batch_size, device, args, progress):
@@ -166,7 +172,7 @@ def measure(name, batch_size, device, args, progress):
     for label, (model, precision) in configs.items():
         runs[label] = (lambda model, precision: lambda steps: ours(model, images, labels, steps, args.epsilon,
                                                                      args.alpha, precision))(model, precision)
-    for function in runs.values():  # warm-up: allocator, oneDNN/cuDNN kernels, the memory-format measurement
+    for function in runs.values():  # warm-up: allocator, oneDNN/cuDNN kernels
         function(min(2, args.steps))
     seconds = {key: [] for key in runs}
     outputs = {}
@@ -179,7 +185,7 @@ def measure(name, batch_size, device, args, progress):
     return {"model": name, "batch": batch_size, "random": name in RANDOM_WEIGHTS,
             "seconds": {key: pick(values) for key, values in seconds.items()},
             "verdicts": {key: verdicts(plain, output, labels) for key, output in outputs.items() if output is not None},
-            "formats": {key: chosen_format(model, images, precision) for key, (model, precision) in configs.items()},
+            "formats": {key: chosen_format(model, images) for key, (model, _) in configs.items()},
             "ours": list(configs)}
 
 
@@ -234,14 +240,25 @@ def summary_line(row):
             f"ours/torchattacks {versus:.3f} ({'meets' if versus <= target else 'misses'} <= {target:g})")
 
 
+def format_line(row):
+    """The rule's memory format against the other, measured: what the rule in utils/speed.py stands on."""
+    other = next(key for key in row["ours"] if key in speed.MEMORY_FORMATS)
+    ratio = row["seconds"][REFERENCE] / row["seconds"][other]
+    return (f"memory format, {row['model']} batch {row['batch']}: {row['formats'][REFERENCE].removeprefix('rule: ')} "
+            f"(the rule) takes {ratio:.3f} of {other}'s time per step")
+
+
 def print_table(rows):
     for row in rows:
         print_row_table(row)
     print("\nfwd: per call, not per step; ours also judges its final image with one more forward, which fwd+bwd and "
-          "torchattacks do not. [auto: ...] is the memory format measured for that model, batch and precision.")
+          "torchattacks do not. [rule: ...] is the memory format utils/speed.py's fixed rule picks for that model "
+          "and device; the configuration named after the other format forces it.")
     if any(row["random"] for row in rows):
         print("* random weights (no network to fetch ImageNet ones): timing only, its success rates say nothing about "
               "attacking an ImageNet classifier")
+    for row in rows:
+        print(format_line(row))
     for row in rows:
         print(summary_line(row))
 

@@ -20,12 +20,18 @@ import app  # noqa: E402
 GOLDFISH = "goldfish, Carassius auratus"
 
 
-def ask(upload=None, sample="grace_hopper.jpg", target="goldfish", epsilon=8, steps=20, method="pgd", defense="jpeg"):
+def answers(upload=None, sample="grace_hopper.jpg", target="goldfish", epsilon=8, steps=20, method="pgd", defense="jpeg"):
+    """The page's answer as Gradio runs it: a generator whose files last until it is asked for more."""
     return app.on_page(app.trick)(upload, sample, target, epsilon, steps, method, defense, OFFLINE)
 
 
+def ask(**inputs):
+    return next(answers(**inputs))
+
+
 def test_the_page_tricks_the_model_and_judges_the_png_it_offers(offline_model):
-    clean, verdict, comparison, png, defense_report, through, adaptive_png = ask(upload=str(GRACE_HOPPER), sample=None)
+    page = answers(upload=str(GRACE_HOPPER), sample=None)
+    clean, verdict, comparison, png, defense_report, through, adaptive_png = next(page)
     assert next(iter(clean)) == "military uniform" and len(clean) == 5
     image = prepare_image(GRACE_HOPPER, offline_model)
     adversarial = np.asarray(Image.open(png))
@@ -35,12 +41,22 @@ def test_the_page_tricks_the_model_and_judges_the_png_it_offers(offline_model):
     assert "**After jpeg (quality 75):**" in defense_report and "**Adaptive attack**" in defense_report
     for path in (comparison, through, adaptive_png):
         assert Path(path).is_file()
+    with pytest.raises(StopIteration):  # Gradio asks for more once it has copied the files into its cache...
+        next(page)
+    assert not Path(png).parent.exists()  # ...and the answer's folder goes
+    assert list(Path(app.WORK.name).iterdir()) == []
+
+
+def test_a_refused_request_leaves_no_folder():
+    with pytest.raises(gr.Error):
+        ask(target="goldfsh")
+    assert list(Path(app.WORK.name).iterdir()) == []
 
 
 def test_the_page_shows_each_attacks_progress():
     calls = []
-    app.trick(None, "grace_hopper.jpg", "1", 8, 6, "pgd", "jpeg", OFFLINE,
-              progress=lambda fraction, desc: calls.append((fraction, desc)))
+    next(app.trick(None, "grace_hopper.jpg", "1", 8, 6, "pgd", "jpeg", OFFLINE,
+                   progress=lambda fraction, desc: calls.append((fraction, desc))))
     plain = [fraction for fraction, desc in calls if desc.startswith("pgd attack: loss ")]
     adaptive = [fraction for fraction, desc in calls if desc.startswith("adaptive attack: loss ")]
     assert plain[0] == (1, 6) and adaptive[0] == (1, 6) and len(plain) + len(adaptive) == len(calls)

@@ -4,6 +4,7 @@ import csv
 import functools
 import re
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -105,12 +106,14 @@ def test_budget_and_success_remeasured_from_the_pngs(evaluated, photos, offline_
 
 
 def test_bf16_gradients_still_give_fp32_verdicts_on_the_files(photos, tmp_path, offline_model):
-    """--precision bf16 reaches step 8's attacks: their rows are judged like any other, by the fp32 model on the PNG
-    read back, so every success written is a success of the file."""
+    """--precision bf16 (here with --memory-format contiguous) reaches step 8's attacks: their rows are judged like any
+    other, by the fp32 model on the PNG read back, so every success written is a success of the file."""
     out = tmp_path / "bf16"
     result = run_script("step_8_evaluate.py", photos, "--model", OFFLINE, "--methods", "pgd", "--epsilons", "16",
-                        "--steps", "2", "--threads", "1", "--precision", "bf16", "--output-dir", out, cwd=photos.parent)
+                        "--steps", "2", "--threads", "1", "--precision", "bf16", "--memory-format", "contiguous",
+                        "--output-dir", out, cwd=photos.parent)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "memory format contiguous, precision bf16;" in (out / "summary.md").read_text(), "what was asked, recorded"
     rows = read_rows(out)
     finals = predict_images(offline_model, [read_back(out / row["file"], offline_model) for row in rows])
     assert [row["success"] for row in rows] == [str(int(final == GOLDFISH)) for final in finals]
@@ -147,6 +150,7 @@ def test_summary_tables_and_sanity_checks(evaluated):
     assert cells[2].strip() == "2", "the table is at the largest steps"
     assert cells[4].strip() == f"{100 * success_rate(rows, 'pgd', '16', '2'):.1f}%"
     assert "| fgsm | 1 |" in summary
+    assert "device cpu, memory format channels_last, precision fp32;" in summary, "the rule's format, recorded"
 
 
 def without_seconds(rows):
@@ -155,27 +159,38 @@ def without_seconds(rows):
 
 def test_resume_recomputes_only_missing_rows(evaluated, photos):
     """Finished rows come from results.csv and from the shards of any rank; a torn last line and a row whose PNG is
-    gone are redone; the rest is not touched and the merged file is the uninterrupted run's."""
+    gone are redone, each with the whole batch it had, so the merged file and every PNG are the uninterrupted run's;
+    the jobs whose batch was recorded whole are not touched."""
     out = copy_of(evaluated, "resumed")
     header, *body = (out / "results.csv").read_text().splitlines(keepends=True)
     # 8 jobs x 2 photos, one batch: rows 0-5 (jobs 1-3) in results.csv, jobs 4-5 in a shard, jobs 6-8 missing
     lost = next(csv.DictReader([header, body[2]]))
-    (out / lost["file"]).unlink()  # its row stays in results.csv, but its PNG is gone: it must be redone
+    (out / lost["file"]).unlink()  # its row stays in results.csv, but its PNG is gone: job 2 must be redone whole
     (out / "results.csv").write_text(header + "".join(body[:6]))
     (out / "shards").mkdir()
     (out / "shards" / "results.rank-1.csv").write_text(header + "".join(body[6:10]) + body[10][:40])
     kept = [row for row in csv.DictReader([header, *body[:10]]) if row["file"] != lost["file"]]
-    mtimes = {row["file"]: (out / row["file"]).stat().st_mtime_ns for row in kept}
+    redone_job = {row["file"] for row in csv.DictReader([header, *body[2:4]])}
+    mtimes = {row["file"]: (out / row["file"]).stat().st_mtime_ns for row in kept if row["file"] not in redone_job}
 
     evaluate(photos, out, "--resume")
     before, after = read_rows(evaluated), read_rows(out)
-    assert [tuple(row[c] for c in COLUMNS[:6]) for row in after] == \
-           [tuple(row[c] for c in COLUMNS[:6]) for row in before], "every row once, in one process's order"
-    redone_alone = lost["file"]  # one photo of the batch: other floats than in a batch of two, so not compared
-    assert without_seconds([r for r in after if r["file"] != redone_alone]) == \
-           without_seconds([r for r in before if r["file"] != redone_alone])
+    assert without_seconds(after) == without_seconds(before), "every row once, in one process's order, same values"
+    assert png_bytes(out) == png_bytes(evaluated), "the redone PNGs are the uninterrupted run's, byte for byte"
     assert all((out / name).stat().st_mtime_ns == mtime for name, mtime in mtimes.items()), "kept PNGs untouched"
-    assert (out / redone_alone).is_file() and not (out / "shards").exists()
+    assert not (out / "shards").exists()
+
+
+def png_bytes(out):
+    return {path.relative_to(out).as_posix(): path.read_bytes() for path in sorted((out / "images").rglob("*.png"))}
+
+
+def test_resume_with_nothing_left_says_so(evaluated, photos):
+    out = copy_of(evaluated, "nothing_left")
+    result = evaluate(photos, out, "--resume")
+    assert "Nothing left to do: every job had finished on all 2 photos (--resume)" in result.stdout
+    assert "photos/s" not in result.stdout
+    assert without_seconds(read_rows(out)) == without_seconds(read_rows(evaluated))
 
 
 def test_defenses_plain_and_adaptive(evaluated, photos, offline_model):
@@ -284,7 +299,7 @@ def solid(path, colour, size=40):
 def tiny(monkeypatch, capsys):
     """Run step 8's main in this process on the tiny model: returns (exit status, stderr)."""
     model = make_tiny_model()
-    monkeypatch.setattr(step_8_evaluate, "load_model", lambda name, device: model)
+    monkeypatch.setattr(step_8_evaluate, "load_model", lambda name, device, **options: model)
 
     def call(*argv):
         with pytest.raises(SystemExit) as exit_:
@@ -432,6 +447,28 @@ def test_with_labels_and_no_methods_only_the_default_ensemble_runs():
     with_grid = make_plan(get_args_parser().parse_args(["photos", "--methods", "pgd"]), labelled=True)
     assert with_grid.target is None and with_grid.methods == ["pgd"], "with labels the grid is untargeted"
     assert make_plan(get_args_parser().parse_args(["photos"]), labelled=False).ensemble == []
+
+
+def test_a_batch_recorded_in_part_runs_again_whole():
+    """The rule behind an exact --resume: a job's rows for a batch count only when every photo it runs on has one; else
+    it runs on the whole batch again (never on the lone photo: another batch composition gives other floats on CPU)."""
+    plan = make_plan(get_args_parser().parse_args(["photos", "--methods", "pgd", "--epsilons", "2", "--steps", "2"]),
+                     labelled=False)
+    job, photos = plan.jobs[0], SimpleNamespace(names=["a.png", "b.png", "c.png"])
+    row = {"success": "0"}
+    assert step_8_evaluate.still_to_run(job, [0, 1, 2], photos, plan, {}) == [0, 1, 2]
+    assert step_8_evaluate.still_to_run(job, [0, 1, 2], photos, plan, {job.key("b.png"): row}) == [0, 1, 2]
+    whole = {job.key(name): row for name in photos.names}
+    assert step_8_evaluate.still_to_run(job, [0, 1, 2], photos, plan, whole) == []
+    ensemble = make_plan(get_args_parser().parse_args(["photos", "--ensemble", "apgd,square", "--epsilons", "2"]),
+                         labelled=True)
+    clean = {CLEAN.key(name): {"clean_correct": correct} for name, correct in zip(photos.names, "110")}
+    apgd, square = ensemble.stages_at(2)
+    fooled_a = {apgd.key("a.png"): {"success": "1"}, apgd.key("b.png"): {"success": "0"}}
+    assert step_8_evaluate.still_to_run(square, [0, 1, 2], photos, ensemble, {**clean, **fooled_a}) == [1], \
+        "a later stage runs on the photos still correct after every earlier one"
+    assert step_8_evaluate.still_to_run(square, [0, 1, 2], photos, ensemble,
+                                        {**clean, **fooled_a, square.key("b.png"): row}) == []
 
 
 @pytest.fixture

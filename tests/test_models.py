@@ -1,6 +1,7 @@
 """Any classifier in every script: model files (.pt2 torch.export programs, .pt TorchScript), timm:NAME and
 robustbench:DATASET/THREAT/NAME (their real loaders, offline, with stand-in weights of random values under the real
 file names in the packages' caches), class lists, --input-size, and the bad inputs each can bring."""
+import csv
 import pickle
 import sys
 
@@ -274,8 +275,8 @@ def test_steps_3_6_and_7_take_a_torchscript_file_and_its_classes(files, step_5):
 
 def test_the_page_uses_the_models_classes(files):
     app = pytest.importorskip("app")
-    clean, verdict, *_ = app.trick(None, "grace_hopper.jpg", "cat", 16, 5, "pgd", "jpeg", str(files["pt2"]),
-                                   progress=lambda *args, **kwargs: None)
+    clean, verdict, *_ = next(app.trick(None, "grace_hopper.jpg", "cat", 16, 5, "pgd", "jpeg", str(files["pt2"]),
+                                        progress=lambda *args, **kwargs: None))
     assert set(clean) <= set(CIFAR10) and "target cat" in verdict
 
 
@@ -335,3 +336,20 @@ def test_imagenet_models_keep_imagenets_names():
     assert models.default_classes(1000) == models.imagenet_classes()
     assert models.default_classes(3) == ("0", "1", "2")
     assert sys.modules["step_2_pretrained"].LABELS_PATH == models.IMAGENET_LABELS
+
+
+def test_step_8_reads_labels_and_the_target_among_the_models_classes(files, tmp_path):
+    """ImageFolder class folders and --target are names from the model's list (CIFAR-10's here, not ImageNet's)."""
+    for folder, seed in (("cat", 0), ("ship", 1)):
+        (tmp_path / "photos" / folder).mkdir(parents=True)
+        pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "photos" / folder / f"{folder}.png")
+    result = run_script("step_8_evaluate.py", "photos", "--model", files["pt2"], "--methods", "fgsm", "--epsilons", 8,
+                        "--steps", 1, "--target", "frog", "--ensemble", "none", "--threads", 1, "--output-dir", "out",
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
+    assert {(row["image"], row["label"]) for row in rows if row["method"] == "fgsm"} == {
+        ("cat/cat.png", str(CIFAR10.index("cat"))), ("ship/ship.png", str(CIFAR10.index("ship")))}
+    assert {row["target"] for row in rows if row["method"] == "fgsm"} == {str(CIFAR10.index("frog"))}
+    assert "targeted (frog)" in (tmp_path / "out" / "summary.md").read_text()

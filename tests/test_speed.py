@@ -1,4 +1,4 @@
-"""Speed never changes a verdict: the measured memory format, mixed precision judged in fp32, torch.compile."""
+"""Speed never changes a verdict: the memory format by a fixed rule, mixed precision judged in fp32, torch.compile."""
 import argparse
 import copy
 import re
@@ -106,21 +106,24 @@ def test_bf16_attack_on_the_tiny_model_keeps_its_invariants(tiny_model, tiny_ima
 
 # ---- memory format --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("slow", [torch.contiguous_format, torch.channels_last])
-def test_the_measurement_picks_the_faster_format(slow):
-    def run(pixels, memory_format):
-        busy_until = time.perf_counter() + (0.05 if memory_format == slow else 0.025)
-        while time.perf_counter() < busy_until:  # work, not sleep: the CPU clock must see it too
-            pass
-        return pixels * 2
-    faster = speed.fastest_memory_format(run, torch.rand(2, 3, 4, 4))
-    assert faster != slow
+def test_the_rule_is_channels_last_for_2d_convolutions_on_cpu_and_cuda(offline_model, tiny_images):
+    tiny = make_tiny_model()
+    assert speed.memory_format_rule(tiny.net, "cpu") == torch.channels_last
+    assert speed.memory_format_rule(tiny.net, "cuda") == torch.channels_last
+    assert speed.memory_format_rule(tiny.net, "meta") == torch.contiguous_format, "no native NHWC kernels known there"
+    assert speed.memory_format_rule(BoundaryNet(), "cpu") == torch.contiguous_format, "no convolution"
+    # EfficientNet-Lite0 after folding is an fx graph calling F.conv2d: no nn.Conv2d module is left to find
+    assert not any(isinstance(module, nn.Conv2d) for module in offline_model.net.modules())
+    assert speed.memory_format_rule(offline_model.net, "cpu") == torch.channels_last
+    tiny(tiny_images)
+    assert tiny.weights_format == torch.channels_last
+    assert tiny.net.features[0].weight.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_a_model_too_cheap_to_matter_is_not_measured():
-    calls = []
-    speed.fastest_memory_format(lambda pixels, memory_format: calls.append(memory_format) or pixels, torch.rand(1, 3, 4, 4))
-    assert calls == [torch.contiguous_format]
+def test_the_rule_sees_the_convolutions_of_an_exported_program(tiny_images):
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(make_tiny_model().net, (tiny_images,), dynamic_shapes=({0: batch},))
+    assert speed.memory_format_rule(program.module(), "cpu") == torch.channels_last
 
 
 def test_channels_last_changes_the_layout_not_the_logits(tiny_images):
@@ -129,17 +132,51 @@ def test_channels_last_changes_the_layout_not_the_logits(tiny_images):
     with torch.no_grad():
         expected, logits = plain(tiny_images), fast(tiny_images)
     assert fast.net.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert plain.net.features[0].weight.is_contiguous()
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_the_choice_is_measured_once_per_shape(monkeypatch, tiny_images):
-    model = make_tiny_model()
-    measured = []
-    monkeypatch.setattr(speed, "fastest_memory_format", lambda run, pixels: measured.append(pixels.shape) or torch.channels_last)
-    for batch in (tiny_images, tiny_images, tiny_images[:1], tiny_images):
-        model(batch)
-    assert measured == [tiny_images.shape, tiny_images[:1].shape]
-    assert model.weights_format == torch.channels_last
+def clock_favouring(memory_format, models):
+    """A clock under which every pass in `memory_format` looks 30 times faster than one in the other: it advances
+    0.03 s per reading while the last model loaded holds its weights in `memory_format`, 1 s otherwise."""
+    now = [0.0]
+
+    def reading():
+        now[0] += 0.03 if models and models[-1].weights_format == memory_format else 1.0
+        return now[0]
+    return reading
+
+
+def step_5_bytes(tmp_path, name, monkeypatch, favour=None):
+    """Every file step 5 writes for two sample photos in one batch of 2, on a fresh copy of EfficientNet-Lite0, with
+    time.perf_counter and time.process_time favouring the memory format `favour`, or real."""
+    import step_5_perturb
+    models = []
+    monkeypatch.setattr(step_5_perturb, "load_model", lambda *args: models.append(copy.deepcopy(load_model(*args))) or models[-1])
+    with monkeypatch.context() as patched:
+        if favour is not None:
+            patched.setattr(time, "perf_counter", clock_favouring(favour, models))
+            patched.setattr(time, "process_time", clock_favouring(favour, models))
+        photos = tmp_path / "photos"
+        photos.mkdir(exist_ok=True)
+        for path in sample_paths()[:2]:
+            (photos / path.name).write_bytes(path.read_bytes())
+        args = step_5_perturb.get_args_parser().parse_args(
+            [str(photos), "--model", OFFLINE, "--device", "cpu", "--method", "pgd", "--epsilon", "2", "--steps", "3",
+             "--no-early-stop", "--batch-size", "2", "--output-dir", str(tmp_path / name)])
+        step_5_perturb.main(args)
+    return {path.name: path.read_bytes() for path in sorted((tmp_path / name).iterdir())}
+
+
+def test_no_clock_decides_a_float(tmp_path, monkeypatch):
+    """The memory format is the rule's, however the clock reads: a clock making either format look 30 times faster
+    leaves every byte step 5 writes as it is under the real clock (the two formats give different floats, so a
+    timed choice would show here)."""
+    expected = step_5_bytes(tmp_path, "real", monkeypatch)
+    assert any(name.endswith(".png") for name in expected) and any(name.endswith(".npy") for name in expected)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        written = step_5_bytes(tmp_path, speed.format_name(memory_format), monkeypatch, memory_format)
+        assert written == expected, f"a clock favouring {speed.format_name(memory_format)} changed the bytes"
 
 
 def save_and_read_back(images_u8, folder):
@@ -151,7 +188,7 @@ def save_and_read_back(images_u8, folder):
 
 
 def test_the_default_fast_path_reaches_the_plain_fp32_verdicts_on_the_sample_photos(offline_model, tmp_path):
-    """The default fast path (batch norms folded, memory format measured) against the network as published in
+    """The default fast path (batch norms folded, memory format by the rule) against the network as published in
     PyTorch's default settings. Other floats can send a sign-gradient attack down another path (1 thread against 2
     changes most pixels of a 10-step PGD image), so verdicts and budgets are compared, not bytes; the setting gives
     partial success, so a changed verdict would show. Every verdict is the published network's, on PNGs read back."""
@@ -163,7 +200,7 @@ def test_the_default_fast_path_reaches_the_plain_fp32_verdicts_on_the_sample_pho
     verdicts = {}
     for name, base, memory_format, precision in [("plain", plain, torch.contiguous_format, "fp32"),
                                                  ("default", offline_model, "auto", "fp32"),
-                                                 ("channels_last", offline_model, torch.channels_last, "fp32")]:
+                                                 ("contiguous", offline_model, torch.contiguous_format, "fp32")]:
         model = copy.deepcopy(base)
         model.memory_format = memory_format
         result = make_attack("pgd", model, epsilon=epsilon, steps=steps, alpha=1, precision=precision)(to_tensor(originals), labels)
@@ -175,7 +212,7 @@ def test_the_default_fast_path_reaches_the_plain_fp32_verdicts_on_the_sample_pho
         assert torch.equal(judged, result.success), name
         verdicts[name] = judged.tolist()
     assert 0 < sum(verdicts["plain"]) < len(originals), f"the setting should give partial success: {verdicts}"
-    assert verdicts["default"] == verdicts["plain"] and verdicts["channels_last"] == verdicts["plain"], verdicts
+    assert verdicts["default"] == verdicts["plain"] and verdicts["contiguous"] == verdicts["plain"], verdicts
 
 
 # ---- batch norms folded ---------------------------------------------------------------------------------------
@@ -280,8 +317,11 @@ def test_the_benchmark_prints_every_configuration_and_one_summary_line(tmp_path)
                          "--repeats", "1", "--threads", "1", cwd=tmp_path)
     assert process.returncode == 0, process.stderr[-2000:]
     out = process.stdout
-    for run in ("fwd+bwd (the floor)", "torchattacks PGD", "ours fp32 [auto: ", "ours channels-last", "ours bf16"):
+    for run in ("fwd+bwd (the floor)", "torchattacks PGD", "ours fp32 [rule: channels_last]",
+                "ours contiguous [contiguous]", "ours bf16 [rule: channels_last]"):
         assert run in out, out
+    assert re.search(rf"^memory format, {OFFLINE} batch 1: channels_last \(the rule\) takes \d+\.\d{{3}} of contiguous's "
+                     r"time per step$", out, re.M), out
     summary = [line for line in out.splitlines() if line.startswith(f"{OFFLINE} batch 1: ")]
     assert len(summary) == 1, out
     assert re.search(rf"^{OFFLINE} batch 1 \(apgd, square\): apgd/fwd\+bwd \d+\.\d{{3}} .*square/fwd \d+\.\d{{3}}", out, re.M), out

@@ -1,5 +1,6 @@
 """Command-line plumbing: one-line errors with exit status 2, and argument types that check their ranges."""
 import argparse
+import os
 import sys
 
 
@@ -7,11 +8,17 @@ class UsageError(Exception):
     """Bad input from the user: reported as one line on stderr, exit status 2, no traceback."""
 
 
+def speaks_for_all():
+    """Whether this process reports errors: under torchrun every process meets the same bad input, and one line from
+    rank 0 says it once; a plain run is rank 0."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad argument is one line ("prog: error: ...") instead of usage text plus the error."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {message}\n" if speaks_for_all() else None)
 
 
 def run(main, parser, argv=None):
@@ -20,7 +27,8 @@ def run(main, parser, argv=None):
     try:
         status = main(args)
     except UsageError as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        if speaks_for_all():
+            print(f"{parser.prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
@@ -56,3 +64,23 @@ def comma_list(kind=str, name="value"):
 
     parse.__name__ = name
     return parse
+
+
+def one_of(choices, what):
+    def parse(text):
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"unknown {what} {text!r}; choose from {', '.join(choices)}")
+        return text
+    parse.__name__ = what
+    return parse
+
+
+def listed(kind, name, ascending=False):
+    """A comma-separated list of `kind` (see utils.cli.comma_list) without repeats, sorted when `ascending`."""
+    parse = comma_list(kind, name)
+
+    def distinct_items(text):
+        items = list(dict.fromkeys(parse(text)))
+        return sorted(items) if ascending else items
+    distinct_items.__name__ = name
+    return distinct_items

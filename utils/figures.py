@@ -4,6 +4,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 
 def magnified_difference(adversarial_u8, original_u8):
@@ -14,10 +15,13 @@ def magnified_difference(adversarial_u8, original_u8):
 
 
 def image_grid(panels, columns=None, panel_size=3.2):
-    """A figure of (image, title) panels in rows of `columns`; images are 8-bit or float in [0, 1]."""
+    """A figure of (image, title) panels in rows of `columns`; images are 8-bit or float in [0, 1]. A Figure object,
+    not pyplot's: pyplot keeps every figure in one global registry until closed, which the page's concurrent requests
+    would share and grow; a Figure saves itself and goes when dropped."""
     columns = columns or len(panels)
     rows = -(-len(panels) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(panel_size * columns, panel_size * rows + 0.4), squeeze=False)
+    figure = Figure(figsize=(panel_size * columns, panel_size * rows + 0.4))
+    axes = figure.subplots(rows, columns, squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     for axis, (image, title) in zip(axes.flat, panels):

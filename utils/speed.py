@@ -1,10 +1,11 @@
-"""Speed that never changes a verdict: the memory format measured per model, batch and device, mixed precision whose
+"""Speed that never changes a verdict: the memory format by a fixed rule of model and device, mixed precision whose
 successes an fp32 forward confirms, and torch.compile with its compile time reported.
 
-- Memory format. Channels-last (NHWC) makes EfficientNet-Lite0 twice as fast at batch 16 on this CPU and changes
-  nothing at batch 1; which one wins depends on the model, the batch, the device, the precision and the threads, so it
-  is measured, not assumed: the first forward of a `Classifier` at a given input shape times a few passes (forward and
-  backward when gradients are on) in each format and keeps the faster one for that shape (`fastest_memory_format`).
+- Memory format. A fixed rule, never a clock: channels-last (NHWC) for a network with 2-D convolutions on a CPU or
+  CUDA device, contiguous otherwise (`memory_format_rule`). The two formats give different floats, so a choice timed
+  at run time would make a run's bytes depend on how busy the machine was; bench/attack_speed.py measures both and
+  prints the rule's choice against the other, which is where the rule comes from (channels-last makes
+  EfficientNet-Lite0 twice as fast at batch 16 on this CPU and is level at batch 1, in fp32 and bf16 alike).
 - Precision. `--precision bf16` (or fp16, CUDA only) computes the attack's forward and gradient under
   torch.autocast; utils.attacks.Attack.judge then counts a success only when an fp32 forward of the 8-bit image
   confirms it, so a low-precision rounding can cost steps, never a wrong verdict.
@@ -24,11 +25,8 @@ from utils.cli import UsageError
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
-# Below this many seconds per pass a model is too cheap for its memory format to matter, and measuring would cost
-# more than it could save; keeping the default there also keeps tiny test models bit-for-bit reproducible.
-MEASURE_ABOVE_SECONDS = 0.02
-# Channels-last must win by this much: under this the two are within the noise of a shared machine.
-CHANNELS_LAST_MARGIN = 0.95
+# Where channels-last has native convolution kernels (oneDNN, cuDNN); elsewhere (e.g. MPS) the rule stays contiguous.
+CHANNELS_LAST_DEVICES = ("cpu", "cuda")
 
 
 # ---- precision ------------------------------------------------------------------------------------------------
@@ -55,7 +53,7 @@ def full_precision(device):
     return torch.autocast(torch.device(device).type, enabled=False)
 
 
-# ---- memory format --------------------------------------------------------------------------------------------
+# ---- timing, and the memory format ---------------------------------------------------------------------------
 
 def synchronize(device):
     if torch.device(device).type == "cuda":
@@ -83,28 +81,33 @@ def time_pass(run, pixels, memory_format):
     return now() - start
 
 
-def fastest_memory_format(run, pixels, trials=2):
-    """The faster memory format for `run(pixels, memory_format)` at this input's shape, device, precision and grad
-    mode: a warm-up pass in each format (oneDNN and cuDNN pick their kernels on the first one), then `trials` passes
-    in each, interleaved so a busy machine slows both alike, best of each kept."""
-    if pixels.dim() != 4:
-        return torch.contiguous_format
-    if time_pass(run, pixels, torch.contiguous_format) < MEASURE_ABOVE_SECONDS:
-        return torch.contiguous_format
-    time_pass(run, pixels, torch.channels_last)
-    best = {torch.contiguous_format: float("inf"), torch.channels_last: float("inf")}
-    for _ in range(trials):
-        for memory_format in best:
-            best[memory_format] = min(best[memory_format], time_pass(run, pixels, memory_format))
-    faster = best[torch.channels_last] < CHANNELS_LAST_MARGIN * best[torch.contiguous_format]
-    return torch.channels_last if faster else torch.contiguous_format
+def convolves_in_2d(net):
+    """Does `net` hold a 2-D convolution: an nn.Conv2d (or a TorchScript one), or a conv2d call in a traced graph
+    (torch.fx, as after fold_batch_norms, or a torch.export program)?"""
+    for module in net.modules():
+        if isinstance(module, torch.nn.Conv2d) or getattr(module, "original_name", None) == "Conv2d":
+            return True
+        graph = getattr(module, "graph", None)
+        if isinstance(graph, torch.fx.Graph) and any(node.op == "call_function" and node.target in CONV_CALLS
+                                                     for node in graph.nodes):
+            return True
+    return False
 
 
-def format_key(pixels):
-    """What the fastest format depends on, besides the model: shape, device, grad mode and autocast dtype."""
-    device_type = pixels.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-    return tuple(pixels.shape), str(pixels.device), torch.is_grad_enabled(), dtype
+def memory_format_rule(net, device):
+    """The memory format 4-D input runs in, a pure function of the network and the device (the same for every
+    precision): channels-last for 2-D convolutions on CPU (oneDNN) and CUDA (cuDNN), whose kernels run NHWC
+    natively, contiguous otherwise. The benchmark's measurements on this CPU favour channels-last for both models,
+    batch sizes and precisions; where they did not, the loss was within noise."""
+    if torch.device(device).type in CHANNELS_LAST_DEVICES and convolves_in_2d(net):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def memory_format_of(model, device):
+    """The name of the memory format `model` (a Classifier) runs its 4-D input in on `device`: forced, or the rule's."""
+    size = model.preprocessing.crop_size
+    return format_name(model.format_for(torch.zeros(1, 3, size, size, device=device)))
 
 
 def format_name(memory_format):
@@ -114,6 +117,8 @@ def format_name(memory_format):
 # ---- batch norms folded into the convolutions -------------------------------------------------------------------
 
 CONV_FUNCTIONS = (torch.conv2d, torch.nn.functional.conv2d)
+# ...and as a torch.export program calls them
+CONV_CALLS = CONV_FUNCTIONS + (torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default)
 
 
 def folded_conv(weight, bias, batch_norm):
@@ -203,8 +208,7 @@ def compile_model(model, example, device):
     if reason:
         raise UsageError(f"--compile: {reason}")
     example = example.to(device)
-    with torch.enable_grad():
-        memory_format = model.format_for(example)  # measured before compiling: the compiled code is for one format
+    memory_format = model.format_for(example)  # fixed before compiling: the compiled code is for one format
     compiled = model.with_net(torch.compile(model.net), memory_format=memory_format)
     start = time.perf_counter()  # the wall clock: the compiler works in other processes too
     time_pass(lambda pixels, _: compiled(pixels), example, memory_format)
@@ -219,7 +223,8 @@ def add_speed_arguments(parser, compile=True):
                         help="arithmetic of the attack's gradients: bf16 or fp16 (CUDA only) under autocast; a success "
                              "counts only when an fp32 forward of the 8-bit image confirms it (default: %(default)s)")
     parser.add_argument("--memory-format", choices=["auto"] + list(MEMORY_FORMATS), default="auto",
-                        help="auto measures the faster of the two per model, batch and device (default: %(default)s)")
+                        help="auto: channels_last for a network with 2-D convolutions on CPU or CUDA, contiguous otherwise; a "
+                             "fixed rule, so the same run gives the same bytes (default: %(default)s)")
     if compile:
         parser.add_argument("--compile", action="store_true",
                             help="torch.compile the model: slow to start, worth it on long runs")
@@ -227,7 +232,7 @@ def add_speed_arguments(parser, compile=True):
 
 def prepare_model(model, args, batch_size, device):
     """The model an evaluation should use, from --memory-format, --precision and --compile: the memory format set
-    (or left to measurement), and, with --compile, compiled at `batch_size` with the compile time printed on stderr."""
+    (or left to the rule), and, with --compile, compiled at `batch_size` with the compile time printed on stderr."""
     check_precision(args.precision, device)
     model.memory_format = "auto" if args.memory_format == "auto" else MEMORY_FORMATS[args.memory_format]
     if not getattr(args, "compile", False):
