@@ -353,3 +353,16 @@ def test_step_8_reads_labels_and_the_target_among_the_models_classes(files, tmp_
         ("cat/cat.png", str(CIFAR10.index("cat"))), ("ship/ship.png", str(CIFAR10.index("ship")))}
     assert {row["target"] for row in rows if row["method"] == "fgsm"} == {str(CIFAR10.index("frog"))}
     assert "targeted (frog)" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_export_model_writes_a_program_that_computes_what_the_classifier_does(tmp_path):
+    from step_2_pretrained import Classifier, Preprocessing, freeze
+    from utils.export_model import export
+    torch.manual_seed(3)
+    model = freeze(Classifier(SmallCNN(), Preprocessing(32, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)), "small"))
+    loaded = load_model(str(export(model, tmp_path / "small.pt2")))
+    pixels = torch.rand(3, 3, 32, 32, requires_grad=True)
+    expected = model(pixels)
+    torch.testing.assert_close(loaded(pixels), expected)
+    gradient, = torch.autograd.grad(loaded(pixels)[:, 0].sum(), pixels)
+    torch.testing.assert_close(gradient, torch.autograd.grad(expected[:, 0].sum(), pixels)[0])
