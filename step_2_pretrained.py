@@ -1,11 +1,13 @@
 """Step 2: ask an ImageNet-pretrained classifier what is in a photo.
 
-    python step_2_pretrained.py IMAGE [--model resnet18] [--top-k 5] [--device auto|cpu|cuda]
+    python step_2_pretrained.py IMAGE [--model resnet18|FILE.pt2|FILE.pt|timm:NAME|robustbench:DATASET/THREAT/NAME]
+                                      [--classes FILE] [--input-size N] [--top-k 5] [--device auto|cpu|cuda]
 
 prints "Prediction: Pembroke, Pembroke Welsh corgi" and then the top K classes with their probabilities.
 
 This module also holds the helpers every later step imports, as in the tutorial: the label map, the image
-transform, image loading, model loading and prediction. Images travel as 8-bit arrays (what a file holds) and
+transform, image loading, model loading (torchvision here; model files and the timm and RobustBench zoos in
+utils/models.py) and prediction. Class names are the model's own (`Classifier.classes`). Images travel as 8-bit arrays (what a file holds) and
 enter a model as float tensors in [0, 1]; each model normalizes inside itself (`Classifier`), so attacks and
 defenses work on pixels and an epsilon of 10 means 10 levels out of 255.
 """

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from step_2_pretrained import Classifier, Preprocessing, freeze, load_model, predict, prepare_image, to_tensor
+from step_2_pretrained import (Classifier, Preprocessing, freeze, load_model, model_from_args, predict, prepare_image,
+                               to_tensor)
 from tests.conftest import OFFLINE, make_tiny_model, run_script
 from utils import speed
 from utils.attacks import make_attack
@@ -152,7 +153,8 @@ def step_5_bytes(tmp_path, name, monkeypatch, favour=None):
     time.perf_counter and time.process_time favouring the memory format `favour`, or real."""
     import step_5_perturb
     models = []
-    monkeypatch.setattr(step_5_perturb, "load_model", lambda *args: models.append(copy.deepcopy(load_model(*args))) or models[-1])
+    monkeypatch.setattr(step_5_perturb, "model_from_args",
+                        lambda *args: models.append(copy.deepcopy(model_from_args(*args))) or models[-1])
     with monkeypatch.context() as patched:
         if favour is not None:
             patched.setattr(time, "perf_counter", clock_favouring(favour, models))

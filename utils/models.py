@@ -345,7 +345,9 @@ def robustbench_dir():
     return Path(torch.hub.get_dir()).parent / "robustbench"
 
 
-# RobustBench's preprocessing names -> (resize, crop, interpolation); None: the image as it is, CIFAR's 32 x 32.
+# RobustBench's preprocessing names -> (short side resized to, centre crop, interpolation), in this project's one
+# transform: Res224 (a squash to 224 x 224) and Crop288 (a crop of the image as it is) become the nearest such
+# transform, so a photo of any shape and size works; None (CIFAR: the 32 x 32 image as it is) becomes 32.
 ROBUSTBENCH_PREPROCESSING = {"Res256Crop224": (256, 224, "bilinear"), "BicubicRes256Crop224": (256, 224, "bicubic"),
                              "Res224": (224, 224, "bilinear"), "Crop288": (288, 288, "bilinear"),
                              None: (32, 32, "bilinear")}
@@ -353,7 +355,7 @@ DATASET_CLASSES = {"cifar10": CIFAR10_CLASSES}
 
 
 def parse_robustbench(spec):
-    """(dataset, threat, name) of "DATASET/THREAT/NAME", each checked against RobustBench's zoo."""
+    """(dataset, threat, name, zoo entry) of "DATASET/THREAT/NAME", each checked against RobustBench's zoo."""
     utils = import_robustbench()
     from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
     parts = spec.split("/")
