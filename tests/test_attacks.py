@@ -505,3 +505,19 @@ def test_step7_counts_squares_budget_in_queries(tmp_path):
     assert result.returncode in (0, 1), result.stderr
     adaptive = next(line for line in result.stdout.splitlines() if line.startswith("Adaptive attack:"))
     assert re.search(r"\(\d+ queries\)$", adaptive), adaptive
+
+
+@pytest.mark.parametrize("method", ["square", "pgd"])
+def test_step5_gives_an_image_the_same_whatever_the_batch_size(method, tiny_model, tiny_images):
+    """Step 5 passes each photo's position in its list as its id: --batch-size changes how the work is cut, not what
+    Square draws for a photo."""
+    from step_5_perturb import attack_images, get_args_parser
+    images = to_uint8(tiny_images)
+    labels = predict(tiny_model, tiny_images).argmax(dim=1).tolist()
+    results = []
+    for batch_size in (1, 3):
+        args = get_args_parser().parse_args(["photos", "--method", method, "--untargeted", "--epsilon", "4",
+                                             "--steps", "30", "--batch-size", str(batch_size), "--random-start"])
+        results.append(attack_images(tiny_model, images, labels, args))
+    (first, first_steps), (second, second_steps) = results
+    assert all((a == b).all() for a, b in zip(first, second)) and first_steps == second_steps
