@@ -579,7 +579,6 @@ class Square(Attack):
         loss, success, logits = self.judge(best / 255, labels)
         used = torch.ones(len(original), dtype=torch.long, device=device)
         active = ~success if self.early_stop else torch.ones_like(success)
-        rows, columns = torch.arange(height, device=device), torch.arange(width, device=device)
         for query in range(1, self.queries if budget > 0 else 1):
             if self.on_step:
                 self.on_step(query - 1, loss, logits)
@@ -591,11 +590,9 @@ class Square(Attack):
             if len(todo) == len(best):
                 todo = slice(None)  # a view instead of gathered copies: most queries, without early stop all
             # every corner that keeps the window inside the image, 0..height - side, equally likely
-            top = (top[todo] * (height - side + 1)).long().view(-1, 1, 1, 1)
-            left = (left[todo] * (width - side + 1)).long().view(-1, 1, 1, 1)
-            window = ((rows.view(1, 1, -1, 1) >= top) & (rows.view(1, 1, -1, 1) < top + side)
-                      & (columns.view(1, 1, 1, -1) >= left) & (columns.view(1, 1, 1, -1) < left + side))
-            candidate = self.square_step(best[todo], up[todo], down[todo], window, combos, order[todo])
+            top = (top[todo] * (height - side + 1)).long()
+            left = (left[todo] * (width - side + 1)).long()
+            candidate = self.square_step(best[todo], up[todo], down[todo], top, left, side, combos, order[todo])
             new_loss, new_success, new_logits = self.judge(candidate / 255, labels[todo])
             # a lower loss moves on, but never away from success; reaching the goal is always kept. "Lower" means by
             # more than float noise: a window the model does not feel gives the same loss up to the last bits, and
@@ -612,18 +609,26 @@ class Square(Attack):
         return AttackResult(best / 255, success, used, logits.argmax(dim=-1))
 
     @staticmethod
-    def square_step(best, up, down, window, combos, order):
-        """`best` with each image's `window` (B, 1, H, W bool) set to up or down per channel: the first sign pattern
-        in the image's `order` (indices into `combos`, (patterns, C) of +-1) that changes the image (the first one if
-        none can)."""
+    def square_step(best, up, down, top, left, side, combos, order):
+        """`best` with each image's side x side window at (`top`, `left`) (B,) set to up or down per channel: the
+        first sign pattern in the image's `order` (indices into `combos`, (patterns, C) of +-1) that changes the image
+        (the first one if none can). Only the windows are read and written: a view of every window of the batch,
+        indexed at each image's corner, so a small window costs little whatever the image's size."""
+        rows = torch.arange(len(best), device=best.device)
+
+        def windows(levels):  # (B, C, s, s): each image's window, a gather from the view (B, C, corners, corners, s, s)
+            return levels.unfold(2, side, 1).unfold(3, side, 1)[rows, :, top, left]
+        current, raised, lowered = windows(best), windows(up), windows(down)
         # per image and channel, whether each sign changes any pixel of the window; a pattern changes the image when
         # one of its channels does
-        changes_up = ((up != best) & window).flatten(2).any(dim=2)  # (B, C)
-        changes_down = ((down != best) & window).flatten(2).any(dim=2)
+        changes_up = (raised != current).flatten(2).any(dim=2)  # (B, C)
+        changes_down = (lowered != current).flatten(2).any(dim=2)
         changes = torch.where(combos > 0, changes_up.unsqueeze(1), changes_down.unsqueeze(1)).any(dim=2)  # (B, P)
         first = changes.gather(1, order).int().argmax(dim=1, keepdim=True)
         signs = combos[order.gather(1, first).view(-1)].view(len(best), -1, 1, 1)  # (B, C, 1, 1)
-        return torch.where(window, torch.where(signs > 0, up, down), best)
+        candidate = best.clone()
+        candidate.unfold(2, side, 1).unfold(3, side, 1)[rows, :, top, left] = torch.where(signs > 0, raised, lowered)
+        return candidate
 
 
 ATTACKS = {attack.name: attack for attack in (SGD, FGSM, PGD, MIFGSM, CW, APGD, APGDT, Square)}
