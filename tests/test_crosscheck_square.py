@@ -4,10 +4,10 @@ prediction, epsilon 2 levels, 300 queries, p_init 0.8 and the margin loss for al
 judged on its 8-bit image (bench/square_crosscheck.py runs them; this test runs its code). Ours must fool at least as
 many photos in total over the seeds as each peer.
 
-Seeds: one seed of the three attacks costs about a minute of CPU time on one thread (most of it on the photos that
-resist, which run every query), so five seeds do not fit this test's budget; it runs SEEDS, and
-`python bench/square_crosscheck.py` runs five seeds at 300 and 1,000 queries for the README. Run with -s to see the
-totals.
+Seeds: one seed of the three attacks costs about a minute of CPU time on one thread (most of it on the two photos
+that resist all three, which run every query), so five seeds do not fit this test's budget; it runs SEEDS (about 130 s
+of CPU time), and `python bench/square_crosscheck.py` runs five seeds at 300 and 1,000 queries for the README. Run
+with -s to see the totals.
 """
 import pytest
 import torch
