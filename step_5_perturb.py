@@ -61,13 +61,14 @@ def print_loss_every(period, model):
 
 
 def attack_images(model, images, labels, args, on_step=None):
-    """Attack 8-bit images in batches; returns (adversarial 8-bit images, steps used)."""
+    """Attack 8-bit images in batches; returns (adversarial 8-bit images, steps used). Each image's position in the
+    list is its id, so an attack that draws per image (Square) gives it the same whatever --batch-size."""
     adversarial, steps_used = [], []
     batches = range(0, len(images), args.batch_size)
     for start in tqdm(batches, desc=f"{args.method} attack", unit="batch", disable=len(batches) < 2):
-        batch_adversarial, batch_steps = run_attack(model, args.method, images[start:start + args.batch_size],
-                                                    labels[start:start + args.batch_size],
-                                                    **attack_options(args, on_step=on_step))
+        stop = min(start + args.batch_size, len(images))
+        batch_adversarial, batch_steps = run_attack(model, args.method, images[start:stop], labels[start:stop],
+                                                    ids=range(start, stop), **attack_options(args, on_step=on_step))
         adversarial += batch_adversarial
         steps_used += batch_steps
     return adversarial, steps_used
@@ -174,7 +175,8 @@ def add_common_arguments(parser, steps=30):
                         help="gradient steps, >= 1 (default: %(default)s)")
     add_model_arguments(parser)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of random starts and of Square's draws (default: %(default)s)")
     parser.add_argument("--output-dir", default="outputs")
 
 

@@ -146,14 +146,16 @@ def attack_options(job, plan, args):
 
 
 def attack_batch(model, plan, job, batch, todo, args):
-    """Adversarial 8-bit images for the photos `todo`, and the steps each used."""
+    """Adversarial 8-bit images for the photos `todo` (indices into the photo list), and the steps each used. The
+    indices are the photos' ids for the attack: Square draws per id, so a photo gets the same whatever batch, rank or
+    resumed run it falls in."""
     if job.attack == "clean":
         return [batch.originals[i] for i in todo], [0] * len(todo)
     forward = None
     if job.attack == "adaptive":
         forward = defended_forward(model, make_defense(job.defense, seed=args.seed))
     return run_attack(model, job.method, [batch.originals[i] for i in todo], [batch.goals[i] for i in todo],
-                      forward=forward, **attack_options(job, plan, args))
+                      ids=todo, forward=forward, **attack_options(job, plan, args))
 
 
 def judge_batch(model, plan, job, batch, todo, files, args):
@@ -318,7 +320,9 @@ def get_args_parser():
                         help=f"attacks for robust accuracy, in order, or none (default with labels: "
                              f"{','.join(DEFAULT_ENSEMBLE)})")
     parser.add_argument("--queries", type=number_in(1, 10 ** 6, int, name="--queries"), default=5000,
-                        help="query budget of a gradient-free ensemble attack (default: %(default)s, AutoAttack's)")
+                        help="query budget of a gradient-free ensemble attack (square: per photo, the first query "
+                             "included; windows from p_init 0.8 down, as in AutoAttack) (default: %(default)s, "
+                             "AutoAttack's)")
     parser.add_argument("--target-classes", type=number_in(1, 999, int, name="--target-classes"), default=9,
                         help="classes apgd-t runs towards (default: %(default)s)")
     parser.add_argument("--no-early-stop", action="store_true",

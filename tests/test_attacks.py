@@ -1,11 +1,13 @@
 """Invariants every attack keeps, on a tiny model (milliseconds per step)."""
+import math
 import re
 import pytest
 import torch
 
 from step_2_pretrained import predict, to_tensor, to_uint8
 from tests.conftest import make_tiny_model
-from utils.attacks import APGD, ATTACKS, AttackResult, SGD, apgd_checkpoints, dlr, make_attack, perturbation_size, square_fraction
+from utils.attacks import (APGD, ATTACKS, AttackResult, SGD, SquareDraws, apgd_checkpoints, dlr, make_attack,
+                           perturbation_size, square_fraction, square_side)
 
 METHODS = sorted(ATTACKS)
 TARGET = 1
@@ -15,12 +17,12 @@ TARGET = 1
 OWN = {"cw": {"c": 100.0}, "sgd": {"lr": 300.0}, "square": {"queries": 300}}
 
 
-def attack(method, model, images, labels=None, **options):
+def attack(method, model, images, labels=None, ids=None, **options):
     labels = torch.full((len(images),), TARGET) if labels is None else labels
     options.setdefault("epsilon", 8)
     options.setdefault("steps", 10)
     options = {**OWN.get(method, {}), **options}
-    return make_attack(method, model, **options)(images, labels)
+    return make_attack(method, model, **options)(images, labels, ids)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -87,10 +89,11 @@ def test_random_start_depends_on_the_seed(tiny_model, tiny_images):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_batch_equals_one_at_a_time(method, tiny_model, tiny_images):
+    """An image alone, with its position in the run as its id, gets what it gets in the batch (Square draws per id)."""
     labels = torch.tensor([1, 2, 3, 4])
     batch = attack(method, tiny_model, tiny_images, labels=labels, epsilon=16, random_start=True, restarts=2)
     for i in range(len(tiny_images)):
-        alone = attack(method, tiny_model, tiny_images[i:i + 1], labels=labels[i:i + 1], epsilon=16,
+        alone = attack(method, tiny_model, tiny_images[i:i + 1], labels=labels[i:i + 1], ids=[i], epsilon=16,
                        random_start=True, restarts=2)
         assert torch.equal(alone.adversarial[0], batch.adversarial[i])
         assert alone.success[0] == batch.success[i]
@@ -360,6 +363,67 @@ def test_square_p_schedule_is_the_papers_rescaled():
     assert square_fraction(0.05, 1, 100) == pytest.approx(0.05 / 4), "query 1 of 100 is iteration 100 of 10000"
 
 
+@pytest.mark.parametrize("queries", [300, 1000, 10000])
+def test_square_schedule_and_side_are_the_references(queries):
+    """Our share and side per iteration equal those of the reference implementation (pyautoattack's square.py, the
+    Linf branch: p_selection with the schedule rescaled to n_queries, then s = round(sqrt(p * h * w)) in [1, h])."""
+    square = pytest.importorskip("pyautoattack.square")
+    reference = square.SquareAttack(lambda x: x, n_queries=queries, p_init=0.8, eps=2 / 255)
+    for iteration in range(queries):
+        p = reference.p_selection(iteration)
+        assert square_fraction(0.8, iteration, queries) == p, iteration
+        side = min(max(int(round(math.sqrt(p * 3 * 224 * 224 / 3))), 1), 224)
+        assert square_side(0.8, iteration, queries, 224, 224) == side, iteration
+
+
+def test_square_default_p_init_is_the_references(tiny_model):
+    assert make_attack("square", tiny_model, epsilon=2).p_init == 0.8
+    assert make_attack("square", tiny_model, epsilon=2, p_init=0.05).p_init == 0.05
+
+
+def test_square_image_draws_the_same_alone_or_in_any_batch(tiny_model, tiny_images):
+    """What an image gets depends on its id, not on its batch: the same alone, in a batch, in another order."""
+    labels = predict(tiny_model, tiny_images).argmax(dim=1)
+    options = dict(labels=labels, targeted=False, epsilon=2, queries=40)
+    batch = attack("square", tiny_model, tiny_images, ids=[10, 11, 12, 13], **options)
+    assert not batch.success.all(), "a failure runs every query: the check means more"
+    shuffled = attack("square", tiny_model, tiny_images[[2, 0]], **{**options, "labels": labels[[2, 0]]}, ids=[12, 10])
+    for row, i in enumerate([2, 0]):
+        assert torch.equal(shuffled.adversarial[row], batch.adversarial[i])
+        assert shuffled.steps_used[row] == batch.steps_used[i]
+    alone = attack("square", tiny_model, tiny_images[3:], **{**options, "labels": labels[3:]}, ids=[13])
+    assert torch.equal(alone.adversarial[0], batch.adversarial[3])
+    other_id = attack("square", tiny_model, tiny_images[3:], **{**options, "labels": labels[3:]}, ids=[14])
+    assert not torch.equal(other_id.adversarial[0], batch.adversarial[3]), "another id, other draws"
+
+
+def test_square_windows_differ_between_images_of_a_batch(tiny_model, tiny_images):
+    """Four copies of one image in one batch: with draws shared by the batch they would end alike."""
+    copies = tiny_images[:1].repeat(4, 1, 1, 1)
+    labels = predict(tiny_model, copies).argmax(dim=1)
+    stripes = attack("square", tiny_model, copies, labels=labels, targeted=False, epsilon=8, queries=1)
+    after = attack("square", tiny_model, copies, labels=labels, targeted=False, epsilon=8, queries=2,
+                   early_stop=False)
+    moved = (after.adversarial != stripes.adversarial).any(dim=1)  # (4, H, W): the one window each image kept
+    for i in range(4):
+        for j in range(i):
+            assert not torch.equal(stripes.adversarial[i], stripes.adversarial[j]), "stripes drawn per image"
+            assert not (moved[i].any() and moved[j].any() and torch.equal(moved[i], moved[j])), "windows per image"
+    assert moved.any(), "at least one image kept its first window (a larger one reads as more)"
+    windows = SquareDraws(0, 0, torch.arange(4), 3, 8)
+    tops, lefts, _ = windows.window(0)
+    assert len(set(zip(tops.tolist(), lefts.tolist()))) == 4
+
+
+def test_square_seed_changes_the_draws(tiny_model, tiny_images):
+    labels = predict(tiny_model, tiny_images).argmax(dim=1)
+    runs = [attack("square", tiny_model, tiny_images, labels=labels, targeted=False, epsilon=4, queries=10,
+                   early_stop=False, seed=seed) for seed in (0, 1, 0)]
+    assert torch.equal(runs[0].adversarial, runs[2].adversarial), "same seed, same images"
+    for i in range(len(tiny_images)):
+        assert not torch.equal(runs[0].adversarial[i], runs[1].adversarial[i]), f"image {i}: another seed, other draws"
+
+
 @pytest.mark.parametrize("method", ["apgd", "apgd-t", "square"])
 def test_a_budget_under_one_level_returns_the_input(method, tiny_model, tiny_images):
     clean = predict(tiny_model, tiny_images).argmax(dim=1)
@@ -441,3 +505,19 @@ def test_step7_counts_squares_budget_in_queries(tmp_path):
     assert result.returncode in (0, 1), result.stderr
     adaptive = next(line for line in result.stdout.splitlines() if line.startswith("Adaptive attack:"))
     assert re.search(r"\(\d+ queries\)$", adaptive), adaptive
+
+
+@pytest.mark.parametrize("method", ["square", "pgd"])
+def test_step5_gives_an_image_the_same_whatever_the_batch_size(method, tiny_model, tiny_images):
+    """Step 5 passes each photo's position in its list as its id: --batch-size changes how the work is cut, not what
+    Square draws for a photo."""
+    from step_5_perturb import attack_images, get_args_parser
+    images = to_uint8(tiny_images)
+    labels = predict(tiny_model, tiny_images).argmax(dim=1).tolist()
+    results = []
+    for batch_size in (1, 3):
+        args = get_args_parser().parse_args(["photos", "--method", method, "--untargeted", "--epsilon", "4",
+                                             "--steps", "30", "--batch-size", str(batch_size), "--random-start"])
+        results.append(attack_images(tiny_model, images, labels, args))
+    (first, first_steps), (second, second_steps) = results
+    assert all((a == b).all() for a, b in zip(first, second)) and first_steps == second_steps

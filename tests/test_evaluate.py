@@ -490,6 +490,21 @@ def planted(tmp_path, monkeypatch):
     return folder, ["--labels", tmp_path / "labels.csv", "--ensemble", "fgsm,pgd,mifgsm", "--epsilons", "8"], calls
 
 
+
+def test_step8_gives_the_attacks_the_photo_indices(tiny, planted, tmp_path, monkeypatch):
+    """The ids an attack draws by (Square) are the photos' indices in the folder: with one photo per batch, ids that
+    counted from 0 in each batch would all be 0."""
+    folder, extra, _ = planted
+    fake, seen = step_8_evaluate.run_attack, {}
+
+    def recording(model, method, images_u8, labels, ids=None, **options):
+        seen.setdefault(method, []).extend(ids)
+        return fake(model, method, images_u8, labels, **options)
+    monkeypatch.setattr(step_8_evaluate, "run_attack", recording)
+    status, err = tiny(folder, *extra, "--batch-size", "1", "--output-dir", tmp_path / "out")
+    assert status == 0, err
+    assert seen == {"fgsm": [0, 1], "pgd": [0, 1], "mifgsm": [0, 1]}, "green.png and red.png, photos 0 and 1"
+
 def test_worst_case_flow_with_planted_outcomes(tiny, planted, tmp_path):
     folder, extra, calls = planted
     out = tmp_path / "out"
