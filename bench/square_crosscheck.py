@@ -1,7 +1,7 @@
 """Is our Square as strong as the reference implementations at the same query budget?
 
     python bench/square_crosscheck.py [--queries 300,1000] [--seeds 5] [--epsilon 2] [--model efficientnet_lite0]
-                                      [--device auto|cpu|cuda] [--threads 1]
+                                      [--device auto|cpu|cuda] [--threads 1] [--output FILE]
 
 On the sample photos (utils/sample_images.py), untargeted against each photo's clean prediction, L-infinity epsilon in
 levels out of 255, for each budget and each seed 0..seeds-1, three Square attacks on the same photos:
@@ -15,6 +15,7 @@ whole levels and classified; a photo is fooled when that class is not its clean 
 seed, how many photos each fooled, and per budget the totals over the seeds; ours should fool at least as many in total
 as each peer. tests/test_crosscheck_square.py asserts it at 300 queries.
 """
+import builtins
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from step_2_pretrained import OFFLINE_MODEL, get_device, load_model, predict, prepare_image, to_tensor  # noqa: E402
 from utils.attacks import make_attack  # noqa: E402
 from utils.cli import ArgumentParser, comma_list, number_in, run  # noqa: E402
+from utils.files import save_text  # noqa: E402
 from utils.sample_images import sample_paths  # noqa: E402
 
 P_INIT = 0.8  # the reference's and torchattacks' default, and ours
@@ -97,7 +99,13 @@ def totals(rows):
     return {name: sum(int(result[name].sum()) for _, result in rows) for name in IMPLEMENTATIONS}
 
 
-def print_table(model_name, count, epsilon, tables):
+def print_table(model_name, count, epsilon, tables, output=None):
+    """Print the table, and with `output` also write it there (the README includes that file in a code block)."""
+    lines = []
+
+    def print(text):  # noqa: A001  (every line goes to stdout and to `output`)
+        lines.append(text)
+        builtins.print(text)
     print(f"Square, untargeted against the clean prediction, epsilon {epsilon:g} levels, {model_name}, {count} sample "
           f"photos, p_init {P_INIT}: photos fooled (judged on the 8-bit image) per seed")
     header = f"{'queries':>7} {'seed':>5} " + " ".join(f"{name:>12}" for name in IMPLEMENTATIONS)
@@ -115,6 +123,8 @@ def print_table(model_name, count, epsilon, tables):
         verdict = "meets" if all(total["ours"] >= total[peer] for peer in IMPLEMENTATIONS[1:]) else "misses"
         print(f"{queries} queries: ours {total['ours']}, torchattacks {total['torchattacks']}, reference "
               f"{total['reference']} of {count * len(rows)} ({verdict} ours >= each peer)")
+    if output:
+        save_text("```\n" + "\n".join(lines) + "\n```\n", Path(output))
 
 
 def main(args):
@@ -129,7 +139,7 @@ def main(args):
         for queries in args.queries:
             tables.append((queries, crosscheck(model, photos, args.epsilon, queries, args.seeds,
                                                on_run=lambda: progress.update(1))))
-    print_table(args.model, len(photos), args.epsilon, tables)
+    print_table(args.model, len(photos), args.epsilon, tables, args.output)
 
 
 def get_args_parser():
@@ -144,6 +154,7 @@ def get_args_parser():
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--threads", type=number_in(1, 1024, int, name="--threads"), default=1,
                         help="torch threads on a CPU (default: %(default)s)")
+    parser.add_argument("--output", help="also write the table to this file, as a Markdown code block")
     return parser
 
 
