@@ -8,6 +8,7 @@
   dimension, plus its classes file, the format every script loads (`step_2_pretrained.load_model("NAME.pt2")`).
 """
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -50,7 +51,9 @@ def build_net(arch, classes):
         return SmallCNN(classes)
     if arch in architectures():
         return torchvision.models.get_model(arch, weights=None, num_classes=classes)
-    import timm
+    with warnings.catch_warnings():  # timm's import warns that torch.jit.interface is deprecated: not the user's concern
+        warnings.simplefilter("ignore", FutureWarning)
+        import timm
     name = arch.removeprefix("timm:")
     if name in timm.list_models():
         return timm.create_model(name, pretrained=False, num_classes=classes)
