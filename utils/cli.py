@@ -56,3 +56,23 @@ def comma_list(kind=str, name="value"):
 
     parse.__name__ = name
     return parse
+
+
+def one_of(choices, what):
+    def parse(text):
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"unknown {what} {text!r}; choose from {', '.join(choices)}")
+        return text
+    parse.__name__ = what
+    return parse
+
+
+def listed(kind, name, ascending=False):
+    """A comma-separated list of `kind` (see utils.cli.comma_list) without repeats, sorted when `ascending`."""
+    parse = comma_list(kind, name)
+
+    def distinct_items(text):
+        items = list(dict.fromkeys(parse(text)))
+        return sorted(items) if ascending else items
+    distinct_items.__name__ = name
+    return distinct_items

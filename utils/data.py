@@ -19,8 +19,11 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+from tqdm import tqdm
+
+from utils import distributed
 from utils.cli import UsageError
-from utils.images import IMAGE_SUFFIXES, images_in
+from utils.images import IMAGE_SUFFIXES, images_in, output_names
 
 WORDNET_ID = re.compile(r"n\d{8}")
 IMAGENET_VAL_NAME = re.compile(r"ILSVRC2012_val_\d{8}\.JPEG")
@@ -181,3 +184,39 @@ class PhotoDataset(Dataset):
 def photo_batches(dataset, batches, workers=0):
     """Iterate the given batches of `dataset` in order, each a list of its items, decoded by `workers` processes."""
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=list)
+
+
+@dataclass
+class Photos:
+    """The photos of the folder, in order (what is known before decoding any)."""
+    folder: Path
+    paths: list    # the files
+    names: list    # relative to the folder: the results' image column
+    stems: list    # distinct PNG names
+    labels: list   # true classes, or None
+    label_source: str
+
+
+def find_photos(folder, labels, find_class):
+    """The photos of `folder` (a folder of photos or an ImageFolder tree) with their true classes from `labels`
+    (see read_labels), resolved by `find_class`."""
+    paths, names = list_photos(folder)
+    labels = read_labels(labels, names, find_class)
+    return Photos(Path(folder), paths, names, output_names(paths), labels and labels.classes,
+                  labels.source if labels else None)
+
+
+def check_readable(paths, batches, load_image, context):
+    """--strict: every file of every rank decodes, before anything is written; else the first bad one is an error."""
+    failure = None
+    # no bar off a terminal: its leftovers would precede the one-line error in a log
+    for index in tqdm([i for batch in batches for i in batch], unit="image", desc="checking", leave=False,
+                      disable=None):
+        try:
+            load_image(paths[index])
+        except UsageError as error:
+            failure = (index, str(error))
+            break
+    failures = [found for found in distributed.gather(failure, context) if found]
+    if failures:
+        raise UsageError(min(failures)[1] + " (--strict)")

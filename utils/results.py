@@ -1,0 +1,111 @@
+"""The results files of step 8: results.csv (one row per photo and job, in the order one process writes them), the
+per-rank shards that ranks append to as each job finishes a batch, and --resume.
+
+Public surface: COLUMNS and KEY (a row's columns and identity), row_key, shard_path, append_rows (a rank's shard),
+start_output (what earlier runs finished, folded into results.csv or cleared) and merge_results (rank 0: every shard
+merged into results.csv in one process's order). A line torn by a killed process is never read as a row, and a row
+counts as finished only while its PNG is on disk.
+
+results.csv has one row per photo and job that ran; linf (levels) and l2 (pixels in [0, 1]) compare the PNG read back
+with the prepared original; seconds is the attack's time per image. --resume keeps the finished rows of results.csv
+and of every shard, whatever number of processes wrote them, and the run does only the rest.
+"""
+import csv
+import shutil
+
+from utils import distributed
+from utils.cli import UsageError
+from utils.files import atomic_path
+from utils.plan import job_of
+
+COLUMNS = ("image", "method", "epsilon", "steps", "defense", "attack", "target", "label", "clean_label",
+           "clean_correct", "final_label", "defended_label", "clean_defended_label", "success", "steps_used", "linf",
+           "l2", "seconds", "file")  # file last: a row torn mid-append names no PNG, so --resume drops it
+KEY = ("image", "method", "epsilon", "steps", "defense", "attack")
+SHARDS = "shards"
+
+
+def row_key(row):
+    return tuple(row[column] for column in KEY)
+
+
+def shard_path(out, rank):
+    """The file rank `rank` appends its rows to."""
+    return out / SHARDS / f"results.rank-{rank}.csv"
+
+
+def read_rows(path):
+    """The complete rows of a results file; a last line torn by a killed process (no newline) is ignored."""
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    reader = csv.DictReader(lines)
+    if lines and tuple(reader.fieldnames or ()) != COLUMNS:
+        raise UsageError(f"{path}: not the results of this script (other columns); run without --resume")
+    return [row for row in reader if None not in row.values() and None not in row]
+
+
+def finished_rows(out):
+    """Rows of results.csv then of every shard, later ones winning, whose PNG is still on disk, by key."""
+    rows = read_rows(out / "results.csv")
+    for shard in sorted((out / SHARDS).glob("*.csv")):
+        rows += read_rows(shard)
+    return {row_key(row): row for row in rows if (out / row["file"]).is_file()}
+
+
+def write_results(path, rows):
+    with atomic_path(path) as temp, open(temp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def append_rows(path, rows):
+    """Append to a rank's shard (created with its header on first use), flushed as each job finishes a batch."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.is_file() or path.stat().st_size == 0
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, COLUMNS, lineterminator="\n")
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+        handle.flush()
+
+
+def ordered(rows, photos, plan, batch_size):
+    """One process's order: per batch, per job in plan order, the batch's photos in order; then any rows of an
+    earlier run outside this plan, in their previous order."""
+    image_index = {name: i for i, name in enumerate(photos.names)}
+    job_index = {job: k for k, job in enumerate(plan.jobs)}
+
+    def place(item):
+        position, row = item
+        i, k = image_index.get(row["image"]), job_index.get(job_of(row))
+        return (0, i // batch_size, k, i) if i is not None and k is not None else (1, position)
+    return [row for _, row in sorted(enumerate(rows), key=place)]
+
+
+def start_output(out, args, context):
+    """Rank 0 folds what earlier runs finished (--resume) into results.csv, or clears them; then every rank reads
+    the finished rows. Shards start empty, so no rank appends after a line torn by a killed process."""
+    if context.is_main:
+        kept = list(finished_rows(out).values()) if args.resume else []
+        if kept:
+            write_results(out / "results.csv", kept)
+        else:
+            for name in ("results.csv", "summary.md", "robust_accuracy.csv"):
+                (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / SHARDS, ignore_errors=True)
+    distributed.barrier(context)
+    return {row_key(row): row for row in read_rows(out / "results.csv")}
+
+
+def merge_results(out, photos, plan, args):
+    """Rank 0, after every rank finished: results.csv from the kept rows and every shard, in one process's order."""
+    rows = ordered(list(finished_rows(out).values()), photos, plan, args.batch_size)
+    write_results(out / "results.csv", rows)
+    shutil.rmtree(out / SHARDS, ignore_errors=True)
+    return rows
