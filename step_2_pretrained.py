@@ -10,10 +10,10 @@ enter a model as float tensors in [0, 1]; each model normalizes inside itself (`
 defenses work on pixels and an epsilon of 10 means 10 levels out of 255.
 """
 import contextlib
+import dataclasses
 import difflib
 import functools
 import io
-import json
 import pickle
 import re
 import sys
@@ -29,12 +29,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 from torchvision import transforms
 
-from utils import speed
+from utils import models, speed
 from utils.cli import ArgumentParser, UsageError, number_in, run
 from utils.files import display_path
 from utils.images import to_tensor, to_uint8  # noqa: F401  (the steps import them from here, as in the tutorial)
 
-LABELS_PATH = Path(__file__).resolve().parent / "assets" / "imagenet_idx_to_label.json"
+LABELS_PATH = models.IMAGENET_LABELS
 OFFLINE_MODEL = "efficientnet_lite0"
 DEFAULT_MODEL = "resnet18"
 
@@ -44,19 +44,19 @@ DEFAULT_MODEL = "resnet18"
 @functools.lru_cache(maxsize=None)
 def get_idx_to_label():
     """The tutorial's label map: {0: "tench, Tinca tinca", 1: "goldfish, Carassius auratus", ...}."""
-    with open(LABELS_PATH) as handle:
-        return {int(index): label for index, label in json.load(handle).items()}
+    return dict(enumerate(models.imagenet_classes()))
 
 
-def find_class(text):
-    """A class index from an index ("1") or a name ("goldfish", "Carassius auratus"); any comma-separated
-    synonym of a label matches, case-insensitively. Unknown or ambiguous names raise UsageError with suggestions."""
-    labels = get_idx_to_label()
+def find_class(text, classes=None):
+    """A class index from an index ("1") or a name ("goldfish", "Carassius auratus") among `classes` (the model's
+    names; default ImageNet's); any comma-separated synonym of a name matches, case-insensitively. Unknown or
+    ambiguous names raise UsageError with suggestions."""
+    labels = dict(enumerate(classes if classes is not None else models.imagenet_classes()))
     text = str(text).strip()
     if re.fullmatch(r"[+-]?\d+", text):
         index = int(text)
         if index not in labels:
-            raise UsageError(f"class index {index} is out of range: ImageNet classes are 0..{len(labels) - 1}")
+            raise UsageError(f"class index {index} is out of range: the model's classes are 0..{len(labels) - 1}")
         return index
     wanted = text.casefold()
     synonyms = {index: [part.strip().casefold() for part in label.split(",")] for index, label in labels.items()}
@@ -110,18 +110,24 @@ def load_image(path):
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """What a model expects: a square crop of `crop_size`, normalized by `mean` and `std` (per RGB channel)."""
-    crop_size: int
+    """What a model expects: the short side resized to `resize_size` (default: `crop_size`), a square centre crop of
+    `crop_size` (None: the image as it is, for a model file given no --input-size), normalized by `mean` and `std`
+    (per RGB channel)."""
+    crop_size: int | None
     mean: tuple
     std: tuple
     interpolation: transforms.InterpolationMode = transforms.InterpolationMode.BILINEAR
+    resize_size: int | None = None
 
 
 def get_image_transform(preprocessing):
     """The tutorial's transform, up to the 8-bit image: Resize(crop) then CenterCrop(crop), so the short side is kept
-    whole. Normalization is left to the model, so the attack's budget is in pixel levels."""
+    whole (a zoo model's own resize, e.g. timm's crop_pct, where it has one). Normalization is left to the model, so
+    the attack's budget is in pixel levels."""
     size = preprocessing.crop_size
-    return transforms.Compose([transforms.Resize(size, interpolation=preprocessing.interpolation),
+    if size is None:
+        return transforms.Compose([])
+    return transforms.Compose([transforms.Resize(preprocessing.resize_size or size, interpolation=preprocessing.interpolation),
                                transforms.CenterCrop(size)])
 
 
@@ -133,17 +139,19 @@ def prepare_image(path, model):
 # ---- models ---------------------------------------------------------------------------------------------------
 
 class Classifier(nn.Module):
-    """An ImageNet classifier on RGB pixels in [0, 1]: normalization happens inside, so gradients are in pixel space.
+    """A classifier on RGB pixels in [0, 1]: normalization happens inside, so gradients are in pixel space. `classes`
+    names its outputs (default: ImageNet's 1000).
 
     `memory_format` is "auto" (the default: the faster of contiguous and channels-last, measured once per input
     shape, device, precision and grad mode by utils.speed.fastest_memory_format) or a torch.memory_format to force.
     The input and the weights are put in the chosen format; the arithmetic, and so fp32, is unchanged."""
 
-    def __init__(self, net, preprocessing, name="model", memory_format="auto"):
+    def __init__(self, net, preprocessing, name="model", memory_format="auto", classes=None):
         super().__init__()
         self.net = net
         self.preprocessing = preprocessing
         self.name = name
+        self.classes = tuple(classes) if classes is not None else models.imagenet_classes()
         self.memory_format = memory_format
         self.measured_formats = {}  # utils.speed.format_key(pixels) -> the faster torch.memory_format
         self.weights_format = torch.contiguous_format
@@ -172,7 +180,8 @@ class Classifier(nn.Module):
 
     def with_net(self, net, memory_format=None):
         """The same classifier (preprocessing, name, device) around another network, e.g. a compiled one."""
-        twin = Classifier(net, self.preprocessing, self.name, self.memory_format if memory_format is None else memory_format)
+        twin = Classifier(net, self.preprocessing, self.name, self.memory_format if memory_format is None else memory_format,
+                          self.classes)
         twin.weights_format = self.weights_format
         return twin.to(self.mean.device)
 
@@ -225,11 +234,15 @@ def get_device(name="auto"):
     return name
 
 
-@functools.lru_cache(maxsize=None)
-def load_model(name=DEFAULT_MODEL, device="cpu", fold=True):
-    """Load a classifier once per process, frozen, on `device`: any torchvision ImageNet classifier or efficientnet_lite0.
-    With `fold` (the default) its batch norms are folded into the convolutions before them (utils.speed), the same
-    function in fp32 up to rounding, computed faster; fold=False keeps the network as published."""
+def load_named(name, input_size=None):
+    """A classifier by name, before freezing: a model file, a timm: or robustbench: zoo model, efficientnet_lite0 or
+    a torchvision ImageNet classifier (see utils/models.py for the first three)."""
+    if models.is_model_file(name):
+        return from_parts(name, *models.load_model_file(name, input_size=input_size))
+    if name.startswith(models.TIMM_PREFIX):
+        return from_parts(name, *models.load_timm(name.removeprefix(models.TIMM_PREFIX), input_size))
+    if name.startswith(models.ROBUSTBENCH_PREFIX):
+        return from_parts(name, *models.load_robustbench(name.removeprefix(models.ROBUSTBENCH_PREFIX), input_size))
     if name == OFFLINE_MODEL:
         model = load_efficientnet_lite0()
     elif name in torchvision_classifiers():
@@ -237,18 +250,56 @@ def load_model(name=DEFAULT_MODEL, device="cpu", fold=True):
     else:
         close = difflib.get_close_matches(name, torchvision_classifiers() + [OFFLINE_MODEL], n=4)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; try {DEFAULT_MODEL} or {OFFLINE_MODEL}"
-        raise UsageError(f"unknown model {name!r}{hint}")
+        raise UsageError(f"unknown model {name!r}{hint} (or a .pt2/.pt file, timm:NAME, robustbench:DATASET/THREAT/NAME)")
+    if input_size:  # the tutorial's transform at another size: short side to N, centre crop N
+        model.preprocessing = dataclasses.replace(model.preprocessing, crop_size=input_size, resize_size=None)
+    return model
+
+
+def from_parts(name, net, settings, classes):
+    return Classifier(net, Preprocessing(**settings), name, classes=classes)
+
+
+@functools.lru_cache(maxsize=None)
+def load_model(name=DEFAULT_MODEL, device="cpu", fold=True, classes=None, input_size=None):
+    """Load a classifier once per process, frozen, on `device`: a torchvision ImageNet classifier, efficientnet_lite0,
+    a model file (.pt2, .pt), timm:NAME or robustbench:DATASET/THREAT/NAME. `classes` is a class-list file (one
+    name per line) that names the outputs; `input_size` overrides the model's own image size.
+    With `fold` (the default) its batch norms are folded into the convolutions before them (utils.speed), the same
+    function in fp32 up to rounding, computed faster; fold=False keeps the network as published. A model file is
+    never folded: its program is the user's, as they exported it."""
+    model = load_named(name, input_size)
+    if classes is not None:
+        model.classes = models.model_classes(len(model.classes), classes)
     model = freeze(model)
-    if fold:
+    if fold and not models.is_model_file(name):
         model.net = speed.fold_batch_norms(model.net)
     return model.to(device)
+
+
+def add_model_arguments(parser, default=DEFAULT_MODEL):
+    """--model, --classes and --input-size: the same in every script."""
+    parser.add_argument("--model", default=default,
+                        help=f"a torchvision ImageNet classifier name, {OFFLINE_MODEL} (works offline), a model file "
+                             "(.pt2 torch.export program or .pt TorchScript), timm:NAME or "
+                             "robustbench:DATASET/THREAT/NAME (default: %(default)s)")
+    parser.add_argument("--classes", help="a text file of the model's class names, one per line (default: a model "
+                                          "file's NAME.classes.txt beside it, else the model's own)")
+    parser.add_argument("--input-size", type=number_in(8, 4096, int, name="--input-size"),
+                        help="short side resized to N, centre crop N (default: the model's own; a model file: the "
+                             "image as it is)")
+
+
+def model_from_args(args, device):
+    """load_model with the command line's --model, --classes and --input-size."""
+    return load_model(args.model, device, classes=getattr(args, "classes", None), input_size=getattr(args, "input_size", None))
 
 
 # ---- prediction -----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def predict(model, batch):
-    """Class probabilities (B, 1000) for a float batch in [0, 1]."""
+    """Class probabilities (B, C) for a float batch in [0, 1]."""
     return model(batch.to(model.mean.device)).softmax(dim=1)
 
 
@@ -257,25 +308,25 @@ def predict_images(model, images_u8):
     return predict(model, to_tensor(images_u8)).argmax(dim=1).tolist()
 
 
-def get_label(index):
-    return get_idx_to_label()[int(index)]
+def get_label(index, classes=None):
+    """The name of class `index` among `classes` (the model's; default ImageNet's)."""
+    return (classes if classes is not None else models.imagenet_classes())[int(index)]
 
 
 def main(args):
-    model = load_model(args.model, get_device(args.device))
+    model = model_from_args(args, get_device(args.device))
     image = prepare_image(args.image, model)
     probabilities = predict(model, to_tensor(image))[0]
-    top = probabilities.topk(args.top_k)
-    print(f"Prediction: {get_label(top.indices[0])}")
+    top = probabilities.topk(min(args.top_k, len(model.classes)))
+    print(f"Prediction: {get_label(top.indices[0], model.classes)}")
     for rank, (probability, index) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
-        print(f"{rank:>3}. {probability:6.2%}  {get_label(index)} ({index})")
+        print(f"{rank:>3}. {probability:6.2%}  {get_label(index, model.classes)} ({index})")
 
 
 def get_args_parser():
     parser = ArgumentParser(description="Classify a photo with an ImageNet-pretrained model (the tutorial's step 2).")
     parser.add_argument("image", help="path to a photo (any format PIL reads)")
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"a torchvision ImageNet classifier name, or {OFFLINE_MODEL} (works offline) (default: %(default)s)")
+    add_model_arguments(parser)
     parser.add_argument("--top-k", type=number_in(1, 1000, int, name="--top-k"), default=5, help="classes to list (default: %(default)s)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     return parser
