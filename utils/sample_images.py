@@ -19,7 +19,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from utils.cli import ArgumentParser, UsageError, run  # noqa: E402
+from utils.cli import ArgumentParser, UsageError, number_in, run  # noqa: E402
 from utils.files import atomic_path, display_path, save_image  # noqa: E402
 
 SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png")
@@ -70,20 +70,33 @@ def digit_split(targets):
     return {"train": sorted(train), "test": sorted(test)}
 
 
-def write_digits(out):
-    """scikit-learn's handwritten digits as OUT/{train,test}/<digit>/NNNN.png (NNNN: the index in load_digits)."""
+def first_per_class(indices, targets, count):
+    """The first `count` indices of each class (all of them when count is None), in order."""
+    if count is None:
+        return list(indices)
+    seen = {}
+    for index in indices:
+        seen.setdefault(targets[index], []).append(index)
+    return sorted(index for members in seen.values() for index in members[:count])
+
+
+def write_digits(out, test_per_class=None):
+    """scikit-learn's handwritten digits as OUT/{train,test}/<digit>/NNNN.png (NNNN: the index in load_digits); with
+    `test_per_class`, only the first that many test digits of each class (a smaller, still balanced, test set)."""
     from sklearn.datasets import load_digits
     digits = load_digits()
-    for split, indices in digit_split(digits.target).items():
+    splits = digit_split(digits.target)
+    splits["test"] = first_per_class(splits["test"], digits.target, test_per_class)
+    for split, indices in splits.items():
         for index in indices:
             save_image(digit_image(digits.images[index]), out / split / str(digits.target[index]) / f"{index:04d}.png")
         print(f"{split}: {len(indices)} digits -> {display_path(out / split)}")
-    print(f"Wrote {len(digits.target)} digits ({DIGIT_SIZE}x{DIGIT_SIZE} RGB PNG, classes 0..9) to {display_path(out)}")
+    print(f"Wrote {sum(map(len, splits.values()))} digits ({DIGIT_SIZE}x{DIGIT_SIZE} RGB PNG, classes 0..9) to {display_path(out)}")
 
 
 def main(args):
     if args.digits:
-        return write_digits(Path(args.digits))
+        return write_digits(Path(args.digits), args.test_per_class)
     out = Path(args.output_dir)
     paths = sample_paths()
     if args.labelled:
@@ -102,6 +115,8 @@ def get_args_parser():
                         help=f"only the photos with a true class in {SAMPLE_LABELS.parent.name}/{SAMPLE_LABELS.name}")
     parser.add_argument("--digits", metavar="DIR",
                         help="instead: write scikit-learn's handwritten digits as an ImageFolder DIR/train, DIR/test")
+    parser.add_argument("--test-per-class", type=number_in(1, 1000, int, name="--test-per-class"), default=None,
+                        help="with --digits: keep only the first N test digits of each class (default: all 450)")
     return parser
 
 
