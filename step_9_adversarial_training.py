@@ -30,7 +30,7 @@ starts are seeded per epoch and batch, not drawn from a shared stream).
 """
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch

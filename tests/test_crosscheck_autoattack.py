@@ -6,8 +6,6 @@ CNN adversarially trained on the digits: the place where attacks differ, since a
 - a model that masks its gradients (its input rounded to a few levels inside its forward: zero gradient everywhere)
   fails step 8's sanity check 5: Square fools images that the gradient attacks could not.
 """
-import csv
-
 import pytest
 import torch
 from torch import nn
@@ -15,7 +13,7 @@ from torch import nn
 from step_2_pretrained import Classifier, Preprocessing, load_model, prepare_image, to_tensor
 from tests.conftest import run_script
 from utils.data import list_photos
-from utils.images import to_uint8
+from utils.reference import reference_autoattack, worst_case_robust
 from utils.training import SMALL_CNN, build_net, export_program, load_checkpoint
 
 pytest.importorskip("pyautoattack")
@@ -46,35 +44,14 @@ def evaluate(root, model, name, *options):
     return root / name
 
 
-def worst_case_robust(folder):
-    """(robust images, images) of step 8's worst case, from its robust_accuracy.csv."""
-    with open(folder / "robust_accuracy.csv", newline="") as handle:
-        row = next(row for row in csv.DictReader(handle) if row["attack"] == "worst-case")
-    return round(float(row["robust_accuracy"]) * int(row["images"])), int(row["images"])
-
-
-def reference_robust(model, images, labels):
-    """Images the reference AutoAttack (standard version) leaves correctly classified, judged on its adversarial
-    images rounded to whole levels (what a PNG would hold), and the largest perturbation in levels."""
-    from pyautoattack import AutoAttack
-    adversary = AutoAttack(model, eps=EPSILON / 255, norm="Linf", version="standard", seed=0, device="cpu")
-    adversarial, _ = adversary.run_standard_evaluation(images, labels, batch_size=64)
-    on_lattice = to_tensor(to_uint8(adversarial))
-    linf = (on_lattice - images).abs().amax().mul(255).round().item()
-    with torch.no_grad():
-        clean_ok = model(images).argmax(dim=1) == labels
-        robust = clean_ok & (model(on_lattice).argmax(dim=1) == labels)
-    return int(robust.sum()), linf
-
-
 def test_our_ensemble_is_at_least_as_strong_as_the_reference_autoattack(trained):
     torch.set_num_threads(int(THREADS))
-    ours, images = worst_case_robust(evaluate(trained, trained / "robust.pt2", "ours"))
+    ours, images = worst_case_robust(evaluate(trained, trained / "robust.pt2", "ours"), EPSILON)
     model = load_model(str(trained / "robust.pt2"))
     paths, names = list_photos(trained / "digits" / "test")
     pixels = to_tensor([prepare_image(path, model) for path in paths])
     labels = torch.tensor([int(name.split("/")[0]) for name in names])
-    reference, linf = reference_robust(model, pixels, labels)
+    reference, linf = reference_autoattack(model, pixels, labels, EPSILON)
     print(f"\nrobust accuracy at epsilon {EPSILON} levels on {images} test digits: ours (apgd, apgd-t, square) "
           f"{ours}/{images} = {ours / images:.1%}, reference AutoAttack (standard) {reference}/{images} = "
           f"{reference / images:.1%}")
