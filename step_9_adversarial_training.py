@@ -42,7 +42,8 @@ from utils.attacks import make_attack
 from utils.cli import ArgumentParser, UsageError, number_in, run
 from utils.data import PhotoDataset, csv_labels, cut, list_photos, photo_batches
 from utils.files import display_path
-from utils.training import (SMALL_CNN, build_net, export_program, load_checkpoint, load_program, save_checkpoint)
+from utils.training import (SMALL_CNN, build_net, classes_path, export_program, load_checkpoint, load_program,
+                            save_checkpoint)
 
 METHODS = ("pgd", "fgsm-rs", "none")
 FGSM_RS_STEP = 1.25  # Wong et al. 2020: alpha = 1.25 epsilon from a uniform start in the ball
@@ -132,7 +133,10 @@ def training_attack(model, args, seed):
     (no early stop: the example should be the worst found, not the first misclassified one)."""
     if args.method == "none":
         return None
-    steps, alpha = (1, args.alpha or FGSM_RS_STEP * args.epsilon) if args.method == "fgsm-rs" else (args.steps, args.alpha)
+    if args.method == "fgsm-rs":
+        steps, alpha = 1, args.alpha or FGSM_RS_STEP * args.epsilon
+    else:
+        steps, alpha = args.steps, args.alpha
     return make_attack("pgd", model, epsilon=args.epsilon, steps=steps, alpha=alpha, targeted=False, early_stop=False,
                        random_start=True, seed=seed)
 
@@ -150,7 +154,8 @@ def as_pixels(images_u8):
 
 def train_epoch(model, optimizer, data, epoch, args, device):
     """One pass over the training images in a seeded order; returns (mean loss, training images per second)."""
-    order = data.train[torch.randperm(len(data.train), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))]
+    shuffle = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+    order = data.train[torch.randperm(len(data.train), generator=shuffle)]
     batches = [order[start:start + args.batch_size] for start in range(0, len(order), args.batch_size)]
     started, total = time.perf_counter(), 0.0
     bar = tqdm(batches, desc=f"epoch {epoch}/{args.epochs}", unit="batch", leave=False, disable=None)
@@ -274,8 +279,9 @@ def main(args):
         report_epoch(history[-1])
         save_epoch(model, optimizer, epoch, history, args)
     export(model, data, args, device)
-    print(f"Wrote {display_path(args.output)} and {display_path(Path(args.output).with_name(Path(args.output).stem + '.classes.txt'))}"
-          f" ({len(data.classes)} classes: {', '.join(data.classes[:10])}{', ...' if len(data.classes) > 10 else ''})")
+    more = ", ..." if len(data.classes) > 10 else ""
+    print(f"Wrote {display_path(args.output)} and {display_path(classes_path(args.output))} "
+          f"({len(data.classes)} classes: {', '.join(data.classes[:10])}{more})")
 
 
 def get_args_parser():
