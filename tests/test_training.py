@@ -136,3 +136,31 @@ def test_resume_with_other_settings_is_refused(few_digits, tmp_path):
     result = run_script(STEP_9, *train_args(few_digits, output, "--method", "none", "--epochs", "1", "--resume",
                                             "--epsilon", "8"), cwd=tmp_path)
     assert result.returncode == 2 and "--epsilon" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def write_accuracy(folder, clean, robust):
+    """A robust_accuracy.csv as step 8 writes it: per epsilon, the ensemble's cumulative rows then the worst case."""
+    folder.mkdir()
+    lines = ["epsilon,attack,images,clean_accuracy,robust_accuracy"]
+    for epsilon, (after_apgd, worst) in robust.items():
+        lines += [f"{epsilon},apgd,20,{clean},{after_apgd}", f"{epsilon},square,20,{clean},{worst}",
+                  f"{epsilon},worst-case,20,{clean},{worst}"]
+    (folder / "robust_accuracy.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_compare_models_tabulates_each_run_and_draws_the_figure(tmp_path):
+    write_accuracy(tmp_path / "a", 0.95, {8: (0.4, 0.35), 32: (0.05, 0.0)})
+    write_accuracy(tmp_path / "b", 0.9, {8: (0.85, 0.8), 32: (0.6, 0.55)})
+    result = run_script("utils/compare_models.py", tmp_path / "a", tmp_path / "b", "--names", "plain,robust",
+                        "--output-dir", tmp_path / "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    table = (tmp_path / "out" / "comparison.md").read_text()
+    assert "| plain | 32 | 95.0% | 5.0% | 0.0% | 0.0% |" in table
+    assert "| robust | 8 | 90.0% | 85.0% | 80.0% | 80.0% |" in table
+    assert Image.open(tmp_path / "out" / "robust_vs_epsilon.png").size[0] > 300
+
+
+def test_compare_models_refuses_a_folder_without_results(tmp_path):
+    result = run_script("utils/compare_models.py", tmp_path, "--names", "x", "--output-dir", tmp_path / "out", cwd=tmp_path)
+    assert result.returncode == 2 and "robust_accuracy.csv" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
