@@ -45,7 +45,7 @@ robust: $(VENV)/.installed
 
 # Step 9 on scikit-learn's handwritten digits (offline): a standard and an adversarially trained small CNN on the train
 # split, then step 8's ensemble on 100 test digits (10 per class) for both at three epsilons, and one table and figure.
-DEMO_EVAL := --epsilons 8,16,32 --steps 50 --queries 5000
+DEMO_EVAL := --epsilons 8,16,32 --steps 50 --queries 1000 --batch-size 100
 robust-demo: $(VENV)/.installed
 	$(PYTHON) utils/sample_images.py --digits digits --test-per-class 10
 	$(PYTHON) step_9_adversarial_training.py digits/train --method none --epochs 10 --output $(DEMO)/standard.pt2
