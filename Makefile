@@ -54,4 +54,4 @@ robust-demo: $(VENV)/.installed
 	$(PYTHON) step_8_evaluate.py digits/test --model $(DEMO)/standard.pt2 $(DEMO_EVAL) --output-dir $(DEMO)/eval-standard
 	$(PYTHON) step_8_evaluate.py digits/test --model $(DEMO)/adversarial.pt2 $(DEMO_EVAL) --output-dir $(DEMO)/eval-adversarial
 	$(PYTHON) utils/compare_models.py $(DEMO)/eval-standard $(DEMO)/eval-adversarial \
-		--names "standard training,adversarial training (PGD-3, epsilon 32)" --output-dir $(DEMO)
+		--names "standard training,adversarial training (PGD-3 at epsilon 32)" --output-dir $(DEMO)

@@ -85,7 +85,7 @@ def get_args_parser():
     parser = ArgumentParser(description="Compare models' robust accuracy from step 8's output folders.")
     parser.add_argument("folders", nargs="+", help="step 8 output folders, each with robust_accuracy.csv")
     parser.add_argument("--names", type=comma_list(str, "--names"), required=True,
-                        help="a display name per folder, comma-separated, in the same order")
+                        help="a display name per folder, comma-separated (so no comma inside a name), in the same order")
     parser.add_argument("--output-dir", default="outputs/robust-demo", help="(default: %(default)s)")
     return parser
 
