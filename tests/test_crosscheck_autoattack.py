@@ -37,8 +37,8 @@ def trained(tmp_path_factory):
     return root
 
 
-def evaluate(root, model, name, *options):
-    result = run_script("step_8_evaluate.py", root / "digits" / "test", "--model", model, "--epsilons", EPSILON,
+def evaluate(root, model, name, *options, epsilon=EPSILON):
+    result = run_script("step_8_evaluate.py", root / "digits" / "test", "--model", model, "--epsilons", epsilon,
                         "--threads", THREADS, "--batch-size", 10 * TEST_PER_CLASS, "--output-dir", root / name, *options,
                         cwd=root)
     assert result.returncode == 0, result.stderr
@@ -65,7 +65,7 @@ class RoundedInput(nn.Module):
     """A classifier that rounds its input to `levels` grey levels first: torch.round has a zero gradient, so every
     gradient attack sees a flat loss, while the rounded image still classifies (gradient masking, Athalye et al.)."""
 
-    def __init__(self, classifier, levels=4):
+    def __init__(self, classifier, levels=16):
         super().__init__()
         self.classifier, self.levels = classifier, levels
 
@@ -80,7 +80,9 @@ def test_a_gradient_masking_model_fails_sanity_check_5(trained):
     classifier.load_state_dict(state)
     masked = trained / "masked.pt2"
     export_program(RoundedInput(classifier).eval(), torch.rand(4, 3, 32, 32), masked, [str(d) for d in range(10)])
-    summary = (evaluate(trained, masked, "masked", "--steps", "20", "--queries", "1000") / "summary.md").read_text()
+    # at twice the training budget the model is no longer robust, so what Square finds, the zero gradient hid
+    summary = (evaluate(trained, masked, "masked", "--steps", "20", "--queries", "1000", epsilon=2 * EPSILON)
+               / "summary.md").read_text()
     check = next(line for line in summary.splitlines() if line.startswith("5. "))
     print("\n" + check)
     assert check.startswith("5. **FAIL**")

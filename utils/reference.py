@@ -28,8 +28,10 @@ def reference_autoattack(model, images, labels, epsilon, seed=0, batch_size=64):
         from pyautoattack import AutoAttack
     except ImportError:
         raise UsageError("the reference AutoAttack is not installed (pip install pyautoattack==0.2.0)")
-    # contiguous tensors throughout: AutoAttack views its gradients (a channels-last gradient cannot be viewed), and
-    # its randomness check would read a memory-format measurement's float differences as a random defense
+    # contiguous tensors throughout: AutoAttack views its gradients, made like its input (to_tensor's permuted batch is
+    # channels-last in memory, and such a gradient cannot be viewed); and its randomness check would read a
+    # memory-format measurement's float differences as a random defense
+    images = images.contiguous()
     model = model.with_net(model.net, memory_format=torch.contiguous_format)
     adversary = AutoAttack(model, eps=epsilon / 255, norm="Linf", version="standard", seed=seed, device=images.device)
     adversarial, _ = adversary.run_standard_evaluation(images, labels, batch_size=batch_size)
