@@ -1,8 +1,11 @@
 """Copy a small folder of real photos that every install already has offline: the photos matplotlib and
 scikit-image ship with their packages. The README's evaluation (step 8) runs on this folder; with --labelled, only
 the photos that assets/sample_labels.csv gives a true ImageNet class (the README's robust accuracy runs on those).
+With --digits DIR, scikit-learn's 1,797 handwritten digits instead, as an ImageFolder with a fixed train/test split
+(step 9 trains on DIR/train, step 8 evaluates on DIR/test).
 
     python utils/sample_images.py [--output-dir samples] [--labelled]
+    python utils/sample_images.py --digits DIR
 """
 import csv
 import importlib.util
@@ -11,14 +14,19 @@ import sys
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from utils.cli import ArgumentParser, UsageError, run  # noqa: E402
-from utils.files import atomic_path, display_path  # noqa: E402
+from utils.cli import ArgumentParser, UsageError, number_in, run  # noqa: E402
+from utils.files import atomic_path, display_path, save_image  # noqa: E402
 
 SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png")
 SAMPLE_LABELS = Path(__file__).resolve().parent.parent / "assets" / "sample_labels.csv"
+DIGIT_SIZE = 32            # pixels: big enough for a few conv layers, small enough to train on a CPU in minutes
+DIGIT_TEST_FRACTION = 0.25
+DIGIT_SPLIT_SEED = 0
 
 
 def skimage_data_folder():
@@ -45,7 +53,50 @@ def labelled_names():
         return {row["image"] for row in csv.DictReader(handle)}
 
 
+def digit_image(grey_0_16):
+    """An 8x8 digit (grey levels 0..16, 16 = ink) as a 32x32 8-bit RGB array: scaled to 0..255, upsampled bicubically
+    (smooth strokes rather than 4x4 blocks), the same value in the three channels."""
+    levels = np.round(np.asarray(grey_0_16, dtype=np.float64) * 255 / 16).astype(np.uint8)
+    big = Image.fromarray(levels, "L").resize((DIGIT_SIZE, DIGIT_SIZE), Image.Resampling.BICUBIC)
+    return np.asarray(big.convert("RGB"), dtype=np.uint8)
+
+
+def digit_split(targets):
+    """{"train": indices, "test": indices}: a stratified split (every digit in the same proportion in both), fixed by
+    DIGIT_SPLIT_SEED so every run and every machine gets the same test images."""
+    from sklearn.model_selection import train_test_split
+    train, test = train_test_split(np.arange(len(targets)), test_size=DIGIT_TEST_FRACTION, stratify=targets,
+                                   random_state=DIGIT_SPLIT_SEED)
+    return {"train": sorted(train), "test": sorted(test)}
+
+
+def first_per_class(indices, targets, count):
+    """The first `count` indices of each class (all of them when count is None), in order."""
+    if count is None:
+        return list(indices)
+    seen = {}
+    for index in indices:
+        seen.setdefault(targets[index], []).append(index)
+    return sorted(index for members in seen.values() for index in members[:count])
+
+
+def write_digits(out, test_per_class=None):
+    """scikit-learn's handwritten digits as OUT/{train,test}/<digit>/NNNN.png (NNNN: the index in load_digits); with
+    `test_per_class`, only the first that many test digits of each class (a smaller, still balanced, test set)."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    splits = digit_split(digits.target)
+    splits["test"] = first_per_class(splits["test"], digits.target, test_per_class)
+    for split, indices in splits.items():
+        for index in indices:
+            save_image(digit_image(digits.images[index]), out / split / str(digits.target[index]) / f"{index:04d}.png")
+        print(f"{split}: {len(indices)} digits -> {display_path(out / split)}")
+    print(f"Wrote {sum(map(len, splits.values()))} digits ({DIGIT_SIZE}x{DIGIT_SIZE} RGB PNG, classes 0..9) to {display_path(out)}")
+
+
 def main(args):
+    if args.digits:
+        return write_digits(Path(args.digits), args.test_per_class)
     out = Path(args.output_dir)
     paths = sample_paths()
     if args.labelled:
@@ -62,6 +113,10 @@ def get_args_parser():
     parser.add_argument("--output-dir", default="samples", help="folder to copy them into (default: %(default)s)")
     parser.add_argument("--labelled", action="store_true",
                         help=f"only the photos with a true class in {SAMPLE_LABELS.parent.name}/{SAMPLE_LABELS.name}")
+    parser.add_argument("--digits", metavar="DIR",
+                        help="instead: write scikit-learn's handwritten digits as an ImageFolder DIR/train, DIR/test")
+    parser.add_argument("--test-per-class", type=number_in(1, 1000, int, name="--test-per-class"), default=None,
+                        help="with --digits: keep only the first N test digits of each class (default: all 450)")
     return parser
 
 

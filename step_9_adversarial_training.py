@@ -1,0 +1,325 @@
+"""Step 9: adversarial training, the tutorial's missing chapter.
+
+    python step_9_adversarial_training.py FOLDER [--labels FILE.csv] [--output outputs/robust/model.pt2]
+                                         [--method pgd|fgsm-rs|none] [--epsilon 32] [--steps 3] [--alpha LEVELS]
+                                         [--arch small-cnn] [--epochs 10] [--batch-size 64] [--lr 0.001]
+                                         [--val-fraction 0.1] [--val-steps 10] [--image-size 32] [--seed 0]
+                                         [--threads N] [--resume]
+
+Steps 6 and 7 showed that transforming the input (JPEG) only hides the gradient, and an attacker who knows the
+transformation goes through it. Madry et al. 2018 ("Towards Deep Learning Models Resistant to Adversarial Attacks")
+change the model instead: every training batch is replaced by its adversarial examples, so the network learns to
+classify the worst image within epsilon of each training image.
+
+Methods: `pgd` (Madry et al.: PGD with a random start, `--steps` sign steps of `--alpha` levels, by default
+2.5 * epsilon / steps, the step size utils.attacks.PGD derives from the budget), `fgsm-rs` (Wong, Rice and Kolter
+2020, "Fast is better than free": one FGSM step of 1.25 * epsilon from a uniform random start; about as cheap as
+plain training) or `none` (plain training, the baseline). Epsilon is in levels out of 255, as everywhere else; the
+attack sees the 8-bit image (utils.attacks), so the model trains on images a PNG can hold.
+
+Labels: an ImageFolder tree (FOLDER/<class>/image; class names are the subfolder names, in numeric order when they
+are all numbers, else sorted) or --labels FILE.csv (columns image,label; the class names are the labels, sorted).
+A held-out share (--val-fraction) is never trained on: clean accuracy and PGD accuracy (--val-steps steps at the
+training epsilon) on it are printed after every epoch, with the training images per second.
+
+Writes OUTPUT (a torch.export program: 8-bit RGB scaled to [0, 1] in, logits out, normalization inside, any batch
+size) and OUTPUT's classes file (NAME.classes.txt, one class name per line), which every step loads with
+--model OUTPUT. A checkpoint (NAME.ckpt) is written after every epoch; --resume continues from it after a kill and
+ends with the same bytes an uninterrupted run gives (same seed and --threads: the data order and the attacks' random
+starts are seeded per epoch and batch, not drawn from a shared stream).
+"""
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from step_2_pretrained import Classifier, Preprocessing, get_device, get_image_transform, load_image
+from utils.attacks import make_attack
+from utils.cli import ArgumentParser, UsageError, number_in, run
+from utils.data import PhotoDataset, csv_labels, cut, list_photos, photo_batches
+from utils.files import display_path
+from utils.training import (SMALL_CNN, build_net, classes_path, export_program, load_checkpoint, load_program,
+                            save_checkpoint)
+
+METHODS = ("pgd", "fgsm-rs", "none")
+FGSM_RS_STEP = 1.25  # Wong et al. 2020: alpha = 1.25 epsilon from a uniform start in the ball
+
+
+# ---- the data -------------------------------------------------------------------------------------------------
+
+@dataclass
+class Data:
+    """Every image as 8-bit (N, 3, S, S), its class index, the class names, and the train/validation split."""
+    images: torch.Tensor
+    targets: torch.Tensor
+    classes: list
+    train: torch.Tensor
+    val: torch.Tensor
+
+
+def class_names(names):
+    """ImageFolder: the subfolder names, in numeric order when they are all numbers (0, 1, ..., 10), else sorted."""
+    folders = {name.split("/")[0] for name in names}
+    return sorted(folders, key=lambda folder: (int(folder), folder) if folder.isdigit() else (math.inf, folder))
+
+
+def read_targets(folder, labels, names):
+    """(class names, class index per photo) from the ImageFolder tree or a labels CSV (labels are class names)."""
+    if labels is not None:
+        listed = csv_labels(labels, names, find_class=str).classes
+        classes = class_names([f"{label}/" for label in listed])
+        return classes, [classes.index(str(label)) for label in listed]
+    if not all("/" in name for name in names):
+        raise UsageError(f"{folder}: training needs labels: an ImageFolder tree (one subfolder per class) or --labels")
+    classes = class_names(names)
+    return classes, [classes.index(name.split("/")[0]) for name in names]
+
+
+def read_images(paths, size, workers=0):
+    """Every photo resized and centre-cropped to size x size, as one 8-bit tensor; an unreadable file is an error
+    (a training set with holes would silently train on less)."""
+    transform = get_image_transform(Preprocessing(size, (0.0,) * 3, (1.0,) * 3))
+    images = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
+    for batch in photo_batches(PhotoDataset(paths, load_image, transform), cut(len(paths), 256), workers):
+        for index, image, reason in batch:
+            if image is None:
+                raise UsageError(f"{paths[index]}: {reason}")
+            images[index] = torch.from_numpy(image).permute(2, 0, 1)
+    return images
+
+
+def split(count, val_fraction, seed):
+    """(train indices, validation indices): a seeded permutation, its first val_fraction held out, each part sorted."""
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    held_out = round(count * val_fraction)
+    if held_out and count - held_out < 1:
+        raise UsageError(f"--val-fraction {val_fraction} leaves no training image out of {count}")
+    return order[held_out:].sort().values, order[:held_out].sort().values
+
+
+def load_data(args):
+    paths, names = list_photos(args.folder)
+    classes, targets = read_targets(args.folder, args.labels, names)
+    if len(classes) < 2:
+        raise UsageError(f"{args.folder}: training needs at least 2 classes, found {len(classes)}")
+    train, val = split(len(paths), args.val_fraction, args.seed)
+    return Data(read_images(paths, args.image_size, args.workers), torch.tensor(targets), classes, train, val)
+
+
+def channel_statistics(images):
+    """Per-channel mean and standard deviation of 8-bit images, in [0, 1] units: the model's normalization."""
+    pixels = images.float().div(255).transpose(0, 1).flatten(1)
+    return tuple(pixels.mean(dim=1).tolist()), tuple(pixels.std(dim=1).clamp_min(1e-3).tolist())
+
+
+# ---- the model and the attack ---------------------------------------------------------------------------------
+
+def make_model(data, args):
+    """A fresh classifier (seeded initialization) normalizing by the training images' own statistics. Its memory
+    format is fixed (no measuring which is faster: no clock may decide what a run computes)."""
+    torch.manual_seed(args.seed)
+    mean, std = channel_statistics(data.images[data.train])
+    net = build_net(args.arch, len(data.classes))
+    return Classifier(net, Preprocessing(args.image_size, mean, std), Path(args.output).stem,
+                      memory_format=torch.contiguous_format)
+
+
+def training_attack(model, args, seed):
+    """The attack that makes a batch's training examples (None for plain training). Every sample runs all its steps
+    (no early stop: the example should be the worst found, not the first misclassified one)."""
+    if args.method == "none":
+        return None
+    if args.method == "fgsm-rs":
+        steps, alpha = 1, args.alpha or FGSM_RS_STEP * args.epsilon
+    else:
+        steps, alpha = args.steps, args.alpha
+    return make_attack("pgd", model, epsilon=args.epsilon, steps=steps, alpha=alpha, targeted=False, early_stop=False,
+                       random_start=True, seed=seed)
+
+
+def batch_seed(args, epoch, index):
+    """The seed of one batch's random start: a function of (seed, epoch, batch), so a resumed run draws the same."""
+    return (args.seed * 1000 + epoch) * 100000 + index
+
+
+def as_pixels(images_u8):
+    return images_u8.float().div(255)
+
+
+# ---- one epoch ------------------------------------------------------------------------------------------------
+
+def train_epoch(model, optimizer, data, epoch, args, device):
+    """One pass over the training images in a seeded order; returns (mean loss, training images per second)."""
+    shuffle = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+    order = data.train[torch.randperm(len(data.train), generator=shuffle)]
+    batches = [order[start:start + args.batch_size] for start in range(0, len(order), args.batch_size)]
+    started, total = time.perf_counter(), 0.0
+    bar = tqdm(batches, desc=f"epoch {epoch}/{args.epochs}", unit="batch", leave=False, disable=None)
+    for index, members in enumerate(bar):
+        images, targets = as_pixels(data.images[members]).to(device), data.targets[members].to(device)
+        attack = training_attack(model, args, batch_seed(args, epoch, index))
+        if attack is not None:
+            model.eval()
+            images = attack(images, targets).adversarial
+        model.train()
+        loss = F.cross_entropy(model(images), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(members)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return total / len(order), len(order) / (time.perf_counter() - started)
+
+
+@torch.no_grad()
+def accuracy(model, images, targets):
+    return (model(images).argmax(dim=1) == targets).float().mean().item()
+
+
+def validate(model, data, args, device):
+    """(clean accuracy, PGD accuracy) on the held-out images: PGD with --val-steps steps and a random start at the
+    training epsilon (none: nothing held out)."""
+    if len(data.val) == 0:
+        return None, None
+    model.eval()
+    images, targets = as_pixels(data.images[data.val]).to(device), data.targets[data.val].to(device)
+    attack = make_attack("pgd", model, epsilon=args.epsilon, steps=args.val_steps, targeted=False, random_start=True,
+                         seed=args.seed)
+    robust = 1 - attack(images, targets).success.float().mean().item()
+    return accuracy(model, images, targets), robust
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------------------
+
+SETTINGS = ("arch", "method", "epsilon", "steps", "alpha", "batch_size", "lr", "val_fraction", "image_size", "seed",
+            "epochs")
+
+
+def checkpoint_path(args):
+    return Path(args.output).with_suffix(".ckpt")
+
+
+def settings(args):
+    return {name: getattr(args, name) for name in SETTINGS}
+
+
+def resume_from(model, optimizer, args):
+    """The first epoch still to run and the history so far: 1 and [] unless --resume finds a checkpoint made with
+    the same settings (--epochs may grow: more epochs continue the same run)."""
+    path = checkpoint_path(args)
+    if not args.resume or not path.exists():
+        return 1, []
+    state = load_checkpoint(path)
+    saved = dict(state.get("settings", {}))
+    changed = [name for name in SETTINGS if name != "epochs" and saved.get(name) != getattr(args, name)]
+    if changed:
+        name = changed[0]
+        raise UsageError(f"{path}: made with --{name.replace('_', '-')} {saved.get(name)}, not {getattr(args, name)}; "
+                         "resume with the same settings or remove the checkpoint")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    print(f"Resuming after epoch {state['epoch']} from {display_path(path)}")
+    return state["epoch"] + 1, list(state["history"])
+
+
+def save_epoch(model, optimizer, epoch, history, args):
+    save_checkpoint({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "history": history, "settings": settings(args)}, checkpoint_path(args))
+
+
+# ---- export ---------------------------------------------------------------------------------------------------
+
+def export(model, data, args, device):
+    """Write the .pt2 and its classes file, then check the saved program against the trained module: the same
+    logits (batch 1 and a full batch) and an input gradient (what every attack needs)."""
+    model.eval()
+    examples = as_pixels(data.images[:16]).to(device)
+    export_program(model, examples, args.output, data.classes)
+    program = load_program(args.output)
+    for batch in (examples[:1], examples):
+        with torch.no_grad():
+            if not torch.allclose(program(batch), model(batch), atol=1e-5, rtol=1e-4):
+                raise RuntimeError(f"{args.output}: the exported program's logits differ from the trained model's")
+    probe = examples[:2].clone().requires_grad_(True)
+    program(probe).sum().backward()
+    if not probe.grad.abs().sum() > 0:
+        raise RuntimeError(f"{args.output}: the exported program gives no input gradient")
+
+
+# ---- main -----------------------------------------------------------------------------------------------------
+
+def report_epoch(row):
+    val = "" if row["clean"] is None else \
+        f", held-out clean {row['clean']:.1%}, PGD-{row['val_steps']} at {row['epsilon']:g} levels {row['robust']:.1%}"
+    print(f"epoch {row['epoch']}: loss {row['loss']:.4f}, {row['images_per_second']:.0f} training images/s{val}",
+          flush=True)
+
+
+def main(args):
+    if Path(args.output).suffix != ".pt2":
+        raise UsageError(f"--output {args.output}: the model is written as a torch.export program, name it NAME.pt2")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = get_device(args.device)
+    data = load_data(args)
+    model = make_model(data, args).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    first, history = resume_from(model, optimizer, args)
+    print(f"Training {args.arch} ({args.method}, epsilon {args.epsilon:g} levels) on {len(data.train)} images of "
+          f"{len(data.classes)} classes, {len(data.val)} held out; {torch.get_num_threads()} thread(s), {device}")
+    for epoch in range(first, args.epochs + 1):
+        loss, speed = train_epoch(model, optimizer, data, epoch, args, device)
+        clean, robust = validate(model, data, args, device)
+        history.append({"epoch": epoch, "loss": loss, "images_per_second": speed, "clean": clean, "robust": robust,
+                        "epsilon": args.epsilon, "val_steps": args.val_steps})
+        report_epoch(history[-1])
+        save_epoch(model, optimizer, epoch, history, args)
+    export(model, data, args, device)
+    more = ", ..." if len(data.classes) > 10 else ""
+    print(f"Wrote {display_path(args.output)} and {display_path(classes_path(args.output))} "
+          f"({len(data.classes)} classes: {', '.join(data.classes[:10])}{more})")
+
+
+def get_args_parser():
+    parser = ArgumentParser(description="Train a classifier with adversarial training (PGD, FGSM with a random start) "
+                                        "or plainly, and export it as a .pt2 program every step loads.")
+    parser.add_argument("folder", help="an ImageFolder tree (one subfolder per class), or a folder with --labels")
+    parser.add_argument("--labels", help="a CSV file with columns image,label (label: the class name)")
+    parser.add_argument("--output", default="outputs/robust/model.pt2",
+                        help="the .pt2 program to write; NAME.classes.txt and the checkpoint NAME.ckpt go beside it "
+                             "(default: %(default)s)")
+    parser.add_argument("--method", choices=METHODS, default="pgd", help="(default: %(default)s)")
+    parser.add_argument("--epsilon", type=number_in(0, 255, name="--epsilon"), default=32,
+                        help="the training budget in levels out of 255, L-infinity (default: %(default)s)")
+    parser.add_argument("--steps", type=number_in(1, 1000, int, name="--steps"), default=3,
+                        help="PGD steps per training batch (pgd; fgsm-rs takes one) (default: %(default)s)")
+    parser.add_argument("--alpha", type=number_in(0, 255, low_open=True, name="--alpha"), default=None,
+                        help="the attack's step in levels (default: pgd 2.5 * epsilon / steps, fgsm-rs 1.25 * epsilon)")
+    parser.add_argument("--arch", default=SMALL_CNN,
+                        help=f"{SMALL_CNN}, a torchvision classifier name or timm:NAME (default: %(default)s)")
+    parser.add_argument("--epochs", type=number_in(1, 10000, int, name="--epochs"), default=10)
+    parser.add_argument("--batch-size", type=number_in(1, 4096, int, name="--batch-size"), default=64)
+    parser.add_argument("--lr", type=number_in(0, 10, low_open=True, name="--lr"), default=1e-3,
+                        help="Adam's learning rate (default: %(default)s)")
+    parser.add_argument("--val-fraction", type=number_in(0, 0.9, name="--val-fraction"), default=0.1,
+                        help="share of the images held out for validation (default: %(default)s)")
+    parser.add_argument("--val-steps", type=number_in(1, 1000, int, name="--val-steps"), default=10,
+                        help="PGD steps of the per-epoch validation attack (default: %(default)s)")
+    parser.add_argument("--image-size", type=number_in(8, 1024, int, name="--image-size"), default=32,
+                        help="images are resized and centre-cropped to this square (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=number_in(1, 1024, int, name="--threads"), default=None,
+                        help="torch threads (default: torch's; a resumed run needs the same number for the same bytes)")
+    parser.add_argument("--workers", type=number_in(0, 64, int, name="--workers"), default=0,
+                        help="DataLoader processes decoding the images (default: %(default)s)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --output")
+    return parser
+
+
+if __name__ == "__main__":
+    run(main, get_args_parser())

@@ -1,0 +1,88 @@
+"""Our robust accuracy against the reference AutoAttack (Croce and Hein's own code, PyPI's pyautoattack), on a small
+CNN adversarially trained on the digits: the place where attacks differ, since an undefended model falls to all.
+
+- step 8's ensemble (apgd, apgd-t, square), judged on the PNGs it writes, leaves at most one image more robust than
+  the reference AutoAttack (standard version), judged on its adversarial images rounded to 8 bits;
+- a model that masks its gradients (its input rounded to a few levels inside its forward: zero gradient everywhere)
+  fails step 8's sanity check 5: Square fools images that the gradient attacks could not.
+"""
+import pytest
+import torch
+from torch import nn
+
+from step_2_pretrained import Classifier, Preprocessing, load_model, prepare_image, to_tensor
+from tests.conftest import run_script
+from utils.data import list_photos
+from utils.reference import reference_autoattack, worst_case_robust
+from utils.training import SMALL_CNN, build_net, export_program, load_checkpoint
+
+pytest.importorskip("pyautoattack")
+
+EPSILON = 32        # levels out of 255: the training budget, where a robust model is neither 0% nor 100% robust
+TEST_PER_CLASS = 3  # 30 test digits, one batch: the reference AutoAttack takes about a minute on them
+THREADS = "2"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The digits and a small CNN trained for 3 epochs with fast adversarial training (FGSM from a random start)."""
+    root = tmp_path_factory.mktemp("crosscheck")
+    written = run_script("utils/sample_images.py", "--digits", root / "digits", "--test-per-class", TEST_PER_CLASS,
+                         cwd=root)
+    assert written.returncode == 0, written.stderr
+    trained = run_script("step_9_adversarial_training.py", root / "digits" / "train", "--method", "fgsm-rs",
+                         "--epsilon", EPSILON, "--epochs", "3", "--val-fraction", "0", "--threads", THREADS,
+                         "--output", root / "robust.pt2", cwd=root)
+    assert trained.returncode == 0, trained.stderr
+    return root
+
+
+def evaluate(root, model, name, *options, epsilon=EPSILON):
+    result = run_script("step_8_evaluate.py", root / "digits" / "test", "--model", model, "--epsilons", epsilon,
+                        "--threads", THREADS, "--batch-size", 10 * TEST_PER_CLASS, "--output-dir", root / name, *options,
+                        cwd=root)
+    assert result.returncode == 0, result.stderr
+    return root / name
+
+
+def test_our_ensemble_is_at_least_as_strong_as_the_reference_autoattack(trained):
+    torch.set_num_threads(int(THREADS))
+    ours, images = worst_case_robust(evaluate(trained, trained / "robust.pt2", "ours"), EPSILON)
+    model = load_model(str(trained / "robust.pt2"))
+    paths, names = list_photos(trained / "digits" / "test")
+    pixels = to_tensor([prepare_image(path, model) for path in paths])
+    labels = torch.tensor([int(name.split("/")[0]) for name in names])
+    reference, linf = reference_autoattack(model, pixels, labels, EPSILON)
+    print(f"\nrobust accuracy at epsilon {EPSILON} levels on {images} test digits: ours (apgd, apgd-t, square) "
+          f"{ours}/{images} = {ours / images:.1%}, reference AutoAttack (standard) {reference}/{images} = "
+          f"{reference / images:.1%}")
+    assert linf <= EPSILON
+    assert 0 < reference < images, "the model should be neither broken nor unbreakable for the comparison to mean anything"
+    assert ours <= reference + 1
+
+
+class RoundedInput(nn.Module):
+    """A classifier that rounds its input to `levels` grey levels first: torch.round has a zero gradient, so every
+    gradient attack sees a flat loss, while the rounded image still classifies (gradient masking, Athalye et al.)."""
+
+    def __init__(self, classifier, levels=16):
+        super().__init__()
+        self.classifier, self.levels = classifier, levels
+
+    def forward(self, pixels):
+        return self.classifier(torch.round(pixels * (self.levels - 1)) / (self.levels - 1))
+
+
+def test_a_gradient_masking_model_fails_sanity_check_5(trained):
+    state = load_checkpoint(trained / "robust.ckpt")["model"]
+    classifier = Classifier(build_net(SMALL_CNN, 10), Preprocessing(32, (0.0,) * 3, (1.0,) * 3),
+                            memory_format=torch.contiguous_format)
+    classifier.load_state_dict(state)
+    masked = trained / "masked.pt2"
+    export_program(RoundedInput(classifier).eval(), torch.rand(4, 3, 32, 32), masked, [str(d) for d in range(10)])
+    # at twice the training budget the model is no longer robust, so what Square finds, the zero gradient hid
+    summary = (evaluate(trained, masked, "masked", "--steps", "20", "--queries", "1000", epsilon=2 * EPSILON)
+               / "summary.md").read_text()
+    check = next(line for line in summary.splitlines() if line.startswith("5. "))
+    print("\n" + check)
+    assert check.startswith("5. **FAIL**")

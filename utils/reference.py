@@ -1,0 +1,43 @@
+"""The reference AutoAttack (Croce and Hein's own code, PyPI's pyautoattack) beside our step 8 ensemble, judged the
+same way: on 8-bit images. Used by tests/test_crosscheck_autoattack.py and bench/robust_accuracy.py."""
+import csv
+from pathlib import Path
+
+import torch
+
+from utils.cli import UsageError
+from utils.images import to_tensor, to_uint8
+
+
+def worst_case_robust(folder, epsilon):
+    """(robust images, images) of step 8's worst case at `epsilon`, read from FOLDER/robust_accuracy.csv."""
+    path = Path(folder) / "robust_accuracy.csv"
+    with open(path, newline="") as handle:
+        rows = [row for row in csv.DictReader(handle)
+                if row["attack"] == "worst-case" and float(row["epsilon"]) == float(epsilon)]
+    if not rows:
+        raise UsageError(f"{path}: no worst-case row at epsilon {epsilon:g}")
+    return round(float(rows[0]["robust_accuracy"]) * int(rows[0]["images"])), int(rows[0]["images"])
+
+
+def reference_autoattack(model, images, labels, epsilon, seed=0, batch_size=64):
+    """The images the reference AutoAttack (standard version: APGD-CE, APGD-T, FAB-T, Square) leaves correctly
+    classified, judged on its adversarial images rounded to whole levels (what a PNG holds; a rounding that undoes an
+    attack counts as the model's), and the largest perturbation in levels. `epsilon` in levels out of 255."""
+    try:
+        from pyautoattack import AutoAttack
+    except ImportError:
+        raise UsageError("the reference AutoAttack is not installed (pip install pyautoattack==0.2.0)")
+    # contiguous tensors throughout: AutoAttack views its gradients, made like its input (to_tensor's permuted batch is
+    # channels-last in memory, and such a gradient cannot be viewed); and its randomness check would read a
+    # memory-format measurement's float differences as a random defense
+    images = images.contiguous()
+    model = model.with_net(model.net, memory_format=torch.contiguous_format)
+    adversary = AutoAttack(model, eps=epsilon / 255, norm="Linf", version="standard", seed=seed, device=images.device)
+    adversarial, _ = adversary.run_standard_evaluation(images, labels, batch_size=batch_size)
+    on_lattice = to_tensor(to_uint8(adversarial), images.device)
+    linf = (on_lattice - images).abs().amax().mul(255).round().item()
+    with torch.no_grad():
+        clean_ok = model(images).argmax(dim=1) == labels
+        robust = clean_ok & (model(on_lattice).argmax(dim=1) == labels)
+    return int(robust.sum()), linf

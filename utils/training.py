@@ -1,0 +1,105 @@
+"""The pieces of step 9 that are not the training loop: the architectures, the checkpoint, and the export.
+
+- `build_net`: "small-cnn" (a few conv layers, for small images such as the 32x32 digits), or any torchvision or timm
+  architecture name, with random initial weights and `classes` outputs.
+- checkpoints hold plain tensors, state dicts and numbers only, so that `torch.load(weights_only=True)` reads them
+  (a checkpoint file is never unpickled).
+- `export_program` writes the trained classifier (normalization inside) as a torch.export program with a dynamic batch
+  dimension, plus its classes file, the format every script loads (`step_2_pretrained.load_model("NAME.pt2")`).
+"""
+import pickle
+import warnings
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from utils.cli import UsageError
+from utils.files import atomic_path, save_text
+
+SMALL_CNN = "small-cnn"
+
+
+class SmallCNN(nn.Module):
+    """Three conv blocks (16, 32, 64 channels, each a 3x3 conv and ReLU, the last two after a 2x2 max pool), average
+    pooled to 4x4, then two linear layers: about 3 million multiply-adds per 32x32 image, so PGD training on a few
+    thousand images takes seconds per epoch on a CPU. No batch norm: the attack that makes the training examples sees
+    the same function as the training step."""
+
+    def __init__(self, classes, width=16):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(4 * width * 16, 128), nn.ReLU(), nn.Linear(128, classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def architectures():
+    """The names --arch takes besides small-cnn: torchvision's classifiers, then timm's (prefixed "timm:" or bare)."""
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def build_net(arch, classes):
+    """A network with random weights and `classes` outputs; the caller seeds torch first (its initialization)."""
+    if arch == SMALL_CNN:
+        return SmallCNN(classes)
+    if arch in architectures():
+        return torchvision.models.get_model(arch, weights=None, num_classes=classes)
+    with warnings.catch_warnings():  # timm's import warns that torch.jit.interface is deprecated: not the user's concern
+        warnings.simplefilter("ignore", FutureWarning)
+        import timm
+    name = arch.removeprefix("timm:")
+    if name in timm.list_models():
+        return timm.create_model(name, pretrained=False, num_classes=classes)
+    raise UsageError(f"unknown architecture {arch!r}: give {SMALL_CNN}, a torchvision classifier (such as resnet18) "
+                     "or a timm model name (such as timm:resnet18)")
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------------------
+
+def save_checkpoint(state, path):
+    """`state`: numbers, strings, lists/dicts of them, tensors and state dicts; written atomically (a kill mid-write
+    leaves the previous epoch's checkpoint whole)."""
+    with atomic_path(path) as temp:
+        torch.save(state, temp)
+
+
+def load_checkpoint(path):
+    """A checkpoint written by save_checkpoint, read without unpickling arbitrary objects."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"{path}: not a readable step 9 checkpoint ({reason})")
+
+
+# ---- export ---------------------------------------------------------------------------------------------------
+
+def classes_path(program_path):
+    """NAME.pt2 -> NAME.classes.txt, the sidecar file every script reads the class names from."""
+    program_path = Path(program_path)
+    return program_path.with_name(program_path.stem + ".classes.txt")
+
+
+def export_program(classifier, example, path, classes):
+    """Export `classifier` (pixels in [0, 1] -> logits, normalization inside) with a dynamic batch dimension, save it
+    atomically as `path` (.pt2) and the class names beside it; returns the exported program."""
+    classifier = classifier.eval()
+    batch = torch.export.Dim("batch")
+    with torch.no_grad():
+        program = torch.export.export(classifier, (example,), dynamic_shapes=({0: batch},))
+    with atomic_path(path) as temp:
+        torch.export.save(program, temp)
+    save_text("".join(f"{name}\n" for name in classes), classes_path(path))
+    return program
+
+
+def load_program(path):
+    """The callable module of a saved .pt2 program (it refuses .train()/.eval(): see shared/README.md)."""
+    return torch.export.load(str(path)).module()
