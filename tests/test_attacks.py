@@ -260,7 +260,7 @@ def test_apgd_t_runs_towards_each_top_class_on_the_images_still_standing(tiny_mo
     falls_at = {0: 0, 3: 1, 1: 2}
     calls = []
 
-    def planted_run(self, images, pairs):
+    def planted_run(self, images, pairs, ids=None):
         which = [next(i for i in range(len(tiny_images)) if torch.equal(image, tiny_images[i])) for image in images]
         rank = len(calls)
         calls.append((which, pairs.clone()))
