@@ -192,3 +192,12 @@ def test_saved_png_reads_back_exactly(tmp_path):
     path = save_image(image, tmp_path / "sub" / "x.png")
     assert np.array_equal(np.asarray(Image.open(path)), image)
     assert json.loads(LABELS_PATH.read_text())["1"].startswith("goldfish")
+
+
+def test_written_files_get_the_permissions_a_plain_open_gives(tmp_path):
+    """An atomic write goes through mkstemp, whose file is private to its owner; the output must not stay so."""
+    from utils.files import UMASK, save_text
+    path = save_text("hello\n", tmp_path / "out.txt")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("hello\n")
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o666 & ~UMASK

@@ -8,15 +8,22 @@ import numpy as np
 from PIL import Image
 
 
+# The process's umask, read once at import (os.umask can only be read by setting it, which is not thread-safe).
+UMASK = os.umask(0o022)
+os.umask(UMASK)
+
+
 @contextmanager
 def atomic_path(path):
-    """Yield a temp path in the target's folder; on success rename it onto `path`, on failure remove it."""
+    """Yield a temp path in the target's folder; on success rename it onto `path`, on failure remove it. The file gets
+    the permissions a plain open() would give it (mkstemp makes it private to its owner)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(handle)
     try:
         yield Path(temp)
+        os.chmod(temp, 0o666 & ~UMASK)
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
