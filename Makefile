@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 DEMO := outputs/robust-demo
 
-.PHONY: demo app test bench evaluate samples robust robust-demo
+.PHONY: demo app test test-fast bench evaluate samples robust robust-demo
 
 $(VENV)/.installed: requirements.txt
 	python3 -m venv $(VENV)
@@ -21,6 +21,10 @@ app: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PYTHON) -m pytest -q
 
+# the fast lane: every module exercised, without the slow end-to-end runs, the peers' cross-checks and the browser
+test-fast: $(VENV)/.installed
+	$(PYTHON) -m pytest -q -m "not slow and not crosscheck and not browser"
+
 bench: $(VENV)/.installed $(DEMO)/adversarial.pt2
 	$(PYTHON) bench/attack_speed.py
 	$(PYTHON) bench/evaluate_scaling.py
@@ -30,7 +34,7 @@ $(DEMO)/adversarial.pt2:
 	$(MAKE) robust-demo
 
 samples: $(VENV)/.installed
-	$(PYTHON) utils/sample_images.py --output-dir samples
+	$(PYTHON) -m tools.sample_images --output-dir samples
 
 evaluate: samples
 	$(PYTHON) step_8_evaluate.py samples --model efficientnet_lite0 --methods fgsm,pgd,mifgsm,sgd,cw \
@@ -39,7 +43,7 @@ evaluate: samples
 # The sample photos that have a fitting ImageNet class (assets/sample_labels.csv says why; astronaut, rocket and
 # motorcycle have none), evaluated for robust accuracy with the default ensemble.
 robust: $(VENV)/.installed
-	$(PYTHON) utils/sample_images.py --labelled --output-dir samples_labelled
+	$(PYTHON) -m tools.sample_images --labelled --output-dir samples_labelled
 	$(PYTHON) step_8_evaluate.py samples_labelled --labels assets/sample_labels.csv --model efficientnet_lite0 \
 		--epsilons 1,2,4 --steps 100 --output-dir outputs/robust
 
@@ -47,11 +51,11 @@ robust: $(VENV)/.installed
 # split, then step 8's ensemble on 100 test digits (10 per class) for both at three epsilons, and one table and figure.
 DEMO_EVAL := --epsilons 8,16,32 --steps 50 --queries 1000 --batch-size 100
 robust-demo: $(VENV)/.installed
-	$(PYTHON) utils/sample_images.py --digits digits --test-per-class 10
+	$(PYTHON) -m tools.sample_images --digits digits --test-per-class 10
 	$(PYTHON) step_9_adversarial_training.py digits/train --method none --epochs 10 --output $(DEMO)/standard.pt2
 	$(PYTHON) step_9_adversarial_training.py digits/train --method pgd --epsilon 32 --steps 3 --epochs 10 \
 		--output $(DEMO)/adversarial.pt2
 	$(PYTHON) step_8_evaluate.py digits/test --model $(DEMO)/standard.pt2 $(DEMO_EVAL) --output-dir $(DEMO)/eval-standard
 	$(PYTHON) step_8_evaluate.py digits/test --model $(DEMO)/adversarial.pt2 $(DEMO_EVAL) --output-dir $(DEMO)/eval-adversarial
-	$(PYTHON) utils/compare_models.py $(DEMO)/eval-standard $(DEMO)/eval-adversarial \
+	$(PYTHON) -m tools.compare_models $(DEMO)/eval-standard $(DEMO)/eval-adversarial \
 		--names "standard training,adversarial training (PGD-3 at epsilon 32)" --output-dir $(DEMO)

@@ -5,7 +5,7 @@ defense does to it, and the adaptive attack that gets through that defense.
                                                                                     (or: make app)
 
 The page is a form over step 7's command line: its flags, defaults and range checks judge the numbers, and the same
-functions run (step 2 to classify, step 7's plain and adaptive attacks, utils.defenses, utils.figures). As in the
+functions run (step 2 to classify, step 7's experiment utils.adaptive.break_defense, utils.figures). As in the
 scripts, every prediction shown after an attack is of the PNG written and read back, the file offered for download.
 Bad input gets one clear message on the page. It runs offline on EfficientNet-Lite0 by default; Gradio's telemetry is
 off.
@@ -22,32 +22,27 @@ import functools
 import os
 import re
 import shutil
-import sys
 import tempfile
 import warnings
 from pathlib import Path
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: it reads this once, at import
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
-
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
-from step_2_pretrained import (OFFLINE_MODEL, add_model_arguments, find_class, get_device, get_label,  # noqa: E402
-                               load_model, model_from_args, predict, predict_images, prepare_image, to_tensor)
-from step_3_adversarial import read_back  # noqa: E402
-from step_7_break_defense import attack_through, figure  # noqa: E402
-from step_7_break_defense import get_args_parser as step_7_parser  # noqa: E402
-from utils.adaptive import JUDGE_SEED_OFFSET  # noqa: E402
+from step_2_pretrained import (OFFLINE_MODEL, find_class, get_device, get_label, load_model, predict,  # noqa: E402
+                               predict_images, prepare_image, to_tensor)
+from utils.adaptive import break_defense  # noqa: E402
 from utils.attacks import ATTACKS, perturbation_size  # noqa: E402
 from utils.cli import ArgumentParser, UsageError, number_in, run  # noqa: E402
-from utils import models  # noqa: E402
-from utils.defenses import DEFENSES, describe, make_defense  # noqa: E402
-from utils.figures import comparison_figure, short  # noqa: E402
-from utils.files import save_figure, save_image  # noqa: E402
-from utils.sample_images import sample_paths  # noqa: E402
+from utils.defenses import DEFENSES, describe  # noqa: E402
+from utils.figures import break_defense_figure, comparison_figure, short  # noqa: E402
+from utils.files import save_figure  # noqa: E402
+from utils.flags import add_break_defense_arguments, add_model_arguments, attack_options, model_from_args  # noqa: E402
+from utils.models import PROBE_SIZE  # noqa: E402
+from utils.samples import sample_paths  # noqa: E402
 
 MAX_STEPS = 500  # a page answers in minutes at most; the scripts take more
 # An upload is decoded whole before it is resized: 40 megapixels (a large phone photo) is 120 MB of RGB per request,
@@ -74,7 +69,9 @@ def as_typed(value):
 
 def settings(target, epsilon, steps, method, defense, model_name, classes=None, input_size=None):
     """The page's choices as step 7 would take them on its command line: same defaults, same checks."""
-    parser = step_7_parser()
+    parser = ArgumentParser()
+    parser.add_argument("photo")
+    add_break_defense_arguments(parser)
     parser.error = refuse  # a bad value is a message on the page, not an exit
     model_options = [f"--classes={classes}"] * bool(classes) + [f"--input-size={input_size}"] * bool(input_size)
     args = parser.parse_args(["photo", f"--target={as_typed(target)}", f"--epsilon={as_typed(epsilon)}",
@@ -166,23 +163,19 @@ def answer(upload, sample, target, epsilon, steps, method, defense, model_spec, 
     goal = find_class(args.target, model.classes)
     label = functools.partial(get_label, classes=model.classes)
     image = load_photo(upload, sample, model)
-    attacker_defense = make_defense(args.defense, seed=args.seed)
-    judge_defense = make_defense(args.defense, seed=args.seed + JUDGE_SEED_OFFSET)
-
-    [plain], [plain_steps] = attack_through(model, [image], [goal], attacker_defense, args, adaptive=False,
-                                            on_step=show_progress(progress, f"{args.method} attack", args.steps, model.classes))
-    [adaptive], [adaptive_steps] = attack_through(model, [image], [goal], attacker_defense, args, adaptive=True,
-                                                  on_step=show_progress(progress, "adaptive attack", args.steps, model.classes))
-    plain_png, adaptive_png = save_image(plain, out / "adversarial.png"), save_image(adaptive, out / "adaptive.png")
-    received = [read_back(plain_png, model), read_back(adaptive_png, model)]  # the files, as a recipient gets them
-    defended = [judge_defense(picture) for picture in received]
-    old, plain_before, adaptive_before, plain_after, adaptive_after = predict_images(model, [image, *received, *defended])
+    result = break_defense(model, image, goal, args.method, attack_options(args), args.defense, {}, out,
+                           on_plain_step=show_progress(progress, f"{args.method} attack", args.steps, model.classes),
+                           on_adaptive_step=show_progress(progress, "adaptive attack", args.steps, model.classes),
+                           names=("adversarial.png", "adaptive.png"))
+    (plain, adaptive), (plain_png, adaptive_png), (plain_steps, adaptive_steps) = result.images, result.files, result.steps
+    (plain_before, adaptive_before), (plain_after, adaptive_after) = result.before, result.after
+    old = predict_images(model, [image])[0]
 
     linf = perturbation_size(to_tensor(plain), to_tensor(image))[0].item()
     comparison = save_figure(comparison_figure(image, plain, label(old), label(plain_before)), out / "comparison.png")
-    rows = [("plain attack", plain, label(plain_before), defended[0], label(plain_after)),
-            ("adaptive attack (BPDA)", adaptive, label(adaptive_before), defended[1], label(adaptive_after))]
-    through = save_figure(figure(rows), out / "break_defense.png")
+    rows = [("plain attack", plain, label(plain_before), result.defended[0], label(plain_after)),
+            ("adaptive attack (BPDA)", adaptive, label(adaptive_before), result.defended[1], label(adaptive_after))]
+    through = save_figure(break_defense_figure(rows), out / "break_defense.png")
     verdict = (f"**New prediction:** {label(plain_before)}  \n"
                f"{'Fooled' if plain_before == goal else 'Not fooled'}: target {label(goal)}, {plain_steps} "
                f"{args.method} steps, at most {linf:.0f} of 255 levels changed; judged on the PNG below, read back.")
@@ -245,7 +238,7 @@ def build_page(model_name=OFFLINE_MODEL, classes=None, input_size=None):
 def warm_up(model):
     """One forward before requests share the model: its first lays the weights out in their memory format, which no
     two requests should race to do."""
-    size = model.preprocessing.crop_size or models.PROBE_SIZE  # a model file that takes images as they are: any size
+    size = model.preprocessing.crop_size or PROBE_SIZE  # a model file that takes images as they are: any size
     predict_images(model, [np.zeros((size, size, 3), np.uint8)])
 
 

@@ -17,16 +17,14 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from step_2_pretrained import OFFLINE_MODEL, load_image, load_model
+from utils.cli import UsageError
+from utils.files import atomic_path
+from utils.perturbations import load_perturbation
+from utils.samples import sample_paths
+
 REPO = Path(__file__).resolve().parent
-sys.path.insert(0, str(REPO))
-
-from step_2_pretrained import OFFLINE_MODEL, load_image, load_model  # noqa: E402
-from step_3_adversarial import load_perturbation  # noqa: E402
-from utils.cli import UsageError  # noqa: E402
-from utils.files import atomic_path  # noqa: E402
-from utils.sample_images import sample_paths  # noqa: E402
-
-# The tutorial's own addresses (../shared/tutorial/FACTS.md); the r has a second copy in its companion repository.
+# The tutorial's own addresses; the r has a second copy in its companion repository.
 CORGI_URLS = ("https://assets.digitalocean.com/articles/trick_neural_network/step2a.png",)
 TUTORIAL_R_URLS = ("https://github.com/do-community/tricking-neural-networks/blob/master/outputs/adversarial_r.npy?raw=true",
                    "https://github.com/alvinwan/tricking-neural-networks/blob/master/outputs/adversarial_r.npy?raw=true")

@@ -26,38 +26,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from step_2_pretrained import (add_model_arguments, find_class, get_device, get_label, model_from_args, predict_images,
-                               prepare_image, prepare_images, to_tensor)
-from step_3_adversarial import perturbation_from_images, read_back
-from utils import speed
+from step_2_pretrained import find_class, get_device, get_label, predict_images, prepare_image, prepare_images, to_tensor
+from step_3_adversarial import get_adversarial_example
 from utils.attacks import ATTACKS, budget_unit, goal_reached, perturbation_size, run_attack
-from utils.cli import ArgumentParser, UsageError, number_in, run
+from utils.cli import ArgumentParser, print_loss_every, run
 from utils.figures import comparison_figure
 from utils.files import save_array, save_figure, save_image
+from utils.flags import (add_attack_arguments, add_common_arguments, add_speed_arguments, attack_options, chosen_target,
+                         prepared_model)
 from utils.images import list_images, output_names
-
-def attack_options(args, **extra):
-    """The attack's keyword arguments from the command line."""
-    options = dict(epsilon=args.epsilon, steps=args.steps, alpha=args.alpha, targeted=not args.untargeted,
-                   early_stop=not args.no_early_stop, random_start=args.random_start, restarts=args.restarts,
-                   seed=args.seed, c=args.c, decay=args.decay, loss=args.loss, target_classes=args.target_classes,
-                   queries=args.queries, precision=args.precision)
-    options.update(extra)
-    return options
-
+from utils.perturbations import perturbation_from_images
 
 def goal_labels(model, images, args):
     """What each image is attacked towards: the target class, or (untargeted) its own clean class to move away from."""
     if args.untargeted:
         return predict_images(model, images)
     return [find_class(args.target, model.classes)] * len(images)
-
-
-def print_loss_every(period, model):
-    def on_step(step, loss, logits):
-        if step % period == 0:
-            print(f"Loss: {loss.mean().item():.2f} / Class: {get_label(logits.argmax(dim=1)[0], model.classes)}", flush=True)
-    return on_step
 
 
 def attack_images(model, images, labels, args, on_step=None):
@@ -74,6 +58,14 @@ def attack_images(model, images, labels, args, on_step=None):
     return adversarial, steps_used
 
 
+def save_learned(model, image, adversarial, png, npy):
+    """Write the learned r (the tutorial's format) and the PNG that step 3's x + r makes of it, the adversarial
+    image itself: r is (adversarial - x) / std, so x + r lands back on the same levels."""
+    r = perturbation_from_images(adversarial, image, model)
+    save_array(r, npy)
+    return save_image(get_adversarial_example(image, r, model), png)
+
+
 def describe_goal(model, image, args):
     if args.untargeted:
         return f"Untargeted: any class but {get_label(predict_images(model, image)[0], model.classes)}"
@@ -86,11 +78,10 @@ def attack_one(model, path, args):
     print(describe_goal(model, image, args))
     labels = goal_labels(model, [image], args)
     period = 100 if ATTACKS[args.method].gradient_free else 5  # a query is far cheaper than a gradient step
-    [adversarial], [steps] = attack_images(model, [image], labels, args, on_step=print_loss_every(period, model))
+    [adversarial], [steps] = attack_images(model, [image], labels, args, on_step=print_loss_every(period, model.classes))
     out = Path(args.output_dir)
-    save_array(perturbation_from_images(adversarial, image, model), out / "adversarial_r.npy")
-    saved = save_image(adversarial, out / "adversarial.png")
-    old, new = predict_images(model, [image, read_back(saved, model)])
+    saved = save_learned(model, image, adversarial, out / "adversarial.png", out / "adversarial_r.npy")
+    old, new = predict_images(model, [image, prepare_image(saved, model)])  # the file, read back
     old_label, new_label = get_label(old, model.classes), get_label(new, model.classes)
     save_figure(comparison_figure(image, adversarial, old_label, new_label), out / "comparison.png")
     linf, l2 = perturbation_size(to_tensor(adversarial), to_tensor(image))
@@ -112,9 +103,8 @@ def attack_many(model, paths, args):
     adversarial, steps_used = attack_images(model, images, labels, args)
     out, failures = Path(args.output_dir), 0
     for name, path, image, adv, label, steps in zip(output_names(paths), paths, images, adversarial, labels, steps_used):
-        save_array(perturbation_from_images(adv, image, model), out / f"{name}_r.npy")
-        saved = save_image(adv, out / f"{name}.png")
-        old, new = predict_images(model, [image, read_back(saved, model)])
+        saved = save_learned(model, image, adv, out / f"{name}.png", out / f"{name}_r.npy")
+        old, new = predict_images(model, [image, prepare_image(saved, model)])  # the file, read back
         ok = goal_reached(new, label, args.untargeted)
         failures += not ok
         linf = int(np.abs(adv.astype(int) - image.astype(int)).max())
@@ -128,13 +118,10 @@ def attack_many(model, paths, args):
 
 def main(args):
     torch.manual_seed(args.seed)
-    if args.untargeted and args.target is not None:
-        raise UsageError("--target and --untargeted exclude each other")
-    args.target = "1" if args.target is None else args.target
+    args.target = chosen_target(args)
     device = get_device(args.device)
-    speed.check_precision(args.precision, device)
     paths = list_images(args.images)
-    model = speed.prepare_model(model_from_args(args, device), args, args.batch_size, device)
+    model = prepared_model(args, device, args.batch_size)
     if not args.untargeted:
         find_class(args.target, model.classes)  # an unknown target is reported before any work
     if len(paths) == 1 and not Path(args.images[0]).is_dir():
@@ -142,50 +129,12 @@ def main(args):
     return attack_many(model, paths, args)
 
 
-def add_attack_arguments(parser):
-    """The attack flags shared by step 5, step 7 and step 8."""
-    parser.add_argument("--method", choices=sorted(ATTACKS), default="sgd",
-                        help="sgd is the tutorial's; fgsm, pgd, mifgsm, cw, apgd (Auto-PGD), apgd-t (targeted-DLR "
-                             "APGD over the top other classes), square (score-based, no gradients) "
-                             "(default: %(default)s)")
-    parser.add_argument("--alpha", type=number_in(0, 255, low_open=True, name="--alpha"),
-                        help="step size in levels (pgd: 2.5*epsilon/steps, mifgsm: epsilon/steps, both at least 0.25)")
-    parser.add_argument("--loss", choices=["ce", "dlr"],
-                        help="apgd: cross-entropy or Difference of Logits Ratio (default: ce)")
-    parser.add_argument("--target-classes", type=number_in(1, 999, int, name="--target-classes"),
-                        help="apgd-t, untargeted: how many of the top other classes it runs towards (default: 9)")
-    parser.add_argument("--queries", type=number_in(1, 10**7, int, name="--queries"),
-                        help="square: model queries per image, the first included (default: --steps)")
-    parser.add_argument("--random-start", action="store_true", help="pgd: start at a random point of the ball")
-    parser.add_argument("--restarts", type=number_in(1, 1000, int, name="--restarts"), default=1,
-                        help="retry failed images from new random starts (default: %(default)s)")
-    parser.add_argument("--c", type=number_in(0, 1e6, low_open=True, name="--c"), help="cw: weight of the misclassification term (default 1)")
-    parser.add_argument("--decay", type=number_in(0, 1, name="--decay"), help="mifgsm: momentum decay (default 1.0)")
-    parser.add_argument("--no-early-stop", action="store_true", help="run every step even after the image is fooled")
-    parser.add_argument("--batch-size", type=number_in(1, 4096, int, name="--batch-size"), default=16)
-
-
-def add_common_arguments(parser, steps=30):
-    parser.add_argument("--target", help="class index or name to reach, among the model's classes (default: 1, "
-                                          "ImageNet's goldfish)")
-    parser.add_argument("--untargeted", action="store_true", help="any class but the clean prediction")
-    parser.add_argument("--epsilon", type=number_in(0, 255, low_open=True, name="--epsilon"), default=10,
-                        help="L-infinity budget in pixel levels out of 255, in (0, 255] (default: %(default)s)")
-    parser.add_argument("--steps", type=number_in(1, 100000, int, name="--steps"), default=steps,
-                        help="gradient steps, >= 1 (default: %(default)s)")
-    add_model_arguments(parser)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of random starts and of Square's draws (default: %(default)s)")
-    parser.add_argument("--output-dir", default="outputs")
-
-
 def get_args_parser():
     parser = ArgumentParser(description="Learn an adversarial perturbation (the tutorial's step 5, and more attacks).")
     parser.add_argument("images", nargs="+", help="one photo (the tutorial's story), or several photos or folders")
     add_common_arguments(parser)
     add_attack_arguments(parser)
-    speed.add_speed_arguments(parser, compile=False)
+    add_speed_arguments(parser, compile=False)
     return parser
 
 

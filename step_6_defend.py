@@ -11,14 +11,10 @@ JPEG file itself for jpeg, a lossless PNG for the others. With --report, also th
 from pathlib import Path
 
 from step_2_pretrained import add_model_arguments, get_device, get_label, model_from_args, predict_images, prepare_image
-from step_3_adversarial import read_back
 from utils.cli import ArgumentParser, UsageError, run
-from utils.defenses import DEFENSES, defense_parameters, describe, jpeg_bytes, make_defense
+from utils.defenses import defense_parameters, describe, jpeg_bytes, make_defense
 from utils.files import atomic_path, save_image
-
-
-def defense_settings(args):
-    return {"quality": args.quality, "bits": args.bits, "size": args.size, "sigma": args.sigma, "scale": args.scale}
+from utils.flags import add_defense_arguments, add_device_argument, defense_settings
 
 
 def output_path(args):
@@ -56,20 +52,10 @@ def main(args):
     image = prepare_image(args.image, model)
     saved = save_defended(image, args, path)
     print(f"Old prediction: {get_label(predict_images(model, image)[0], model.classes)}")
-    print(f"New prediction: {get_label(predict_images(model, read_back(saved, model))[0], model.classes)}")
+    print(f"New prediction: {get_label(predict_images(model, prepare_image(saved, model))[0], model.classes)}")  # the file, read back
     print(f"Defense: {name}, applied to the image and written to {saved}")
     if args.report:
         report_clean_cost(model, args.clean or args.image, args)
-
-
-def add_defense_arguments(parser):
-    """The defense flags shared by step 6 and step 7."""
-    parser.add_argument("--defense", default="jpeg", help=f"one of {', '.join(DEFENSES)} (default: %(default)s)")
-    parser.add_argument("--quality", type=float, help="jpeg: quality 1..100 (default 75)")
-    parser.add_argument("--bits", type=float, help="bits: bits per channel 1..8 (default 3)")
-    parser.add_argument("--size", type=float, help="median: odd window size 3..15 (default 3)")
-    parser.add_argument("--sigma", type=float, help="blur: Gaussian sigma in pixels, (0, 10] (default 1.0)")
-    parser.add_argument("--scale", type=float, help="resize: down-scale factor, (0, 1] (default 0.5)")
 
 
 def get_args_parser():
@@ -80,7 +66,7 @@ def get_args_parser():
     parser.add_argument("--report", action="store_true", help="also report the defense's cost on a clean photo")
     parser.add_argument("--clean", help="the clean photo for --report (default: IMAGE)")
     add_model_arguments(parser)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_device_argument(parser)
     parser.add_argument("--output", help="where to write the defended image (default: outputs/adversarial.jpg for jpeg, "
                                          "outputs/defended_DEFENSE.png otherwise)")
     return parser

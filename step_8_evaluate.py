@@ -20,8 +20,10 @@ are cut into batches of --batch-size that a DataLoader (--workers) decodes one a
 before the next is read, so memory stays flat however large the folder. Every adversarial image is saved as a PNG
 under OUTPUT_DIR/images/ and judged on that file read back from disk (through the real defense, if any).
 
-Under torchrun, batch k runs on rank k % world size. The results files (results.csv, the shards, --resume) are
-utils/results.py's; summary.md, robust_accuracy.csv, the sanity checks and the figures are utils/report.py's.
+This file is the plan, main and the parser; the loop is utils/evaluation/engine.py's (run_evaluation). Under
+torchrun, batch k runs on rank k % world size. The results files (results.csv, the shards, --resume) are
+utils/evaluation/results.py's; summary.md, robust_accuracy.csv and the figures are utils/evaluation/report.py's, the
+sanity checks utils/evaluation/checks.py's.
 Unreadable files are named on stderr, listed in summary.md and left out of every rate; --strict makes the first one
 an error.
 
@@ -31,26 +33,20 @@ another batch size, thread count, memory format or precision gives other floats 
 except for images at the decision boundary.
 """
 import functools
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from step_2_pretrained import (add_model_arguments, find_class, get_device, get_image_transform, load_image, load_model,
-                               predict_images, prepare_image, to_tensor)
-from utils import distributed, speed
-from utils.adaptive import JUDGE_SEED_OFFSET, defended_forward
-from utils.attacks import ATTACKS, goal_reached, perturbation_size, run_attack
+from step_2_pretrained import find_class, get_device, load_model
+from utils import speed
+from utils.attacks import ATTACKS
 from utils.cli import ArgumentParser, UsageError, listed, number_in, one_of, run
-from utils.data import IMAGENET_VAL, PhotoDataset, check_readable, cut, find_photos, photo_batches
-from utils.defenses import DEFENSES, make_defense
-from utils.files import save_image
-from utils.plan import CLEAN, UNBOUNDED, Job, Plan, defense_method, iterative_methods, stage_steps
-from utils.report import write_report
-from utils.results import KEY, COLUMNS, append_rows, merge_results, row_key, shard_path, start_output
+from utils.data import IMAGENET_VAL, cut, find_photos
+from utils.defenses import DEFENSES
+from utils.evaluation import distributed
+from utils.evaluation.engine import check_readable, run_evaluation
+from utils.evaluation.plan import CLEAN, UNBOUNDED, Job, Plan, Settings, defense_method, iterative_methods, stage_steps
+from utils.flags import DEFAULT_TARGET, add_device_argument, add_model_arguments, add_speed_arguments, chosen_target
 
 DEFAULT_METHODS = ("fgsm", "pgd", "mifgsm")
 DEFAULT_ENSEMBLE = ("apgd", "apgd-t", "square")
@@ -76,8 +72,7 @@ def grid_jobs(methods, args):
 def make_plan(args, labelled, classes=None):
     """Decide what runs. With labels and no --methods (nor --defenses) only the ensemble runs; the grid runs when
     --methods is given, without labels, or for --defenses."""
-    if args.untargeted and args.target is not None:
-        raise UsageError("--target and --untargeted exclude each other")
+    target_text = chosen_target(args, default=None)
     if args.adaptive and not args.defenses:
         raise UsageError("--adaptive attacks through a defense: give --defenses too")
     if args.ensemble and not labelled:
@@ -92,7 +87,7 @@ def make_plan(args, labelled, classes=None):
     grid = args.methods is not None or not labelled or bool(args.defenses)
     methods = (args.methods or list(DEFAULT_METHODS)) if grid else []
     untargeted = args.untargeted or (labelled and args.target is None)
-    target = None if untargeted else find_class("1" if args.target is None else args.target, classes)
+    target = None if untargeted else find_class(target_text or DEFAULT_TARGET, classes)
     jobs = [CLEAN] if labelled else []
     jobs += grid_jobs(methods, args) if grid else []
     jobs += [Job(method, epsilon, stage_steps(method, args), attack="ensemble")
@@ -103,155 +98,22 @@ def make_plan(args, labelled, classes=None):
 # ---- inputs ---------------------------------------------------------------------------------------------------
 
 def prepare_model(args, device):
-    """The one place the model is made ready: --precision checked, --memory-format set, --compile applied; "auto"
-    in args.memory_format becomes the format the rule gave, which summary.md records."""
+    """The one place the model is made ready: --precision checked, --memory-format set, --compile applied."""
     model = load_model(args.model, device, classes=args.classes, input_size=args.input_size)
     if model.preprocessing.crop_size is None:
         raise UsageError(f"{args.model} takes images as they are, and step 8 batches photos of any size: pass "
                          "--input-size N to resize and crop them all to N x N")
-    model = speed.prepare_model(model, args, args.batch_size, device)
-    args.memory_format = speed.memory_format_of(model, device)
-    return model
+    return speed.prepare_model(model, args.precision, args.memory_format, args.batch_size, device, args.compile)
 
 
-# ---- attacking and judging ------------------------------------------------------------------------------------
-
-@dataclass
-class Batch:
-    """One decoded batch: the readable photos' indices, their 8-bit images, clean predictions and goals."""
-    members: list
-    originals: dict
-    clean: dict
-    goals: dict
-
-
-def decode_batch(model, photos, plan, items):
-    """The readable photos of a DataLoader batch, their clean predictions and goals; and the unreadable ones."""
-    members = [index for index, image, _ in items if image is not None]
-    originals = {index: image for index, image, _ in items if image is not None}
-    clean = dict(zip(members, predict_images(model, [originals[i] for i in members]))) if members else {}
-    if plan.target is not None:
-        goals = {i: plan.target for i in members}
-    else:  # untargeted: leave the true class, or without labels the clean prediction
-        goals = {i: photos.labels[i] if photos.labels else clean[i] for i in members}
-    skipped = [(photos.names[index], reason) for index, image, reason in items if image is None]
-    return Batch(members, originals, clean, goals), skipped
-
-
-def attack_options(job, plan, args):
-    """The one place an attack's options are built (every attack drops the ones it does not take)."""
-    return dict(epsilon=job.epsilon, steps=job.steps, targeted=plan.target is not None and job.attack != "ensemble",
-                seed=args.seed, eot=args.eot, early_stop=not args.no_early_stop, queries=args.queries,
-                target_classes=args.target_classes, precision=args.precision)
-
-
-def attack_batch(model, plan, job, batch, todo, args):
-    """Adversarial 8-bit images for the photos `todo` (indices into the photo list), and the steps each used. The
-    indices are the photos' ids for the attack: Square draws per id, so a photo gets the same whatever batch, rank or
-    resumed run it falls in."""
-    if job.attack == "clean":
-        return [batch.originals[i] for i in todo], [0] * len(todo)
-    forward = None
-    if job.attack == "adaptive":
-        forward = defended_forward(model, make_defense(job.defense, seed=args.seed))
-    return run_attack(model, job.method, [batch.originals[i] for i in todo], [batch.goals[i] for i in todo],
-                      ids=todo, forward=forward, **attack_options(job, plan, args))
-
-
-def judge_batch(model, plan, job, batch, todo, files, args):
-    """Classify the saved PNGs read back (and through the real defense, with the judge's own seed): a dict of
-    columns per photo."""
-    back = [prepare_image(path, model) for path in files]  # the file read back, as a receiver would
-    originals = [batch.originals[i] for i in todo]
-    final = predict_images(model, back)
-    linf, l2 = perturbation_size(to_tensor(back), to_tensor(originals))
-    defended = clean_defended = [""] * len(todo)
-    if job.defense != "none":
-        judge = make_defense(job.defense, seed=args.seed + JUDGE_SEED_OFFSET)
-        defended = predict_images(model, [judge(image) for image in back])
-        clean_defended = predict_images(model, [judge(image) for image in originals])
-    verdict = final if job.defense == "none" else defended
-    untargeted = plan.target is None or job.attack == "ensemble"
-    return [{"final_label": final[k], "defended_label": defended[k], "clean_defended_label": clean_defended[k],
-             "success": int(goal_reached(verdict[k], batch.goals[i], untargeted)),
-             "linf": int(linf[k]), "l2": f"{l2[k]:.4f}"} for k, i in enumerate(todo)]
-
-
-def run_job(model, photos, plan, job, batch, todo, done, out, args):
-    """The finished rows of `job` for the photos `todo` of `batch`."""
-    started = time.perf_counter()
-    files = [out / job.folder / f"{photos.stems[i]}.png" for i in todo]
-    if job.makes_images:
-        adversarial, steps_used = attack_batch(model, plan, job, batch, todo, args)
-        for image, path in zip(adversarial, files):
-            save_image(image, path)
-    else:  # the plain attack's PNGs, already judged bare: now through the defense
-        bare = Job(job.method, job.epsilon, job.steps)
-        steps_used = [done[bare.key(photos.names[i])]["steps_used"] for i in todo]
-    seconds = (time.perf_counter() - started) / len(todo) if job.makes_images and job.attack != "clean" else 0.0
-    rows = []
-    judged = judge_batch(model, plan, job, batch, todo, files, args)
-    for i, path, steps, columns in zip(todo, files, steps_used, judged):
-        label = photos.labels[i] if photos.labels else ""
-        row = dict(zip(KEY, job.key(photos.names[i])), target="" if plan.target is None else plan.target,
-                   label=label, clean_label=batch.clean[i],
-                   clean_correct="" if label == "" else int(batch.clean[i] == label), steps_used=steps,
-                   seconds=f"{seconds:.3f}", file=path.relative_to(out).as_posix(), **columns)
-        rows.append({column: str(row[column]) for column in COLUMNS})
-    return rows
-
-
-def runs_on(job, name, plan, done):
-    """Whether `job` runs on photo `name`, given the earlier jobs' rows: every job does but an ensemble stage, which
-    runs only on a photo correctly classified when clean that no earlier stage (same epsilon) fooled."""
-    if job.attack != "ensemble":
-        return True
-    clean = done.get(CLEAN.key(name))
-    if clean is None or clean["clean_correct"] != "1":
-        return False
-    for stage in plan.stages_at(job.epsilon):
-        if stage == job:
-            return True
-        earlier = done.get(stage.key(name))
-        if earlier is not None and earlier["success"] == "1":
-            return False
-    return True
-
-
-def still_to_run(job, batch, photos, plan, done):
-    """The photos of `batch` that `job` runs on now: none when each has its row already, else all of them. A batch
-    recorded in part (a kill mid-append, a PNG deleted) runs again whole, so each photo keeps the batch it has in an
-    uninterrupted run: on CPU another batch composition gives other floats."""
-    runs = [i for i in batch if runs_on(job, photos.names[i], plan, done)]
-    return [] if all(job.key(photos.names[i]) in done for i in runs) else runs
-
-
-# ---- streaming ------------------------------------------------------------------------------------------------
-
-def evaluate(model, photos, plan, batches, done, out, args, context):
-    """Decode each of this rank's batches that has work left and run every job on it before the next; rows go to
-    this rank's shard as each job finishes. Returns the unreadable files met (name, reason) and how many photos the
-    batches with work left held."""
-    pending = [batch for batch in batches if any(still_to_run(job, batch, photos, plan, done) for job in plan.jobs)]
-    dataset = PhotoDataset(photos.paths, load_image, get_image_transform(model.preprocessing))
-    shard = shard_path(out, context.rank)
-    skipped = []
-    desc = "evaluating" + (f" (rank {context.rank})" if context.world_size > 1 else "")
-    with tqdm(total=sum(map(len, pending)), unit="image", desc=desc, position=context.local_rank) as bar:
-        for items in photo_batches(dataset, pending, args.workers):
-            batch, unreadable = decode_batch(model, photos, plan, items)
-            for name, reason in unreadable:
-                tqdm.write(f"skipped {name}: {reason}", file=sys.stderr)
-            skipped += unreadable
-            for job in plan.jobs:
-                todo = still_to_run(job, batch.members, photos, plan, done)
-                if todo:
-                    bar.set_postfix_str(f"{job.folder.removeprefix('images/')} {job.defense} {job.attack}")
-                    rows = run_job(model, photos, plan, job, batch, todo, done, out, args)
-                    append_rows(shard, rows)
-                    done.update((row_key(row), row) for row in rows)
-            bar.update(len(items))
-    return skipped, sum(map(len, pending))
+def settings_of(args, model, device):
+    """The engine's settings from the command line; the memory format is the one the model runs in (the rule's for
+    "auto"), which summary.md records."""
+    return Settings(model=args.model, folder=args.folder, epsilons=tuple(args.epsilons), steps=tuple(args.steps),
+                    queries=args.queries, target_classes=args.target_classes, defenses=tuple(args.defenses),
+                    adaptive=args.adaptive, eot=args.eot, seed=args.seed, early_stop=not args.no_early_stop,
+                    precision=args.precision, memory_format=speed.memory_format_of(model, device),
+                    batch_size=args.batch_size, workers=args.workers, resume=args.resume)
 
 
 def main(args):
@@ -262,31 +124,20 @@ def main(args):
         model = prepare_model(args, context.device)  # first: the labels and the target are names of its classes
         photos = find_photos(args.folder, args.labels, functools.partial(find_class, classes=model.classes))
         plan = make_plan(args, photos.labels is not None, model.classes)
-        batches = distributed.deal(cut(len(photos.paths), args.batch_size), context)
         if args.strict:
-            check_readable(photos.paths, batches, load_image, context)
-        out = Path(args.output_dir)
-        done = start_output(out, args, context)
-        started = time.perf_counter()
-        skipped, attacked = evaluate(model, photos, plan, batches, done, out, args, context)
-        attacked = sum(distributed.gather(attacked, context))
-        order = {name: i for i, name in enumerate(photos.names)}
-        skipped = sorted((item for found in distributed.gather(skipped, context) for item in found),
-                         key=lambda item: order[item[0]])
-        seconds, readable = time.perf_counter() - started, len(photos.names) - len(skipped)
-        if not readable:
-            raise UsageError(f"{args.folder}: no readable image ({len(skipped)} files, none could be decoded)")
+            check_readable(photos.paths, distributed.deal(cut(len(photos.paths), args.batch_size), context), context)
+        result = run_evaluation(model, photos, plan, settings_of(args, model, context.device), args.output_dir, context)
         if context.is_main:
-            rows = merge_results(out, photos, plan, args)
-            summary, count = write_report(rows, photos, plan, skipped, out, args, context)
-            print(summary.read_text())
-            if attacked:
-                print(f"Evaluated {readable} photos in {seconds:.2f} s ({readable / seconds:.3f} photos/s), "
+            print(result.summary.read_text())
+            if result.attacked:
+                print(f"Evaluated {result.readable} photos in {result.seconds:.2f} s "
+                      f"({result.readable / result.seconds:.3f} photos/s), "
                       f"{context.world_size} process(es) x {torch.get_num_threads()} thread(s)")
             else:
-                print(f"Nothing left to do: every job had finished on all {readable} photos (--resume); the report "
-                      "was written again from results.csv")
-            print(f"Wrote {count} rows to {out / 'results.csv'}, {summary} and the figures in {out}")
+                print(f"Nothing left to do: every job had finished on all {result.readable} photos (--resume); the "
+                      "report was written again from results.csv")
+            print(f"Wrote {result.reported} rows to {Path(args.output_dir) / 'results.csv'}, {result.summary} and the "
+                  f"figures in {args.output_dir}")
     finally:
         distributed.stop(context)
 
@@ -332,7 +183,7 @@ def get_args_parser():
                         help="DataLoader processes decoding photos (default: %(default)s, in the main process)")
     parser.add_argument("--threads", type=number_in(1, 1024, int, name="--threads"), default=None,
                         help="torch threads per process (default: the cores divided among this machine's processes)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_device_argument(parser)
     parser.add_argument("--output-dir", default="outputs/eval", help="(default: %(default)s)")
     parser.add_argument("--resume", action="store_true", help="keep the finished rows of an earlier run, do the rest")
     parser.add_argument("--strict", action="store_true", help="an unreadable file is an error (default: skipped)")
@@ -342,7 +193,7 @@ def get_args_parser():
     parser.add_argument("--adaptive", action="store_true", help="also attack through each defense (BPDA, EOT)")
     parser.add_argument("--eot", type=number_in(1, 1000, int, name="--eot"), default=1,
                         help="random draws of the defense averaged per adaptive step (default: %(default)s)")
-    speed.add_speed_arguments(parser, compile=True)
+    add_speed_arguments(parser, compile=True)
     return parser
 
 

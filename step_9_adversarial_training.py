@@ -42,8 +42,9 @@ from utils.attacks import make_attack
 from utils.cli import ArgumentParser, UsageError, number_in, run
 from utils.data import PhotoDataset, csv_labels, cut, list_photos, photo_batches
 from utils.files import display_path
-from utils.training import (SMALL_CNN, build_net, classes_path, export_program, load_checkpoint, load_program,
-                            save_checkpoint)
+from utils.flags import add_device_argument
+from utils.models import classes_path, export_program, load_program
+from utils.training import SMALL_CNN, build_net, load_checkpoint, save_checkpoint
 
 METHODS = ("pgd", "fgsm-rs", "none")
 FGSM_RS_STEP = 1.25  # Wong et al. 2020: alpha = 1.25 epsilon from a uniform start in the ball
@@ -238,7 +239,7 @@ def export(model, data, args, device):
     logits (batch 1 and a full batch) and an input gradient (what every attack needs)."""
     model.eval()
     examples = as_pixels(data.images[:16]).to(device)
-    export_program(model, examples, args.output, data.classes)
+    export_program(model, args.output, data.classes, args.image_size)
     program = load_program(args.output)
     for batch in (examples[:1], examples):
         with torch.no_grad():
@@ -316,7 +317,7 @@ def get_args_parser():
                         help="torch threads (default: torch's; a resumed run needs the same number for the same bytes)")
     parser.add_argument("--workers", type=number_in(0, 64, int, name="--workers"), default=0,
                         help="DataLoader processes decoding the images (default: %(default)s)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_device_argument(parser)
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --output")
     return parser
 

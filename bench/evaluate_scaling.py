@@ -13,7 +13,7 @@ Memory: the peak resident set of one process evaluating 100 and 800 synthetic ph
 a small random-weight network at 224 x 224 input (the memory in question is the photos', not the model's), read from
 the process's own getrusage. Keeping every prepared photo would cost 147 KB each: 103 MB more for 800 than for 100.
 
-Targets (issue 9, on a 2-core machine): 2 x 1 >= 1.7 x the throughput of 1 x 1 and >= 1.0 x that of 1 x 2; peak
+Targets (on a 2-core machine): 2 x 1 >= 1.7 x the throughput of 1 x 1 and >= 1.0 x that of 1 x 2; peak
 memory for 800 photos within 15% of that for 100.
 """
 import os

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from step_2_pretrained import load_model, prepare_image, to_tensor  # noqa: E402
 from utils.cli import ArgumentParser, UsageError, number_in, run  # noqa: E402
 from utils.data import list_photos  # noqa: E402
-from utils.reference import reference_autoattack, worst_case_robust  # noqa: E402
+from utils.evaluation.reference import reference_autoattack, worst_case_robust  # noqa: E402
 
 
 def run_ours(args, out):

@@ -3,7 +3,7 @@
     python bench/square_crosscheck.py [--queries 300,1000] [--seeds 5] [--epsilon 2] [--model efficientnet_lite0]
                                       [--device auto|cpu|cuda] [--threads 1] [--output FILE]
 
-On the sample photos (utils/sample_images.py), untargeted against each photo's clean prediction, L-infinity epsilon in
+On the sample photos (utils/samples.py), untargeted against each photo's clean prediction, L-infinity epsilon in
 levels out of 255, for each budget and each seed 0..seeds-1, three Square attacks on the same photos:
 - ours (utils/attacks.py, its defaults: p_init 0.8, windows drawn per image, early stop);
 - torchattacks.Square (p_init 0.8, margin loss, n_queries = the budget, seed);
@@ -27,7 +27,8 @@ from step_2_pretrained import OFFLINE_MODEL, get_device, load_model, predict, pr
 from utils.attacks import make_attack  # noqa: E402
 from utils.cli import ArgumentParser, comma_list, number_in, run  # noqa: E402
 from utils.files import save_text  # noqa: E402
-from utils.sample_images import sample_paths  # noqa: E402
+from utils.flags import add_device_argument  # noqa: E402
+from utils.samples import sample_paths  # noqa: E402
 
 P_INIT = 0.8  # the reference's and torchattacks' default, and ours
 IMPLEMENTATIONS = ("ours", "torchattacks", "reference")
@@ -151,7 +152,7 @@ def get_args_parser():
     parser.add_argument("--epsilon", type=number_in(0, 255, low_open=True, name="--epsilon"), default=2,
                         help="L-infinity budget in levels out of 255 (default: %(default)s)")
     parser.add_argument("--model", default=OFFLINE_MODEL, help="the classifier (default: %(default)s)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_device_argument(parser)
     parser.add_argument("--threads", type=number_in(1, 1024, int, name="--threads"), default=1,
                         help="torch threads on a CPU (default: %(default)s)")
     parser.add_argument("--output", help="also write the table to this file, as a Markdown code block")

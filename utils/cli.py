@@ -84,3 +84,12 @@ def listed(kind, name, ascending=False):
         return sorted(items) if ascending else items
     distinct_items.__name__ = name
     return distinct_items
+
+
+def print_loss_every(period, classes):
+    """An attack's on_step that prints the tutorial's "Loss: ... / Class: ..." line every `period` steps, the class
+    named among `classes`."""
+    def on_step(step, loss, logits):
+        if step % period == 0:
+            print(f"Loss: {loss.mean().item():.2f} / Class: {classes[int(logits.argmax(dim=1)[0])]}", flush=True)
+    return on_step

@@ -19,9 +19,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-from tqdm import tqdm
 
-from utils import distributed
 from utils.cli import UsageError
 from utils.images import IMAGE_SUFFIXES, images_in, output_names
 
@@ -205,19 +203,3 @@ def find_photos(folder, labels, find_class):
     labels = read_labels(labels, names, find_class)
     return Photos(Path(folder), paths, names, output_names(paths), labels and labels.classes,
                   labels.source if labels else None)
-
-
-def check_readable(paths, batches, load_image, context):
-    """--strict: every file of every rank decodes, before anything is written; else the first bad one is an error."""
-    failure = None
-    # no bar off a terminal: its leftovers would precede the one-line error in a log
-    for index in tqdm([i for batch in batches for i in batch], unit="image", desc="checking", leave=False,
-                      disable=None):
-        try:
-            load_image(paths[index])
-        except UsageError as error:
-            failure = (index, str(error))
-            break
-    failures = [found for found in distributed.gather(failure, context) if found]
-    if failures:
-        raise UsageError(min(failures)[1] + " (--strict)")

@@ -45,6 +45,16 @@ def comparison_figure(original_u8, adversarial_u8, old_label, new_label):
                        (difference, f"perturbation (max {linf} levels)\nmagnified x{magnification:.0f}")])
 
 
+def break_defense_figure(rows):
+    """Step 7's figure: per row (name, image before the defense, its prediction, image after, its prediction), the two
+    images side by side."""
+    panels = []
+    for name, before, before_label, after, after_label in rows:
+        panels += [(before, f"{name}\npredicted: {short(before_label)}"),
+                   (after, f"{name} after the defense\npredicted: {short(after_label)}")]
+    return image_grid(panels, columns=2)
+
+
 def grouped_bars_figure(panels, groups, series, ylabel, title):
     """One panel per entry of `panels` (title, {(group, series name): rate in [0, 1], or None for no bar}), with a bar
     per series in each group, each bar labelled with its value so a 0% bar is still seen; one legend above the panels, off the data."""

@@ -1,13 +1,50 @@
-"""Images as the steps pass them around: 8-bit HxWx3 arrays (what a file holds), and float batches in [0, 1] (what a
-model takes); finding the photos in a folder and naming their outputs."""
+"""Images as the steps pass them around: reading a file (any format PIL reads, upright, as 8-bit RGB), 8-bit HxWx3
+arrays (what a file holds) and float batches in [0, 1] (what a model takes); finding the photos in a folder and
+naming their outputs."""
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from utils.cli import UsageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+def to_rgb(image):
+    """Any PIL image as 8-bit RGB: 16-bit scaled down, transparency composited on white, CMYK and palettes converted."""
+    if image.mode.startswith("I") or image.mode == "F":
+        levels = np.asarray(image, dtype=np.float64)
+        scale = 257.0 if image.mode.startswith("I") else 1.0
+        image = Image.fromarray(np.clip(np.round(levels / scale), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path):
+    """Open an image file as an RGB PIL image, upright per its EXIF; bad files raise UsageError naming the problem."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path}: no such file")
+    if path.is_dir():
+        raise UsageError(f"{path}: is a folder, not an image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return to_rgb(ImageOps.exif_transpose(image))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UsageError(f"{path}: image is too large (over {Image.MAX_IMAGE_PIXELS} pixels); refusing a possible decompression bomb")
+    except UnidentifiedImageError:
+        raise UsageError(f"{path}: not an image file (PIL cannot identify it)")
+    except (OSError, SyntaxError, ValueError) as error:
+        raise UsageError(f"{path}: cannot read the image, it may be truncated or corrupt ({error})")
 
 
 def to_tensor(images_u8, device="cpu"):

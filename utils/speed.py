@@ -215,31 +215,27 @@ def compile_model(model, example, device):
     return compiled, time.perf_counter() - start
 
 
-# ---- command line ---------------------------------------------------------------------------------------------
+# ---- the device and the model's set-up -------------------------------------------------------------------------
 
-def add_speed_arguments(parser, compile=True):
-    """--precision (steps 5, 7, 8, the benchmark), --memory-format, and --compile for long runs (step 8, benchmark)."""
-    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
-                        help="arithmetic of the attack's gradients: bf16 or fp16 (CUDA only) under autocast; a success "
-                             "counts only when an fp32 forward of the 8-bit image confirms it (default: %(default)s)")
-    parser.add_argument("--memory-format", choices=["auto"] + list(MEMORY_FORMATS), default="auto",
-                        help="auto: channels_last for a network with 2-D convolutions on CPU or CUDA, contiguous otherwise; a "
-                             "fixed rule, so the same run gives the same bytes (default: %(default)s)")
-    if compile:
-        parser.add_argument("--compile", action="store_true",
-                            help="torch.compile the model: slow to start, worth it on long runs")
+def get_device(name="auto"):
+    """The torch device for --device: "auto" is CUDA when PyTorch sees one, else the CPU."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but PyTorch sees no CUDA device; use --device cpu")
+    return name
 
 
-def prepare_model(model, args, batch_size, device):
-    """The model an evaluation should use, from --memory-format, --precision and --compile: the memory format set
-    (or left to the rule), and, with --compile, compiled at `batch_size` with the compile time printed on stderr."""
-    check_precision(args.precision, device)
-    model.memory_format = "auto" if args.memory_format == "auto" else MEMORY_FORMATS[args.memory_format]
-    if not getattr(args, "compile", False):
+def prepare_model(model, precision, memory_format, batch_size, device, compile=False):
+    """The model a run should use: `precision` checked for the device, `memory_format` ("auto": the rule's, or a name
+    of MEMORY_FORMATS) set, and, with `compile`, compiled at `batch_size` with the compile time printed on stderr."""
+    check_precision(precision, device)
+    model.memory_format = "auto" if memory_format == "auto" else MEMORY_FORMATS[memory_format]
+    if not compile:
         return model
     size = model.preprocessing.crop_size
     example = torch.zeros(batch_size, 3, size, size, device=device)
-    with autocast(args.precision, device):
+    with autocast(precision, device):
         compiled, seconds = compile_model(model, example, device)
     print(f"torch.compile: {seconds:.1f} s for the first forward and backward at batch {batch_size}", file=sys.stderr)
     return compiled

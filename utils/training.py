@@ -1,22 +1,21 @@
-"""The pieces of step 9 that are not the training loop: the architectures, the checkpoint, and the export.
+"""The pieces of step 9 that are not the training loop: the architectures and the checkpoint (the export is
+utils.models.export_program's).
 
 - `build_net`: "small-cnn" (a few conv layers, for small images such as the 32x32 digits), or any torchvision or timm
   architecture name, with random initial weights and `classes` outputs.
 - checkpoints hold plain tensors, state dicts and numbers only, so that `torch.load(weights_only=True)` reads them
   (a checkpoint file is never unpickled).
-- `export_program` writes the trained classifier (normalization inside) as a torch.export program with a dynamic batch
-  dimension, plus its classes file, the format every script loads (`step_2_pretrained.load_model("NAME.pt2")`).
 """
 import pickle
 import warnings
-from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
 from utils.cli import UsageError
-from utils.files import atomic_path, save_text
+from utils.files import atomic_path
+from utils.models import torchvision_classifiers
 
 SMALL_CNN = "small-cnn"
 
@@ -40,16 +39,11 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-def architectures():
-    """The names --arch takes besides small-cnn: torchvision's classifiers, then timm's (prefixed "timm:" or bare)."""
-    return sorted(torchvision.models.list_models(module=torchvision.models))
-
-
 def build_net(arch, classes):
     """A network with random weights and `classes` outputs; the caller seeds torch first (its initialization)."""
     if arch == SMALL_CNN:
         return SmallCNN(classes)
-    if arch in architectures():
+    if arch in torchvision_classifiers():
         return torchvision.models.get_model(arch, weights=None, num_classes=classes)
     with warnings.catch_warnings():  # timm's import warns that torch.jit.interface is deprecated: not the user's concern
         warnings.simplefilter("ignore", FutureWarning)
@@ -77,29 +71,3 @@ def load_checkpoint(path):
     except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"{path}: not a readable step 9 checkpoint ({reason})")
-
-
-# ---- export ---------------------------------------------------------------------------------------------------
-
-def classes_path(program_path):
-    """NAME.pt2 -> NAME.classes.txt, the sidecar file every script reads the class names from."""
-    program_path = Path(program_path)
-    return program_path.with_name(program_path.stem + ".classes.txt")
-
-
-def export_program(classifier, example, path, classes):
-    """Export `classifier` (pixels in [0, 1] -> logits, normalization inside) with a dynamic batch dimension, save it
-    atomically as `path` (.pt2) and the class names beside it; returns the exported program."""
-    classifier = classifier.eval()
-    batch = torch.export.Dim("batch")
-    with torch.no_grad():
-        program = torch.export.export(classifier, (example,), dynamic_shapes=({0: batch},))
-    with atomic_path(path) as temp:
-        torch.export.save(program, temp)
-    save_text("".join(f"{name}\n" for name in classes), classes_path(path))
-    return program
-
-
-def load_program(path):
-    """The callable module of a saved .pt2 program (it refuses .train()/.eval(): see shared/README.md)."""
-    return torch.export.load(str(path)).module()

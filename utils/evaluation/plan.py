@@ -1,6 +1,7 @@
-"""The vocabulary of an evaluation: a Job (one attack setting run on the photos that need it) and the Plan (the jobs
-of a run, in order), shared by step 8, which decides the plan, and by utils.results and utils.report, which record and
-summarize its rows. The small rules here say which budget a method's headline number and an ensemble stage use."""
+"""The vocabulary of an evaluation: a Job (one attack setting run on the photos that need it), the Plan (the jobs of
+a run, in order) and the Settings (how the run computes, besides what it runs), shared by step 8, which decides the
+plan, by the engine, which runs it, and by the results files and the report, which record and summarize its rows.
+The small rules here say which budget a method's headline number and an ensemble stage use."""
 from dataclasses import dataclass
 
 from utils.attacks import ATTACKS
@@ -55,6 +56,31 @@ class Plan:
         return [job for job in self.jobs if job.attack == "ensemble" and job.epsilon == epsilon]
 
 
+@dataclass(frozen=True)
+class Settings:
+    """How an evaluation computes and what its report says of it: the budgets (`epsilons` in levels, `steps` of the
+    iterative methods, `queries` of a gradient-free one, `target_classes` of apgd-t), the defenses and whether the
+    attack goes through them (`adaptive`, with `eot` draws), the attacks' `seed`, `early_stop`, `precision` and the
+    model's `memory_format` (resolved: never "auto"), the batching (`batch_size`, loader `workers`), `resume`, and
+    the names of the `model` and the `folder` for the report."""
+    model: str
+    folder: str
+    epsilons: tuple
+    steps: tuple
+    queries: int = 5000
+    target_classes: int = 9
+    defenses: tuple = ()
+    adaptive: bool = False
+    eot: int = 1
+    seed: int = 0
+    early_stop: bool = True
+    precision: str = "fp32"
+    memory_format: str = "contiguous"
+    batch_size: int = 16
+    workers: int = 0
+    resume: bool = False
+
+
 def iterative_methods(methods):
     return [method for method in methods if ATTACKS[method].iterative]
 
@@ -63,11 +89,11 @@ def defense_method(methods):
     return "pgd" if "pgd" in methods else next(iter(iterative_methods(methods)), "pgd")
 
 
-def top_steps(method, args):
+def top_steps(method, settings):
     """The steps a method's headline number uses: the largest, or 1 for a one-step attack."""
-    return max(args.steps) if ATTACKS[method].iterative else 1
+    return max(settings.steps) if ATTACKS[method].iterative else 1
 
 
-def stage_steps(method, args):
+def stage_steps(method, settings):
     """An ensemble stage's budget: the largest --steps, or --queries for a gradient-free attack."""
-    return args.queries if ATTACKS[method].gradient_free else max(args.steps)
+    return settings.queries if ATTACKS[method].gradient_free else max(settings.steps)

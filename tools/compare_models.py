@@ -2,21 +2,18 @@
 robust accuracy after each attack of the ensemble, worst case, per model and epsilon) and one figure (worst-case
 robust accuracy against epsilon, a line per model, clean accuracy at epsilon 0).
 
-    python utils/compare_models.py EVAL_DIR [EVAL_DIR ...] --names standard,adversarial [--output-dir DIR]
+    python -m tools.compare_models EVAL_DIR [EVAL_DIR ...] --names standard,adversarial [--output-dir DIR]
 
 Each EVAL_DIR is a step 8 output folder holding robust_accuracy.csv. Writes DIR/comparison.md and
 DIR/robust_vs_epsilon.png.
 """
 import csv
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
-
-from utils.cli import ArgumentParser, UsageError, comma_list, run  # noqa: E402
-from utils.figures import plt  # noqa: E402
-from utils.files import display_path, save_figure, save_text  # noqa: E402
-from utils.report import ACCURACY_COLUMNS, markdown_table, percent  # noqa: E402
+from utils.cli import ArgumentParser, UsageError, comma_list, run
+from utils.figures import plt
+from utils.files import display_path, save_figure, save_text
+from utils.evaluation.report import ACCURACY_COLUMNS, markdown_table, percent
 
 WORST = "worst-case"
 

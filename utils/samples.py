@@ -1,26 +1,18 @@
-"""Copy a small folder of real photos that every install already has offline: the photos matplotlib and
-scikit-image ship with their packages. The README's evaluation (step 8) runs on this folder; with --labelled, only
-the photos that assets/sample_labels.csv gives a true ImageNet class (the README's robust accuracy runs on those).
-With --digits DIR, scikit-learn's 1,797 handwritten digits instead, as an ImageFolder with a fixed train/test split
-(step 9 trains on DIR/train, step 8 evaluates on DIR/test).
-
-    python utils/sample_images.py [--output-dir samples] [--labelled]
-    python utils/sample_images.py --digits DIR
+"""The images every install already has offline, which the README, the tests and the page use: the photos matplotlib
+and scikit-image ship with their packages (`sample_paths`; assets/sample_labels.csv gives some a true ImageNet
+class), and scikit-learn's 1,797 handwritten digits as 32x32 RGB images with a fixed train/test split
+(`write_digits`). `python -m tools.sample_images` writes them into folders.
 """
 import csv
 import importlib.util
-import shutil
-import sys
 from pathlib import Path
 
 import matplotlib
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
-
-from utils.cli import ArgumentParser, UsageError, number_in, run  # noqa: E402
-from utils.files import atomic_path, display_path, save_image  # noqa: E402
+from utils.cli import UsageError
+from utils.files import display_path, save_image
 
 SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png")
 SAMPLE_LABELS = Path(__file__).resolve().parent.parent / "assets" / "sample_labels.csv"
@@ -92,33 +84,3 @@ def write_digits(out, test_per_class=None):
             save_image(digit_image(digits.images[index]), out / split / str(digits.target[index]) / f"{index:04d}.png")
         print(f"{split}: {len(indices)} digits -> {display_path(out / split)}")
     print(f"Wrote {sum(map(len, splits.values()))} digits ({DIGIT_SIZE}x{DIGIT_SIZE} RGB PNG, classes 0..9) to {display_path(out)}")
-
-
-def main(args):
-    if args.digits:
-        return write_digits(Path(args.digits), args.test_per_class)
-    out = Path(args.output_dir)
-    paths = sample_paths()
-    if args.labelled:
-        paths = [path for path in paths if path.name in labelled_names()]
-    for path in paths:
-        with atomic_path(out / path.name) as temp:
-            shutil.copyfile(path, temp)
-        print(f"{display_path(path)} -> {display_path(out / path.name)}")
-    print(f"Wrote {len(paths)} photos to {display_path(out)}")
-
-
-def get_args_parser():
-    parser = ArgumentParser(description="Copy the sample photos that matplotlib and scikit-image ship into a folder.")
-    parser.add_argument("--output-dir", default="samples", help="folder to copy them into (default: %(default)s)")
-    parser.add_argument("--labelled", action="store_true",
-                        help=f"only the photos with a true class in {SAMPLE_LABELS.parent.name}/{SAMPLE_LABELS.name}")
-    parser.add_argument("--digits", metavar="DIR",
-                        help="instead: write scikit-learn's handwritten digits as an ImageFolder DIR/train, DIR/test")
-    parser.add_argument("--test-per-class", type=number_in(1, 1000, int, name="--test-per-class"), default=None,
-                        help="with --digits: keep only the first N test digits of each class (default: all 450)")
-    return parser
-
-
-if __name__ == "__main__":
-    run(main, get_args_parser())

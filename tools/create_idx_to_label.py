@@ -3,17 +3,14 @@
 The package ships the file byte-identical to the tutorial's ({"0": "tench, Tinca tinca", ...}); we copy its bytes
 rather than re-serialising, so the committed asset stays identical to the tutorial's.
 
-    python utils/create_idx_to_label.py [--output assets/imagenet_idx_to_label.json]
+    python -m tools.create_idx_to_label [--output assets/imagenet_idx_to_label.json]
 """
 import argparse
 import json
 from importlib.resources import files
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
-
-from utils.files import display_path  # noqa: E402
+from utils.files import display_path
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent.parent / "assets" / "imagenet_idx_to_label.json"
 

@@ -13,10 +13,10 @@ and of every shard, whatever number of processes wrote them, and the run does on
 import csv
 import shutil
 
-from utils import distributed
+from utils.evaluation import distributed
 from utils.cli import UsageError
 from utils.files import atomic_path
-from utils.plan import job_of
+from utils.evaluation.plan import job_of
 
 COLUMNS = ("image", "method", "epsilon", "steps", "defense", "attack", "target", "label", "clean_label",
            "clean_correct", "final_label", "defended_label", "clean_defended_label", "success", "steps_used", "linf",
@@ -88,11 +88,11 @@ def ordered(rows, photos, plan, batch_size):
     return [row for _, row in sorted(enumerate(rows), key=place)]
 
 
-def start_output(out, args, context):
+def start_output(out, settings, context):
     """Rank 0 folds what earlier runs finished (--resume) into results.csv, or clears them; then every rank reads
     the finished rows. Shards start empty, so no rank appends after a line torn by a killed process."""
     if context.is_main:
-        kept = list(finished_rows(out).values()) if args.resume else []
+        kept = list(finished_rows(out).values()) if settings.resume else []
         if kept:
             write_results(out / "results.csv", kept)
         else:
@@ -103,9 +103,9 @@ def start_output(out, args, context):
     return {row_key(row): row for row in read_rows(out / "results.csv")}
 
 
-def merge_results(out, photos, plan, args):
+def merge_results(out, photos, plan, settings):
     """Rank 0, after every rank finished: results.csv from the kept rows and every shard, in one process's order."""
-    rows = ordered(list(finished_rows(out).values()), photos, plan, args.batch_size)
+    rows = ordered(list(finished_rows(out).values()), photos, plan, settings.batch_size)
     write_results(out / "results.csv", rows)
     shutil.rmtree(out / SHARDS, ignore_errors=True)
     return rows

@@ -1,0 +1,220 @@
+"""The engine of an evaluation (step 8): the photos, in sorted order, cut into batches of `batch_size` that a
+DataLoader (`workers`) decodes one at a time; each batch runs every job of the plan before the next is read, so memory
+stays flat however large the folder. Every adversarial image is saved as a PNG under OUTPUT/images/ and judged on that
+file read back from disk (through the real defense, with the judge's own seed, if any). Rows go to this rank's shard
+as each job finishes a batch; under torchrun batch k runs on rank k % world size (utils/evaluation/distributed.py),
+and rank 0 merges every shard into results.csv and writes the report.
+
+`run_evaluation(model, photos, plan, settings, out)` is the entry point; step 8, the benchmarks and the tests call it.
+"""
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from utils.adaptive import JUDGE_SEED_OFFSET, defended_forward
+from utils.attacks import goal_reached, perturbation_size, run_attack
+from utils.cli import UsageError
+from utils.data import PhotoDataset, cut, photo_batches
+from utils.defenses import make_defense
+from utils.evaluation import distributed
+from utils.evaluation.plan import CLEAN, Job
+from utils.evaluation.report import write_report
+from utils.evaluation.results import COLUMNS, KEY, append_rows, merge_results, row_key, shard_path, start_output
+from utils.files import save_image
+from utils.images import load_image, to_tensor
+from utils.models import get_image_transform, predict_images, prepare_image
+
+
+@dataclass
+class Batch:
+    """One decoded batch: the readable photos' indices, their 8-bit images, clean predictions and goals."""
+    members: list
+    originals: dict
+    clean: dict
+    goals: dict
+
+
+def decode_batch(model, photos, plan, items):
+    """The readable photos of a DataLoader batch, their clean predictions and goals; and the unreadable ones."""
+    members = [index for index, image, _ in items if image is not None]
+    originals = {index: image for index, image, _ in items if image is not None}
+    clean = dict(zip(members, predict_images(model, [originals[i] for i in members]))) if members else {}
+    if plan.target is not None:
+        goals = {i: plan.target for i in members}
+    else:  # untargeted: leave the true class, or without labels the clean prediction
+        goals = {i: photos.labels[i] if photos.labels else clean[i] for i in members}
+    skipped = [(photos.names[index], reason) for index, image, reason in items if image is None]
+    return Batch(members, originals, clean, goals), skipped
+
+
+def attack_options(job, plan, settings):
+    """The one place an attack's options are built (every attack drops the ones it does not take)."""
+    return dict(epsilon=job.epsilon, steps=job.steps, targeted=plan.target is not None and job.attack != "ensemble",
+                seed=settings.seed, eot=settings.eot, early_stop=settings.early_stop, queries=settings.queries,
+                target_classes=settings.target_classes, precision=settings.precision)
+
+
+def attack_batch(model, plan, job, batch, todo, settings):
+    """Adversarial 8-bit images for the photos `todo` (indices into the photo list), and the steps each used. The
+    indices are the photos' ids for the attack: Square draws per id, so a photo gets the same whatever batch, rank or
+    resumed run it falls in."""
+    if job.attack == "clean":
+        return [batch.originals[i] for i in todo], [0] * len(todo)
+    forward = None
+    if job.attack == "adaptive":
+        forward = defended_forward(model, make_defense(job.defense, seed=settings.seed))
+    return run_attack(model, job.method, [batch.originals[i] for i in todo], [batch.goals[i] for i in todo],
+                      ids=todo, forward=forward, **attack_options(job, plan, settings))
+
+
+def judge_batch(model, plan, job, batch, todo, files, settings):
+    """Classify the saved PNGs read back (and through the real defense, with the judge's own seed): a dict of
+    columns per photo."""
+    back = [prepare_image(path, model) for path in files]  # the file read back, as a receiver would
+    originals = [batch.originals[i] for i in todo]
+    final = predict_images(model, back)
+    linf, l2 = perturbation_size(to_tensor(back), to_tensor(originals))
+    defended = clean_defended = [""] * len(todo)
+    if job.defense != "none":
+        judge = make_defense(job.defense, seed=settings.seed + JUDGE_SEED_OFFSET)
+        defended = predict_images(model, [judge(image) for image in back])
+        clean_defended = predict_images(model, [judge(image) for image in originals])
+    verdict = final if job.defense == "none" else defended
+    untargeted = plan.target is None or job.attack == "ensemble"
+    return [{"final_label": final[k], "defended_label": defended[k], "clean_defended_label": clean_defended[k],
+             "success": int(goal_reached(verdict[k], batch.goals[i], untargeted)),
+             "linf": int(linf[k]), "l2": f"{l2[k]:.4f}"} for k, i in enumerate(todo)]
+
+
+def run_job(model, photos, plan, job, batch, todo, done, out, settings):
+    """The finished rows of `job` for the photos `todo` of `batch`."""
+    started = time.perf_counter()
+    files = [out / job.folder / f"{photos.stems[i]}.png" for i in todo]
+    if job.makes_images:
+        adversarial, steps_used = attack_batch(model, plan, job, batch, todo, settings)
+        for image, path in zip(adversarial, files):
+            save_image(image, path)
+    else:  # the plain attack's PNGs, already judged bare: now through the defense
+        bare = Job(job.method, job.epsilon, job.steps)
+        steps_used = [done[bare.key(photos.names[i])]["steps_used"] for i in todo]
+    seconds = (time.perf_counter() - started) / len(todo) if job.makes_images and job.attack != "clean" else 0.0
+    rows = []
+    judged = judge_batch(model, plan, job, batch, todo, files, settings)
+    for i, path, steps, columns in zip(todo, files, steps_used, judged):
+        label = photos.labels[i] if photos.labels else ""
+        row = dict(zip(KEY, job.key(photos.names[i])), target="" if plan.target is None else plan.target,
+                   label=label, clean_label=batch.clean[i],
+                   clean_correct="" if label == "" else int(batch.clean[i] == label), steps_used=steps,
+                   seconds=f"{seconds:.3f}", file=path.relative_to(out).as_posix(), **columns)
+        rows.append({column: str(row[column]) for column in COLUMNS})
+    return rows
+
+
+def runs_on(job, name, plan, done):
+    """Whether `job` runs on photo `name`, given the earlier jobs' rows: every job does but an ensemble stage, which
+    runs only on a photo correctly classified when clean that no earlier stage (same epsilon) fooled."""
+    if job.attack != "ensemble":
+        return True
+    clean = done.get(CLEAN.key(name))
+    if clean is None or clean["clean_correct"] != "1":
+        return False
+    for stage in plan.stages_at(job.epsilon):
+        if stage == job:
+            return True
+        earlier = done.get(stage.key(name))
+        if earlier is not None and earlier["success"] == "1":
+            return False
+    return True
+
+
+def still_to_run(job, batch, photos, plan, done):
+    """The photos of `batch` that `job` runs on now: none when each has its row already, else all of them. A batch
+    recorded in part (a kill mid-append, a PNG deleted) runs again whole, so each photo keeps the batch it has in an
+    uninterrupted run: on CPU another batch composition gives other floats."""
+    runs = [i for i in batch if runs_on(job, photos.names[i], plan, done)]
+    return [] if all(job.key(photos.names[i]) in done for i in runs) else runs
+
+
+def evaluate(model, photos, plan, batches, done, out, settings, context):
+    """Decode each of this rank's batches that has work left and run every job on it before the next; rows go to
+    this rank's shard as each job finishes. Returns the unreadable files met (name, reason) and how many photos the
+    batches with work left held."""
+    pending = [batch for batch in batches if any(still_to_run(job, batch, photos, plan, done) for job in plan.jobs)]
+    dataset = PhotoDataset(photos.paths, load_image, get_image_transform(model.preprocessing))
+    shard = shard_path(out, context.rank)
+    skipped = []
+    desc = "evaluating" + (f" (rank {context.rank})" if context.world_size > 1 else "")
+    with tqdm(total=sum(map(len, pending)), unit="image", desc=desc, position=context.local_rank) as bar:
+        for items in photo_batches(dataset, pending, settings.workers):
+            batch, unreadable = decode_batch(model, photos, plan, items)
+            for name, reason in unreadable:
+                tqdm.write(f"skipped {name}: {reason}", file=sys.stderr)
+            skipped += unreadable
+            for job in plan.jobs:
+                todo = still_to_run(job, batch.members, photos, plan, done)
+                if todo:
+                    bar.set_postfix_str(f"{job.folder.removeprefix('images/')} {job.defense} {job.attack}")
+                    rows = run_job(model, photos, plan, job, batch, todo, done, out, settings)
+                    append_rows(shard, rows)
+                    done.update((row_key(row), row) for row in rows)
+            bar.update(len(items))
+    return skipped, sum(map(len, pending))
+
+
+
+def check_readable(paths, batches, context):
+    """--strict: every file of every rank decodes, before anything is written; else the first bad one is an error."""
+    failure = None
+    # no bar off a terminal: its leftovers would precede the one-line error in a log
+    for index in tqdm([i for batch in batches for i in batch], unit="image", desc="checking", leave=False,
+                      disable=None):
+        try:
+            load_image(paths[index])
+        except UsageError as error:
+            failure = (index, str(error))
+            break
+    failures = [found for found in distributed.gather(failure, context) if found]
+    if failures:
+        raise UsageError(min(failures)[1] + " (--strict)")
+
+
+@dataclass
+class Evaluation:
+    """What a run did: its rows (rank 0: every row of results.csv, in one process's order; other ranks: none), the
+    unreadable files met (name, reason), how many photos had work left, the readable ones, the seconds the attacks
+    took, and (rank 0) the summary.md written and the number of rows it reports on."""
+    rows: list
+    skipped: list
+    attacked: int
+    readable: int
+    seconds: float
+    summary: Path = None
+    reported: int = 0
+
+
+def run_evaluation(model, photos, plan, settings, out, context=None):
+    """Evaluate `model` on `photos` (utils.data.find_photos) as `plan` says, with `settings` (utils.evaluation.plan),
+    writing into the folder `out`: the PNGs, results.csv (kept from an earlier run with settings.resume), then on
+    rank 0 summary.md, robust_accuracy.csv and the figures. `context`: this process's place in a torchrun
+    (utils.evaluation.distributed.start; default: one process on the model's device)."""
+    context = context or distributed.Context(device=str(model.mean.device))
+    out = Path(out)
+    batches = distributed.deal(cut(len(photos.paths), settings.batch_size), context)
+    done = start_output(out, settings, context)
+    started = time.perf_counter()
+    skipped, attacked = evaluate(model, photos, plan, batches, done, out, settings, context)
+    attacked = sum(distributed.gather(attacked, context))
+    order = {name: i for i, name in enumerate(photos.names)}
+    skipped = sorted((item for found in distributed.gather(skipped, context) for item in found),
+                     key=lambda item: order[item[0]])
+    seconds, readable = time.perf_counter() - started, len(photos.names) - len(skipped)
+    if not readable:
+        raise UsageError(f"{photos.folder}: no readable image ({len(skipped)} files, none could be decoded)")
+    result = Evaluation([], skipped, attacked, readable, seconds)
+    if context.is_main:
+        result.rows = merge_results(out, photos, plan, settings)
+        result.summary, result.reported = write_report(result.rows, photos, plan, skipped, out, settings, context)
+    return result

@@ -1,0 +1,154 @@
+"""The command-line flags the scripts share, declared once: the model, the device, the goal (--target or
+--untargeted), the attack, the defense, and the speed settings; and the small functions that turn those flags into
+the explicit parameters the library takes (`model_from_args`, `chosen_target`, `attack_options`, `defense_settings`).
+A script adds the groups it needs; its own flags stay in its parser."""
+from utils import speed
+from utils.attacks import ATTACKS
+from utils.cli import UsageError, number_in
+from utils.defenses import DEFENSES
+from utils.models import OFFLINE_MODEL, load_model
+from utils.models.load import DEFAULT_MODEL
+
+DEFAULT_TARGET = "1"  # ImageNet's goldfish, the tutorial's target
+
+
+# ---- the model and the device ---------------------------------------------------------------------------------
+
+def add_model_arguments(parser, default=DEFAULT_MODEL):
+    """--model, --classes and --input-size: the same in every script."""
+    parser.add_argument("--model", default=default,
+                        help=f"a torchvision ImageNet classifier name, {OFFLINE_MODEL} (works offline), a model file "
+                             "(.pt2 torch.export program or .pt TorchScript), timm:NAME or "
+                             "robustbench:DATASET/THREAT/NAME (default: %(default)s)")
+    parser.add_argument("--classes", help="a text file of the model's class names, one per line (default: a model "
+                                          "file's NAME.classes.txt beside it, else the model's own)")
+    parser.add_argument("--input-size", type=number_in(8, 4096, int, name="--input-size"),
+                        help="short side resized to N, centre crop N (default: the model's own; a model file: the "
+                             "image as it is)")
+
+
+def model_from_args(args, device):
+    """load_model with the command line's --model, --classes and --input-size."""
+    return load_model(args.model, device, classes=getattr(args, "classes", None), input_size=getattr(args, "input_size", None))
+
+
+def add_device_argument(parser):
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto: CUDA when PyTorch sees a device, else the CPU (default: %(default)s)")
+
+
+# ---- the goal -------------------------------------------------------------------------------------------------
+
+def add_target_arguments(parser, target_help=None):
+    parser.add_argument("--target", help=target_help or "class index or name to reach, among the model's classes "
+                                                        f"(default: {DEFAULT_TARGET}, ImageNet's goldfish)")
+    parser.add_argument("--untargeted", action="store_true", help="any class but the clean prediction")
+
+
+def chosen_target(args, default=DEFAULT_TARGET):
+    """The class text to reach: --target, else `default` (None: no target unless one is given); None when
+    --untargeted. --target and --untargeted together are refused."""
+    if args.untargeted and args.target is not None:
+        raise UsageError("--target and --untargeted exclude each other")
+    if args.untargeted:
+        return None
+    return default if args.target is None else args.target
+
+
+# ---- the attack -----------------------------------------------------------------------------------------------
+
+def add_common_arguments(parser, steps=30):
+    """The flags of an attack on photos (steps 5 and 7): the goal, the budget, the model, the device, the seed and
+    the output folder."""
+    add_target_arguments(parser)
+    parser.add_argument("--epsilon", type=number_in(0, 255, low_open=True, name="--epsilon"), default=10,
+                        help="L-infinity budget in pixel levels out of 255, in (0, 255] (default: %(default)s)")
+    parser.add_argument("--steps", type=number_in(1, 100000, int, name="--steps"), default=steps,
+                        help="gradient steps, >= 1 (default: %(default)s)")
+    add_model_arguments(parser)
+    add_device_argument(parser)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of random starts and of Square's draws (default: %(default)s)")
+    parser.add_argument("--output-dir", default="outputs")
+
+
+def add_attack_arguments(parser):
+    """The attack flags shared by step 5, step 7 and the page."""
+    parser.add_argument("--method", choices=sorted(ATTACKS), default="sgd",
+                        help="sgd is the tutorial's; fgsm, pgd, mifgsm, cw, apgd (Auto-PGD), apgd-t (targeted-DLR "
+                             "APGD over the top other classes), square (score-based, no gradients) "
+                             "(default: %(default)s)")
+    parser.add_argument("--alpha", type=number_in(0, 255, low_open=True, name="--alpha"),
+                        help="step size in levels (pgd: 2.5*epsilon/steps, mifgsm: epsilon/steps, both at least 0.25)")
+    parser.add_argument("--loss", choices=["ce", "dlr"],
+                        help="apgd: cross-entropy or Difference of Logits Ratio (default: ce)")
+    parser.add_argument("--target-classes", type=number_in(1, 999, int, name="--target-classes"),
+                        help="apgd-t, untargeted: how many of the top other classes it runs towards (default: 9)")
+    parser.add_argument("--queries", type=number_in(1, 10**7, int, name="--queries"),
+                        help="square: model queries per image, the first included (default: --steps)")
+    parser.add_argument("--random-start", action="store_true", help="pgd: start at a random point of the ball")
+    parser.add_argument("--restarts", type=number_in(1, 1000, int, name="--restarts"), default=1,
+                        help="retry failed images from new random starts (default: %(default)s)")
+    parser.add_argument("--c", type=number_in(0, 1e6, low_open=True, name="--c"), help="cw: weight of the misclassification term (default 1)")
+    parser.add_argument("--decay", type=number_in(0, 1, name="--decay"), help="mifgsm: momentum decay (default 1.0)")
+    parser.add_argument("--no-early-stop", action="store_true", help="run every step even after the image is fooled")
+    parser.add_argument("--batch-size", type=number_in(1, 4096, int, name="--batch-size"), default=16)
+
+
+def attack_options(args, **extra):
+    """The attack's keyword arguments (utils.attacks.make_attack) from the command line."""
+    options = dict(epsilon=args.epsilon, steps=args.steps, alpha=args.alpha, targeted=not args.untargeted,
+                   early_stop=not args.no_early_stop, random_start=args.random_start, restarts=args.restarts,
+                   seed=args.seed, c=args.c, decay=args.decay, loss=args.loss, target_classes=args.target_classes,
+                   queries=args.queries, precision=args.precision)
+    options.update(extra)
+    return options
+
+
+# ---- the defense ----------------------------------------------------------------------------------------------
+
+def add_defense_arguments(parser):
+    """The defense flags shared by step 6, step 7 and the page."""
+    parser.add_argument("--defense", default="jpeg", help=f"one of {', '.join(DEFENSES)} (default: %(default)s)")
+    parser.add_argument("--quality", type=float, help="jpeg: quality 1..100 (default 75)")
+    parser.add_argument("--bits", type=float, help="bits: bits per channel 1..8 (default 3)")
+    parser.add_argument("--size", type=float, help="median: odd window size 3..15 (default 3)")
+    parser.add_argument("--sigma", type=float, help="blur: Gaussian sigma in pixels, (0, 10] (default 1.0)")
+    parser.add_argument("--scale", type=float, help="resize: down-scale factor, (0, 1] (default 0.5)")
+
+
+def defense_settings(args):
+    """The defense's parameters (utils.defenses.make_defense) from the command line."""
+    return {"quality": args.quality, "bits": args.bits, "size": args.size, "sigma": args.sigma, "scale": args.scale}
+
+
+def add_break_defense_arguments(parser):
+    """Step 7's flags (an attack through a defense), which the page parses too: the same defaults and checks."""
+    add_common_arguments(parser, steps=100)
+    add_attack_arguments(parser)
+    parser.set_defaults(method="pgd")
+    add_speed_arguments(parser, compile=False)
+    add_defense_arguments(parser)
+    parser.add_argument("--eot", type=number_in(1, 1000, int, name="--eot"), default=1,
+                        help="random draws of the defense averaged per step (default: %(default)s)")
+
+
+# ---- speed ----------------------------------------------------------------------------------------------------
+
+def add_speed_arguments(parser, compile=True):
+    """--precision (steps 5, 7, 8, the benchmark), --memory-format, and --compile for long runs (step 8, benchmark)."""
+    parser.add_argument("--precision", choices=list(speed.PRECISIONS), default="fp32",
+                        help="arithmetic of the attack's gradients: bf16 or fp16 (CUDA only) under autocast; a success "
+                             "counts only when an fp32 forward of the 8-bit image confirms it (default: %(default)s)")
+    parser.add_argument("--memory-format", choices=["auto"] + list(speed.MEMORY_FORMATS), default="auto",
+                        help="auto: channels_last for a network with 2-D convolutions on CPU or CUDA, contiguous otherwise; a "
+                             "fixed rule, so the same run gives the same bytes (default: %(default)s)")
+    if compile:
+        parser.add_argument("--compile", action="store_true",
+                            help="torch.compile the model: slow to start, worth it on long runs")
+
+
+def prepared_model(args, device, batch_size):
+    """The --model loaded and set up by --precision, --memory-format and --compile (utils.speed.prepare_model)."""
+    return speed.prepare_model(model_from_args(args, device), args.precision, args.memory_format, batch_size, device,
+                               compile=getattr(args, "compile", False))

@@ -1,0 +1,122 @@
+"""The classifier every step attacks: RGB pixels in [0, 1] in, logits out, the network's normalization inside (so
+attacks and defenses work on pixels, and an epsilon of 10 means 10 levels out of 255); what it expects of an image
+(`Preprocessing`), the 8-bit image it sees for a file (`prepare_image`), and its predictions.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision import transforms
+
+from utils import speed
+from utils.cli import UsageError
+from utils.images import load_image, to_tensor
+from utils.models.labels import imagenet_classes
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a model expects: the short side resized to `resize_size` (default: `crop_size`), a square centre crop of
+    `crop_size` (None: the image as it is, for a model file given no --input-size), normalized by `mean` and `std`
+    (per RGB channel)."""
+    crop_size: int | None
+    mean: tuple
+    std: tuple
+    interpolation: transforms.InterpolationMode = transforms.InterpolationMode.BILINEAR
+    resize_size: int | None = None
+
+
+def get_image_transform(preprocessing):
+    """The tutorial's transform, up to the 8-bit image: Resize(crop) then CenterCrop(crop), so the short side is kept
+    whole (a zoo model's own resize, e.g. timm's crop_pct, where it has one). Normalization is left to the model, so
+    the attack's budget is in pixel levels."""
+    size = preprocessing.crop_size
+    if size is None:
+        return transforms.Compose([])
+    return transforms.Compose([transforms.Resize(preprocessing.resize_size or size, interpolation=preprocessing.interpolation),
+                               transforms.CenterCrop(size)])
+
+
+def prepare_image(path, model):
+    """The 8-bit HxWx3 array the model sees for the file at `path`: loaded, resized and centre-cropped."""
+    return np.asarray(get_image_transform(model.preprocessing)(load_image(path)), dtype=np.uint8).copy()
+
+
+def prepare_images(paths, model):
+    """The arrays the model sees for several files, which a batch needs to share one size: a model that takes
+    images as they are (a model file given no --input-size) would get several sizes otherwise."""
+    images = [prepare_image(path, model) for path in paths]
+    for path, image in zip(paths, images):
+        if image.shape != images[0].shape:
+            raise UsageError(f"{path} is {image.shape[1]}x{image.shape[0]} but {paths[0]} is {images[0].shape[1]}x"
+                             f"{images[0].shape[0]}: {model.name} takes images as they are; pass --input-size N to "
+                             "resize and crop them all to N x N")
+    return images
+
+
+class Classifier(nn.Module):
+    """A classifier on RGB pixels in [0, 1]: normalization happens inside, so gradients are in pixel space. `classes`
+    names its outputs (default: ImageNet's 1000).
+
+    `memory_format` is "auto" (the default: utils.speed.memory_format_rule, a fixed function of the network and the
+    device, never a timing, so a run's bytes do not depend on how busy the machine is) or a torch.memory_format to
+    force. The input and the weights are put in the chosen format: the same function, computed in other floats."""
+
+    def __init__(self, net, preprocessing, name="model", memory_format="auto", classes=None):
+        super().__init__()
+        self.net = net
+        self.preprocessing = preprocessing
+        self.name = name
+        self.classes = tuple(classes) if classes is not None else imagenet_classes()
+        self.memory_format = memory_format
+        self.rule_formats = {}  # device -> utils.speed.memory_format_rule's answer, found once
+        self.weights_format = torch.contiguous_format
+        self.register_buffer("mean", torch.tensor(preprocessing.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(preprocessing.std).view(1, 3, 1, 1))
+
+    def format_for(self, pixels):
+        """The memory format this input runs in: forced, or the rule's for this network and the input's device."""
+        if self.memory_format != "auto":
+            return self.memory_format
+        if pixels.device not in self.rule_formats:
+            self.rule_formats[pixels.device] = speed.memory_format_rule(self.net, pixels.device)
+        return self.rule_formats[pixels.device]
+
+    def forward_in(self, pixels, memory_format):
+        if pixels.dim() == 4:
+            if memory_format != self.weights_format:  # only when the choice changes, e.g. with the batch size
+                self.net.to(memory_format=memory_format)
+                self.weights_format = memory_format
+            pixels = pixels.contiguous(memory_format=memory_format)
+        return self.net((pixels - self.mean) / self.std)
+
+    def forward(self, pixels):
+        return self.forward_in(pixels, self.format_for(pixels))
+
+    def with_net(self, net, memory_format=None):
+        """The same classifier (preprocessing, name, device) around another network, e.g. a compiled one."""
+        twin = Classifier(net, self.preprocessing, self.name, self.memory_format if memory_format is None else memory_format,
+                          self.classes)
+        twin.weights_format = self.weights_format
+        return twin.to(self.mean.device)
+
+
+def freeze(model):
+    """Eval mode and no gradients for the weights: attacks only need gradients for the input."""
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+@torch.no_grad()
+def predict(model, batch):
+    """Class probabilities (B, C) for a float batch in [0, 1]."""
+    return model(batch.to(model.mean.device)).softmax(dim=1)
+
+
+def predict_images(model, images_u8):
+    """Top-1 class index for each 8-bit image."""
+    return predict(model, to_tensor(images_u8)).argmax(dim=1).tolist()
+
