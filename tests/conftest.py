@@ -13,7 +13,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from step_2_pretrained import Classifier, Preprocessing, freeze, load_model  # noqa: E402
+from utils.models import Classifier, freeze, load_model, Preprocessing
 
 GRACE_HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
 CORGI = Path(os.environ.get("TNN_CORGI", REPO.parent / "shared" / "assets" / "corgi.png"))
@@ -25,6 +25,14 @@ def run_script(script, *args, cwd):
     """Run a step script as a user would: a fresh process, in `cwd`, returning the CompletedProcess."""
     return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, timeout=900)
+
+
+def run_tool(module, *args, cwd):
+    """Run a program of tools/ as a user would from anywhere: `python -m tools.NAME`, with the repository on
+    PYTHONPATH (from its root, `python -m` finds it by itself)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=900, env=env)
 
 
 class TinyNet(nn.Module):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from step_2_pretrained import find_class, predict_images, prepare_image
+from utils.models import find_class, predict_images, prepare_image
 from tests.conftest import GRACE_HOPPER, OFFLINE, REPO
 
 gr = pytest.importorskip("gradio", reason="gradio is not installed (pip install -r requirements.txt)")

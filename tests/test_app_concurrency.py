@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from step_2_pretrained import find_class, get_label, predict_images, prepare_image
+from utils.models import find_class, get_label, predict_images, prepare_image
 from tests.conftest import GRACE_HOPPER, REPO
 from tests.test_app import free_port, wait_for_server
-from utils.sample_images import sample_paths
+from utils.samples import sample_paths
 
 gradio_client = pytest.importorskip("gradio_client", reason="gradio_client is not installed (it comes with gradio)")
 

@@ -4,7 +4,8 @@ import re
 import pytest
 import torch
 
-from step_2_pretrained import predict, to_tensor, to_uint8
+from utils.images import to_tensor, to_uint8
+from utils.models import predict
 from tests.conftest import make_tiny_model
 from utils.attacks import (APGD, ATTACKS, AttackResult, SGD, SquareDraws, apgd_checkpoints, dlr, make_attack,
                            perturbation_size, square_fraction, square_side)
@@ -452,19 +453,19 @@ def test_bad_attack_flags_are_one_line_exit_2(script, flags, named, tmp_path):
 
 
 def sample_photo(name):
-    from utils.sample_images import sample_paths
+    from utils.samples import sample_paths
     return next(path for path in sample_paths() if path.name == name)
 
 
 def saved_class(path, model):
-    from step_2_pretrained import predict_images, prepare_image
+    from utils.models import predict_images, prepare_image
     return predict_images(model, [prepare_image(path, model)])[0]
 
 
 def saved_linf(path, original_path, model):
     import numpy as np
     from PIL import Image
-    from step_2_pretrained import prepare_image
+    from utils.models import prepare_image
     saved = np.asarray(Image.open(path).convert("RGB"), dtype=int)
     return int(np.abs(saved - prepare_image(original_path, model).astype(int)).max())
 

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from step_2_pretrained import predict, prepare_image, to_tensor
+from utils.images import to_tensor
+from utils.models import predict, prepare_image
 from utils.attacks import make_attack
-from utils.sample_images import sample_paths
+from utils.samples import sample_paths
 
 art = pytest.importorskip("art")
 from art.attacks.evasion import AutoProjectedGradientDescent, SquareAttack  # noqa: E402

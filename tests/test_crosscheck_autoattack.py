@@ -10,11 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from step_2_pretrained import Classifier, Preprocessing, load_model, prepare_image, to_tensor
-from tests.conftest import run_script
+from utils.images import to_tensor
+from utils.models import Classifier, load_model, prepare_image, Preprocessing
+from tests.conftest import run_script, run_tool
 from utils.data import list_photos
-from utils.reference import reference_autoattack, worst_case_robust
-from utils.training import SMALL_CNN, build_net, export_program, load_checkpoint
+from utils.evaluation.reference import reference_autoattack, worst_case_robust
+from utils.models import export_program
+from utils.training import SMALL_CNN, build_net, load_checkpoint
 
 pytest.importorskip("pyautoattack")
 
@@ -27,7 +29,7 @@ THREADS = "2"
 def trained(tmp_path_factory):
     """The digits and a small CNN trained for 3 epochs with fast adversarial training (FGSM from a random start)."""
     root = tmp_path_factory.mktemp("crosscheck")
-    written = run_script("utils/sample_images.py", "--digits", root / "digits", "--test-per-class", TEST_PER_CLASS,
+    written = run_tool("tools.sample_images", "--digits", root / "digits", "--test-per-class", TEST_PER_CLASS,
                          cwd=root)
     assert written.returncode == 0, written.stderr
     trained = run_script("step_9_adversarial_training.py", root / "digits" / "train", "--method", "fgsm-rs",
@@ -79,7 +81,7 @@ def test_a_gradient_masking_model_fails_sanity_check_5(trained):
                             memory_format=torch.contiguous_format)
     classifier.load_state_dict(state)
     masked = trained / "masked.pt2"
-    export_program(RoundedInput(classifier).eval(), torch.rand(4, 3, 32, 32), masked, [str(d) for d in range(10)])
+    export_program(RoundedInput(classifier), masked, [str(d) for d in range(10)], 32)
     # at twice the training budget the model is no longer robust, so what Square finds, the zero gradient hid
     summary = (evaluate(trained, masked, "masked", "--steps", "20", "--queries", "1000", epsilon=2 * EPSILON)
                / "summary.md").read_text()

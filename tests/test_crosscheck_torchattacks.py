@@ -25,7 +25,8 @@ import matplotlib
 import pytest
 import torch
 
-from step_2_pretrained import predict, prepare_image, to_tensor
+from utils.images import to_tensor
+from utils.models import predict, prepare_image
 from utils.attacks import make_attack
 
 torchattacks = pytest.importorskip("torchattacks")

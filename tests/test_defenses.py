@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from step_2_pretrained import predict_images, prepare_image
+from utils.models import predict_images, prepare_image
 from utils.adaptive import DefenseBPDA
 from tests.conftest import OFFLINE, run_script
 from utils.cli import UsageError

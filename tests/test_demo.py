@@ -18,12 +18,12 @@ import torch
 import torchvision
 from PIL import Image
 
-from step_2_pretrained import load_torchvision
-from tests.conftest import CORGI, REPO, run_script
+from utils.models import load_torchvision
+from tests.conftest import CORGI, REPO, run_script, run_tool
 import demo
 from utils.cli import UsageError
 from utils.files import display_path
-from utils.make_readme import without_progress_bars
+from tools.make_readme import without_progress_bars
 
 TUTORIAL_R = CORGI.parent / "tutorial_adversarial_r.npy"
 RESNET18_STD = (0.229, 0.224, 0.225)
@@ -179,8 +179,7 @@ def test_paths_are_shown_relative_to_the_working_folder_or_under_home(tmp_path, 
 
 def test_sample_photos_are_listed_relative_to_the_working_folder(tmp_path):
     site_packages = Path(matplotlib.__file__).resolve().parent.parent  # run from there: the photos are below it
-    result = subprocess.run([sys.executable, str(REPO / "utils" / "sample_images.py"), "--output-dir", str(tmp_path)],
-                            cwd=site_packages, capture_output=True, text=True, timeout=120)
+    result = run_tool("tools.sample_images", "--output-dir", tmp_path, cwd=site_packages)
     assert result.returncode == 0, result.stderr
     first = result.stdout.splitlines()[0]
     assert first.startswith("matplotlib/mpl-data/sample_data/grace_hopper.jpg -> "), first

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from tests.conftest import GRACE_HOPPER, OFFLINE, REPO
-from utils import distributed
-from utils.sample_images import sample_paths
+from utils.evaluation import distributed
+from utils.samples import sample_paths
 
 # 5 photos in batches of 2: batches [0, 1], [2, 3], [4]; under 2 ranks rank 0 runs the first and last, rank 1 the
 # second. pgd at 2 and 4 steps plus the unbounded run: three jobs per batch.

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from step_2_pretrained import find_class, load_model, predict_images, prepare_image
+from utils.models import find_class, load_model, predict_images, prepare_image
 from tests.conftest import OFFLINE, run_script
 from utils.defenses import jpeg
 

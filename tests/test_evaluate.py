@@ -11,16 +11,18 @@ import pytest
 from PIL import Image
 
 import step_8_evaluate
-from step_2_pretrained import find_class, predict_images, prepare_image
-from step_3_adversarial import read_back
-from step_8_evaluate import CLEAN, COLUMNS, DEFAULT_ENSEMBLE, get_args_parser, main, make_plan
-from tests.conftest import GRACE_HOPPER, OFFLINE, REPO, make_tiny_model, run_script
+from utils.models import find_class, predict_images, prepare_image
+from step_8_evaluate import DEFAULT_ENSEMBLE, get_args_parser, main, make_plan
+from utils.evaluation import engine
+from utils.evaluation.plan import CLEAN
+from utils.evaluation.results import COLUMNS
+from tests.conftest import GRACE_HOPPER, OFFLINE, REPO, make_tiny_model, run_script, run_tool
 from tests.test_tutorial_units import tiny_png_header, truncated_jpeg
 from utils.attacks import ATTACKS
 from utils.cli import run
 from utils.data import csv_labels, imagenet_val_labels
 from utils.defenses import make_defense
-from utils.sample_images import sample_paths
+from utils.samples import sample_paths
 
 GRID = ("--model", OFFLINE, "--methods", "fgsm,pgd", "--epsilons", "2,16", "--steps", "1,2", "--threads", "1")
 GOLDFISH = 1
@@ -96,7 +98,7 @@ def test_budget_and_success_remeasured_from_the_pngs(evaluated, photos, offline_
         assert image.shape == originals[row["image"]].shape
         linf = int(np.abs(image - originals[row["image"]]).max())
         assert linf == int(row["linf"]) <= float(row["epsilon"]), row
-    finals = predict_images(offline_model, [read_back(evaluated / row["file"], offline_model) for row in rows])
+    finals = predict_images(offline_model, [prepare_image(evaluated / row["file"], offline_model) for row in rows])
     cleans = predict_images(offline_model, [originals[row["image"]] for row in rows])
     for row, final, clean in zip(rows, finals, cleans):
         assert int(row["final_label"]) == final and int(row["clean_label"]) == clean, row
@@ -115,7 +117,7 @@ def test_bf16_gradients_still_give_fp32_verdicts_on_the_files(photos, tmp_path, 
     assert result.returncode == 0, result.stderr[-3000:]
     assert "memory format contiguous, precision bf16;" in (out / "summary.md").read_text(), "what was asked, recorded"
     rows = read_rows(out)
-    finals = predict_images(offline_model, [read_back(out / row["file"], offline_model) for row in rows])
+    finals = predict_images(offline_model, [prepare_image(out / row["file"], offline_model) for row in rows])
     assert [row["success"] for row in rows] == [str(int(final == GOLDFISH)) for final in finals]
     assert any(row["success"] == "1" for row in rows), "a bf16 attack at epsilon 16 fools something"
 
@@ -205,7 +207,7 @@ def test_defenses_plain_and_adaptive(evaluated, photos, offline_model):
            [("adaptive", "pgd", "2", "16")] * 2 + [("plain", "pgd", "2", "16")] * 2
     jpeg = make_defense("jpeg")
     for row in defended:
-        back = read_back(out / row["file"], offline_model)
+        back = prepare_image(out / row["file"], offline_model)
         original = prepare_image(photos / row["image"], offline_model)
         after, clean_after = predict_images(offline_model, [jpeg(back), jpeg(original)])
         assert int(row["defended_label"]) == after and int(row["clean_defended_label"]) == clean_after, row
@@ -273,7 +275,7 @@ def test_bad_input_from_the_command_line(photos, tmp_path):
 
 
 def test_sample_images_copies_real_photos(tmp_path):
-    result = run_script("utils/sample_images.py", "--output-dir", "samples", cwd=tmp_path)
+    result = run_tool("tools.sample_images", "--output-dir", "samples", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     copied = sorted((tmp_path / "samples").iterdir())
     assert [path.name for path in copied] == sorted(path.name for path in sample_paths())
@@ -456,18 +458,18 @@ def test_a_batch_recorded_in_part_runs_again_whole():
                      labelled=False)
     job, photos = plan.jobs[0], SimpleNamespace(names=["a.png", "b.png", "c.png"])
     row = {"success": "0"}
-    assert step_8_evaluate.still_to_run(job, [0, 1, 2], photos, plan, {}) == [0, 1, 2]
-    assert step_8_evaluate.still_to_run(job, [0, 1, 2], photos, plan, {job.key("b.png"): row}) == [0, 1, 2]
+    assert engine.still_to_run(job, [0, 1, 2], photos, plan, {}) == [0, 1, 2]
+    assert engine.still_to_run(job, [0, 1, 2], photos, plan, {job.key("b.png"): row}) == [0, 1, 2]
     whole = {job.key(name): row for name in photos.names}
-    assert step_8_evaluate.still_to_run(job, [0, 1, 2], photos, plan, whole) == []
+    assert engine.still_to_run(job, [0, 1, 2], photos, plan, whole) == []
     ensemble = make_plan(get_args_parser().parse_args(["photos", "--ensemble", "apgd,square", "--epsilons", "2"]),
                          labelled=True)
     clean = {CLEAN.key(name): {"clean_correct": correct} for name, correct in zip(photos.names, "110")}
     apgd, square = ensemble.stages_at(2)
     fooled_a = {apgd.key("a.png"): {"success": "1"}, apgd.key("b.png"): {"success": "0"}}
-    assert step_8_evaluate.still_to_run(square, [0, 1, 2], photos, ensemble, {**clean, **fooled_a}) == [1], \
+    assert engine.still_to_run(square, [0, 1, 2], photos, ensemble, {**clean, **fooled_a}) == [1], \
         "a later stage runs on the photos still correct after every earlier one"
-    assert step_8_evaluate.still_to_run(square, [0, 1, 2], photos, ensemble,
+    assert engine.still_to_run(square, [0, 1, 2], photos, ensemble,
                                         {**clean, **fooled_a, square.key("b.png"): row}) == []
 
 
@@ -486,7 +488,7 @@ def planted(tmp_path, monkeypatch):
         fooled = [np.full_like(image, 0) if method == "mifgsm" and label == TINY[RED] else image
                   for image, label in zip(images_u8, labels)]  # black: the tiny model says 151, not red's 643
         return fooled, [1] * len(images_u8)
-    monkeypatch.setattr(step_8_evaluate, "run_attack", fake_attack)
+    monkeypatch.setattr(engine, "run_attack", fake_attack)
     return folder, ["--labels", tmp_path / "labels.csv", "--ensemble", "fgsm,pgd,mifgsm", "--epsilons", "8"], calls
 
 
@@ -495,12 +497,12 @@ def test_step8_gives_the_attacks_the_photo_indices(tiny, planted, tmp_path, monk
     """The ids an attack draws by (Square) are the photos' indices in the folder: with one photo per batch, ids that
     counted from 0 in each batch would all be 0."""
     folder, extra, _ = planted
-    fake, seen = step_8_evaluate.run_attack, {}
+    fake, seen = engine.run_attack, {}
 
     def recording(model, method, images_u8, labels, ids=None, **options):
         seen.setdefault(method, []).extend(ids)
         return fake(model, method, images_u8, labels, **options)
-    monkeypatch.setattr(step_8_evaluate, "run_attack", recording)
+    monkeypatch.setattr(engine, "run_attack", recording)
     status, err = tiny(folder, *extra, "--batch-size", "1", "--output-dir", tmp_path / "out")
     assert status == 0, err
     assert seen == {"fgsm": [0, 1], "pgd": [0, 1], "mifgsm": [0, 1]}, "green.png and red.png, photos 0 and 1"
@@ -571,8 +573,32 @@ def test_sample_labels_name_real_classes_of_the_sample_photos():
 def test_labelled_samples_are_exactly_the_photos_the_labels_name(tmp_path):
     """`sample_images.py --labelled` makes the folder `make robust` evaluates: no photo the CSV leaves out (step 8 would
     refuse an unlisted image), none it names missing."""
-    result = run_script("utils/sample_images.py", "--labelled", "--output-dir", "labelled", cwd=tmp_path)
+    result = run_tool("tools.sample_images", "--labelled", "--output-dir", "labelled", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     copied = sorted(path.name for path in (tmp_path / "labelled").iterdir())
     assert copied == sorted(row["image"] for row in read_csv(REPO / "assets" / "sample_labels.csv"))
     assert result.stdout.splitlines()[0].split(" -> ")[1] == "labelled/grace_hopper.jpg", "shown relative to the cwd"
+
+
+def test_run_evaluation_is_a_library_call_that_gives_what_step_8_gives(tmp_path, tiny):
+    """run_evaluation(model, photos, plan, settings, out), called as a library (no argparse), writes the same
+    results as step 8's command line on the same photos and settings, the seconds column aside."""
+    from utils.data import find_photos
+    from utils.evaluation.engine import run_evaluation
+    from utils.evaluation.plan import Job, Plan, Settings
+    folder = tmp_path / "photos"
+    for name, colour in (("red.png", RED), ("green.png", GREEN)):
+        solid(folder / name, colour)
+    status, err = tiny(folder, "--methods", "fgsm", "--epsilons", "8", "--steps", "1", "--untargeted",
+                       "--output-dir", tmp_path / "cli")
+    assert status == 0, err
+    model = make_tiny_model()
+    photos = find_photos(folder, None, find_class)
+    jobs = [Job("fgsm", 8.0, 1), Job("pgd", 255.0, 1)]  # the grid and its sanity run, as step 8 plans them
+    plan = Plan(["fgsm"], [], None, jobs, model.classes)
+    result = run_evaluation(model, photos, plan, Settings(model="tiny", folder=str(folder), epsilons=(8.0,),
+                                                          steps=(1,), memory_format="channels_last"), tmp_path / "lib")
+    assert result.readable == 2 and result.reported == 4 and result.summary.is_file()
+    strip = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
+    with open(tmp_path / "cli" / "results.csv") as cli, open(tmp_path / "lib" / "results.csv") as lib:
+        assert strip(csv.DictReader(lib)) == strip(csv.DictReader(cli))

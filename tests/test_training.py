@@ -10,10 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from step_2_pretrained import Classifier, Preprocessing
-from tests.conftest import REPO, run_script
-from utils.sample_images import DIGIT_SIZE, digit_image, digit_split
-from utils.training import SMALL_CNN, build_net, classes_path, load_checkpoint, load_program
+from utils.models import Classifier, Preprocessing
+from tests.conftest import REPO, run_script, run_tool
+from utils.samples import DIGIT_SIZE, digit_image, digit_split
+from utils.models import classes_path, load_program
+from utils.training import SMALL_CNN, build_net, load_checkpoint
 
 STEP_9 = "step_9_adversarial_training.py"
 
@@ -53,7 +54,7 @@ def test_digit_split_is_fixed_disjoint_and_stratified(digits):
 
 
 def test_digits_writer_writes_an_image_folder(tmp_path):
-    result = run_script("utils/sample_images.py", "--digits", tmp_path / "digits", cwd=tmp_path)
+    result = run_tool("tools.sample_images", "--digits", tmp_path / "digits", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     train, test = sorted((tmp_path / "digits/train").rglob("*.png")), sorted((tmp_path / "digits/test").rglob("*.png"))
     assert (len(train), len(test)) == (1347, 450)
@@ -151,7 +152,7 @@ def write_accuracy(folder, clean, robust):
 def test_compare_models_tabulates_each_run_and_draws_the_figure(tmp_path):
     write_accuracy(tmp_path / "a", 0.95, {8: (0.4, 0.35), 32: (0.05, 0.0)})
     write_accuracy(tmp_path / "b", 0.9, {8: (0.85, 0.8), 32: (0.6, 0.55)})
-    result = run_script("utils/compare_models.py", tmp_path / "a", tmp_path / "b", "--names", "plain,robust",
+    result = run_tool("tools.compare_models", tmp_path / "a", tmp_path / "b", "--names", "plain,robust",
                         "--output-dir", tmp_path / "out", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     table = (tmp_path / "out" / "comparison.md").read_text()
@@ -161,6 +162,6 @@ def test_compare_models_tabulates_each_run_and_draws_the_figure(tmp_path):
 
 
 def test_compare_models_refuses_a_folder_without_results(tmp_path):
-    result = run_script("utils/compare_models.py", tmp_path, "--names", "x", "--output-dir", tmp_path / "out", cwd=tmp_path)
+    result = run_tool("tools.compare_models", tmp_path, "--names", "x", "--output-dir", tmp_path / "out", cwd=tmp_path)
     assert result.returncode == 2 and "robust_accuracy.csv" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -12,7 +12,8 @@ from PIL import Image
 
 from step_2_pretrained import (LABELS_PATH, Classifier, Preprocessing, find_class, freeze, get_idx_to_label, load_image,
                                load_model, to_tensor, to_uint8)
-from step_3_adversarial import get_adversarial_example, load_perturbation, perturbation_from_images
+from step_3_adversarial import get_adversarial_example
+from utils.perturbations import load_perturbation, perturbation_from_images
 from utils.cli import UsageError
 from utils.files import atomic_path, save_image
 
