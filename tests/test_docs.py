@@ -51,7 +51,7 @@ def test_every_command_block_is_one_the_generator_ran(template, document):
     ran = [value for kind, value in directives(template) if kind in ("run", "cmd")]
     assert ran, f"{template} runs nothing"
     assert [command for command, _ in console_blocks(document)] == ran, \
-        f"{document} is not what {template} generates: regenerate with python {make_readme.__name__.replace('.', '/')}.py"
+        f"{document} is not what {template} generates: regenerate it with python -m {make_readme.__name__}"
     assert read(document).rstrip().endswith(f"from {template}: edit that, then regenerate. -->")
 
 
@@ -82,7 +82,8 @@ def test_each_quoted_line_is_a_line_its_command_printed_in_the_same_document(tem
             assert command in printed, f"{document} quotes {command!r}, which it does not run and show"
             [line] = [line for line in printed[command].splitlines() if line.startswith(prefix)]
             quoted.append(line)
-    assert "\n".join(quoted) in "\n".join(text_block_lines(document)), f"{document}: the quoted lines are not there"
+    assert "\n".join(quoted) in "\n".join(text_block_lines(document)), \
+        f"{document}: the quoted lines are not there (is it generated from the current {template}?)"
 
 
 @pytest.mark.parametrize("template, document", DOCUMENTS)
@@ -92,7 +93,7 @@ def test_the_contents_link_every_chapter_to_its_heading(template, document):
     chapters = [title for level, title, _ in headings(after_toc) if level in (2, 3)]
     titles = {anchor: title for _, title, anchor in headings(read(document))}
     toc = TOC_ITEM.findall(prose(document))
-    assert [title for title, _ in toc] == chapters
+    assert [title for title, _ in toc] == chapters, f"{document}: its contents are not {template}'s chapters"
     for title, anchor in toc:
         assert titles.get(anchor) == title, f"{document}: [{title}](#{anchor}) leads to no such heading"
 
@@ -113,7 +114,7 @@ def test_every_link_to_a_heading_or_a_file_leads_to_one(template, document):
 
 def test_each_document_links_to_the_other_at_its_top():
     (_, readme), (_, tutorial) = DOCUMENTS
-    assert "](docs/tutorial.pt-BR.md)" in "\n".join(read(readme).splitlines()[:5])
+    assert "](docs/tutorial.pt-BR.md)" in "\n".join(read(readme).splitlines()[:5]), f"{readme} does not link it first"
     assert "](../README.md)" in "\n".join(read(tutorial).splitlines()[:5])
     start = prose(readme).split("\n## ")[1]
     assert start.startswith("Start here") and "[Robust accuracy](#robust-accuracy)" in start
@@ -187,4 +188,5 @@ def test_one_document_by_template_and_output(tmp_path):
     with pytest.raises(UsageError, match="go together"):
         make_readme.main(Namespace(template=str(tmp_path / "one.in.md"), output=None, skip_cmd=False))
     with pytest.raises(UsageError, match="no such template"):
-        make_readme.main(Namespace(template=str(tmp_path / "none.in.md"), output=str(tmp_path / "x.md"), skip_cmd=False))
+        make_readme.main(Namespace(template=str(tmp_path / "none.in.md"), output=str(tmp_path / "x.md"),
+                                   skip_cmd=False))
