@@ -113,6 +113,27 @@ def check_size(path):
                          f"up to {MAX_MEGAPIXELS} megapixels")
 
 
+def uploaded_path(payload):
+    """The uploaded photo's path, the file unopened; a photo sent inline (a data: URL) is refused, since reading it
+    would decode it."""
+    if payload is None:
+        return None
+    if payload.path is None or (payload.url or "").startswith("data:"):
+        raise gr.Error("send the photo as an uploaded file", print_exception=False)
+    return payload.path
+
+
+def photo_input(**options):
+    """An upload shown on the page as the picture it is (the browser draws it from the uploaded file) and handed to
+    the attack as that file's path, so that check_size judges it from its header first. gr.Image's own preprocessing
+    would open the file, where PIL refuses a declared bomb with no message of ours, and convert a photo that is not
+    RGB already (with alpha, grey, CMYK), decoding every pixel of an oversized one. Replaced on the instance: a
+    subclass of a Gradio component makes Gradio write a .pyi stub beside this file."""
+    photo = gr.Image(type="filepath", sources=["upload"], **options)
+    photo.preprocess = uploaded_path
+    return photo
+
+
 @contextlib.contextmanager
 def answer_folder():
     """A folder for one answer's files, removed when the answer is done with."""
@@ -206,7 +227,7 @@ def build_page(model_name=OFFLINE_MODEL, classes=None, input_size=None):
                     "in a photo that looks unchanged. Then a defense, and an attack that gets through it.")
         with gr.Row():
             with gr.Column():
-                upload = gr.File(label="Your photo", elem_id="photo")
+                upload = photo_input(label="Your photo", height=260, elem_id="photo")
                 sample = gr.Dropdown(list(SAMPLES), value=None, label="...or pick a sample", elem_id="sample")
                 target = gr.Dropdown(labels, value=labels[min(1, len(labels) - 1)], allow_custom_value=True,
                                      label="Target class (type to search)", elem_id="target")

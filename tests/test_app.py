@@ -7,9 +7,12 @@ import sys
 import time
 from pathlib import Path
 
+import struct
+import zlib
+
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from utils.models import find_class, predict_images, prepare_image
 from tests.conftest import GRACE_HOPPER, OFFLINE, REPO
@@ -88,6 +91,47 @@ def test_an_upload_that_is_not_an_image_is_named_by_its_file_name(tmp_path):
     assert error.value.message == "notes.png: not an image file (PIL cannot identify it)"
 
 
+def png_declaring(path, width, height):
+    """An RGBA PNG whose header declares width x height pixels over one pixel of data: cheap to make, and costly to
+    decode if anything tried."""
+    Image.new("RGBA", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    header = struct.pack(">II", width, height) + data[24:29]  # then depth, colour type, ... as they were
+    data[16:29] = header
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + header))
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("width, height, message", [
+    (100_000, 100_000, "big.png: refused as a possible decompression bomb"),
+    (8000, 6250, "big.png: 8000 x 6250 is 50.0 megapixels; this page takes photos up to 40 megapixels"),
+])
+def test_an_upload_shown_as_a_picture_is_refused_before_any_pixel_is_decoded(tmp_path, monkeypatch, width, height,
+                                                                               message):
+    from gradio.data_classes import ImageData
+
+    def decoded(image):
+        raise AssertionError(f"{image.size} decoded")
+
+    upload = png_declaring(tmp_path / "big.png", width, height)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", decoded)  # what every decode of a file goes through
+    path = app.photo_input().preprocess(ImageData(path=str(upload), orig_name="big.png"))  # as the page's input
+    assert path == str(upload)
+    with pytest.raises(gr.Error) as error:
+        ask(upload=path)
+    assert error.value.message.startswith(message)
+
+
+def test_the_picture_input_takes_only_an_uploaded_file():
+    from gradio.data_classes import ImageData
+
+    inline = ImageData(url="data:image/png;base64,iVBORw0KGgo=")
+    with pytest.raises(gr.Error, match="send the photo as an uploaded file"):
+        app.uploaded_path(inline)
+    assert app.uploaded_path(None) is None
+
+
 # ---- the page in a real browser -------------------------------------------------------------------------------
 
 def browser():
@@ -135,6 +179,18 @@ def page_url():
         process.wait(timeout=30)
 
 
+def shown_photo_size(driver, wait):
+    """(width, height) of the picture the upload box shows, once the browser has drawn it."""
+    from selenium.webdriver.common.by import By
+
+    def drawn(driver):
+        pictures = driver.find_elements(By.CSS_SELECTOR, "#photo img")
+        sizes = [driver.execute_script("return arguments[0].complete && [arguments[0].naturalWidth, "
+                                       "arguments[0].naturalHeight]", picture) for picture in pictures]
+        return next((tuple(size) for size in sizes if size and size[0] > 0), False)
+    return wait.until(drawn)
+
+
 def test_a_person_uploads_a_photo_and_gets_goldfish_in_chromium(page_url, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -147,7 +203,7 @@ def test_a_person_uploads_a_photo_and_gets_goldfish_in_chromium(page_url, tmp_pa
         wait = WebDriverWait(driver, 60)
         wait.until(seen.presence_of_element_located((By.CSS_SELECTOR, "#photo input[type=file]")))
         driver.find_element(By.CSS_SELECTOR, "#photo input[type=file]").send_keys(str(GRACE_HOPPER))
-        wait.until(seen.text_to_be_present_in_element((By.ID, "photo"), "grace_hopper"))  # the page splits off ".jpg"
+        assert shown_photo_size(driver, wait) == Image.open(GRACE_HOPPER).size  # the photo itself, not a file chip
         target = driver.find_element(By.CSS_SELECTOR, "#target input")
         target.send_keys(Keys.CONTROL, "a")
         target.send_keys("goldfish", Keys.ENTER)
