@@ -99,6 +99,7 @@ def make_plan(args, labelled, classes=None):
 
 def prepare_model(args, device):
     """The one place the model is made ready: --precision checked, --memory-format set, --compile applied."""
+    speed.check_precision(args.precision, device)  # before the load, which can take long or fail offline
     model = load_model(args.model, device, classes=args.classes, input_size=args.input_size)
     if model.preprocessing.crop_size is None:
         raise UsageError(f"{args.model} takes images as they are, and step 8 batches photos of any size: pass "

@@ -149,6 +149,8 @@ def add_speed_arguments(parser, compile=True):
 
 
 def prepared_model(args, device, batch_size):
-    """The --model loaded and set up by --precision, --memory-format and --compile (utils.speed.prepare_model)."""
+    """The --model loaded and set up by --precision, --memory-format and --compile (utils.speed.prepare_model). A
+    precision the device cannot run is refused before the model is loaded: the load can take long, or fail offline."""
+    speed.check_precision(args.precision, device)
     return speed.prepare_model(model_from_args(args, device), args.precision, args.memory_format, batch_size, device,
                                compile=getattr(args, "compile", False))
