@@ -14,31 +14,45 @@ from utils.attacks.apgd import APGD, APGDT, apgd_checkpoints
 from utils.attacks.base import (MIN_STEP_LEVELS, Attack, AttackResult, dlr, image_ids, margin, over_targets,
                                 top_targets)
 from utils.attacks.cw import CW
+from utils.attacks.fab import FAB, hyperplane_step
 from utils.attacks.fgsm import FGSM
 from utils.attacks.mifgsm import MIFGSM
 from utils.attacks.norms import NORMS
 from utils.attacks.pgd import PGD
 from utils.attacks.sgd import SGD
 from utils.attacks.square import SQUARE_TOLERANCE, Square, SquareDraws, image_seed, square_fraction, square_side
+from utils.cli import UsageError
 from utils.images import to_tensor, to_uint8
 
-ATTACKS = {attack.name: attack for attack in (SGD, FGSM, PGD, MIFGSM, CW, APGD, APGDT, Square)}
+ATTACKS = {attack.name: attack for attack in (SGD, FGSM, PGD, MIFGSM, CW, APGD, APGDT, Square, FAB)}
 
 
 def make_attack(method, model, **kwargs):
-    """An attack by name, given the shared arguments plus its own (others it does not take are dropped)."""
-    own = {"sgd": ("lr", "momentum"), "mifgsm": ("decay",), "cw": ("c", "kappa", "lr"), "apgd": ("loss",),
-           "apgd-t": ("target_classes",), "square": ("queries", "p_init")}.get(method, ())
+    """An attack by name, given the shared arguments plus its own (others it does not take are dropped). A `norm`
+    the method does not offer is a UsageError naming the norms it has."""
+    own = {"sgd": ("lr", "momentum"), "mifgsm": ("decay",), "cw": ("c", "kappa", "lr"),
+           "apgd": ("loss", "growing_epsilon"), "apgd-t": ("target_classes", "growing_epsilon"),
+           "square": ("queries", "p_init"), "fab": ("target_classes",)}.get(method, ())
     shared = ("epsilon", "steps", "alpha", "targeted", "early_stop", "random_start", "restarts", "seed", "forward",
-              "eot", "on_step", "precision")
+              "eot", "on_step", "precision", "norm")
     chosen = {key: value for key, value in kwargs.items() if value is not None and key in own + shared}
+    if method not in ATTACKS:
+        raise UsageError(f"unknown attack {method!r}: choose from {', '.join(ATTACKS)}")
+    try:
+        norms.check_norm(chosen.get("norm", "Linf"), ATTACKS[method].norms, method)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     return ATTACKS[method](model, **chosen)
 
 
-def perturbation_size(adversarial, original):
-    """(L-infinity in levels, L2 in [0, 1] units) per sample."""
+def perturbation_size(adversarial, original, norm=None):
+    """Per sample: without `norm`, the pair (L-infinity in levels, L2 in [0, 1] units); with a norm, its size in that
+    threat model's units (Linf: levels out of 255; L2, L1: [0, 1] pixel units), as a float64 tensor."""
     difference = (adversarial - original).flatten(1)
-    return (difference.abs().amax(dim=1) * 255).round(), difference.norm(dim=1)
+    if norm is None:
+        return (difference.abs().amax(dim=1) * 255).round(), difference.norm(dim=1)
+    levels = norms.size((adversarial.double() * 255).round() - (original.double() * 255).round(), norms.check_norm(norm))
+    return levels if norm == "Linf" else levels / 255
 
 
 def run_attack(model, method, images_u8, labels, ids=None, **options):
