@@ -1,0 +1,220 @@
+"""The threat models of utils.attacks: L2 and L1 beside L-infinity.
+
+- the exact projections onto the L2 and L1 balls intersected with [0, 1], against a convex solver on small vectors;
+- the 8-bit lattice inside the ball on random cases: never over epsilon, whole levels, in [0, 255];
+- FAB's projection onto a hyperplane inside the box, against a linear/convex solver;
+- every attack in every norm it offers, judged on the PNG written and read back: within epsilon in its norm, pixels in
+  range, the input unchanged, the same seed the same bytes; a norm a method lacks is refused in one line.
+"""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.optimize import linprog, minimize
+
+from utils.attacks import ATTACKS, NORMS, hyperplane_step, make_attack, norms, perturbation_size
+from utils.cli import UsageError
+from utils.files import save_image
+
+EPSILONS = {"Linf": 8, "L2": 0.5, "L1": 6.0}
+CASES = [(method, norm) for method, attack in ATTACKS.items() for norm in attack.norms]
+
+
+def solve_projection(v, x, epsilon, norm):
+    """argmin ||d - v||^2 over ||d||_norm <= epsilon, -x <= d <= 1 - x, by SLSQP on a smooth formulation (L1 with
+    d = p - q, p, q >= 0)."""
+    n = len(v)
+    if norm == "L2":
+        result = minimize(lambda d: ((d - v) ** 2).sum(), np.zeros(n), jac=lambda d: 2 * (d - v), method="SLSQP",
+                          bounds=list(zip(-x, 1 - x)),
+                          constraints=[{"type": "ineq", "fun": lambda d: epsilon ** 2 - (d ** 2).sum(),
+                                        "jac": lambda d: -2 * d}], options=dict(ftol=1e-15, maxiter=1000))
+        return result.x
+    objective = lambda pq: ((pq[:n] - pq[n:] - v) ** 2).sum()  # noqa: E731
+    gradient = lambda pq: np.concatenate([2 * (pq[:n] - pq[n:] - v), -2 * (pq[:n] - pq[n:] - v)])  # noqa: E731
+    result = minimize(objective, np.zeros(2 * n), jac=gradient, method="SLSQP",
+                      bounds=[(0, 1 - xi) for xi in x] + [(0, xi) for xi in x],
+                      constraints=[{"type": "ineq", "fun": lambda pq: epsilon - pq.sum(), "jac": lambda pq: -np.ones(2 * n)}],
+                      options=dict(ftol=1e-15, maxiter=1000))
+    return result.x[:n] - result.x[n:]
+
+
+@pytest.mark.parametrize("norm", ["L2", "L1"])
+def test_the_ball_and_box_projection_is_exact(norm):
+    rng = np.random.default_rng(1)
+    project = norms.project_l2 if norm == "L2" else norms.project_l1
+    for trial in range(40):
+        n = int(rng.integers(2, 9))
+        x, v = rng.random(n), rng.normal(size=n) * rng.choice([0.2, 1.0, 3.0])
+        epsilon = float(rng.uniform(0.05, 1.5))
+        ours = project(torch.tensor(v).view(1, -1), torch.tensor(x).view(1, -1), epsilon).numpy()[0]
+        reference = solve_projection(v, x, epsilon, norm)
+        assert np.abs(ours - reference).max() < 1e-6, (trial, ours, reference)
+        assert norms.size(torch.tensor(ours).view(1, -1), norm).item() <= epsilon * (1 + 1e-9)
+        assert (x + ours >= -1e-12).all() and (x + ours <= 1 + 1e-12).all()
+
+
+@pytest.mark.parametrize("norm", ["L2", "L1"])
+def test_a_point_inside_is_its_own_projection(norm):
+    x = torch.rand(3, 3, 4, 4)
+    v = (torch.rand(3, 3, 4, 4) - x) * 0.01
+    assert torch.allclose(norms.project(v.clone(), x, 10.0, norm), v)
+
+
+@pytest.mark.parametrize("norm", ["L2", "L1"])
+def test_the_lattice_stays_inside_the_ball(norm):
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        shape = (4, 3, 5, 5)
+        original = torch.randint(0, 256, shape, generator=generator).double()
+        epsilon = float(torch.rand(1, generator=generator)) * (2.0 if norm == "L2" else 12.0) + 0.01
+        delta = norms.project((torch.rand(shape, generator=generator) - 0.5) * 0.4, original / 255, epsilon, norm)
+        image = norms.lattice_within(original, delta, norm, epsilon * 255)
+        assert torch.equal(image, image.round()), "whole levels"
+        assert image.min() >= 0 and image.max() <= 255
+        steps = (image - original).flatten(1)
+        sizes = steps.abs().sum(dim=1) if norm == "L1" else steps.pow(2).sum(dim=1).sqrt()
+        assert (sizes <= epsilon * 255 * (1 + 1e-12)).all(), (trial, sizes, epsilon * 255)
+        # each level differs from plain rounding by at most one, and only towards the original
+        plain = (original + (delta * 255).round()).clamp(0, 255)
+        assert ((image - plain).abs() <= 1).all() and ((image - original).abs() <= (plain - original).abs()).all()
+
+
+def test_the_lattice_rounds_plainly_when_that_is_inside():
+    original = torch.full((1, 3, 4, 4), 100.0)
+    delta = torch.full((1, 3, 4, 4), 0.4 / 255)  # rounds to 0 everywhere
+    assert torch.equal(norms.lattice_within(original, delta, "L2", 1.0), original)
+
+
+def test_the_lattice_pulls_back_a_rounding_that_goes_over():
+    # 48 coordinates at 0.6 levels: L1 28.8 inside a budget of 30, but rounded up it would be 48
+    original = torch.full((1, 3, 4, 4), 100.0)
+    image = norms.lattice_within(original, torch.full((1, 3, 4, 4), 0.6 / 255), "L1", 30.0)
+    assert (image - original).abs().sum() == 30
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_fabs_hyperplane_projection_is_the_smallest_step(norm):
+    rng = np.random.default_rng(2)
+    for trial in range(25):
+        n = int(rng.integers(2, 7))
+        point, normal = rng.random(n), rng.normal(size=n)
+        offset = float(rng.normal()) * 0.3
+        step = hyperplane_step(torch.tensor(point).view(1, -1), torch.tensor(normal).view(1, -1),
+                               torch.tensor([offset], dtype=torch.float64), norm).numpy()[0]
+        assert (point + step >= -1e-12).all() and (point + step <= 1 + 1e-12).all()
+        reach = np.where(np.sign(offset) * normal > 0, 1 - point, point) @ np.abs(normal)
+        if reach < abs(offset):
+            continue  # unreachable inside the box: FAB goes as far as it can
+        assert abs(normal @ step - offset) < 1e-8
+        ours = norms.size(torch.tensor(step).view(1, -1), norm).item()
+        assert ours <= minimal_step(point, normal, offset, norm) + 1e-6, (trial, norm)
+
+
+def minimal_step(point, normal, offset, norm):
+    """min ||d|| s.t. normal . d = offset, 0 <= point + d <= 1: a linear program for L1 and L-infinity (d = p - q,
+    plus the bound t for L-infinity), SLSQP for L2."""
+    n = len(point)
+    box = [(0, 1 - x) for x in point] + [(0, x) for x in point]
+    if norm == "L2":
+        result = minimize(lambda d: (d ** 2).sum(), np.zeros(n), method="SLSQP", bounds=list(zip(-point, 1 - point)),
+                          constraints=[{"type": "eq", "fun": lambda d: normal @ d - offset}],
+                          options=dict(ftol=1e-15, maxiter=1000))
+        return float(np.sqrt((result.x ** 2).sum()))
+    if norm == "L1":
+        result = linprog(np.ones(2 * n), A_eq=[np.concatenate([normal, -normal])], b_eq=[offset], bounds=box)
+        return float(result.fun)
+    # variables p, q, t: minimize t with p_i + q_i <= t
+    a_ub = np.hstack([np.eye(n), np.eye(n), -np.ones((n, 1))])
+    result = linprog(np.r_[np.zeros(2 * n), 1], A_ub=a_ub, b_ub=np.zeros(n),
+                     A_eq=[np.r_[normal, -normal, 0]], b_eq=[offset], bounds=box + [(0, None)])
+    return float(result.fun)
+
+
+def read_back(adversarial, tmp_path):
+    """Each image saved as a PNG and read back, as float levels (B, 3, H, W)."""
+    images = []
+    for index, image in enumerate(adversarial):
+        path = tmp_path / f"{index}.png"
+        save_image((image.permute(1, 2, 0) * 255).round().byte().numpy(), path)
+        images.append(torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).double())
+    return torch.stack(images)
+
+
+def run(method, norm, model, images, seed=0, targeted=False, **options):
+    labels = model(images).argmax(dim=1) if not targeted else torch.tensor([1, 2, 3, 4])
+    options = {**dict(epsilon=EPSILONS[norm], steps=8, seed=seed, random_start=True, queries=30), **options}
+    return make_attack(method, model, norm=norm, targeted=targeted, **options)(images, labels)
+
+
+@pytest.mark.parametrize("method, norm", CASES)
+def test_the_saved_png_is_within_epsilon(method, norm, tiny_model, tiny_images, tmp_path):
+    before = tiny_images.clone()
+    result = run(method, norm, tiny_model, tiny_images)
+    assert torch.equal(tiny_images, before), "the input is not modified"
+    saved = read_back(result.adversarial, tmp_path)
+    assert saved.min() >= 0 and saved.max() <= 255
+    levels = result.adversarial.double() * 255
+    assert (levels - levels.round()).abs().max() < 1e-4, "on whole levels"
+    assert torch.equal(saved, levels.round()), "the returned image is exactly the file"
+    sizes = norms.size(saved - (tiny_images.double() * 255).round(), norm)
+    limit = EPSILONS[norm] if norm == "Linf" else EPSILONS[norm] * 255
+    assert (sizes <= limit * (1 + 1e-12)).all(), (sizes, limit)
+    assert torch.equal(perturbation_size(saved / 255, tiny_images.double(), norm),
+                       sizes if norm == "Linf" else sizes / 255)
+
+
+@pytest.mark.parametrize("method, norm", [case for case in CASES if case[1] != "Linf"] + [("fab", "Linf")])
+def test_same_seed_same_bytes(method, norm, tiny_model, tiny_images):
+    first, second = (run(method, norm, tiny_model, tiny_images, seed=3) for _ in range(2))
+    assert torch.equal(first.adversarial, second.adversarial)
+    assert torch.equal(first.steps_used, second.steps_used)
+
+
+@pytest.mark.parametrize("method, norm", [case for case in CASES if case[1] != "Linf"] + [("fab", "Linf")])
+def test_success_is_the_success_of_the_8bit_image(method, norm, tiny_model, tiny_images):
+    labels = tiny_model(tiny_images).argmax(dim=1)
+    result = run(method, norm, tiny_model, tiny_images)
+    assert torch.equal(tiny_model(result.adversarial).argmax(dim=1) != labels, result.success)
+
+
+@pytest.mark.parametrize("method, norm", [("pgd", "L2"), ("apgd", "L2"), ("apgd", "L1"), ("fab", "L2")])
+def test_targeted_in_every_norm(method, norm, tiny_model, tiny_images):
+    result = run(method, norm, tiny_model, tiny_images, targeted=True, steps=20)
+    assert torch.equal(tiny_model(result.adversarial).argmax(dim=1) == torch.tensor([1, 2, 3, 4]), result.success)
+
+
+@pytest.mark.parametrize("method", [name for name, attack in ATTACKS.items() if attack.norms != NORMS])
+def test_a_norm_the_method_lacks_is_refused_in_one_line_naming_its_norms(method, tiny_model):
+    missing = next(norm for norm in NORMS if norm not in ATTACKS[method].norms)
+    with pytest.raises(UsageError) as error:
+        make_attack(method, tiny_model, norm=missing, epsilon=1)
+    message = str(error.value)
+    assert "\n" not in message and missing in message and all(n in message for n in ATTACKS[method].norms)
+
+
+def test_an_unknown_norm_is_refused(tiny_model):
+    with pytest.raises(UsageError):
+        make_attack("pgd", tiny_model, norm="L3", epsilon=1)
+
+
+def test_fab_reports_the_smallest_adversarial_distance(tiny_model, tiny_images, tmp_path):
+    labels = tiny_model(tiny_images).argmax(dim=1)
+    for norm in NORMS:
+        result = make_attack("fab", tiny_model, norm=norm, epsilon=EPSILONS[norm], steps=10, targeted=False,
+                             early_stop=False)(tiny_images, labels)
+        assert result.distance is not None and result.distance.shape == (len(tiny_images),)
+        sizes = perturbation_size(result.adversarial, tiny_images, norm)
+        fooled = result.success
+        # a fooled image is the smallest found: its size is the distance reported (float32 of the same number)
+        assert torch.allclose(sizes[fooled].float(), result.distance[fooled]), norm
+        assert (result.distance[~fooled] > EPSILONS[norm]).all() or not (~fooled).any()
+
+
+def test_perturbation_size_keeps_its_old_pair():
+    original = torch.zeros(1, 3, 2, 2)
+    adversarial = original.clone()
+    adversarial[0, 0, 0, 0], adversarial[0, 1, 0, 0] = 3 / 255, 4 / 255
+    linf, l2 = perturbation_size(adversarial, original)
+    assert linf.item() == 4 and abs(l2.item() - 5 / 255) < 1e-7
+    assert perturbation_size(adversarial, original, "L1").item() == pytest.approx(7 / 255)

@@ -1,0 +1,182 @@
+"""FAB-T: the fast adaptive boundary attack towards each of the top classes, which looks for the smallest perturbation."""
+import torch
+
+from utils.attacks import norms
+from utils.attacks.base import Attack, AttackResult, image_ids, over_targets, top_targets
+
+
+def _solve_increasing(breaks, saturated, slope, goal):
+    """Per row, the t >= 0 where sum_i (saturated_i if breaks_i <= t else t * slope_i) = goal, a continuous increasing
+    piecewise-linear function of t: breakpoints sorted, the piece holding the root read off (rows must be feasible)."""
+    breaks, order = breaks.sort(dim=1)
+    saturated, slope = saturated.gather(1, order), slope.gather(1, order)
+    before = saturated.cumsum(dim=1) - saturated              # saturated sum over the breakpoints before each one
+    after = slope.flip(1).cumsum(dim=1).flip(1)                # slopes still free from each breakpoint on
+    at_break = before + breaks * after
+    piece = (at_break >= goal.view(-1, 1)).int().argmax(dim=1, keepdim=True)
+    return (goal.view(-1, 1) - before.gather(1, piece)) / after.gather(1, piece).clamp_min(1e-30)
+
+
+def hyperplane_step(point, normal, offset, norm):
+    """The smallest step d in `norm` from `point` (B, n) in [0, 1] onto the hyperplane {normal . d = offset} inside
+    the box (0 <= point + d <= 1), exactly; where the box cannot reach the hyperplane, the step that goes as far as it
+    can towards it (FAB's projection, Croce and Hein 2020, section 3.1).
+
+    Every coordinate moves in the direction sign(offset * normal_i), by m_i in [0, room_i], with sum |normal_i| m_i =
+    |offset|: in L-infinity m_i = min(t, room_i), in L2 m_i = min(t |normal_i|, room_i) (t found exactly on the sorted
+    breakpoints), in L1 the coordinates with the largest |normal_i| are filled first (a fractional knapsack)."""
+    direction = torch.sign(offset).view(-1, 1) * normal.sign()
+    weight = normal.abs()
+    room = torch.where(direction > 0, 1 - point, point)
+    goal = offset.abs()
+    reachable = (weight * room).sum(dim=1) >= goal
+    move = room.clone()
+    rows = reachable.nonzero().view(-1)
+    if len(rows):
+        w, r, g = weight[rows], room[rows], goal[rows]
+        if norm == "L1":
+            order = w.argsort(dim=1, descending=True, stable=True)
+            w, r = w.gather(1, order), r.gather(1, order)
+            filled = (w * r).cumsum(dim=1)
+            part = ((g.view(-1, 1) - (filled - w * r)) / w.clamp_min(1e-30)).clamp(min=0)
+            chosen = torch.minimum(part, r) * (filled - w * r < g.view(-1, 1))
+            move[rows] = torch.zeros_like(chosen).scatter_(1, order, chosen)
+        else:
+            ratio = torch.where(w > 0, r / w.clamp_min(1e-30), torch.full_like(r, float("inf")))
+            breaks, slope = (r, w) if norm == "Linf" else (ratio, w * w)
+            breaks = torch.where(w > 0, breaks, torch.full_like(breaks, float("inf")))
+            t = _solve_increasing(breaks.nan_to_num(posinf=3e38), w * r, slope, g)
+            move[rows] = torch.minimum(t * (1 if norm == "Linf" else w), r) * (w > 0)
+    return direction * move
+
+
+class FAB(Attack):
+    """FAB-T (Croce and Hein 2020, "Minimally distorted adversarial examples with a fast adaptive boundary attack";
+    the targeted version AutoAttack runs): a search for the *smallest* perturbation that changes the class, in
+    L-infinity, L2 or L1. At each step the decision boundary between the class to leave and the target is linearized
+    at the current 8-bit image (one forward and one backward); the current point and the original are both projected
+    onto that hyperplane inside [0, 1] (`hyperplane_step`, exact in each norm), and the next point is the mix
+    (1 - a) (x + eta d_x) + a (x_orig + eta d_orig), a = min(|d_x| / (|d_x| + |d_orig|), alpha_max), eta = 1.05 the
+    overshoot, alpha_max = 0.1; a point that is adversarial is recorded when it is the smallest so far and pulled back
+    towards the original, x_orig + beta (x - x_orig), beta = 0.9 (its linearization is the one just computed).
+    Untargeted (labels = true classes): one such run towards each of the `target_classes` (default 9) classes with
+    the largest clean logits, each on the images no earlier run fooled within epsilon; targeted (labels = targets):
+    one run to the target, the strongest non-target class as the class to leave.
+    The model always sees the 8-bit image (rounded to whole levels, no budget: FAB is free to cross epsilon); an
+    image counts as fooled when its 8-bit image is adversarial and within epsilon, and the returned image is then the
+    smallest adversarial 8-bit image found, else the input. `distance` reports, per image, the size of the smallest
+    adversarial 8-bit image found (inf if none), in the threat model's units (Linf levels; L2, L1 in [0, 1] units).
+    With `early_stop` an image stops once it is fooled within epsilon (its distance is then the smallest found so
+    far); without, every step is spent looking for a smaller one.
+    Random starts (`random_start`, and every restart after the first) at half epsilon, as the reference's.
+    Distance: `norm`. Arguments: target_classes in [1, 999], plus the shared ones (alpha unused)."""
+    name = "fab"
+    norms = ("Linf", "L2", "L1")
+    alpha_max, eta, beta = 0.1, 1.05, 0.9
+
+    def __init__(self, model, target_classes=9, **kwargs):
+        kwargs.update(alpha=None)
+        super().__init__(model, **kwargs)
+        self.target_classes = int(target_classes)
+
+    def loss(self, logits, labels, adversarial, original):
+        """The linearized function, to drive below zero: the logit of the class to leave minus the target's."""
+        if labels.dim() == logits.dim():
+            rival, target = labels[..., 0], labels[..., 1]
+        else:
+            target = labels
+            rival = logits.scatter(-1, labels.unsqueeze(-1), float("-inf")).argmax(dim=-1)
+        pick = lambda classes: logits.gather(-1, classes.unsqueeze(-1)).squeeze(-1)  # noqa: E731
+        return pick(rival) - pick(target)
+
+    def reached(self, logits, labels):
+        if labels.dim() == logits.dim():
+            return logits.argmax(dim=-1) != labels[..., 0]
+        return super().reached(logits, labels)
+
+    def lattice_size(self, lattice_levels, original_levels):
+        """Per image, the size in levels of the 8-bit perturbation, in double precision (integers: exact)."""
+        return norms.size((lattice_levels - original_levels).double(), self.norm)
+
+    def start(self, original, restart):
+        if not (self.random_start or restart > 0):
+            return torch.zeros_like(original)
+        return self.random_delta_at(original, restart, 0.5 * self.eps)
+
+    def random_delta_at(self, original, restart, radius):
+        generator = torch.Generator().manual_seed(self.seed * 1000 + restart)
+        if self.norm == "Linf":
+            noise = torch.rand(original.shape[1:], generator=generator).mul_(2).sub_(1)
+        else:
+            noise = torch.randn(original.shape[1:], generator=generator)
+        noise = noise.mul_(radius / norms.size(noise.view(1, -1), self.norm).clamp_min(1e-12))
+        return (original + noise.to(original.device)).clamp(0, 1) - original
+
+    def run(self, original, labels, restart, ids, start=None):
+        self.original = original
+        batch = len(original)
+        original_levels = (original * 255).round()
+        budget = float(int(self.levels)) if self.norm == "Linf" else self.levels
+        delta = self.start(original, restart) if start is None else start.clone()
+        best = original.clone()
+        best_size = torch.full((batch,), float("inf"), dtype=torch.float64, device=original.device)
+        steps_used = torch.full((batch,), self.steps, dtype=torch.long, device=original.device)
+        active = torch.ones(batch, dtype=torch.bool, device=original.device)
+        for step in range(self.steps + 1):
+            last = step == self.steps
+            levels = (original_levels + (delta.detach() * 255).round()).clamp_(0, 255)
+            image = (levels / 255).requires_grad_(not last)
+            with torch.set_grad_enabled(not last):
+                loss, reached, logits = self.judge(image, labels)
+            with torch.no_grad():
+                size = self.lattice_size(levels, original_levels)
+                better = reached & active & (size < best_size)
+                best = torch.where(better.view(-1, 1, 1, 1), image.detach(), best)
+                best_size = torch.where(better, size, best_size)
+                steps_used = torch.where(better, step, steps_used)
+                if self.early_stop:
+                    active &= ~(best_size <= budget)
+            if last or (self.early_stop and not active.any()):
+                break
+            if self.on_step:
+                self.on_step(step, loss.detach(), logits.detach())
+            grad, = torch.autograd.grad(loss.sum(), image)
+            with torch.no_grad():
+                moved = self.boundary_step(delta, reached, loss.detach(), grad, image.detach())
+                delta = torch.where(active.view(-1, 1, 1, 1), moved, delta)
+        return self.result(best, best_size, budget, steps_used, labels)
+
+    def boundary_step(self, delta, adversarial, value, grad, lattice):
+        """FAB's next delta from the linearization value + grad . (z - lattice) of the current 8-bit image."""
+        original = self.original
+        delta = torch.where(adversarial.view(-1, 1, 1, 1), delta * self.beta, delta)  # the backward step
+        batch = len(delta)
+        point, normal = (original + delta).flatten(1), grad.flatten(1)
+        base = value - (normal * lattice.flatten(1)).sum(dim=1)   # the hyperplane: normal . z + base = 0
+        starts = torch.cat([point, original.flatten(1)])
+        offsets = -(torch.cat([base, base]) + (torch.cat([normal, normal]) * starts).sum(dim=1))
+        steps = hyperplane_step(starts, torch.cat([normal, normal]), offsets, self.norm)
+        lengths = norms.size(steps, self.norm).clamp_min(1e-8)
+        mix = (lengths[:batch] / (lengths[:batch] + lengths[batch:])).clamp(0, self.alpha_max).view(-1, 1)
+        moved = ((point + self.eta * steps[:batch]) * (1 - mix)
+                 + (original.flatten(1) + self.eta * steps[batch:]) * mix).clamp(0, 1)
+        return moved.view_as(delta) - original
+
+    def result(self, best, best_size, budget, steps_used, labels):
+        """The smallest adversarial image where it is within the budget, else the input, judged once more in fp32."""
+        within = best_size <= budget
+        adversarial = torch.where(within.view(-1, 1, 1, 1), best, self.original)
+        with torch.no_grad():
+            _, reached, logits = self.judge(adversarial, labels)
+        distance = best_size if self.norm == "Linf" else best_size / 255
+        return AttackResult(adversarial, reached & within, torch.where(within, steps_used, self.steps),
+                            logits.argmax(dim=-1), distance.float())
+
+    def __call__(self, images, labels, ids=None):
+        if self.targeted:
+            return super().__call__(images, labels, ids)
+        ids = image_ids(ids, len(images))
+        images = images.detach()
+        labels = torch.as_tensor(labels, device=images.device).view(-1)
+        targets = top_targets(self.forward, images, labels, self.target_classes)
+        return over_targets(super().__call__, images, labels, targets, ids)
