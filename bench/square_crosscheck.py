@@ -5,7 +5,7 @@
 
 On the sample photos (utils/samples.py), untargeted against each photo's clean prediction, L-infinity epsilon in
 levels out of 255, for each budget and each seed 0..seeds-1, three Square attacks on the same photos:
-- ours (utils/attacks.py, its defaults: p_init 0.8, windows drawn per image, early stop);
+- ours (utils/attacks/square.py, its defaults: p_init 0.8, windows drawn per image, early stop);
 - torchattacks.Square (p_init 0.8, margin loss, n_queries = the budget, seed);
 - the reference, pyautoattack's SquareAttack (Croce and Hein's AutoAttack code, its Square alone, not the full
   AutoAttack; p_init 0.8, margin loss, n_queries = the budget, seed).

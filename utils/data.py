@@ -71,7 +71,7 @@ def imagenet_val_labels():
 
 
 def class_index(text, find_class):
-    """A class index from an index, a WordNet ID, or a class name (`find_class`: step_2_pretrained.find_class)."""
+    """A class index from an index, a WordNet ID, or a class name (`find_class`: utils.models.find_class)."""
     text = str(text).strip()
     if WORDNET_ID.fullmatch(text):
         if text not in wordnet_ids():
@@ -164,7 +164,7 @@ def cut(count, batch_size):
 
 class PhotoDataset(Dataset):
     """Item i: (i, the 8-bit HxWx3 image the model sees, None), or (i, None, why the file cannot be read).
-    `load`: path -> PIL image raising UsageError (step_2_pretrained.load_image); `transform`: PIL -> PIL."""
+    `load`: path -> PIL image raising UsageError (utils.images.load_image); `transform`: PIL -> PIL."""
 
     def __init__(self, paths, load, transform):
         self.paths, self.load, self.transform = list(paths), load, transform

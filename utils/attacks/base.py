@@ -75,7 +75,7 @@ class Attack:
     `loss`, `init_state`, `update`.
 
     Arguments (shared by every attack):
-        model: a classifier on pixels in [0, 1] (step_2_pretrained.Classifier).
+        model: a classifier on pixels in [0, 1] (utils.models.Classifier).
         norm: the threat model, one of the attack's `norms`: "Linf" (default), "L2" or "L1".
         epsilon: the budget. Linf: levels out of 255, in [0, 255]. L2, L1: the norm of the perturbation of the whole
             (3, H, W) image in [0, 1] pixel units (AutoAttack's convention), >= 0.
