@@ -2,7 +2,7 @@
 
     python step_9_adversarial_training.py FOLDER [--labels FILE.csv] [--output outputs/robust/model.pt2]
                                          [--method pgd|fgsm-rs|none] [--epsilon 32] [--steps 3] [--alpha LEVELS]
-                                         [--arch small-cnn] [--epochs 10] [--batch-size 64] [--lr 0.001]
+                                         [--arch small-cnn|mlp] [--epochs 10] [--batch-size 64] [--lr 0.001]
                                          [--val-fraction 0.1] [--val-steps 10] [--image-size 32] [--seed 0]
                                          [--threads N] [--resume]
 
@@ -42,8 +42,8 @@ from utils.attacks import make_attack
 from utils.cli import ArgumentParser, UsageError, number_in, run
 from utils.data import PhotoDataset, csv_labels, cut, list_photos, photo_batches
 from utils.files import display_path
-from utils.training import (SMALL_CNN, build_net, classes_path, export_program, load_checkpoint, load_program,
-                            save_checkpoint)
+from utils.training import (MLP, SMALL_CNN, build_net, classes_path, export_program, load_checkpoint,
+                            load_program, save_checkpoint)
 
 METHODS = ("pgd", "fgsm-rs", "none")
 FGSM_RS_STEP = 1.25  # Wong et al. 2020: alpha = 1.25 epsilon from a uniform start in the ball
@@ -123,7 +123,7 @@ def make_model(data, args):
     format is fixed (no measuring which is faster: no clock may decide what a run computes)."""
     torch.manual_seed(args.seed)
     mean, std = channel_statistics(data.images[data.train])
-    net = build_net(args.arch, len(data.classes))
+    net = build_net(args.arch, len(data.classes), args.image_size)
     return Classifier(net, Preprocessing(args.image_size, mean, std), Path(args.output).stem,
                       memory_format=torch.contiguous_format)
 
@@ -300,7 +300,8 @@ def get_args_parser():
     parser.add_argument("--alpha", type=number_in(0, 255, low_open=True, name="--alpha"), default=None,
                         help="the attack's step in levels (default: pgd 2.5 * epsilon / steps, fgsm-rs 1.25 * epsilon)")
     parser.add_argument("--arch", default=SMALL_CNN,
-                        help=f"{SMALL_CNN}, a torchvision classifier name or timm:NAME (default: %(default)s)")
+                        help=f"{SMALL_CNN}, {MLP} (fully connected, for step 10's exact verifier), a torchvision classifier "
+                             "name or timm:NAME (default: %(default)s)")
     parser.add_argument("--epochs", type=number_in(1, 10000, int, name="--epochs"), default=10)
     parser.add_argument("--batch-size", type=number_in(1, 4096, int, name="--batch-size"), default=64)
     parser.add_argument("--lr", type=number_in(0, 10, low_open=True, name="--lr"), default=1e-3,

@@ -1,7 +1,8 @@
 """The pieces of step 9 that are not the training loop: the architectures, the checkpoint, and the export.
 
-- `build_net`: "small-cnn" (a few conv layers, for small images such as the 32x32 digits), or any torchvision or timm
-  architecture name, with random initial weights and `classes` outputs.
+- `build_net`: "small-cnn" (a few conv layers, for small images such as the 32x32 digits), "mlp" (a small fully
+  connected ReLU network, small enough for step 10's exact verifier), or any torchvision or timm architecture name,
+  with random initial weights and `classes` outputs.
 - checkpoints hold plain tensors, state dicts and numbers only, so that `torch.load(weights_only=True)` reads them
   (a checkpoint file is never unpickled).
 - `export_program` writes the trained classifier (normalization inside) as a torch.export program with a dynamic batch
@@ -19,6 +20,8 @@ from utils.cli import UsageError
 from utils.files import atomic_path, save_text
 
 SMALL_CNN = "small-cnn"
+MLP = "mlp"
+MLP_WIDTH = 100
 
 
 class SmallCNN(nn.Module):
@@ -40,15 +43,26 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+def mlp(classes, side=32, width=MLP_WIDTH):
+    """Flatten, then two hidden layers of `width` ReLUs and a linear layer to `classes` logits, on side x side RGB
+    images: 200 ReLUs in all, so that an exact verifier (mixed-integer programming, one binary per ReLU it cannot
+    decide from bounds) answers in seconds. Takes only side x side images (32 for the digits)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * side * side, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                         nn.Linear(width, classes))
+
+
 def architectures():
     """The names --arch takes besides small-cnn: torchvision's classifiers, then timm's (prefixed "timm:" or bare)."""
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def build_net(arch, classes):
-    """A network with random weights and `classes` outputs; the caller seeds torch first (its initialization)."""
+def build_net(arch, classes, side=32):
+    """A network with random weights and `classes` outputs; the caller seeds torch first (its initialization).
+    `side`: the image side, which only the fully connected "mlp" depends on."""
     if arch == SMALL_CNN:
         return SmallCNN(classes)
+    if arch == MLP:
+        return mlp(classes, side)
     if arch in architectures():
         return torchvision.models.get_model(arch, weights=None, num_classes=classes)
     with warnings.catch_warnings():  # timm's import warns that torch.jit.interface is deprecated: not the user's concern
@@ -57,8 +71,8 @@ def build_net(arch, classes):
     name = arch.removeprefix("timm:")
     if name in timm.list_models():
         return timm.create_model(name, pretrained=False, num_classes=classes)
-    raise UsageError(f"unknown architecture {arch!r}: give {SMALL_CNN}, a torchvision classifier (such as resnet18) "
-                     "or a timm model name (such as timm:resnet18)")
+    raise UsageError(f"unknown architecture {arch!r}: give {SMALL_CNN}, {MLP}, a torchvision classifier (such as "
+                     "resnet18) or a timm model name (such as timm:resnet18)")
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------------------
