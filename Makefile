@@ -65,8 +65,8 @@ certify-demo: $(VENV)/.installed
 	$(PYTHON) utils/sample_images.py --digits digits --test-per-class 10
 	$(PYTHON) step_9_adversarial_training.py digits/train --arch mlp --method pgd --epsilon 16 --steps 5 --epochs 10 \
 		--output $(CERTIFY)/mlp.pt2
-	$(PYTHON) step_8_evaluate.py digits/test --model $(CERTIFY)/mlp.pt2 --epsilons $(CERTIFY_EPSILONS) --steps 50 --queries 1000 \
-		--batch-size 100 --output-dir $(CERTIFY)/eval
+	$(PYTHON) step_8_evaluate.py digits/test --model $(CERTIFY)/mlp.pt2 --epsilons $(CERTIFY_EPSILONS) \
+		--steps 50 --queries 1000 --batch-size 100 --output-dir $(CERTIFY)/eval
 	$(PYTHON) bench/robust_accuracy.py --model $(CERTIFY)/mlp.pt2 --folder digits/test --epsilon 8
 	$(PYTHON) bench/robust_accuracy.py --model $(CERTIFY)/mlp.pt2 --folder digits/test --epsilon 16
 	$(PYTHON) step_10_certify.py digits/test --model $(CERTIFY)/mlp.pt2 --method exact --epsilons $(CERTIFY_EPSILONS) \

@@ -300,8 +300,8 @@ def get_args_parser():
     parser.add_argument("--alpha", type=number_in(0, 255, low_open=True, name="--alpha"), default=None,
                         help="the attack's step in levels (default: pgd 2.5 * epsilon / steps, fgsm-rs 1.25 * epsilon)")
     parser.add_argument("--arch", default=SMALL_CNN,
-                        help=f"{SMALL_CNN}, {MLP} (fully connected, for step 10's exact verifier), a torchvision classifier "
-                             "name or timm:NAME (default: %(default)s)")
+                        help=f"{SMALL_CNN}, {MLP} (fully connected, for step 10's exact verifier), a torchvision "
+                             "classifier name or timm:NAME (default: %(default)s)")
     parser.add_argument("--epochs", type=number_in(1, 10000, int, name="--epochs"), default=10)
     parser.add_argument("--batch-size", type=number_in(1, 4096, int, name="--batch-size"), default=64)
     parser.add_argument("--lr", type=number_in(0, 10, low_open=True, name="--lr"), default=1e-3,

@@ -27,7 +27,7 @@ from utils.certify.base import MISCLASSIFIED, NOT_ROBUST, ROBUST, UNKNOWN, Certi
 from utils.certify.bounds import layer_bounds, make_ball, margin_bounds
 from utils.certify.bounds_certifier import clean_prediction, model_logits, network_of
 from utils.certify.milp import MarginProgram
-from utils.cli import UsageError, number_in
+from utils.cli import number_in
 
 THRESHOLD = 1e-4  # the program looks for margins <= this: a point at 0 up to HiGHS's tolerances is still caught
 ATTACK_STEPS = 50

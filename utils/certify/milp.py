@@ -22,7 +22,7 @@ import numpy as np
 import scipy.sparse as sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from utils.certify.network import Affine, MaxPool, ReLU
+from utils.certify.network import Affine, ReLU
 
 LEVELS = 255.0
 SLACK = 1e-6  # bounds widened by this (relative) before they become big-Ms: float rounding must not cut a real point

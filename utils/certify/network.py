@@ -171,7 +171,8 @@ class GraphReader:
     def visit(self, node, env, graph_module):
         if node.op == "placeholder":
             # the Classifier's normalization, folded into the first affine layer like any other constant operation
-            return Tracked(lambda z: (z.reshape(len(z), *self.input_shape) - self.mean) / self.std, self.input_shape, -1)
+            shape = self.input_shape
+            return Tracked(lambda z: (z.reshape(len(z), *shape) - self.mean) / self.std, shape, -1)
         if node.op == "get_attr":
             value = operator.attrgetter(node.target)(graph_module)
             return value.detach().double() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
