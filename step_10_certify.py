@@ -28,7 +28,8 @@ import torch
 
 from step_2_pretrained import add_model_arguments, find_class, get_device, model_from_args, prepare_image
 from utils.certify import CERTIFIERS
-from utils.certify.run import csv_columns, certify_images, start_certified, write_certify_report
+from utils.certify.run import (certify_images, csv_columns, read_certified, start_certified, write_certified,
+                               write_certify_report)
 from utils.cli import ArgumentParser, UsageError, listed, number_in, run
 from utils.data import find_photos
 from utils.files import display_path
@@ -45,11 +46,15 @@ def check_epsilons(epsilons, norm):
     return sorted(epsilons)
 
 
-def make_certifier(args, model, image_shape):
-    """The certifier of --method, checked against --norm; the model's graph is read here, before anything is written."""
+def check_norm(args):
     kind = CERTIFIERS[args.method]
     if args.norm not in kind.norms:
         raise UsageError(f"--method {args.method} certifies {', '.join(kind.norms)}, not --norm {args.norm}")
+
+
+def make_certifier(args, model, image_shape):
+    """The certifier of --method; the model's graph is read here, before anything is written."""
+    kind = CERTIFIERS[args.method]
     return kind(model, kind.settings(args), args.device, image_shape=image_shape)
 
 
@@ -59,9 +64,7 @@ def main(args):
     torch.manual_seed(args.seed)
     args.device = get_device(args.device)
     epsilons = check_epsilons(args.epsilons or DEFAULT_EPSILONS.get(args.norm, [0.5]), args.norm)
-    if args.norm not in CERTIFIERS[args.method].norms:
-        raise UsageError(f"--method {args.method} certifies {', '.join(CERTIFIERS[args.method].norms)}, "
-                         f"not --norm {args.norm}")
+    check_norm(args)
     model = model_from_args(args, args.device)
     photos = find_photos(args.folder, args.labels, functools.partial(find_class, classes=model.classes))
     images = [prepare_image(path, model) for path in photos.paths]
@@ -73,7 +76,7 @@ def main(args):
     certifier = make_certifier(args, model, (3, height, width))
     out = Path(args.output_dir)
     kept = start_certified(out, csv_columns(certifier), args.resume)
-    epsilon_texts = {f"{epsilon:g}" for epsilon in epsilons}
+    epsilon_texts = {f"{epsilon:g}" for epsilon in epsilons} if certifier.uses_epsilons else {""}
     done = {name for name in photos.names
             if {row["epsilon"] for row in kept if row["image"] == name} >= epsilon_texts}
     kept = [row for row in kept if row["image"] in done and row["epsilon"] in epsilon_texts]
@@ -81,11 +84,10 @@ def main(args):
           f"{args.method} ({certifier.description}), {args.norm}, epsilons {', '.join(f'{e:g}' for e in epsilons)}; "
           f"{torch.get_num_threads()} thread(s)", file=sys.stderr)
     certify_images(certifier, images, photos.labels, epsilons, photos.names, photos.stems, out, done, args.norm)
-    from utils.certify.run import read_certified, write_certified
     rows = read_certified(out / "certified.csv", csv_columns(certifier))
     order = {name: i for i, name in enumerate(photos.names)}
-    rows = sorted((row for row in rows if row["image"] in order), key=lambda row: (order[row["image"]],
-                                                                                   float(row["epsilon"])))
+    rows = sorted((row for row in rows if row["image"] in order),
+                  key=lambda row: (order[row["image"]], float(row["epsilon"] or 0)))
     write_certified(out / "certified.csv", rows, csv_columns(certifier))
     table = write_certify_report(rows, out, epsilons, args.method, args.norm, model.name, args.folder,
                                  lattice=not args.continuous)

@@ -34,8 +34,10 @@ class Certifier:
         """Its Settings from the parsed command line; bad values raise UsageError."""
         return Settings()
 
-    def __init__(self, model, settings, device="cpu"):
-        self.model, self.config, self.device = model, settings, device
+    def __init__(self, model, settings, device="cpu", image_shape=None):
+        """`model`: a step_2_pretrained.Classifier; `image_shape`: (3, H, W) of the images to come (None: the
+        model's own size). Refuse a model it cannot certify here, with UsageError: before any output is written."""
+        self.model, self.config, self.device, self.image_shape = model, settings, device, image_shape
 
     def certify(self, image_u8, label, epsilons):
         raise NotImplementedError
