@@ -19,6 +19,10 @@ Labels as step 8 reads them (an ImageFolder tree, --labels imagenet-val or FILE.
 clean prediction is the class to keep). Writes OUTPUT/certified.csv (image, label, epsilon, verdict, prediction,
 seconds, the method's columns, file), OUTPUT/summary.md and OUTPUT/certified_accuracy.png; --resume keeps the images
 an earlier run finished.
+
+Reproducibility: robust and not robust are facts about the model (a proof, and a counterexample checked on its PNG),
+the same on any machine; which images end unknown depends on how far the solver got within --time-limit, a clock,
+so a busier machine can leave more of them unknown (never a different proved verdict).
 """
 import functools
 import sys
