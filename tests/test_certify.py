@@ -327,3 +327,23 @@ def test_bad_input_is_one_line_and_writes_nothing(digits_setup, tmp_path, extra,
     lines = [line for line in result.stderr.splitlines() if not line.startswith("Certifying")]
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("norm, epsilon", [("Linf", 8), ("L1", 0.3)])
+def test_bounds_through_convolution_batch_norm_and_max_pool_hold(norm, epsilon):
+    rng = np.random.default_rng(1)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        net = SmallConv()
+        net.body[1].running_var.uniform_(0.5, 2)
+        network = extract_layers(classifier(net, 8), (3, 8, 8))
+        ball = make_ball(rng.integers(0, 256, (8, 8, 3)).astype(np.uint8), norm, epsilon, lattice=False)
+        bounds = layer_bounds(network, ball, "crown")
+        values = points_in(ball, 2000, rng)
+        for layer, (lower, upper) in zip(network.layers, bounds[1:]):
+            values = evaluate(type(network)([layer], None), values)
+            assert (values >= lower - 1e-9).all() and (values <= upper + 1e-9).all()
+        label = int(np.argmax(values[0]))
+        floor = margin_bounds(network, ball, label, bounds)
+        others = [t for t in range(10) if t != label]
+        assert (values[:, [label]] - values[:, others] >= floor[others] - 1e-9).all()
