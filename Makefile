@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 DEMO := outputs/robust-demo
 
-.PHONY: demo app test test-fast bench evaluate samples robust robust-demo
+.PHONY: demo app test test-fast bench evaluate samples robust robust-demo certify-demo
 
 $(VENV)/.installed: requirements.txt
 	python3 -m venv $(VENV)
@@ -59,3 +59,21 @@ robust-demo: $(VENV)/.installed
 	$(PYTHON) step_8_evaluate.py digits/test --model $(DEMO)/adversarial.pt2 $(DEMO_EVAL) --output-dir $(DEMO)/eval-adversarial
 	$(PYTHON) -m tools.compare_models $(DEMO)/eval-standard $(DEMO)/eval-adversarial \
 		--names "standard training,adversarial training (PGD-3 at epsilon 32)" --output-dir $(DEMO)
+
+# Step 10 on the digits (offline): an adversarially trained MLP (small enough for the exact verifier), then on the same
+# 100 test digits at two epsilons: step 8's ensemble (the attacks' upper bound), the reference AutoAttack, step 10's
+# exact verifier (the truth, up to its time limit) and its bounds alone (the fast lower bound).
+CERTIFY := outputs/certify-demo
+CERTIFY_EPSILONS := 8,16
+certify-demo: $(VENV)/.installed
+	$(PYTHON) -m tools.sample_images --digits digits --test-per-class 10
+	$(PYTHON) step_9_adversarial_training.py digits/train --arch mlp --method pgd --epsilon 16 --steps 5 --epochs 10 \
+		--output $(CERTIFY)/mlp.pt2
+	$(PYTHON) step_8_evaluate.py digits/test --model $(CERTIFY)/mlp.pt2 --epsilons $(CERTIFY_EPSILONS) \
+		--steps 50 --queries 1000 --batch-size 100 --output-dir $(CERTIFY)/eval
+	$(PYTHON) bench/robust_accuracy.py --model $(CERTIFY)/mlp.pt2 --folder digits/test --epsilon 8
+	$(PYTHON) bench/robust_accuracy.py --model $(CERTIFY)/mlp.pt2 --folder digits/test --epsilon 16
+	$(PYTHON) step_10_certify.py digits/test --model $(CERTIFY)/mlp.pt2 --method exact --epsilons $(CERTIFY_EPSILONS) \
+		--time-limit 20 --output-dir $(CERTIFY)/exact
+	$(PYTHON) step_10_certify.py digits/test --model $(CERTIFY)/mlp.pt2 --method bounds --epsilons $(CERTIFY_EPSILONS) \
+		--output-dir $(CERTIFY)/bounds

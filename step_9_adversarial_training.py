@@ -2,9 +2,9 @@
 
     python step_9_adversarial_training.py FOLDER [--labels FILE.csv] [--output outputs/robust/model.pt2]
                                          [--method pgd|fgsm-rs|none] [--epsilon 32] [--steps 3] [--alpha LEVELS]
-                                         [--arch small-cnn] [--epochs 10] [--batch-size 64] [--lr 0.001]
+                                         [--arch small-cnn|mlp] [--epochs 10] [--batch-size 64] [--lr 0.001]
                                          [--val-fraction 0.1] [--val-steps 10] [--image-size 32] [--seed 0]
-                                         [--threads N] [--resume]
+                                         [--threads N] [--resume] [--keep-last]
 
 Steps 6 and 7 showed that transforming the input (JPEG) only hides the gradient, and an attacker who knows the
 transformation goes through it. Madry et al. 2018 ("Towards Deep Learning Models Resistant to Adversarial Attacks")
@@ -20,7 +20,12 @@ attack sees the 8-bit image (utils.attacks), so the model trains on images a PNG
 Labels: an ImageFolder tree (FOLDER/<class>/image; class names are the subfolder names, in numeric order when they
 are all numbers, else sorted) or --labels FILE.csv (columns image,label; the class names are the labels, sorted).
 A held-out share (--val-fraction) is never trained on: clean accuracy and PGD accuracy (--val-steps steps at the
-training epsilon) on it are printed after every epoch, with the training images per second.
+training epsilon) on it are printed after every epoch, with FGSM accuracy and the training images per second.
+
+Catastrophic overfitting (Wong et al. 2020: fast adversarial training suddenly learns to mask its one-step attack,
+held-out PGD accuracy collapsing while FGSM accuracy stays high) is detected at the end of the epoch where it
+happens and said in one line; the model written is then the epoch with the best held-out PGD accuracy (its weights
+are kept in the checkpoint), unless --keep-last.
 
 Writes OUTPUT (a torch.export program: 8-bit RGB scaled to [0, 1] in, logits out, normalization inside, any batch
 size) and OUTPUT's classes file (NAME.classes.txt, one class name per line), which every step loads with
@@ -44,7 +49,7 @@ from utils.data import PhotoDataset, csv_labels, cut, list_photos, photo_batches
 from utils.files import display_path
 from utils.flags import add_device_argument
 from utils.models import classes_path, export_program, load_program
-from utils.training import SMALL_CNN, build_net, load_checkpoint, save_checkpoint
+from utils.training import MLP, SMALL_CNN, build_net, load_checkpoint, save_checkpoint
 
 METHODS = ("pgd", "fgsm-rs", "none")
 FGSM_RS_STEP = 1.25  # Wong et al. 2020: alpha = 1.25 epsilon from a uniform start in the ball
@@ -124,7 +129,7 @@ def make_model(data, args):
     format is fixed (no measuring which is faster: no clock may decide what a run computes)."""
     torch.manual_seed(args.seed)
     mean, std = channel_statistics(data.images[data.train])
-    net = build_net(args.arch, len(data.classes))
+    net = build_net(args.arch, len(data.classes), args.image_size)
     return Classifier(net, Preprocessing(args.image_size, mean, std), Path(args.output).stem,
                       memory_format=torch.contiguous_format)
 
@@ -182,16 +187,41 @@ def accuracy(model, images, targets):
 
 
 def validate(model, data, args, device):
-    """(clean accuracy, PGD accuracy) on the held-out images: PGD with --val-steps steps and a random start at the
-    training epsilon (none: nothing held out)."""
+    """(clean accuracy, PGD accuracy, FGSM accuracy) on the held-out images: PGD with --val-steps steps and a random
+    start, and FGSM, at the training epsilon (None each: nothing held out)."""
     if len(data.val) == 0:
-        return None, None
+        return None, None, None
     model.eval()
     images, targets = as_pixels(data.images[data.val]).to(device), data.targets[data.val].to(device)
     attack = make_attack("pgd", model, epsilon=args.epsilon, steps=args.val_steps, targeted=False, random_start=True,
                          seed=args.seed)
     robust = 1 - attack(images, targets).success.float().mean().item()
-    return accuracy(model, images, targets), robust
+    fgsm = make_attack("fgsm", model, epsilon=args.epsilon, targeted=False, early_stop=False)
+    return accuracy(model, images, targets), robust, 1 - fgsm(images, targets).success.float().mean().item()
+
+
+# ---- catastrophic overfitting ---------------------------------------------------------------------------------
+
+COLLAPSE = 0.5   # held-out PGD accuracy below half its best so far ...
+FGSM_GAP = 0.2   # ... while FGSM accuracy stays this far above it: the model has learnt to mask FGSM's gradient
+
+
+def best_epoch(history):
+    """The epoch with the best held-out PGD accuracy (the earliest among ties), or None without held-out images."""
+    scored = [row for row in history if row.get("robust") is not None]
+    return max(scored, key=lambda row: (row["robust"], -row["epoch"]))["epoch"] if scored else None
+
+
+def catastrophic_overfitting(history):
+    """Wong, Rice and Kolter 2020 ("Fast is better than free"): fast adversarial training can suddenly overfit to
+    its one-step attack, held-out PGD accuracy collapsing within an epoch while FGSM accuracy stays high. True when
+    the last epoch shows it: its PGD accuracy below COLLAPSE times the best of the epochs before, and its FGSM
+    accuracy at least FGSM_GAP above its PGD accuracy."""
+    *before, last = history
+    best = max((row["robust"] for row in before if row.get("robust") is not None), default=None)
+    if best is None or last.get("robust") is None or last.get("fgsm") is None:
+        return False
+    return last["robust"] < COLLAPSE * best and last["fgsm"] >= last["robust"] + FGSM_GAP
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------------------
@@ -213,7 +243,7 @@ def resume_from(model, optimizer, args):
     the same settings (--epochs may grow: more epochs continue the same run)."""
     path = checkpoint_path(args)
     if not args.resume or not path.exists():
-        return 1, []
+        return 1, [], None
     state = load_checkpoint(path)
     saved = dict(state.get("settings", {}))
     changed = [name for name in SETTINGS if name != "epochs" and saved.get(name) != getattr(args, name)]
@@ -224,12 +254,18 @@ def resume_from(model, optimizer, args):
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     print(f"Resuming after epoch {state['epoch']} from {display_path(path)}")
-    return state["epoch"] + 1, list(state["history"])
+    return state["epoch"] + 1, list(state["history"]), state.get("best")
 
 
-def save_epoch(model, optimizer, epoch, history, args):
+def save_epoch(model, optimizer, epoch, history, args, best):
+    """The checkpoint: this epoch's model and optimizer, the history, and the weights of the best held-out PGD
+    epoch so far (what is written after catastrophic overfitting)."""
     save_checkpoint({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "history": history, "settings": settings(args)}, checkpoint_path(args))
+                     "history": history, "settings": settings(args), "best": best}, checkpoint_path(args))
+
+
+def copy_state(model):
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 
 # ---- export ---------------------------------------------------------------------------------------------------
@@ -256,6 +292,7 @@ def export(model, data, args, device):
 def report_epoch(row):
     val = "" if row["clean"] is None else \
         f", held-out clean {row['clean']:.1%}, PGD-{row['val_steps']} at {row['epsilon']:g} levels {row['robust']:.1%}"
+    val += "" if row.get("fgsm") is None else f", FGSM {row['fgsm']:.1%}"
     print(f"epoch {row['epoch']}: loss {row['loss']:.4f}, {row['images_per_second']:.0f} training images/s{val}",
           flush=True)
 
@@ -269,16 +306,28 @@ def main(args):
     data = load_data(args)
     model = make_model(data, args).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    first, history = resume_from(model, optimizer, args)
+    first, history, best = resume_from(model, optimizer, args)
     print(f"Training {args.arch} ({args.method}, epsilon {args.epsilon:g} levels) on {len(data.train)} images of "
           f"{len(data.classes)} classes, {len(data.val)} held out; {torch.get_num_threads()} thread(s), {device}")
     for epoch in range(first, args.epochs + 1):
         loss, speed = train_epoch(model, optimizer, data, epoch, args, device)
-        clean, robust = validate(model, data, args, device)
+        clean, robust, fgsm = validate(model, data, args, device)
         history.append({"epoch": epoch, "loss": loss, "images_per_second": speed, "clean": clean, "robust": robust,
-                        "epsilon": args.epsilon, "val_steps": args.val_steps})
+                        "fgsm": fgsm, "epsilon": args.epsilon, "val_steps": args.val_steps,
+                        "overfit": catastrophic_overfitting(history + [{"robust": robust, "fgsm": fgsm}])})
         report_epoch(history[-1])
-        save_epoch(model, optimizer, epoch, history, args)
+        if best_epoch(history) == epoch:
+            best = {"epoch": epoch, "model": copy_state(model)}
+        if history[-1]["overfit"] and not any(row.get("overfit") for row in history[:-1]):  # said once
+            print(f"epoch {epoch}: catastrophic overfitting (Wong et al. 2020): held-out PGD accuracy fell to "
+                  f"{robust:.1%} while FGSM's is {fgsm:.1%}; the model written will be epoch {best['epoch']}'s, the "
+                  f"best held-out PGD epoch (--keep-last writes the last)", flush=True)
+        save_epoch(model, optimizer, epoch, history, args, best)
+    if any(row.get("overfit") for row in history) and not args.keep_last and best["epoch"] != history[-1]["epoch"]:
+        model.load_state_dict(best["model"])
+        kept = history[best["epoch"] - 1]["robust"]
+        print(f"Writing epoch {best['epoch']}'s model (held-out PGD accuracy {kept:.1%}) instead of epoch "
+              f"{history[-1]['epoch']}'s, after catastrophic overfitting")
     export(model, data, args, device)
     more = ", ..." if len(data.classes) > 10 else ""
     print(f"Wrote {display_path(args.output)} and {display_path(classes_path(args.output))} "
@@ -301,7 +350,8 @@ def get_args_parser():
     parser.add_argument("--alpha", type=number_in(0, 255, low_open=True, name="--alpha"), default=None,
                         help="the attack's step in levels (default: pgd 2.5 * epsilon / steps, fgsm-rs 1.25 * epsilon)")
     parser.add_argument("--arch", default=SMALL_CNN,
-                        help=f"{SMALL_CNN}, a torchvision classifier name or timm:NAME (default: %(default)s)")
+                        help=f"{SMALL_CNN}, {MLP} (fully connected, for step 10's exact verifier), a torchvision "
+                             "classifier name or timm:NAME (default: %(default)s)")
     parser.add_argument("--epochs", type=number_in(1, 10000, int, name="--epochs"), default=10)
     parser.add_argument("--batch-size", type=number_in(1, 4096, int, name="--batch-size"), default=64)
     parser.add_argument("--lr", type=number_in(0, 10, low_open=True, name="--lr"), default=1e-3,
@@ -319,6 +369,9 @@ def get_args_parser():
                         help="DataLoader processes decoding the images (default: %(default)s)")
     add_device_argument(parser)
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --output")
+    parser.add_argument("--keep-last", action="store_true",
+                        help="write the last epoch's model even after catastrophic overfitting (default: the epoch "
+                             "with the best held-out PGD accuracy)")
     return parser
 
 

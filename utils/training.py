@@ -1,8 +1,9 @@
 """The pieces of step 9 that are not the training loop: the architectures and the checkpoint (the export is
 utils.models.export_program's).
 
-- `build_net`: "small-cnn" (a few conv layers, for small images such as the 32x32 digits), or any torchvision or timm
-  architecture name, with random initial weights and `classes` outputs.
+- `build_net`: "small-cnn" (a few conv layers, for small images such as the 32x32 digits), "mlp" (a small fully
+  connected ReLU network, small enough for step 10's exact verifier), or any torchvision or timm architecture name,
+  with random initial weights and `classes` outputs.
 - checkpoints hold plain tensors, state dicts and numbers only, so that `torch.load(weights_only=True)` reads them
   (a checkpoint file is never unpickled).
 """
@@ -18,6 +19,8 @@ from utils.files import atomic_path
 from utils.models import torchvision_classifiers
 
 SMALL_CNN = "small-cnn"
+MLP = "mlp"
+MLP_WIDTH = 100
 
 
 class SmallCNN(nn.Module):
@@ -39,10 +42,21 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-def build_net(arch, classes):
-    """A network with random weights and `classes` outputs; the caller seeds torch first (its initialization)."""
+def mlp(classes, side=32, width=MLP_WIDTH):
+    """Flatten, then two hidden layers of `width` ReLUs and a linear layer to `classes` logits, on side x side RGB
+    images: 200 ReLUs in all, so that an exact verifier (mixed-integer programming, one binary per ReLU it cannot
+    decide from bounds) answers in seconds. Takes only side x side images (32 for the digits)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * side * side, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                         nn.Linear(width, classes))
+
+
+def build_net(arch, classes, side=32):
+    """A network with random weights and `classes` outputs; the caller seeds torch first (its initialization).
+    `side`: the image side, which only the fully connected "mlp" depends on."""
     if arch == SMALL_CNN:
         return SmallCNN(classes)
+    if arch == MLP:
+        return mlp(classes, side)
     if arch in torchvision_classifiers():
         return torchvision.models.get_model(arch, weights=None, num_classes=classes)
     with warnings.catch_warnings():  # timm's import warns that torch.jit.interface is deprecated: not the user's concern
@@ -51,8 +65,8 @@ def build_net(arch, classes):
     name = arch.removeprefix("timm:")
     if name in timm.list_models():
         return timm.create_model(name, pretrained=False, num_classes=classes)
-    raise UsageError(f"unknown architecture {arch!r}: give {SMALL_CNN}, a torchvision classifier (such as resnet18) "
-                     "or a timm model name (such as timm:resnet18)")
+    raise UsageError(f"unknown architecture {arch!r}: give {SMALL_CNN}, {MLP}, a torchvision classifier (such as "
+                     "resnet18) or a timm model name (such as timm:resnet18)")
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------------------

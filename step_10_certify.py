@@ -1,0 +1,130 @@
+"""Step 10: how sure can we be? Prove that no perturbation within the budget changes the class.
+
+    python step_10_certify.py FOLDER --model M [--classes F] [--labels imagenet-val | FILE.csv]
+                                     [--method exact|bounds] [--norm Linf|L1] [--epsilons 2,4,8]
+                                     [--continuous] [--time-limit 60] [--propagation crown|interval]
+                                     [--output-dir outputs/certify] [--resume] [--device auto|cpu|cuda]
+                                     [--threads N] [--seed 0]
+
+Every robust accuracy step 8 reports is an upper bound: the share of images that the attacks we ran could not fool.
+A certificate is the lower bound. `exact` decides each image by mixed-integer linear programming (Tjeng, Xiao and
+Tedrake 2019) for networks of linear, convolution, ReLU, max and average pooling, flatten and batch norm layers:
+robust (proved), not robust (a counterexample saved under OUTPUT/counterexamples/, read back and checked),
+unknown (the --time-limit ran out) or misclassified (wrong when clean). `bounds` runs the bound propagation alone
+(CROWN, Zhang et al. 2018): robust or unknown, fast, for a network of any size. Epsilon: L-infinity in levels out
+of 255, L1 in [0, 1] pixel units summed over the image. The default verifies the 8-bit lattice, the images a PNG
+can hold; --continuous the real-valued ball.
+
+Labels as step 8 reads them (an ImageFolder tree, --labels imagenet-val or FILE.csv; without labels each image's
+clean prediction is the class to keep). Writes OUTPUT/certified.csv (image, label, epsilon, verdict, prediction,
+seconds, the method's columns, file), OUTPUT/summary.md and OUTPUT/certified_accuracy.png; --resume keeps the images
+an earlier run finished.
+
+Reproducibility: robust and not robust are facts about the model (a proof, and a counterexample checked on its PNG),
+the same on any machine; which images end unknown depends on how far the solver got within --time-limit, a clock,
+so a busier machine can leave more of them unknown (never a different proved verdict).
+"""
+import functools
+import sys
+from pathlib import Path
+
+import torch
+
+from step_2_pretrained import add_model_arguments, find_class, get_device, model_from_args, prepare_image
+from utils.certify import CERTIFIERS
+from utils.certify.run import (certify_images, csv_columns, read_certified, start_certified, write_certified,
+                               write_certify_report)
+from utils.cli import ArgumentParser, UsageError, listed, number_in, run
+from utils.data import find_photos
+from utils.files import display_path
+
+DEFAULT_EPSILONS = {"Linf": [2.0, 4.0, 8.0], "L1": [0.5, 1.0, 2.0]}
+NORMS = ("Linf", "L1", "L2")
+
+
+def check_epsilons(epsilons, norm):
+    high = 255 if norm == "Linf" else float("inf")
+    bad = [epsilon for epsilon in epsilons if not 0 <= epsilon <= high]
+    if bad:
+        raise UsageError(f"--epsilons {bad[0]:g}: a {norm} budget must be in [0, {high:g}]")
+    return sorted(epsilons)
+
+
+def check_norm(args):
+    kind = CERTIFIERS[args.method]
+    if args.norm not in kind.norms:
+        raise UsageError(f"--method {args.method} certifies {', '.join(kind.norms)}, not --norm {args.norm}")
+
+
+def make_certifier(args, model, image_shape):
+    """The certifier of --method; the model's graph is read here, before anything is written."""
+    kind = CERTIFIERS[args.method]
+    return kind(model, kind.settings(args), args.device, image_shape=image_shape)
+
+
+def main(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    args.device = get_device(args.device)
+    epsilons = check_epsilons(args.epsilons or DEFAULT_EPSILONS.get(args.norm, [0.5]), args.norm)
+    check_norm(args)
+    model = model_from_args(args, args.device)
+    photos = find_photos(args.folder, args.labels, functools.partial(find_class, classes=model.classes))
+    images = [prepare_image(path, model) for path in photos.paths]
+    shapes = {image.shape for image in images}
+    if len(shapes) != 1:
+        raise UsageError(f"{args.folder}: the images have several sizes ({', '.join(map(str, sorted(shapes)))}); "
+                         "pass --input-size N")
+    height, width, _ = images[0].shape
+    certifier = make_certifier(args, model, (3, height, width))
+    out = Path(args.output_dir)
+    kept = start_certified(out, csv_columns(certifier), args.resume)
+    epsilon_texts = {f"{epsilon:g}" for epsilon in epsilons} if certifier.uses_epsilons else {""}
+    done = {name for name in photos.names
+            if {row["epsilon"] for row in kept if row["image"] == name} >= epsilon_texts}
+    kept = [row for row in kept if row["image"] in done and row["epsilon"] in epsilon_texts]
+    print(f"Certifying {len(photos.names) - len(done)} of {len(photos.names)} images of {args.folder} with "
+          f"{args.method} ({certifier.description}), {args.norm}, epsilons {', '.join(f'{e:g}' for e in epsilons)}; "
+          f"{torch.get_num_threads()} thread(s)", file=sys.stderr)
+    certify_images(certifier, images, photos.labels, epsilons, photos.names, photos.stems, out, done, args.norm)
+    rows = read_certified(out / "certified.csv", csv_columns(certifier))
+    order = {name: i for i, name in enumerate(photos.names)}
+    rows = sorted((row for row in rows if row["image"] in order),
+                  key=lambda row: (order[row["image"]], float(row["epsilon"] or 0)))
+    write_certified(out / "certified.csv", rows, csv_columns(certifier))
+    table = write_certify_report(rows, out, epsilons, args.method, args.norm, model.name, args.folder,
+                                 lattice=not args.continuous)
+    for row in table:
+        print(f"epsilon {row['epsilon']:g}: certified accuracy {row['certified']:.1%} ({row['robust']} of "
+              f"{row['images']}), not robust {row['not robust']}, unknown {row['unknown']}, misclassified "
+              f"{row['misclassified']}")
+    print(f"Wrote {display_path(out / 'certified.csv')}, {display_path(out / 'summary.md')} and "
+          f"{display_path(out / 'certified_accuracy.png')}")
+
+
+def get_args_parser():
+    parser = ArgumentParser(description="Certify robustness: prove that no perturbation within the budget changes "
+                                        "the class (exact MILP or bound propagation).")
+    parser.add_argument("folder", help="a folder of photos or an ImageFolder tree (one subfolder per class)")
+    add_model_arguments(parser)
+    parser.add_argument("--labels", help="imagenet-val or a CSV file with columns image,label (default: the "
+                                         "ImageFolder tree, else each image's clean prediction)")
+    parser.add_argument("--method", choices=list(CERTIFIERS), default="exact", help="(default: %(default)s)")
+    parser.add_argument("--norm", choices=NORMS, default="Linf", help="(default: %(default)s)")
+    parser.add_argument("--epsilons", type=listed(number_in(0, 1e6, name="--epsilons"), "--epsilons", ascending=True),
+                        help="budgets: Linf in levels out of 255 (default: 2,4,8), L1 in [0, 1] pixel units summed "
+                             "over the image (default: 0.5,1,2)")
+    for kind in CERTIFIERS.values():
+        kind.add_arguments(parser)
+    parser.add_argument("--output-dir", default="outputs/certify", help="(default: %(default)s)")
+    parser.add_argument("--resume", action="store_true", help="keep the images an earlier run finished")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--threads", type=number_in(1, 1024, int, name="--threads"), default=None,
+                        help="torch threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+if __name__ == "__main__":
+    run(main, get_args_parser())

@@ -1,0 +1,350 @@
+"""Step 10's verifiers: the layers read from a model's graph compute its logits, the bounds hold at every point
+tried, the exact verifier agrees with a brute force over every lattice point of a tiny budget, nothing proved robust
+is fooled by our attacks, every counterexample read back from its PNG is one, and the command line's outputs,
+resume and bad input."""
+import csv
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from utils.models import Classifier, freeze, Preprocessing
+from tests.conftest import run_script
+from utils.attacks import run_attack
+from utils.certify import CERTIFIERS
+from utils.certify.bounds import layer_bounds, make_ball, margin_bounds
+from utils.certify.bounds_certifier import BoundSettings, BoundsCertifier
+from utils.certify.exact import ExactCertifier, ExactSettings
+from utils.certify.network import evaluate, extract_layers
+from utils.cli import UsageError
+from utils.models import export_program
+from utils.training import build_net
+
+STEP_10 = "step_10_certify.py"
+
+
+def classifier(net, side, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)):
+    return freeze(Classifier(net, Preprocessing(side, mean, std), "net", memory_format=torch.contiguous_format,
+                             classes=[str(k) for k in range(10)]))
+
+
+class SmallConv(nn.Module):
+    """Every operation the verifier encodes: conv, batch norm (eval), ReLU, max pool, average pools, flatten."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 10))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def random_pixels(count, shape, seed=0):
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (count, *shape))).float() / 255
+
+
+def assert_same_logits(model, shape):
+    network = extract_layers(model, shape)
+    pixels = random_pixels(6, shape)
+    with torch.no_grad():
+        expected = model(pixels).double().numpy()
+    assert np.abs(evaluate(network, pixels.reshape(6, -1).double().numpy()) - expected).max() < 1e-5
+    return network
+
+
+def test_layers_of_an_mlp_and_a_convnet_give_the_models_logits():
+    torch.manual_seed(0)
+    mlp = assert_same_logits(classifier(build_net("mlp", 10, side=8), 8, (0.2, 0.3, 0.4), (0.5, 0.6, 0.7)), (3, 8, 8))
+    assert [type(layer).__name__ for layer in mlp.layers] == ["Affine", "ReLU", "Affine", "ReLU", "Affine"]
+    net = SmallConv()
+    net.body[1].running_mean.uniform_(-1, 1)
+    net.body[1].running_var.uniform_(0.5, 2)
+    conv = assert_same_logits(classifier(net, 8, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)), (3, 8, 8))
+    assert [type(layer).__name__ for layer in conv.layers] == ["Affine", "ReLU", "MaxPool", "Affine", "ReLU", "Affine"]
+
+
+def test_layers_of_a_saved_program_give_its_logits(tmp_path):
+    from utils.models import load_model
+    torch.manual_seed(1)
+    path = tmp_path / "mlp.pt2"
+    export_program(classifier(build_net("mlp", 10, side=8), 8, (0.1,) * 3, (0.5,) * 3), path,
+                   [str(k) for k in range(10)], 8)
+    assert_same_logits(load_model(str(path)), (3, 8, 8))
+
+
+@pytest.mark.parametrize("activation, name", [(nn.Sigmoid(), "sigmoid"), (nn.Tanh(), "tanh"), (nn.GELU(), "gelu"),
+                                              (nn.Softmax(dim=1), "softmax")])
+def test_an_operation_the_verifier_cannot_encode_is_named(activation, name):
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 5), activation, nn.Linear(5, 10))
+    with pytest.raises(UsageError, match=f"cannot encode {name}"):
+        extract_layers(classifier(net, 2), (3, 2, 2))
+
+
+class Skip(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(12, 12), nn.Linear(12, 10)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return self.second(torch.relu(self.first(x)) + x)
+
+
+def test_a_skip_connection_is_refused():
+    with pytest.raises(UsageError, match="skip connection"):
+        extract_layers(classifier(Skip(), 2), (3, 2, 2))
+
+
+# ---- bounds ---------------------------------------------------------------------------------------------------
+
+def sensitive_net(seed, hidden=6):
+    """A tiny MLP on 2x2x3 images, steep enough that a level or two changes some of its answers."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                        nn.Linear(hidden, 10))
+    with torch.no_grad():
+        net[1].weight.mul_(60)
+    return classifier(net, 2)
+
+
+def points_in(ball, count, rng):
+    if ball.norm == "Linf":
+        return rng.uniform(ball.lower, ball.upper, (count, len(ball.center)))
+    change = rng.uniform(ball.lower, ball.upper, (count, len(ball.center))) - ball.center
+    scale = np.minimum(1, ball.budget / np.maximum(np.abs(change).sum(axis=1), 1e-12))
+    return ball.center + change * scale[:, None]
+
+
+@pytest.mark.parametrize("norm, epsilon", [("Linf", 3), ("L1", 0.05)])
+@pytest.mark.parametrize("propagation", ["crown", "interval"])
+def test_bounds_hold_at_every_point_tried(norm, epsilon, propagation):
+    rng = np.random.default_rng(0)
+    for seed in range(4):
+        model = sensitive_net(seed)
+        network = extract_layers(model, (3, 2, 2))
+        image = rng.integers(0, 256, (2, 2, 3)).astype(np.uint8)
+        ball = make_ball(image, norm, epsilon, lattice=False)
+        bounds = layer_bounds(network, ball, propagation)
+        points = points_in(ball, 2000, rng)
+        values = points
+        for layer, (lower, upper) in zip(network.layers, bounds[1:]):
+            values = evaluate(type(network)([layer], None), values)
+            assert (values >= lower - 1e-9).all() and (values <= upper + 1e-9).all()
+        label = int(np.argmax(values[0]))
+        floor = margin_bounds(network, ball, label, bounds, propagation)
+        others = [t for t in range(10) if t != label]
+        assert (values[:, [label]] - values[:, others] >= floor[others] - 1e-9).all()
+
+
+# ---- exact against a brute force ------------------------------------------------------------------------------
+
+def lattice_changes(size, norm, levels):
+    """Every change of `size` pixels in whole levels within the budget: each pixel by at most `levels` (Linf), or
+    the absolute changes summing to at most `levels` (L1)."""
+    if norm == "Linf":
+        return np.array(list(itertools.product(range(-levels, levels + 1), repeat=size)))
+    changes = [np.zeros(size, dtype=int)]
+    for count in range(1, levels + 1):
+        for positions in itertools.combinations(range(size), count):
+            for sizes in itertools.product(range(1, levels + 1), repeat=count):
+                if sum(sizes) > levels:
+                    continue
+                for signs in itertools.product((-1, 1), repeat=count):
+                    change = np.zeros(size, dtype=int)
+                    change[list(positions)] = np.array(sizes) * np.array(signs)
+                    changes.append(change)
+    return np.array(changes)
+
+
+def lattice_points(image, norm, levels):
+    """Every 8-bit image within the budget of `image`, as flat channel-first pixels in [0, 1]."""
+    flat = image.astype(np.int64).transpose(2, 0, 1).reshape(-1)
+    points = flat + lattice_changes(len(flat), norm, levels)
+    return points[((points >= 0) & (points <= 255)).all(axis=1)] / 255
+
+
+def brute_force_robust(model, image, label, norm, levels):
+    pixels = torch.from_numpy(lattice_points(image, norm, levels)).float().reshape(-1, 3, 2, 2)
+    with torch.no_grad():
+        return bool((model(pixels).argmax(dim=1) == label).all())
+
+
+def tiny_cases():
+    """(model, image, label) on 2x2x3 images: 12 seeds, labels the clean predictions."""
+    rng = np.random.default_rng(5)
+    cases = []
+    for seed in range(12):
+        model = sensitive_net(seed)
+        image = rng.integers(1, 255, (2, 2, 3)).astype(np.uint8)
+        with torch.no_grad():
+            label = int(model(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255).argmax())
+        cases.append((model, image, label))
+    return cases
+
+
+@pytest.mark.parametrize("norm, levels, epsilon", [("Linf", 1, 1), ("L1", 2, 2 / 255)])
+def test_exact_agrees_with_every_lattice_point(norm, levels, epsilon):
+    verdicts = []
+    for model, image, label in tiny_cases():
+        truth = brute_force_robust(model, image, label, norm, levels)
+        exact = ExactCertifier(model, ExactSettings(norm, True, 30.0, 0), image_shape=(3, 2, 2))
+        row = exact.certify(image, label, [epsilon])[0]
+        assert row["verdict"] == ("robust" if truth else "not robust"), (norm, row)
+        bounds = BoundsCertifier(model, BoundSettings(norm), image_shape=(3, 2, 2)).certify(image, label, [epsilon])[0]
+        assert truth or bounds["verdict"] != "robust"  # the bounds never prove what is false
+        verdicts.append(row["verdict"])
+    assert {"robust", "not robust"} <= set(verdicts), verdicts  # the cases test both answers
+
+
+def test_nothing_proved_robust_is_fooled_by_our_attacks():
+    for model, image, label in tiny_cases():
+        rows = ExactCertifier(model, ExactSettings("Linf", True, 30.0, 0), image_shape=(3, 2, 2)).certify(
+            image, label, [1, 2, 4])
+        for row in rows:
+            for method in ("pgd", "apgd"):
+                adversarial, _ = run_attack(model, method, [image], [label], epsilon=row["epsilon"], steps=100,
+                                            targeted=False, seed=0, random_start=True)
+                with torch.no_grad():
+                    fooled = int(model(torch.from_numpy(adversarial[0]).permute(2, 0, 1)[None].float() / 255)
+                                 .argmax()) != label
+                assert not (fooled and row["verdict"] == "robust"), (method, row)
+            if row["verdict"] == "not robust":
+                change = np.abs(row["counterexample"].astype(int) - image.astype(int)).max()
+                assert change <= row["epsilon"]
+
+
+def test_the_registry_names_each_certifier_with_its_columns():
+    assert set(CERTIFIERS) >= {"exact", "bounds"}
+    for name, kind in CERTIFIERS.items():
+        assert kind.name == name and set(kind.norms) <= {"Linf", "L1", "L2"} and isinstance(kind.columns, tuple)
+
+
+# ---- the command line -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def digits_setup(tmp_path_factory):
+    """Four real digits in an ImageFolder, and a small MLP trained on a few hundred digits for a few seconds,
+    exported as a .pt2 with its classes file."""
+    from sklearn.datasets import load_digits
+    from utils.samples import digit_image
+    root = tmp_path_factory.mktemp("certify")
+    digits = load_digits()
+    images = np.stack([digit_image(image) for image in digits.images[:400]])
+    for index in (400, 401, 402, 403):
+        folder = root / "digits" / str(digits.target[index])
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(digit_image(digits.images[index])).save(folder / f"{index}.png")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 16), nn.ReLU(), nn.Linear(16, 10))
+    model = Classifier(net, Preprocessing(32, (0.3,) * 3, (0.4,) * 3), memory_format=torch.contiguous_format)
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    targets = torch.from_numpy(digits.target[:400])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(pixels), targets).backward()
+        optimizer.step()
+    export_program(model, root / "mlp.pt2", [str(k) for k in range(10)], pixels.shape[-1])
+    return root
+
+
+def read_csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_step_10_writes_verdicts_counterexamples_and_a_summary(digits_setup, tmp_path):
+    out = tmp_path / "out"
+    result = run_script(STEP_10, digits_setup / "digits", "--model", digits_setup / "mlp.pt2", "--method", "exact",
+                        "--epsilons", "4,1", "--time-limit", "20", "--output-dir", out, "--threads", "1",
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = read_csv(out / "certified.csv")
+    assert list(rows[0]) == ["image", "label", "epsilon", "verdict", "prediction", "seconds", "found_by",
+                             "margin_bound", "binaries", "constraints", "file"]
+    assert len(rows) == 8 and [row["epsilon"] for row in rows[:2]] == ["1", "4"]
+    assert {row["verdict"] for row in rows} <= {"robust", "not robust", "unknown", "misclassified"}
+    model_file = digits_setup / "mlp.pt2"
+    from utils.models import load_model, predict_images
+    model = load_model(str(model_file))
+    for row in rows:
+        if row["verdict"] == "not robust":
+            back = np.asarray(Image.open(out / row["file"]).convert("RGB"))
+            original = np.asarray(Image.open(digits_setup / "digits" / row["image"]).convert("RGB"))
+            assert predict_images(model, [back])[0] != int(row["label"])
+            assert np.abs(back.astype(int) - original.astype(int)).max() <= float(row["epsilon"])
+        else:
+            assert row["file"] == ""
+    summary = (out / "summary.md").read_text()
+    assert "| epsilon | images | robust |" in summary and (out / "certified_accuracy.png").stat().st_size > 1000
+    bounds_out = tmp_path / "bounds"
+    result = run_script(STEP_10, digits_setup / "digits", "--model", model_file, "--method", "bounds",
+                        "--epsilons", "1,4", "--output-dir", bounds_out, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for exact, bound in zip(rows, read_csv(bounds_out / "certified.csv")):
+        assert (exact["image"], exact["epsilon"]) == (bound["image"], bound["epsilon"])
+        assert not (bound["verdict"] == "robust" and exact["verdict"] == "not robust")
+
+
+def test_step_10_resumes_and_ignores_a_torn_last_line(digits_setup, tmp_path):
+    out = tmp_path / "out"
+    args = [digits_setup / "digits", "--model", digits_setup / "mlp.pt2", "--method", "bounds", "--epsilons", "2,8",
+            "--output-dir", out]
+    assert run_script(STEP_10, *args, cwd=tmp_path).returncode == 0
+    whole = (out / "certified.csv").read_text()
+    lines = whole.splitlines(keepends=True)
+    (out / "certified.csv").write_text("".join(lines[:-2]) + lines[-2][:10])  # the last image half-written
+    result = run_script(STEP_10, *args, "--resume", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Certifying 1 of 4 images" in result.stderr
+    # the same rows in the same order (seconds aside: a clock's reading)
+    assert [line.split(",")[:5] for line in (out / "certified.csv").read_text().splitlines()] == \
+        [line.split(",")[:5] for line in whole.splitlines()]
+
+
+def sigmoid_model(folder):
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 8), nn.Sigmoid(), nn.Linear(8, 10))
+    model = Classifier(net, Preprocessing(32, (0.0,) * 3, (1.0,) * 3), memory_format=torch.contiguous_format)
+    export_program(model, folder / "sigmoid.pt2", [str(k) for k in range(10)], 32)
+    return folder / "sigmoid.pt2"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--time-limit", "0"], "--time-limit"), (["--time-limit", "soon"], "--time-limit"),
+    (["--norm", "L2"], "not --norm L2"), (["--method", "magic"], "--method"),
+    (["--epsilons", "300"], "--epsilons"), (["SIGMOID"], "cannot encode sigmoid")])
+def test_bad_input_is_one_line_and_writes_nothing(digits_setup, tmp_path, extra, message):
+    model = digits_setup / "mlp.pt2"
+    if extra == ["SIGMOID"]:
+        model, extra = sigmoid_model(tmp_path), []
+    out = tmp_path / "never"
+    result = run_script(STEP_10, digits_setup / "digits", "--model", model, "--output-dir", out, *extra, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("Certifying")]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("norm, epsilon", [("Linf", 8), ("L1", 0.3)])
+def test_bounds_through_convolution_batch_norm_and_max_pool_hold(norm, epsilon):
+    rng = np.random.default_rng(1)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        net = SmallConv()
+        net.body[1].running_var.uniform_(0.5, 2)
+        network = extract_layers(classifier(net, 8), (3, 8, 8))
+        ball = make_ball(rng.integers(0, 256, (8, 8, 3)).astype(np.uint8), norm, epsilon, lattice=False)
+        bounds = layer_bounds(network, ball, "crown")
+        values = points_in(ball, 2000, rng)
+        for layer, (lower, upper) in zip(network.layers, bounds[1:]):
+            values = evaluate(type(network)([layer], None), values)
+            assert (values >= lower - 1e-9).all() and (values <= upper + 1e-9).all()
+        label = int(np.argmax(values[0]))
+        floor = margin_bounds(network, ball, label, bounds)
+        others = [t for t in range(10) if t != label]
+        assert (values[:, [label]] - values[:, others] >= floor[others] - 1e-9).all()

@@ -1,0 +1,21 @@
+"""Step 10's certifiers: proofs that no perturbation within a budget changes a classifier's answer, the lower bound
+beside the attacks' upper bound on robust accuracy.
+
+This package owns the verifiers and their report:
+- network.py: a model (a .pt2 program's graph, or a Classifier's network exported here) as the affine, ReLU and max
+  pool layers a verifier encodes; any other operation is refused in one line naming it.
+- bounds.py: interval and CROWN linear bounds (Zhang et al. 2018) over L-infinity and L1 balls in [0, 1].
+- milp.py: the exact mixed-integer program (Tjeng, Xiao and Tedrake 2019), solved by HiGHS (scipy.optimize.milp).
+- base.py, bounds_certifier.py, exact.py: the certifiers behind `--method`, registered in CERTIFIERS.
+- run.py: certifying a list of images, certified.csv, the counterexample PNGs, summary.md and the figure.
+
+A new certifier is a subclass of base.Certifier (its name, norms, flags, settings and columns) and one more entry in
+CERTIFIERS.
+"""
+from utils.certify.base import MISCLASSIFIED, NOT_ROBUST, ROBUST, UNKNOWN, Certifier
+from utils.certify.bounds_certifier import BoundsCertifier
+from utils.certify.exact import ExactCertifier
+
+CERTIFIERS = {certifier.name: certifier for certifier in (ExactCertifier, BoundsCertifier)}
+
+__all__ = ["CERTIFIERS", "Certifier", "ROBUST", "NOT_ROBUST", "UNKNOWN", "MISCLASSIFIED"]

@@ -1,0 +1,43 @@
+"""What every certifier of step 10 is: a name, the norms it covers, its own command-line flags and certified.csv
+columns, and `certify(image, label, epsilons)` that gives one row per epsilon (or one row, for a certifier without
+epsilons, such as randomized smoothing).
+
+A row is a dict with "epsilon" (the budget, "" for a certifier without epsilons), "verdict" (one of the certifier's
+VERDICTS), "prediction" (the model's class for the clean image), "seconds" (this verdict's time), each of the
+certifier's `columns`, and "counterexample": None or the 8-bit (H, W, 3) image that the model classifies wrong
+within the budget, which utils.certify.run saves as a PNG, reads back and checks.
+"""
+from dataclasses import dataclass
+
+ROBUST, NOT_ROBUST, UNKNOWN, MISCLASSIFIED = "robust", "not robust", "unknown", "misclassified"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A certifier's settings, made from the command line by its `settings` classmethod (subclass it)."""
+
+
+class Certifier:
+    name = ""
+    norms = ("Linf", "L1")      # the budgets it certifies: "Linf" (levels out of 255), "L1", "L2" ([0, 1] units)
+    uses_epsilons = True        # False: one row per image, its own radius in a column (randomized smoothing)
+    columns = ()                # its certified.csv columns after image,label,epsilon,verdict,prediction,seconds
+    verdicts = (ROBUST, NOT_ROBUST, UNKNOWN, MISCLASSIFIED)
+    description = ""
+
+    @classmethod
+    def add_arguments(cls, parser):
+        """Add this certifier's own flags (their defaults must not clash with another certifier's)."""
+
+    @classmethod
+    def settings(cls, args):
+        """Its Settings from the parsed command line; bad values raise UsageError."""
+        return Settings()
+
+    def __init__(self, model, settings, device="cpu", image_shape=None):
+        """`model`: a utils.models.Classifier; `image_shape`: (3, H, W) of the images to come (None: the
+        model's own size). Refuse a model it cannot certify here, with UsageError: before any output is written."""
+        self.model, self.config, self.device, self.image_shape = model, settings, device, image_shape
+
+    def certify(self, image_u8, label, epsilons):
+        raise NotImplementedError

@@ -1,0 +1,149 @@
+"""--method exact: exact verification of a ReLU network by mixed-integer linear programming (Tjeng, Xiao and Tedrake
+2019, "Evaluating Robustness of Neural Networks with Mixed Integer Programming"), solved by HiGHS.
+
+Per image and epsilon (ascending), in order of cost:
+1. misclassified when clean: "misclassified" at every epsilon.
+2. CROWN's margin bounds (utils.certify.bounds) all above zero: "robust" (found_by "bounds").
+3. an attack (PGD on the 8-bit lattice, L-infinity only) whose image the model classifies wrong: "not robust"
+   (found_by "attack"); once not robust at one epsilon, the same counterexample is within every larger budget.
+4. the MILP (utils.certify.milp) for the classes the bounds left open: infeasible is "robust" (found_by "milp");
+   a point found is a counterexample only when the model's own forward on its 8-bit image classifies it wrong and it
+   is within the budget (the solver's tolerances are not trusted); with the lattice (the default) the continuous
+   program runs first (infeasible there proves the lattice too, and its point rounded often is one), then the
+   integer one. If the `time_limit` (seconds per image and epsilon) runs out: "unknown", with the bounds' proved
+   lower bound on the margin.
+
+L-infinity epsilon in levels out of 255; L1 epsilon in [0, 1] pixel units, summed over the whole (3, H, W) image.
+On the lattice (the default) the inputs are whole levels, so robust and not robust are exact for PNG files;
+`continuous` verifies the real-valued ball (its counterexample is saved only where its rounding is one too).
+"""
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from utils.attacks import run_attack
+from utils.certify.base import MISCLASSIFIED, NOT_ROBUST, ROBUST, UNKNOWN, Certifier, Settings
+from utils.certify.bounds import layer_bounds, make_ball, margin_bounds
+from utils.certify.bounds_certifier import clean_prediction, model_logits, network_of
+from utils.certify.milp import MarginProgram
+from utils.cli import number_in
+
+THRESHOLD = 1e-4  # the program looks for margins <= this: a point at 0 up to HiGHS's tolerances is still caught
+ATTACK_STEPS = 50
+
+
+@dataclass(frozen=True)
+class ExactSettings(Settings):
+    norm: str = "Linf"
+    lattice: bool = True
+    time_limit: float = 60.0
+    seed: int = 0
+
+
+def within_budget(candidate_u8, image_u8, norm, epsilon):
+    change = np.abs(candidate_u8.astype(np.int64) - image_u8.astype(np.int64))
+    if norm == "Linf":
+        return change.max() <= epsilon + 1e-9
+    return change.sum() / 255 <= epsilon + 1e-9
+
+
+def as_image(levels, shape):
+    """Flat channel-first levels as an 8-bit (H, W, 3) image."""
+    channels, height, width = shape
+    return np.clip(np.round(levels), 0, 255).astype(np.uint8).reshape(channels, height, width).transpose(1, 2, 0)
+
+
+class ExactCertifier(Certifier):
+    name = "exact"
+    norms = ("Linf", "L1")
+    columns = ("found_by", "margin_bound", "binaries", "constraints")
+    description = "exact verification (MILP, HiGHS)"
+
+    @classmethod
+    def add_arguments(cls, parser):
+        parser.add_argument("--continuous", action="store_true",
+                            help="exact, bounds: verify the real-valued ball, not only the 8-bit images in it")
+        parser.add_argument("--time-limit", type=number_in(0, 1e6, low_open=True, name="--time-limit"), default=60.0,
+                            help="exact: seconds of solver time per image and epsilon before the verdict is unknown "
+                                 "(default: %(default)s)")
+
+    @classmethod
+    def settings(cls, args):
+        return ExactSettings(args.norm, not args.continuous, args.time_limit, args.seed)
+
+    def __init__(self, model, settings, device="cpu", image_shape=None):
+        super().__init__(model, settings, device)
+        self.network = network_of(model, image_shape)
+
+    def misclassified(self, candidate_u8, image_u8, label, epsilon):
+        """The model's own verdict on a candidate: wrong and within the budget."""
+        prediction = int(np.argmax(model_logits(self.model, candidate_u8)[0]))
+        return prediction != label and within_budget(candidate_u8, image_u8, self.config.norm, epsilon)
+
+    def attack(self, image_u8, label, epsilon):
+        if self.config.norm != "Linf":
+            return None
+        adversarial, _ = run_attack(self.model, "pgd", [image_u8], [label], epsilon=np.floor(epsilon + 1e-9),
+                                    steps=ATTACK_STEPS, targeted=False, random_start=True, seed=self.config.seed)
+        return adversarial[0] if self.misclassified(adversarial[0], image_u8, label, epsilon) else None
+
+    def certify(self, image_u8, label, epsilons):
+        prediction = clean_prediction(self.model, image_u8)
+        rows, found = [], None
+        for epsilon in epsilons:
+            started = time.perf_counter()
+            if prediction != label:
+                row = dict(verdict=MISCLASSIFIED, found_by="", margin_bound="", binaries="", constraints="")
+            elif found is not None and self.misclassified(found[0], image_u8, label, epsilon):
+                row = dict(verdict=NOT_ROBUST, found_by=found[1], margin_bound="", binaries="", constraints="",
+                           counterexample=found[0])
+            else:
+                row = self.decide(image_u8, label, epsilon)
+                if row.get("counterexample") is not None:
+                    found = (row["counterexample"], row["found_by"])
+            rows.append({"epsilon": epsilon, "prediction": prediction, "seconds": time.perf_counter() - started,
+                         "counterexample": None, **row})
+        return rows
+
+    def decide(self, image_u8, label, epsilon):
+        ball = make_ball(image_u8, self.config.norm, epsilon, self.config.lattice)
+        bounds = layer_bounds(self.network, ball, "crown")
+        margins = margin_bounds(self.network, ball, label, bounds)
+        bound = float(margins.min())
+        if bound > 0:
+            return dict(verdict=ROBUST, found_by="bounds", margin_bound=bound, binaries=0, constraints=0)
+        attacked = self.attack(image_u8, label, epsilon)
+        if attacked is not None:
+            return dict(verdict=NOT_ROBUST, found_by="attack", margin_bound="", binaries="", constraints="",
+                        counterexample=attacked)
+        return self.solve(image_u8, label, epsilon, ball, bounds, margins)
+
+    def solve(self, image_u8, label, epsilon, ball, bounds, margins):
+        deadline = time.perf_counter() + self.config.time_limit
+        targets = np.flatnonzero(margins <= 0)
+        size = dict(margin_bound=float(margins.min()))
+        for lattice in ([False, True] if self.config.lattice else [False]):
+            program = MarginProgram(self.network, ball, bounds, lattice=lattice)
+            size.update(binaries=program.binaries, constraints=program.constraint_count)
+            answer = program.solve(label, targets, THRESHOLD, deadline - time.perf_counter(), bounds[-1])
+            if answer.status == "infeasible":
+                return dict(verdict=ROBUST, found_by="milp", **size)
+            if answer.status == "found":
+                candidate = as_image(answer.levels, self.network.input_shape)
+                if self.misclassified(candidate, image_u8, label, epsilon):
+                    return dict(verdict=NOT_ROBUST, found_by="milp", counterexample=candidate, **size)
+                if not self.config.lattice:  # a real point the rounding undoes: the ball is not robust, no file
+                    real = model_logits_real(self.model, answer.levels, self.network.input_shape)
+                    if int(np.argmax(real)) != label:
+                        return dict(verdict=NOT_ROBUST, found_by="milp", **size)
+            if time.perf_counter() >= deadline:
+                break
+        return dict(verdict=UNKNOWN, found_by="", **size)
+
+
+def model_logits_real(model, levels, shape):
+    import torch
+    pixels = torch.from_numpy(np.clip(levels / 255, 0, 1).reshape(1, *shape)).float().to(model.mean.device)
+    with torch.no_grad():
+        return model(pixels)[0].double().cpu().numpy()

@@ -1,0 +1,187 @@
+"""Certifying a list of images and writing step 10's outputs: certified.csv (one row per image and epsilon, appended
+as each image finishes, so --resume keeps them), the counterexamples as PNGs (each read back and checked: the model
+classifies the file wrong and it is within the budget), summary.md (certified accuracy per epsilon) and a figure.
+
+Library entry points (step 8 calls them too): `certify_images(certifier, images_u8, labels, epsilons, ...)` -> rows,
+`write_certify_report(rows, out, ...)`, `start_certified(out, columns, resume)` -> the rows kept.
+"""
+import csv
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from utils.certify.base import MISCLASSIFIED, NOT_ROBUST, ROBUST, UNKNOWN
+from utils.certify.bounds_certifier import model_logits
+from utils.certify.exact import within_budget
+from utils.cli import UsageError
+from utils.files import atomic_path, save_figure, save_image, save_text
+
+BASE_COLUMNS = ("image", "label", "epsilon", "verdict", "prediction", "seconds")
+CSV_NAME = "certified.csv"
+FOLDER = "counterexamples"
+
+
+def csv_columns(certifier):
+    """certified.csv's columns: file last, so a row torn mid-append names no PNG."""
+    return BASE_COLUMNS + tuple(certifier.columns) + ("file",)
+
+
+def read_certified(path, columns):
+    """The complete rows of certified.csv; a last line torn by a killed process (no newline) is ignored."""
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    reader = csv.DictReader(lines)
+    if lines and tuple(reader.fieldnames or ()) != tuple(columns):
+        raise UsageError(f"{path}: made by another method or version (other columns); run without --resume")
+    return [row for row in reader if None not in row.values() and None not in row]
+
+
+def write_certified(path, rows, columns):
+    with atomic_path(path) as temp, open(temp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def start_certified(out, columns, resume):
+    """The rows an earlier run finished (--resume; a counterexample row only while its PNG is there), written back
+    as certified.csv; without --resume the earlier outputs are removed."""
+    path = out / CSV_NAME
+    kept = [row for row in read_certified(path, columns) if not row["file"] or (out / row["file"]).is_file()] \
+        if resume else []
+    if kept:
+        write_certified(path, kept, columns)
+    else:
+        path.unlink(missing_ok=True)
+    if not resume:
+        for name in ("summary.md", "certified_accuracy.png"):
+            (out / name).unlink(missing_ok=True)
+        for old in (out / FOLDER).glob("*.png") if (out / FOLDER).is_dir() else []:
+            old.unlink()
+    return kept
+
+
+def epsilon_text(epsilon):
+    return "" if epsilon == "" or epsilon is None else f"{float(epsilon):g}"
+
+
+def save_counterexample(certifier, row, image_u8, label, stem, out, norm):
+    """Save the counterexample as a PNG and check the file read back: wrong class and within the budget."""
+    name = f"{FOLDER}/{stem}_eps{epsilon_text(row['epsilon'])}.png"
+    save_image(row["counterexample"], out / name)
+    back = np.asarray(Image.open(out / name).convert("RGB"))
+    prediction = int(np.argmax(model_logits(certifier.model, back)[0]))
+    if prediction == label or (norm and not within_budget(back, image_u8, norm, float(row["epsilon"]))):
+        raise RuntimeError(f"{name}: the counterexample read back is not one (class {prediction}, label {label})")
+    return name
+
+
+def csv_row(row, name, label, file, columns):
+    values = {"image": name, "label": label, "file": file, **row, "epsilon": epsilon_text(row["epsilon"]),
+              "seconds": f"{row['seconds']:.3f}"}
+    return {column: "" if values.get(column) is None else
+            (f"{values[column]:.6g}" if isinstance(values[column], float) else str(values[column]))
+            for column in columns}
+
+
+def certify_images(certifier, images_u8, labels, epsilons, names, stems=None, out=None, done=(), norm=None):
+    """Certify each image (its true class `labels[i]`, or without labels its clean prediction) at `epsilons`
+    (ascending), skipping the names in `done`. With `out`, counterexamples go to out/counterexamples/ and each
+    image's rows are appended to out/certified.csv as it finishes. Returns the new rows (dicts of strings)."""
+    columns = csv_columns(certifier)
+    stems = stems or [Path(name).stem for name in names]
+    rows, done = [], set(done)
+    todo = [i for i, name in enumerate(names) if name not in done]
+    for i in tqdm(todo, unit="image", desc=f"certifying ({certifier.name})", disable=None):
+        label = labels[i] if labels is not None else int(np.argmax(model_logits(certifier.model, images_u8[i])[0]))
+        finished = []
+        for row in certifier.certify(images_u8[i], label, epsilons):
+            file = ""
+            if row.get("counterexample") is not None and out is not None:
+                file = save_counterexample(certifier, row, images_u8[i], label, stems[i], out, norm)
+            finished.append(csv_row(row, names[i], label, file, columns))
+        if out is not None:
+            append_certified(out / CSV_NAME, finished, columns)
+        rows += finished
+    return rows
+
+
+def append_certified(path, rows, columns):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.is_file() or path.stat().st_size == 0
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, columns, lineterminator="\n")
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+        handle.flush()
+
+
+# ---- the report -----------------------------------------------------------------------------------------------
+
+def accuracy_table(rows, epsilons):
+    """Per epsilon: counts of each verdict, the certified accuracy (robust / images) and its upper end (robust +
+    unknown: what no counterexample has refuted)."""
+    table = []
+    for epsilon in epsilons:
+        at = [row for row in rows if row["epsilon"] == epsilon_text(epsilon)]
+        count = {verdict: sum(row["verdict"] == verdict for row in at)
+                 for verdict in (ROBUST, NOT_ROBUST, UNKNOWN, MISCLASSIFIED)}
+        images = len(at)
+        table.append(dict(epsilon=epsilon, images=images, **count,
+                          certified=count[ROBUST] / images if images else 0.0,
+                          at_most=(count[ROBUST] + count[UNKNOWN]) / images if images else 0.0,
+                          seconds=sum(float(row["seconds"]) for row in at) / images if images else 0.0))
+    return table
+
+
+def summary_markdown(table, method, norm, model_name, folder, lattice, unit):
+    lines = [f"# Certified accuracy: {method}, {norm}", "",
+             f"Model {model_name}, images of {folder}, "
+             f"{'the 8-bit lattice (whole levels)' if lattice else 'the real-valued ball'}; epsilon in {unit}.", "",
+             "| epsilon | images | robust | not robust | unknown | misclassified | certified accuracy | "
+             "at most | seconds per image |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in table:
+        lines.append(f"| {row['epsilon']:g} | {row['images']} | {row['robust']} | {row['not robust']} | "
+                     f"{row['unknown']} | {row['misclassified']} | {row['certified']:.1%} | {row['at_most']:.1%} | "
+                     f"{row['seconds']:.2f} |")
+    lines += ["", "Certified accuracy: the share of images proved robust (correct and no image within the budget "
+              "changes the class). At most: robust plus unknown, the share that no counterexample refutes; the true "
+              "robust accuracy lies between the two."]
+    return "\n".join(lines) + "\n"
+
+
+def accuracy_figure(table, method, norm, unit):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axis = plt.subplots(figsize=(5.5, 3.6))
+    epsilons = [row["epsilon"] for row in table]
+    axis.plot(epsilons, [row["certified"] for row in table], marker="o", label="certified (proved robust)")
+    axis.plot(epsilons, [row["at_most"] for row in table], marker="s", linestyle="--",
+              label="at most (robust + unknown)")
+    axis.set_xlabel(f"epsilon ({unit})")
+    axis.set_ylabel("accuracy")
+    axis.set_ylim(-0.02, 1.02)
+    axis.set_title(f"Certified accuracy, {method}, {norm}")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    return figure
+
+
+def write_certify_report(rows, out, epsilons, method, norm, model_name, folder, lattice=True):
+    """summary.md and certified_accuracy.png from the rows of certified.csv; returns the table."""
+    unit = "levels out of 255" if norm == "Linf" else "[0, 1] pixel units"
+    table = accuracy_table(rows, epsilons)
+    save_text(summary_markdown(table, method, norm, model_name, folder, lattice, unit), out / "summary.md")
+    import matplotlib.pyplot as plt
+    figure = accuracy_figure(table, method, norm, unit)
+    save_figure(figure, out / "certified_accuracy.png")
+    plt.close(figure)
+    return table
