@@ -1,7 +1,6 @@
 """Randomized smoothing (utils/certify/smoothing.py): the bound and the radius, the noise's units and seeding, a linear
 model whose true distance to the boundary is known, step 10's rows and flags, ART's implementation on the same model,
 and an attack on the smoothed classifier inside the certified radius."""
-import argparse
 
 import numpy as np
 import pytest
@@ -30,7 +29,8 @@ def clopper_pearson_by_definition(n_a, n, alpha):
 
 @pytest.mark.parametrize("n_a, n, alpha", [(1, 10, 0.05), (60, 100, 0.001), (990, 1000, 0.001), (51234, 100000, 0.001)])
 def test_the_lower_bound_is_clopper_pearson(n_a, n, alpha):
-    assert lower_confidence_bound(n_a, n, alpha) == pytest.approx(clopper_pearson_by_definition(n_a, n, alpha), abs=1e-9)
+    expected = clopper_pearson_by_definition(n_a, n, alpha)
+    assert lower_confidence_bound(n_a, n, alpha) == pytest.approx(expected, abs=1e-9)
 
 
 def test_the_bound_at_the_ends():

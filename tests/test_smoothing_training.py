@@ -47,7 +47,8 @@ def test_noise_training_resumes_to_the_same_weights_and_sigma_matters(few_digits
     assert "(noise, sigma 0.25)" in printed
     resumed = tmp_path / "resumed.pt2"
     train(few_digits, resumed, "--method", "noise", "--sigma", "0.25", "--epochs", "1", cwd=tmp_path)
-    again = train(few_digits, resumed, "--method", "noise", "--sigma", "0.25", "--epochs", "2", "--resume", cwd=tmp_path)
+    again = train(few_digits, resumed, "--method", "noise", "--sigma", "0.25", "--epochs", "2", "--resume",
+                  cwd=tmp_path)
     assert "Resuming after epoch 1" in again.stdout
     assert same(weights(whole), weights(resumed))
     other = tmp_path / "other.pt2"

@@ -326,7 +326,7 @@ def verdict(found, label):
 
 # ---- the page -----------------------------------------------------------------------------------------------------
 
-PAGE_SIGMA, PAGE_N0, PAGE_N, PAGE_ALPHA = 0.12, 50, 500, 0.001
+PAGE_SIGMA, PAGE_N0, PAGE_N, PAGE_ALPHA = 0.12, 20, 200, 0.001  # a page answers in seconds, not hours
 
 
 def page_certificate(model, image_u8, adversarial_u8, sigma=PAGE_SIGMA, n0=PAGE_N0, n=PAGE_N, alpha=PAGE_ALPHA,
@@ -342,7 +342,8 @@ def page_certificate(model, image_u8, adversarial_u8, sigma=PAGE_SIGMA, n0=PAGE_
     attack = (f"the attack changed the photo by L2 {change:.2f} "
               f"({levels_per_value(change, shape):.2f} levels per value if spread evenly).")
     if found.abstain:
-        return head + f"the smoothed model abstains (its top class in {found.n_a} of {n} copies proves nothing); " + attack
+        return head + (f"the smoothed model abstains (its top class in {found.n_a} of {n} copies proves nothing); "
+                       + attack)
     name = model.classes[found.candidate] if hasattr(model, "classes") else str(found.candidate)
     return head + (f"it says {name} for any change of L2 size below {found.radius:.3f} "
                    f"({levels_per_value(found.radius, shape):.3f} levels per value if spread evenly); ") + attack
