@@ -82,7 +82,7 @@ def main(args):
             f"can be certified with n = {args.n}.\n")
     save_text(table + note, out / "certified_accuracy.md")
     figure = certified_accuracy_figure(curves, f"Certified accuracy, smoothed at sigma {args.sigma:g} "
-                                               f"(n = {args.n}, alpha {args.alpha:g})", marks=args.radii)
+                                               f"(n = {args.n}, alpha {args.alpha:g})", marks=args.radii, cap=cap)
     save_figure(figure, out / "certified_accuracy.png")
     plt.close(figure)
     print(table + note, end="")

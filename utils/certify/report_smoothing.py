@@ -37,9 +37,11 @@ def certified_accuracy_table(radii, curves):
     return "\n".join(lines) + "\n"
 
 
-def certified_accuracy_figure(curves, title="Certified accuracy of the smoothed classifier", marks=()):
+def certified_accuracy_figure(curves, title="Certified accuracy of the smoothed classifier", marks=(), cap=None):
     """Certified accuracy (%) against the L2 radius, one step line per curve (name -> rows), each in its own colour
-    and dash so that the lines stay apart in grey too; `marks`, radii where the table's values are dotted."""
+    and dash so that the lines stay apart in grey too; `marks`, radii where the table's values are dotted; `cap`, the
+    largest radius n samples can certify (smoothing.largest_radius), drawn as a grey line: the curves fall there
+    because of n, not because of the models."""
     largest = max(max([0.0, *certified_radii(rows)[np.isfinite(certified_radii(rows))]]) for rows in curves.values())
     grid = np.linspace(0, max(largest * 1.1, 1e-3), 400)
     figure, axis = plt.subplots(figsize=(6.4, 4.0))
@@ -47,12 +49,15 @@ def certified_accuracy_figure(curves, title="Certified accuracy of the smoothed 
         axis.plot(grid, 100 * np.array(certified_accuracy_at(grid, rows)), label=name, linewidth=2, **style)
         if marks:
             axis.plot(marks, 100 * np.array(certified_accuracy_at(marks, rows)), "o", color=style["color"])
+    if cap is not None:
+        axis.axvline(cap, color="grey", linestyle=":", linewidth=1.5,
+                     label=f"the largest radius n samples certify ({cap:.2f})")
     axis.set_xlabel("L2 radius ([0, 1] pixel units)")
     axis.set_ylabel("certified accuracy (%)")
     axis.set_ylim(0, 102)
     axis.set_xlim(0, grid[-1])
     axis.grid(alpha=0.3)
     axis.set_title(title, fontsize=10)
-    axis.legend(fontsize=8, loc="upper right")
+    axis.legend(fontsize=8, loc="lower left")  # the curves stay near the top: the space below is free
     figure.tight_layout()
     return figure

@@ -102,13 +102,12 @@ def sample_counts(model, image, sigma, num, batch_size, key, desc="noise samples
     ints naming the noise stream (see noise_batches). Returns an int64 array of counts, one per class."""
     device = model_device(model)
     image = as_image(image).to(device)
-    counts, done = None, 0
+    counts = None
     with tqdm(total=num, desc=desc, unit="sample", leave=False, disable=True if num < PROGRESS_FROM else None) as bar:
         for noise in noise_batches(image.shape, num, batch_size, key, device):
-            logits = model(image + sigma * noise)
+            logits = model(noise.mul_(sigma).add_(image))  # in place: each draw is used once
             found = torch.bincount(logits.argmax(dim=1), minlength=logits.shape[1])
             counts = found if counts is None else counts + found  # summed on the device: no sync per batch
-            done += len(noise)
             bar.update(len(noise))
     return counts.cpu().numpy().astype(np.int64)
 
