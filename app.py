@@ -36,6 +36,7 @@ from step_2_pretrained import (OFFLINE_MODEL, find_class, get_device, get_label,
                                predict_images, prepare_image, to_tensor)
 from utils.adaptive import break_defense  # noqa: E402
 from utils.attacks import ATTACKS, perturbation_size  # noqa: E402
+from utils.certify.smoothing import PAGE_N, page_certificate  # noqa: E402
 from utils.cli import ArgumentParser, UsageError, number_in, run  # noqa: E402
 from utils.defenses import DEFENSES, describe  # noqa: E402
 from utils.figures import break_defense_figure, comparison_figure, short  # noqa: E402
@@ -168,16 +169,16 @@ def show_progress(progress, what, total, classes):
 
 
 def trick(upload, sample, target, epsilon, steps, method, defense, model_name=OFFLINE_MODEL, classes=None,
-          input_size=None, progress=gr.Progress()):
+          input_size=None, certify=False, progress=gr.Progress()):
     """Everything the page shows, from its inputs, yielded once; bad input raises UsageError. A generator so that its
     files outlive the return: Gradio asks a generator for its next value only after it has sent (and copied into its
     cache) the one before, and then this answer's folder goes."""
     with answer_folder() as out:
         yield answer(upload, sample, target, epsilon, steps, method, defense, (model_name, classes, input_size),
-                     progress, out)
+                     progress, out, certify)
 
 
-def answer(upload, sample, target, epsilon, steps, method, defense, model_spec, progress, out):
+def answer(upload, sample, target, epsilon, steps, method, defense, model_spec, progress, out, certify=False):
     """The page's outputs, its files written into the folder `out`; model_spec: (--model, --classes, --input-size)."""
     args = settings(target, epsilon, steps, method, defense, *model_spec)
     model = model_from_args(args, get_device(args.device))
@@ -200,6 +201,8 @@ def answer(upload, sample, target, epsilon, steps, method, defense, model_spec, 
     verdict = (f"**New prediction:** {label(plain_before)}  \n"
                f"{'Fooled' if plain_before == goal else 'Not fooled'}: target {label(goal)}, {plain_steps} "
                f"{args.method} steps, at most {linf:.0f} of 255 levels changed; judged on the PNG below, read back.")
+    if certify:  # opt-in: PAGE_N more forward passes
+        verdict += "  \n" + page_certificate(model, image, plain)
     name = describe(args.defense)
     defense_report = (f"**After {name}:** the plain attack's PNG is {label(plain_after)} "
                       f"({'the attack survives' if plain_after == goal else 'the defense undoes it'}).  \n"
@@ -236,6 +239,8 @@ def build_page(model_name=OFFLINE_MODEL, classes=None, input_size=None):
                 steps = gr.Slider(1, 200, value=20, step=1, label="Steps", elem_id="steps")
                 method = gr.Dropdown(sorted(ATTACKS), value="pgd", label="Attack", elem_id="method")
                 defense = gr.Dropdown(list(DEFENSES), value="jpeg", label="Defense", elem_id="defense")
+                certify = gr.Checkbox(False, label=f"Also certify: randomized smoothing's provable L2 radius (costs "
+                                                   f"{PAGE_N} more predictions, of noisy copies)", elem_id="certify")
                 button = gr.Button("Trick it", variant="primary", elem_id="trick")
             with gr.Column():
                 clean = gr.Label(num_top_classes=5, label="What the model sees (top 5)", elem_id="clean")
@@ -251,7 +256,7 @@ def build_page(model_name=OFFLINE_MODEL, classes=None, input_size=None):
                 through = gr.Image(label="before and after the defense", show_label=False, height=420,
                                    format="png", elem_id="through")
         model = [gr.State(model_name), gr.State(classes), gr.State(input_size)]
-        button.click(on_page(trick), [upload, sample, target, epsilon, steps, method, defense, *model],
+        button.click(on_page(trick), [upload, sample, target, epsilon, steps, method, defense, *model, certify],
                      [clean, verdict, comparison, download, defense_report, through, adaptive_download])
     return page
 

@@ -1,7 +1,8 @@
 """Step 9: adversarial training, the tutorial's missing chapter.
 
     python step_9_adversarial_training.py FOLDER [--labels FILE.csv] [--output outputs/robust/model.pt2]
-                                         [--method pgd|fgsm-rs|none] [--epsilon 32] [--steps 3] [--alpha LEVELS]
+                                         [--method pgd|fgsm-rs|noise|none] [--epsilon 32] [--steps 3] [--alpha LEVELS]
+                                         [--sigma S]
                                          [--arch small-cnn|mlp] [--epochs 10] [--batch-size 64] [--lr 0.001]
                                          [--val-fraction 0.1] [--val-steps 10] [--image-size 32] [--seed 0]
                                          [--threads N] [--resume] [--keep-last]
@@ -14,7 +15,9 @@ classify the worst image within epsilon of each training image.
 Methods: `pgd` (Madry et al.: PGD with a random start, `--steps` sign steps of `--alpha` levels, by default
 2.5 * epsilon / steps, the step size utils.attacks.PGD derives from the budget), `fgsm-rs` (Wong, Rice and Kolter
 2020, "Fast is better than free": one FGSM step of 1.25 * epsilon from a uniform random start; about as cheap as
-plain training) or `none` (plain training, the baseline). Epsilon is in levels out of 255, as everywhere else; the
+plain training), `noise` (Gaussian data augmentation, as Cohen, Rosenfeld and Kolter 2019 train the base model of
+randomized smoothing: every training batch gets N(0, sigma^2) noise, --sigma in [0, 1] pixel units, not clipped) or
+`none` (plain training, the baseline). Epsilon is in levels out of 255, as everywhere else; the
 attack sees the 8-bit image (utils.attacks), so the model trains on images a PNG can hold.
 
 Labels: an ImageFolder tree (FOLDER/<class>/image; class names are the subfolder names, in numeric order when they
@@ -31,7 +34,7 @@ Writes OUTPUT (a torch.export program: 8-bit RGB scaled to [0, 1] in, logits out
 size) and OUTPUT's classes file (NAME.classes.txt, one class name per line), which every step loads with
 --model OUTPUT. A checkpoint (NAME.ckpt) is written after every epoch; --resume continues from it after a kill and
 ends with the same bytes an uninterrupted run gives (same seed and --threads: the data order and the attacks' random
-starts are seeded per epoch and batch, not drawn from a shared stream).
+starts and noise are seeded per epoch and batch, not drawn from a shared stream).
 """
 import math
 import time
@@ -51,7 +54,7 @@ from utils.flags import add_device_argument
 from utils.models import classes_path, export_program, load_program
 from utils.training import MLP, SMALL_CNN, build_net, load_checkpoint, save_checkpoint
 
-METHODS = ("pgd", "fgsm-rs", "none")
+METHODS = ("pgd", "fgsm-rs", "noise", "none")
 FGSM_RS_STEP = 1.25  # Wong et al. 2020: alpha = 1.25 epsilon from a uniform start in the ball
 
 
@@ -137,7 +140,7 @@ def make_model(data, args):
 def training_attack(model, args, seed):
     """The attack that makes a batch's training examples (None for plain training). Every sample runs all its steps
     (no early stop: the example should be the worst found, not the first misclassified one)."""
-    if args.method == "none":
+    if args.method in ("none", "noise"):
         return None
     if args.method == "fgsm-rs":
         steps, alpha = 1, args.alpha or FGSM_RS_STEP * args.epsilon
@@ -150,6 +153,13 @@ def training_attack(model, args, seed):
 def batch_seed(args, epoch, index):
     """The seed of one batch's random start: a function of (seed, epoch, batch), so a resumed run draws the same."""
     return (args.seed * 1000 + epoch) * 100000 + index
+
+
+def gaussian_noise(images, sigma, seed):
+    """images + N(0, sigma^2) noise, drawn on the CPU from a generator seeded for this batch (the same draws on any
+    device and after a resume), not clipped: Cohen et al. train on the noisy inputs the smoothed classifier sees."""
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
+    return images + sigma * noise.to(images.device)
 
 
 def as_pixels(images_u8):
@@ -171,6 +181,8 @@ def train_epoch(model, optimizer, data, epoch, args, device):
         if attack is not None:
             model.eval()
             images = attack(images, targets).adversarial
+        elif args.method == "noise":
+            images = gaussian_noise(images, args.sigma, batch_seed(args, epoch, index))
         model.train()
         loss = F.cross_entropy(model(images), targets)
         optimizer.zero_grad(set_to_none=True)
@@ -226,8 +238,8 @@ def catastrophic_overfitting(history):
 
 # ---- checkpoints ----------------------------------------------------------------------------------------------
 
-SETTINGS = ("arch", "method", "epsilon", "steps", "alpha", "batch_size", "lr", "val_fraction", "image_size", "seed",
-            "epochs")
+SETTINGS = ("arch", "method", "epsilon", "steps", "alpha", "sigma", "batch_size", "lr", "val_fraction", "image_size",
+            "seed", "epochs")
 
 
 def checkpoint_path(args):
@@ -300,6 +312,8 @@ def report_epoch(row):
 def main(args):
     if Path(args.output).suffix != ".pt2":
         raise UsageError(f"--output {args.output}: the model is written as a torch.export program, name it NAME.pt2")
+    if (args.method == "noise") != (args.sigma is not None):
+        raise UsageError("--sigma goes with --method noise, and --method noise needs it (e.g. --sigma 0.25)")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = get_device(args.device)
@@ -307,7 +321,8 @@ def main(args):
     model = make_model(data, args).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     first, history, best = resume_from(model, optimizer, args)
-    print(f"Training {args.arch} ({args.method}, epsilon {args.epsilon:g} levels) on {len(data.train)} images of "
+    budget = f"sigma {args.sigma:g}" if args.method == "noise" else f"epsilon {args.epsilon:g} levels"
+    print(f"Training {args.arch} ({args.method}, {budget}) on {len(data.train)} images of "
           f"{len(data.classes)} classes, {len(data.val)} held out; {torch.get_num_threads()} thread(s), {device}")
     for epoch in range(first, args.epochs + 1):
         loss, speed = train_epoch(model, optimizer, data, epoch, args, device)
@@ -349,6 +364,8 @@ def get_args_parser():
                         help="PGD steps per training batch (pgd; fgsm-rs takes one) (default: %(default)s)")
     parser.add_argument("--alpha", type=number_in(0, 255, low_open=True, name="--alpha"), default=None,
                         help="the attack's step in levels (default: pgd 2.5 * epsilon / steps, fgsm-rs 1.25 * epsilon)")
+    parser.add_argument("--sigma", type=number_in(0, 2, low_open=True, name="--sigma"), default=None,
+                        help="noise: the Gaussian noise's standard deviation in [0, 1] pixel units (e.g. 0.25)")
     parser.add_argument("--arch", default=SMALL_CNN,
                         help=f"{SMALL_CNN}, {MLP} (fully connected, for step 10's exact verifier), a torchvision "
                              "classifier name or timm:NAME (default: %(default)s)")
