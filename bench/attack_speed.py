@@ -2,7 +2,7 @@
 
     python bench/attack_speed.py [--models resnet18,efficientnet_lite0] [--batch-sizes 1,16] [--device auto|cpu|cuda]
                                  [--steps 10] [--epsilon 8] [--alpha LEVELS] [--repeats 3] [--threads N] [--stat median|min]
-                                 [--clock auto|cpu|wall] [--compile]
+                                 [--clock auto|cpu|wall] [--compile] [--no-norms] [--l2-epsilon 0.5] [--l1-epsilon 12]
 
 For each model and batch size, on the same device and the same images, it times per gradient step:
 - fwd+bwd: the model's forward, a cross-entropy and the backward to the input (weights frozen), in PyTorch's default
@@ -20,6 +20,9 @@ shared with other work, the wall clock would also count the time spent waiting f
 classified by the default fp32 model as the target, goldfish (1). A configuration's verdicts "match" when they equal,
 image by image, those of ours in fp32; the summary line per model and batch quotes the fastest configuration whose
 verdicts match.
+Then two more tables, untargeted against the clean prediction: APGD per step and Square per query (--queries), and,
+unless --no-norms, the L2 and L1 attacks and FAB-T per step (PGD-L2, APGD in L2 and L1, FAB-T in each norm with one
+target class), each against fwd+bwd and against torchattacks' counterpart where it has one, in the same run.
 """
 import argparse
 import copy
@@ -331,7 +334,7 @@ def get_args_parser():
     return parser
 
 
-# ---- APGD and Square (issue 7) --------------------------------------------------------------------------------
+# ---- APGD and Square --------------------------------------------------------------------------------------------
 # Both untargeted against the clean prediction, early stop off (every image runs every step or query), on the same
 # photos: APGD per gradient step next to fwd+bwd and torchattacks' APGD; Square per query next to one forward.
 APGD_TARGET_RATIO = 1.05   # APGD step <= 1.05 x fwd+bwd
