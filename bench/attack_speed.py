@@ -2,7 +2,7 @@
 
     python bench/attack_speed.py [--models resnet18,efficientnet_lite0] [--batch-sizes 1,16] [--device auto|cpu|cuda]
                                  [--steps 10] [--epsilon 8] [--alpha LEVELS] [--repeats 3] [--threads N] [--stat median|min]
-                                 [--clock auto|cpu|wall] [--compile]
+                                 [--clock auto|cpu|wall] [--compile] [--no-norms] [--l2-epsilon 0.5] [--l1-epsilon 12]
 
 For each model and batch size, on the same device and the same images, it times per gradient step:
 - fwd+bwd: the model's forward, a cross-entropy and the backward to the input (weights frozen), in PyTorch's default
@@ -20,7 +20,11 @@ shared with other work, the wall clock would also count the time spent waiting f
 classified by the default fp32 model as the target, goldfish (1). A configuration's verdicts "match" when they equal,
 image by image, those of ours in fp32; the summary line per model and batch quotes the fastest configuration whose
 verdicts match.
+Then two more tables, untargeted against the clean prediction: APGD per step and Square per query (--queries), and,
+unless --no-norms, the L2 and L1 attacks and FAB-T per step (PGD-L2, APGD in L2 and L1, FAB-T in each norm with one
+target class), each against fwd+bwd and against torchattacks' counterpart where it has one, in the same run.
 """
+import argparse
 import copy
 import importlib.util
 import statistics
@@ -287,6 +291,8 @@ def main(args):
     print_table(rows)
     if args.queries:
         bench_apgd_square(args, device)
+    if args.norms:
+        bench_norms(args, device)
 
 
 def get_args_parser():
@@ -317,12 +323,18 @@ def get_args_parser():
     parser.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
                         help="cpu: this process's CPU time, steady on shared cores with one thread; auto: cpu with "
                              "--threads 1 on a CPU, wall otherwise (default: %(default)s)")
+    parser.add_argument("--norms", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the L2 and L1 attacks and FAB-T in each norm (default: on)")
+    parser.add_argument("--l2-epsilon", type=number_in(0, 1000, name="--l2-epsilon", low_open=True), default=0.5,
+                        help="L2 budget of the norms table, in [0, 1] pixel units (default 0.5)")
+    parser.add_argument("--l1-epsilon", type=number_in(0, 100000, name="--l1-epsilon", low_open=True), default=12.0,
+                        help="L1 budget of the norms table, in [0, 1] pixel units (default 12)")
     parser.add_argument("--compile", action="store_true",
                         help="also time ours on a torch.compile'd model (slow to compile: a minute or more per model)")
     return parser
 
 
-# ---- APGD and Square (issue 7) --------------------------------------------------------------------------------
+# ---- APGD and Square --------------------------------------------------------------------------------------------
 # Both untargeted against the clean prediction, early stop off (every image runs every step or query), on the same
 # photos: APGD per gradient step next to fwd+bwd and torchattacks' APGD; Square per query next to one forward.
 APGD_TARGET_RATIO = 1.05   # APGD step <= 1.05 x fwd+bwd
@@ -401,6 +413,102 @@ def bench_apgd_square(args, device):
             for batch_size in args.batch_sizes:
                 rows.append(measure_apgd_square(name, batch_size, device, args, progress))
     print_apgd_square_table(rows, args)
+
+
+# ---- the L2 and L1 attacks, and FAB-T ---------------------------------------------------------------------------
+# Untargeted against the clean prediction, early stop off, one target class for FAB-T on both sides (so a step is a
+# step): ours per gradient step next to fwd+bwd and, where torchattacks has the attack, next to its counterpart on the
+# same model and images (PGDL2, APGD(norm="L2"), FAB(multi_targeted=True) in L-infinity and L2; its targeted FAB
+# fails in L1). l1-APGD has no torchattacks counterpart (ART's runs on numpy, a different cost model).
+NORM_TARGET_RATIO = 1.1  # each new attack's step <= 1.1 x fwd+bwd
+
+
+def norm_attacks(args):
+    """name: (our method, norm, epsilon in its units, our options, torchattacks' constructor or None)."""
+    import torchattacks
+    linf, l2, l1 = args.epsilon, args.l2_epsilon, args.l1_epsilon
+
+    def fab(norm, epsilon):
+        def make(model, steps):
+            attack = torchattacks.FAB(model, norm=norm, eps=epsilon, steps=steps, n_restarts=1, multi_targeted=True,
+                                      n_classes=1000)
+            attack.n_target_classes = 1
+            return attack
+        return make
+    return {
+        "pgd L2": ("pgd", "L2", l2, {}, lambda model, steps: torchattacks.PGDL2(
+            model, eps=l2, alpha=2.5 * l2 / steps, steps=steps, random_start=False)),
+        "apgd L2": ("apgd", "L2", l2, {}, lambda model, steps: torchattacks.APGD(
+            model, norm="L2", eps=l2, steps=steps, n_restarts=1, loss="ce")),
+        "apgd L1": ("apgd", "L1", l1, {}, None),
+        "fab Linf": ("fab", "Linf", linf, dict(target_classes=1), fab("Linf", linf / 255)),
+        "fab L2": ("fab", "L2", l2, dict(target_classes=1), fab("L2", l2)),
+        "fab L1": ("fab", "L1", l1, dict(target_classes=1), None),
+    }
+
+
+def measure_norms(name, batch_size, device, args, progress):
+    """Seconds per step: fwd+bwd, and each attack of `norm_attacks`, ours and torchattacks' where it has one."""
+    model = get_model(name, device)
+    images, _ = get_batch(model, batch_size, device)
+    with torch.no_grad():
+        clean = model(images).argmax(dim=1)
+
+    def our_run(method, norm, epsilon, options):
+        return lambda count: make_attack(method, model, norm=norm, epsilon=epsilon, steps=count, targeted=False,
+                                         early_stop=False, **options)(images, clean)
+    # torchattacks' L2 attacks `view` their gradients: they get the model in contiguous memory, as PyTorch's default
+    contiguous = model.with_net(model.net, memory_format=torch.contiguous_format)
+    runs = {"fwd+bwd": lambda count: forward_backward(model, images, clean, count)}
+    for key, (method, norm, epsilon, options, peer) in norm_attacks(args).items():
+        runs[key] = our_run(method, norm, epsilon, options)
+        if peer is not None:
+            runs["ta " + key] = (lambda make: lambda count: make(contiguous, count)(images.contiguous(), clean))(peer)
+    for function in runs.values():  # warm-up
+        function(min(2, args.steps))
+    seconds = {key: [] for key in runs}
+    for _ in range(args.repeats):
+        for key, function in runs.items():
+            elapsed, _ = timed(lambda: function(args.steps), device, args.now)
+            seconds[key].append(elapsed / args.steps)
+        progress.update(1)
+    pick = statistics.median if args.stat == "median" else min
+    return dict(model=name, batch=batch_size, random=name in RANDOM_WEIGHTS,
+                **{key: pick(values) for key, values in seconds.items()})
+
+
+def print_norms_table(rows, args):
+    print(f"\nuntargeted L2, L1 and FAB-T (one target class) against the clean prediction: epsilon {args.epsilon:g} "
+          f"levels (Linf), {args.l2_epsilon:g} (L2), {args.l1_epsilon:g} (L1) in [0, 1] units; {args.steps} steps, "
+          f"early stop off; {args.stat} of {args.repeats}")
+    header = (f"{'model':<19} {'batch':>5} {'attack':<9} {'fwd+bwd ms':>10} {'ours ms':>8} {'ta ms':>8} "
+              f"{'ours/fb':>8} {'ours/ta':>8}")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        for key in norm_attacks(args):
+            peer = row.get("ta " + key)
+            print(f"{row['model'] + ('*' if row['random'] else ' '):<19} {row['batch']:>5} {key:<9} "
+                  f"{1000 * row['fwd+bwd']:>10.1f} {1000 * row[key]:>8.1f} "
+                  f"{'-' if peer is None else f'{1000 * peer:.1f}':>8} {row[key] / row['fwd+bwd']:>8.3f} "
+                  f"{'-' if peer is None else f'{row[key] / peer:.3f}':>8}")
+    print("times per gradient step (ta: torchattacks' counterpart on the same model and images)")
+    for row in rows:
+        ratios = {key: row[key] / row["fwd+bwd"] for key in norm_attacks(args)}
+        missed = [f"{key} {ratio:.3f}" for key, ratio in ratios.items() if ratio > NORM_TARGET_RATIO]
+        print(f"{row['model']} batch {row['batch']} (norms): step/fwd+bwd <= {NORM_TARGET_RATIO}: "
+              + ("all meet" if not missed else "misses: " + ", ".join(missed)))
+
+
+def bench_norms(args, device):
+    from tqdm import tqdm
+    rows = []
+    with tqdm(total=len(args.models) * len(args.batch_sizes) * args.repeats, desc="timing norms",
+              unit="repeat", file=sys.stderr, leave=False) as progress:
+        for name in args.models:
+            for batch_size in args.batch_sizes:
+                rows.append(measure_norms(name, batch_size, device, args, progress))
+    print_norms_table(rows, args)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from utils.attacks import norms
 
 # The model sees the rounded 8-bit image, so a pixel moves only once delta crosses half a level. A sign step much
 # smaller than that starves: at epsilon 1 and 100 steps Madry's 2.5 * epsilon / steps is 0.025 levels, 20 steps of
-# one sign before a single pixel changes, and PGD fooled fewer photos than torchattacks with alpha 0.25 (issue 7).
+# one sign before a single pixel changes, and PGD fooled fewer photos than torchattacks with alpha 0.25.
 # With a floor of a quarter level, two steps of one sign move a pixel, and a step is still fine enough to stop on
 # each level on the way (measured in tests/test_crosscheck_torchattacks.py).
 MIN_STEP_LEVELS = 0.25

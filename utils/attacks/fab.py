@@ -58,10 +58,12 @@ class FAB(Attack):
     onto that hyperplane inside [0, 1] (`hyperplane_step`, exact in each norm), and the next point is the mix
     (1 - a) (x + eta d_x) + a (x_orig + eta d_orig), a = min(|d_x| / (|d_x| + |d_orig|), alpha_max), eta = 1.05 the
     overshoot, alpha_max = 0.1; a point that is adversarial is recorded when it is the smallest so far and pulled back
-    towards the original, x_orig + beta (x - x_orig), beta = 0.9 (its linearization is the one just computed).
+    towards the original, x_orig + beta (x - x_orig), beta = 0.9, instead of stepping: the next linearization is at
+    the point pulled back, as in the reference (one forward and backward per step, no extra forward to check).
     Untargeted (labels = true classes): one such run towards each of the `target_classes` (default 9) classes with
     the largest clean logits, each on the images no earlier run fooled within epsilon; targeted (labels = targets):
-    one run to the target, the strongest non-target class as the class to leave.
+    one run to the target, the strongest non-target class as the class to leave (weak where many classes are close:
+    crossing one rival meets the next; on a random 1000-class model it reached no target in 100 steps).
     The model always sees the 8-bit image (rounded to whole levels, no budget: FAB is free to cross epsilon); an
     image counts as fooled when its 8-bit image is adversarial and within epsilon, and the returned image is then the
     smallest adversarial 8-bit image found, else the input. `distance` reports, per image, the size of the smallest
@@ -149,7 +151,6 @@ class FAB(Attack):
     def boundary_step(self, delta, adversarial, value, grad, lattice):
         """FAB's next delta from the linearization value + grad . (z - lattice) of the current 8-bit image."""
         original = self.original
-        delta = torch.where(adversarial.view(-1, 1, 1, 1), delta * self.beta, delta)  # the backward step
         batch = len(delta)
         point, normal = (original + delta).flatten(1), grad.flatten(1)
         base = value - (normal * lattice.flatten(1)).sum(dim=1)   # the hyperplane: normal . z + base = 0
@@ -160,7 +161,8 @@ class FAB(Attack):
         mix = (lengths[:batch] / (lengths[:batch] + lengths[batch:])).clamp(0, self.alpha_max).view(-1, 1)
         moved = ((point + self.eta * steps[:batch]) * (1 - mix)
                  + (original.flatten(1) + self.eta * steps[batch:]) * mix).clamp(0, 1)
-        return moved.view_as(delta) - original
+        # an adversarial point takes the backward step instead: its next linearization is at the point pulled back
+        return torch.where(adversarial.view(-1, 1, 1, 1), delta * self.beta, moved.view_as(delta) - original)
 
     def result(self, best, best_size, budget, steps_used, labels):
         """The smallest adversarial image where it is within the budget, else the input, judged once more in fp32."""
