@@ -191,6 +191,7 @@ def shown_photo_size(driver, wait):
     return wait.until(drawn)
 
 
+@pytest.mark.browser
 def test_a_person_uploads_a_photo_and_gets_goldfish_in_chromium(page_url, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys

@@ -22,6 +22,8 @@ art = pytest.importorskip("art")
 from art.attacks.evasion import AutoProjectedGradientDescent, SquareAttack  # noqa: E402
 from art.estimators.classification import PyTorchClassifier  # noqa: E402
 
+pytestmark = pytest.mark.crosscheck  # a peer side by side: make test-fast leaves it out
+
 GOLDFISH = 1
 APGD_EPSILON, APGD_STEPS = 1, 10
 SQUARE_EPSILON, SQUARE_QUERIES = 2, 50

@@ -18,6 +18,8 @@ from utils.evaluation.reference import reference_autoattack, worst_case_robust
 from utils.models import export_program
 from utils.training import SMALL_CNN, build_net, load_checkpoint
 
+pytestmark = pytest.mark.crosscheck  # a peer side by side: make test-fast leaves it out
+
 pytest.importorskip("pyautoattack")
 
 EPSILON = 32        # levels out of 255: the training budget, where a robust model is neither 0% nor 100% robust

@@ -32,6 +32,8 @@ from art.estimators.classification import PyTorchClassifier  # noqa: E402
 from pyautoattack.autopgd_base import APGDAttack  # noqa: E402
 from pyautoattack.fab_pt import FABAttack_PT  # noqa: E402
 
+pytestmark = pytest.mark.crosscheck  # a peer side by side: make test-fast leaves it out
+
 # budgets where the robust model is partly fooled (measured: about 1/3 of the digits at L2 2.0 and L-inf 32 levels,
 # 4 of 30 at L1 12): a broken attack on either side shows
 EPSILONS = {"Linf": 32, "L2": 2.0, "L1": 12.0}

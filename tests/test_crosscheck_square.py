@@ -14,6 +14,8 @@ import torch
 
 from bench.square_crosscheck import IMPLEMENTATIONS, crosscheck, sample_photos, totals
 
+pytestmark = pytest.mark.crosscheck  # a peer side by side: make test-fast leaves it out
+
 pytest.importorskip("torchattacks")
 pytest.importorskip("pyautoattack")
 

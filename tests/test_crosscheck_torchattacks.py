@@ -18,16 +18,16 @@ Also "final": torchattacks returns its last iterate; ours returns its last succe
 its last one), so its `success` means "some step succeeded". The last iterate of ours succeeded exactly when
 success and steps_used == steps, and that is what is compared; ours' own success can only be larger.
 """
-import importlib.util
-from pathlib import Path
 
-import matplotlib
 import pytest
 import torch
 
 from utils.images import to_tensor
 from utils.models import predict, prepare_image
 from utils.attacks import make_attack
+from utils.samples import sample_paths
+
+pytestmark = pytest.mark.crosscheck  # a peer side by side: make test-fast leaves it out
 
 torchattacks = pytest.importorskip("torchattacks")
 
@@ -39,10 +39,8 @@ SETTINGS = [(2, 1, 3), (4, 2, 2)]
 
 
 def photo_paths():
-    """Grace Hopper from matplotlib and five of scikit-image's photos, located without importing scikit-image."""
-    skimage_data = Path(importlib.util.find_spec("skimage").submodule_search_locations[0]) / "data"
-    names = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png"]
-    return [Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"] + [skimage_data / n for n in names]
+    """The sample photos: Grace Hopper from matplotlib and five of scikit-image's photos."""
+    return sample_paths()
 
 
 def judge_8bit(model, images):
