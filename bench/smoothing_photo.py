@@ -22,7 +22,7 @@ from utils.certify.smoothing import (ALPHA, N0, certify_image, largest_radius, l
                                      open_interval)
 from utils.cli import ArgumentParser, number_in, run  # noqa: E402
 from utils.figures import short  # noqa: E402
-from utils.sample_images import sample_paths  # noqa: E402
+from utils.samples import sample_paths  # noqa: E402
 
 
 def main(args):

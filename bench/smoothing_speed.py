@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from step_2_pretrained import get_device, load_model, prepare_image, to_tensor  # noqa: E402
 from utils.certify.smoothing import sample_counts  # noqa: E402
 from utils.cli import ArgumentParser, UsageError, listed, number_in, run  # noqa: E402
-from utils.sample_images import sample_paths  # noqa: E402
+from utils.samples import sample_paths  # noqa: E402
 
 TARGET = 1.1
 

@@ -7,7 +7,8 @@ import torch
 from utils.models import Classifier, Preprocessing
 from step_9_adversarial_training import best_epoch, catastrophic_overfitting
 from tests.conftest import run_script, run_tool
-from utils.training import SMALL_CNN, build_net, load_checkpoint, load_program
+from utils.models import load_program
+from utils.training import SMALL_CNN, build_net, load_checkpoint
 
 
 def epochs(*pairs):

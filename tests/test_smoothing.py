@@ -10,7 +10,7 @@ from scipy.optimize import brentq
 from scipy.stats import binom, fisher_exact, norm
 from torch import nn
 
-from step_2_pretrained import Classifier, Preprocessing, freeze
+from utils.models import Classifier, freeze, Preprocessing
 from utils.certify import smoothing
 from utils.certify.smoothing import (ABSTAIN, Smoothing, SmoothingSettings, certify, certify_image,
                                      lower_confidence_bound, noise_batches, page_certificate, predict, sample_counts,
@@ -233,7 +233,7 @@ def noise_trained_digits():
     """A small CNN trained with Gaussian noise (sigma 0.25) on the digits' train split, 4 epochs (about 10 s on one
     thread; about 92% clean test accuracy), and the first 2 test digits of each class as (N, 3, 32, 32) in [0, 1]."""
     from sklearn.datasets import load_digits
-    from utils.sample_images import digit_image, digit_split
+    from utils.samples import digit_image, digit_split
     from utils.training import SMALL_CNN, build_net
     torch.set_num_threads(1)
     digits = load_digits()

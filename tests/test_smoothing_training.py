@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import run_script
-from utils.sample_images import digit_image
+from utils.samples import digit_image
 from utils.training import load_checkpoint
 
 STEP_9 = "step_9_adversarial_training.py"
