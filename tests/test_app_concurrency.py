@@ -18,6 +18,8 @@ from tests.conftest import GRACE_HOPPER, REPO
 from tests.test_app import free_port, wait_for_server
 from utils.samples import sample_paths
 
+pytestmark = pytest.mark.slow  # end to end, several processes: make test-fast leaves it out
+
 gradio_client = pytest.importorskip("gradio_client", reason="gradio_client is not installed (it comes with gradio)")
 
 WORKERS, QUEUE = 2, 2  # two attacks at a time and two waiting: four requests fill the page, a fifth is refused

@@ -291,6 +291,7 @@ def test_step_10_writes_verdicts_counterexamples_and_a_summary(digits_setup, tmp
         assert not (bound["verdict"] == "robust" and exact["verdict"] == "not robust")
 
 
+@pytest.mark.slow
 def test_step_10_resumes_and_ignores_a_torn_last_line(digits_setup, tmp_path):
     out = tmp_path / "out"
     args = [digits_setup / "digits", "--model", digits_setup / "mlp.pt2", "--method", "bounds", "--epsilons", "2,8",

@@ -108,14 +108,17 @@ def check_break(image, model, tmp_path):
     assert (tmp_path / "out" / "break_defense.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_adaptive_attack_survives_jpeg_on_grace_hopper(grace_hopper, offline_model, tmp_path):
     check_break(grace_hopper, offline_model, tmp_path)
 
 
+@pytest.mark.slow
 def test_adaptive_attack_survives_jpeg_on_the_corgi(corgi, offline_model, tmp_path):
     check_break(corgi, offline_model, tmp_path)
 
 
+@pytest.mark.slow
 def test_step6_report_says_whether_the_clean_prediction_survives(grace_hopper, tmp_path):
     result = run_script("step_6_defend.py", grace_hopper, "--model", OFFLINE, "--report", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -16,6 +16,8 @@ from tests.conftest import GRACE_HOPPER, OFFLINE, REPO
 from utils.evaluation import distributed
 from utils.samples import sample_paths
 
+pytestmark = pytest.mark.slow  # end to end, several processes: make test-fast leaves it out
+
 # 5 photos in batches of 2: batches [0, 1], [2, 3], [4]; under 2 ranks rank 0 runs the first and last, rank 1 the
 # second. pgd at 2 and 4 steps plus the unbounded run: three jobs per batch.
 GRID = ("--model", OFFLINE, "--methods", "pgd", "--epsilons", "2", "--steps", "2", "--batch-size", "2",

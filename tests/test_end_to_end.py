@@ -7,6 +7,8 @@ from utils.models import find_class, load_model, predict_images, prepare_image
 from tests.conftest import OFFLINE, run_script
 from utils.defenses import jpeg
 
+pytestmark = pytest.mark.slow  # end to end, several processes: make test-fast leaves it out
+
 GOLDFISH = "goldfish, Carassius auratus"
 PEMBROKE = "Pembroke, Pembroke Welsh corgi"
 

@@ -254,6 +254,7 @@ def test_step_5_reaches_a_target_from_the_class_list_judged_on_the_file(files, s
     assert np.abs(np.asarray(Image.open(saved), dtype=int) - original).max() <= 16
 
 
+@pytest.mark.slow
 def test_steps_3_6_and_7_take_a_torchscript_file_and_its_classes(files, step_5):
     """The same network as a TorchScript file with --classes: step 3 re-applies step 5's r (normalization is inside
     both files, so r is in pixel units) byte for byte; steps 6 and 7 name classes from the list."""

@@ -2,6 +2,7 @@
 reproduces it on the digits (FGSM with a random start at epsilon 64, step 128), whose written model is the best
 held-out PGD epoch's."""
 import numpy as np
+import pytest
 import torch
 
 from utils.models import Classifier, Preprocessing
@@ -23,6 +24,7 @@ def test_the_rule_needs_both_the_collapse_and_fgsm_staying_high():
     assert best_epoch(epochs((0.40, 0.5), (0.45, 0.5), (0.45, 0.6), (0.0, 0.9))) == 2
 
 
+@pytest.mark.slow
 def test_fgsm_rs_at_epsilon_64_is_caught_and_the_best_epoch_written(tmp_path):
     assert run_tool("tools.sample_images", "--digits", tmp_path / "digits", cwd=tmp_path).returncode == 0
     output = tmp_path / "fast.pt2"

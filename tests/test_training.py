@@ -67,6 +67,7 @@ def train_args(folder, output, *extra):
             "--threads", "1", "--val-steps", "2", *extra]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_gives_the_same_model(few_digits, tmp_path):
     """Kill a run once its first checkpoint exists, resume it, and get the very model of an uninterrupted run."""
     whole = run_script(STEP_9, *train_args(few_digits, tmp_path / "whole.pt2"), cwd=tmp_path)
@@ -131,6 +132,7 @@ def test_a_flat_folder_without_labels_is_refused(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_is_refused(few_digits, tmp_path):
     output = tmp_path / "m.pt2"
     assert run_script(STEP_9, *train_args(few_digits, output, "--method", "none", "--epochs", "1"), cwd=tmp_path).returncode == 0
@@ -149,6 +151,7 @@ def write_accuracy(folder, clean, robust):
     (folder / "robust_accuracy.csv").write_text("\n".join(lines) + "\n")
 
 
+@pytest.mark.slow
 def test_compare_models_tabulates_each_run_and_draws_the_figure(tmp_path):
     write_accuracy(tmp_path / "a", 0.95, {8: (0.4, 0.35), 32: (0.05, 0.0)})
     write_accuracy(tmp_path / "b", 0.9, {8: (0.85, 0.8), 32: (0.6, 0.55)})
