@@ -308,7 +308,7 @@ class Smoothing(Certifier):
         return found
 
     def certify(self, image_u8, label, epsilons=()):
-        settings = self.settings
+        settings = self.config  # the base class keeps a certifier's settings as config
         started = time.perf_counter()
         found = certify_image(self.model, to_tensor(image_u8), settings.sigma, settings.n0, settings.n, settings.alpha,
                               settings.batch_size, settings.seed)
