@@ -30,12 +30,13 @@ from pathlib import Path
 
 import torch
 
-from step_2_pretrained import add_model_arguments, find_class, get_device, model_from_args, prepare_image
+from step_2_pretrained import find_class, get_device, model_from_args, prepare_image
 from utils.certify import CERTIFIERS
 from utils.certify.run import (certify_images, csv_columns, read_certified, start_certified, write_certified,
                                write_certify_report)
 from utils.cli import ArgumentParser, UsageError, listed, number_in, run
 from utils.data import find_photos
+from utils.flags import add_photos_arguments
 from utils.files import display_path
 
 DEFAULT_EPSILONS = {"Linf": [2.0, 4.0, 8.0], "L1": [0.5, 1.0, 2.0]}
@@ -106,10 +107,7 @@ def main(args):
 def get_args_parser():
     parser = ArgumentParser(description="Certify robustness: prove that no perturbation within the budget changes "
                                         "the class (exact MILP or bound propagation).")
-    parser.add_argument("folder", help="a folder of photos or an ImageFolder tree (one subfolder per class)")
-    add_model_arguments(parser)
-    parser.add_argument("--labels", help="imagenet-val or a CSV file with columns image,label (default: the "
-                                         "ImageFolder tree, else each image's clean prediction)")
+    add_photos_arguments(parser)
     parser.add_argument("--method", choices=list(CERTIFIERS), default="exact", help="(default: %(default)s)")
     parser.add_argument("--norm", choices=NORMS, default="Linf", help="(default: %(default)s)")
     parser.add_argument("--epsilons", type=listed(number_in(0, 1e6, name="--epsilons"), "--epsilons", ascending=True),

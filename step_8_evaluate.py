@@ -41,12 +41,13 @@ from step_2_pretrained import find_class, get_device, load_model
 from utils import speed
 from utils.attacks import ATTACKS
 from utils.cli import ArgumentParser, UsageError, listed, number_in, one_of, run
-from utils.data import IMAGENET_VAL, cut, find_photos
+from utils.data import cut, find_photos
 from utils.defenses import DEFENSES
 from utils.evaluation import distributed
 from utils.evaluation.engine import check_readable, run_evaluation
 from utils.evaluation.plan import CLEAN, UNBOUNDED, Job, Plan, Settings, defense_method, iterative_methods, stage_steps
-from utils.flags import DEFAULT_TARGET, add_device_argument, add_model_arguments, add_speed_arguments, chosen_target
+from utils.flags import (DEFAULT_TARGET, add_device_argument, add_photos_arguments, add_speed_arguments,
+                         add_threads_argument, chosen_target)
 
 DEFAULT_METHODS = ("fgsm", "pgd", "mifgsm")
 DEFAULT_ENSEMBLE = ("apgd", "apgd-t", "square")
@@ -153,11 +154,7 @@ def ensemble_list(text):
 def get_args_parser():
     parser = ArgumentParser(description="Evaluate attacks (and defenses) on a folder of photos, with sanity checks "
                                         "and, given true labels, robust accuracy.")
-    parser.add_argument("folder", help="a folder of photos, or an ImageFolder tree (one subfolder per class)")
-    add_model_arguments(parser)
-    parser.add_argument("--labels", help=f"true labels: {IMAGENET_VAL} (ILSVRC2012_val_NNNNNNNN.JPEG names) or a CSV "
-                                         "file with columns image,label (index, WordNet ID or class name); "
-                                         "default: the ImageFolder subfolders if any")
+    add_photos_arguments(parser)
     parser.add_argument("--methods", type=listed(one_of(ATTACKS, "method"), "--methods"), default=None,
                         help=f"the grid's attacks, from {', '.join(ATTACKS)} (default: {','.join(DEFAULT_METHODS)}; "
                              "with labels, no grid unless given)")
@@ -182,8 +179,7 @@ def get_args_parser():
     parser.add_argument("--batch-size", type=number_in(1, 4096, int, name="--batch-size"), default=16)
     parser.add_argument("--workers", type=number_in(0, 64, int, name="--workers"), default=0,
                         help="DataLoader processes decoding photos (default: %(default)s, in the main process)")
-    parser.add_argument("--threads", type=number_in(1, 1024, int, name="--threads"), default=None,
-                        help="torch threads per process (default: the cores divided among this machine's processes)")
+    add_threads_argument(parser, why="per process; default: the cores divided among this machine's processes")
     add_device_argument(parser)
     parser.add_argument("--output-dir", default="outputs/eval", help="(default: %(default)s)")
     parser.add_argument("--resume", action="store_true", help="keep the finished rows of an earlier run, do the rest")

@@ -77,6 +77,18 @@ def get_batch(model, batch_size, device):
     return to_tensor(images, device), torch.full((batch_size,), TARGET, device=device)
 
 
+def print_header_line(header):
+    """A table's header, underlined."""
+    print(header)
+    print("-" * len(header))
+
+
+def summarized(seconds, args):
+    """{key: the --stat (min or median) of its timings}."""
+    pick = statistics.median if args.stat == "median" else min
+    return {key: pick(values) for key, values in seconds.items()}
+
+
 def timed(function, device, now):
     """(seconds, result) of function(), with the device's queue drained before and after."""
     speed.synchronize(device)
@@ -185,9 +197,7 @@ def measure(name, batch_size, device, args, progress):
             elapsed, outputs[key] = timed(lambda: function(args.steps), device, args.now)
             seconds[key].append(elapsed / (1 if key == "fwd" else args.steps))
         progress.update(1)
-    pick = statistics.median if args.stat == "median" else min
-    return {"model": name, "batch": batch_size, "random": name in RANDOM_WEIGHTS,
-            "seconds": {key: pick(values) for key, values in seconds.items()},
+    return {"model": name, "batch": batch_size, "random": name in RANDOM_WEIGHTS, "seconds": summarized(seconds, args),
             "verdicts": {key: verdicts(plain, output, labels) for key, output in outputs.items() if output is not None},
             "formats": {key: chosen_format(model, images) for key, (model, _) in configs.items()},
             "ours": list(configs)}
@@ -280,19 +290,11 @@ def main(args):
         args.alpha = ATTACKS["pgd"](None, epsilon=args.epsilon, steps=args.steps).alpha * 255
     args.now, args.clock_name = get_clock(args.clock, device)
     print_header(args, device)
-    from tqdm import tqdm
-    rows = []
-    with tqdm(total=len(args.models) * len(args.batch_sizes) * args.repeats, desc="timing", unit="repeat",
-              file=sys.stderr, leave=False) as progress:
-        for name in args.models:
-            for batch_size in args.batch_sizes:
-                progress.set_postfix_str(f"{name} batch {batch_size}")
-                rows.append(measure(name, batch_size, device, args, progress))
-    print_table(rows)
+    print_table(bench_each(args, device, measure, "pgd"))
     if args.queries:
-        bench_apgd_square(args, device)
+        print_apgd_square_table(bench_each(args, device, measure_apgd_square, "apgd, square"), args)
     if args.norms:
-        bench_norms(args, device)
+        print_norms_table(bench_each(args, device, measure_norms, "norms"), args)
 
 
 def get_args_parser():
@@ -377,9 +379,7 @@ def measure_apgd_square(name, batch_size, device, args, progress):
             elapsed, _ = timed(lambda: function(count), device, args.now)
             seconds[key].append(elapsed / count)
         progress.update(1)
-    pick = statistics.median if args.stat == "median" else min
-    return dict(model=name, batch=batch_size, random=name in RANDOM_WEIGHTS,
-                **{key: pick(values) for key, values in seconds.items()})
+    return dict(model=name, batch=batch_size, random=name in RANDOM_WEIGHTS, **summarized(seconds, args))
 
 
 def print_apgd_square_table(rows, args):
@@ -387,8 +387,7 @@ def print_apgd_square_table(rows, args):
           f"{args.steps} APGD steps, {args.queries} Square queries, early stop off; {args.stat} of {args.repeats}")
     header = (f"{'model':<19} {'batch':>5} {'fwd+bwd ms':>10} {'apgd ms':>8} {'ta apgd ms':>10} {'apgd/fb':>8} "
               f"{'apgd/ta':>8} {'fwd ms':>8} {'square ms':>9} {'square/fwd':>10}")
-    print(header)
-    print("-" * len(header))
+    print_header_line(header)
     for row in rows:
         print(f"{row['model'] + ('*' if row['random'] else ' '):<19} {row['batch']:>5} {1000 * row['fwd+bwd']:>10.1f} "
               f"{1000 * row['apgd']:>8.1f} {1000 * row['ta apgd']:>10.1f} {row['apgd'] / row['fwd+bwd']:>8.3f} "
@@ -404,15 +403,17 @@ def print_apgd_square_table(rows, args):
               f"<= {SQUARE_TARGET_RATIO})")
 
 
-def bench_apgd_square(args, device):
+def bench_each(args, device, measure, what):
+    """measure(name, batch size, device, args, progress) for every --models x --batch-sizes: the rows, in order."""
     from tqdm import tqdm
     rows = []
-    with tqdm(total=len(args.models) * len(args.batch_sizes) * args.repeats, desc="timing apgd, square",
+    with tqdm(total=len(args.models) * len(args.batch_sizes) * args.repeats, desc=f"timing {what}",
               unit="repeat", file=sys.stderr, leave=False) as progress:
         for name in args.models:
             for batch_size in args.batch_sizes:
-                rows.append(measure_apgd_square(name, batch_size, device, args, progress))
-    print_apgd_square_table(rows, args)
+                progress.set_postfix_str(f"{name} batch {batch_size}")
+                rows.append(measure(name, batch_size, device, args, progress))
+    return rows
 
 
 # ---- the L2 and L1 attacks, and FAB-T ---------------------------------------------------------------------------
@@ -472,9 +473,7 @@ def measure_norms(name, batch_size, device, args, progress):
             elapsed, _ = timed(lambda: function(args.steps), device, args.now)
             seconds[key].append(elapsed / args.steps)
         progress.update(1)
-    pick = statistics.median if args.stat == "median" else min
-    return dict(model=name, batch=batch_size, random=name in RANDOM_WEIGHTS,
-                **{key: pick(values) for key, values in seconds.items()})
+    return dict(model=name, batch=batch_size, random=name in RANDOM_WEIGHTS, **summarized(seconds, args))
 
 
 def print_norms_table(rows, args):
@@ -483,8 +482,7 @@ def print_norms_table(rows, args):
           f"early stop off; {args.stat} of {args.repeats}")
     header = (f"{'model':<19} {'batch':>5} {'attack':<9} {'fwd+bwd ms':>10} {'ours ms':>8} {'ta ms':>8} "
               f"{'ours/fb':>8} {'ours/ta':>8}")
-    print(header)
-    print("-" * len(header))
+    print_header_line(header)
     for row in rows:
         for key in norm_attacks(args):
             peer = row.get("ta " + key)
@@ -498,17 +496,6 @@ def print_norms_table(rows, args):
         missed = [f"{key} {ratio:.3f}" for key, ratio in ratios.items() if ratio > NORM_TARGET_RATIO]
         print(f"{row['model']} batch {row['batch']} (norms): step/fwd+bwd <= {NORM_TARGET_RATIO}: "
               + ("all meet" if not missed else "misses: " + ", ".join(missed)))
-
-
-def bench_norms(args, device):
-    from tqdm import tqdm
-    rows = []
-    with tqdm(total=len(args.models) * len(args.batch_sizes) * args.repeats, desc="timing norms",
-              unit="repeat", file=sys.stderr, leave=False) as progress:
-        for name in args.models:
-            for batch_size in args.batch_sizes:
-                rows.append(measure_norms(name, batch_size, device, args, progress))
-    print_norms_table(rows, args)
 
 
 if __name__ == "__main__":

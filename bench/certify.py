@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 from step_2_pretrained import load_model, prepare_image, to_tensor  # noqa: E402
 from utils.certify.bounds_certifier import BoundSettings, BoundsCertifier  # noqa: E402
 from utils.certify.exact import ExactCertifier, ExactSettings  # noqa: E402
+from utils.flags import add_benchmark_arguments  # noqa: E402
 from utils.cli import ArgumentParser, UsageError, number_in, run  # noqa: E402
 from utils.data import list_photos  # noqa: E402
 from utils.evaluation.reference import reference_autoattack  # noqa: E402
@@ -89,16 +90,11 @@ def main(args):
 def get_args_parser():
     parser = ArgumentParser(description="Seconds per image of step 10's exact verifier and bounds beside the "
                                         "reference AutoAttack's.")
-    parser.add_argument("--model", default="outputs/certify-demo/mlp.pt2", help="(default: %(default)s)")
-    parser.add_argument("--folder", default="digits/test", help="an ImageFolder of test images (default: %(default)s)")
+    add_benchmark_arguments(parser, model="outputs/certify-demo/mlp.pt2", epsilon=16)
     parser.add_argument("--images", type=number_in(1, 100000, int, name="--images"), default=20,
                         help="images, spread evenly over the folder (default: %(default)s)")
-    parser.add_argument("--epsilon", type=number_in(0, 255, low_open=True, name="--epsilon"), default=16,
-                        help="L-infinity budget in levels (default: %(default)s)")
     parser.add_argument("--time-limit", type=number_in(0, 1e6, low_open=True, name="--time-limit"), default=60.0,
                         help="the exact verifier's seconds per image (default: %(default)s)")
-    parser.add_argument("--threads", type=number_in(1, 1024, int, name="--threads"), default=1,
-                        help="torch threads (default: %(default)s)")
     return parser
 
 

@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from step_2_pretrained import load_model, prepare_image, to_tensor  # noqa: E402
-from utils.cli import ArgumentParser, UsageError, number_in, run  # noqa: E402
+from utils.flags import add_benchmark_arguments  # noqa: E402
+from utils.cli import ArgumentParser, UsageError, run  # noqa: E402
 from utils.data import list_photos  # noqa: E402
 from utils.evaluation.reference import reference_autoattack, worst_case_robust  # noqa: E402
 
@@ -70,12 +71,7 @@ def main(args):
 
 def get_args_parser():
     parser = ArgumentParser(description="Robust accuracy and wall time: step 8's ensemble against the reference AutoAttack.")
-    parser.add_argument("--model", default="outputs/robust-demo/adversarial.pt2", help="(default: %(default)s)")
-    parser.add_argument("--folder", default="digits/test", help="an ImageFolder of test images (default: %(default)s)")
-    parser.add_argument("--epsilon", type=number_in(0, 255, low_open=True, name="--epsilon"), default=32,
-                        help="L-infinity budget in levels (default: %(default)s)")
-    parser.add_argument("--threads", type=number_in(1, 1024, int, name="--threads"), default=1,
-                        help="torch threads for both (default: %(default)s)")
+    add_benchmark_arguments(parser, model="outputs/robust-demo/adversarial.pt2", epsilon=32)
     return parser
 
 

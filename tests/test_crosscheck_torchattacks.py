@@ -105,7 +105,7 @@ def test_both_stay_within_the_budget(runs, photos):
         assert torch.equal(ours.mul(255).round().div(255), ours), f"ours should be on whole levels, {run['setting']}"
 
 
-# ---- the default step (issue 7) -------------------------------------------------------------------------------------
+# ---- the default step --------------------------------------------------------------------------------------
 # The project's default PGD (no --alpha) against torchattacks' PGD with alpha 0.25 levels, targeted to goldfish at
 # epsilon 1 level, from the photo (no random start), judged on 8-bit images. At 100 steps (the issue's setting) and at
 # 20, where the old rule, 2.5 * epsilon / steps = 0.125 levels with no floor, starves on the lattice: the comparison

@@ -1,6 +1,7 @@
 """Writing files atomically (a temp file beside the target, then a rename) so no half-written output is ever left."""
 import os
 import tempfile
+import csv
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -48,6 +49,20 @@ def save_text(text, path):
     with atomic_path(path) as temp:
         Path(temp).write_text(text)
     return Path(path)
+
+
+def append_csv(path, rows, columns):
+    """Append `rows` (dicts) to the CSV file `path`, written with its header `columns` on first use, and flushed:
+    a row is on disk once this returns, and a kill can tear at most the last line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.is_file() or path.stat().st_size == 0
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, columns, lineterminator="\n")
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+        handle.flush()
 
 
 def save_figure(figure, path):

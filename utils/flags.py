@@ -32,6 +32,36 @@ def model_from_args(args, device):
     return load_model(args.model, device, classes=getattr(args, "classes", None), input_size=getattr(args, "input_size", None))
 
 
+def add_threads_argument(parser, default=None, why="default: torch's own choice"):
+    parser.add_argument("--threads", type=number_in(1, 1024, int, name="--threads"), default=default,
+                        help=f"torch CPU threads ({why})")
+
+
+def add_labels_argument(parser):
+    """--labels as steps 8 and 10 read them (utils.data.read_labels)."""
+    parser.add_argument("--labels", help="true labels: imagenet-val (ILSVRC2012_val_NNNNNNNN.JPEG names) or a CSV "
+                                         "file with columns image,label (index, WordNet ID or class name); "
+                                         "default: the ImageFolder subfolders if any")
+
+
+def add_photos_arguments(parser):
+    """The photos an evaluation reads and the model it judges them with (steps 8 and 10): FOLDER, the model flags and
+    --labels."""
+    parser.add_argument("folder", help="a folder of photos, or an ImageFolder tree (one subfolder per class)")
+    add_model_arguments(parser)
+    add_labels_argument(parser)
+
+
+def add_benchmark_arguments(parser, model, epsilon):
+    """A benchmark on a labelled test folder (the digits): --model, --folder, --epsilon (L-infinity levels) and
+    --threads (one by default: steadier timings on a shared machine)."""
+    parser.add_argument("--model", default=model, help="(default: %(default)s)")
+    parser.add_argument("--folder", default="digits/test", help="an ImageFolder of test images (default: %(default)s)")
+    parser.add_argument("--epsilon", type=number_in(0, 255, low_open=True, name="--epsilon"), default=epsilon,
+                        help="L-infinity budget in levels (default: %(default)s)")
+    add_threads_argument(parser, default=1, why="default: %(default)s")
+
+
 def add_device_argument(parser):
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: CUDA when PyTorch sees a device, else the CPU (default: %(default)s)")

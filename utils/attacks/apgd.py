@@ -4,7 +4,7 @@ import math
 import torch
 
 from utils.attacks import norms
-from utils.attacks.base import Attack, dlr, image_ids, over_targets, top_targets
+from utils.attacks.base import Attack, OverTopTargets, dlr
 
 
 def apgd_checkpoints(steps):
@@ -173,7 +173,7 @@ class APGD(Attack):
         self.eps, self.levels, self.steps, self.alpha = epsilon, epsilon * 255, steps, epsilon
 
 
-class APGDT(APGD):
+class APGDT(OverTopTargets, APGD):
     """APGD-T (Croce and Hein 2020), the targeted-DLR APGD that AutoAttack uses to measure *untargeted* robustness.
     Untargeted (labels = true classes): one APGD run with the targeted DLR loss (z_true - z_t) / (z_1 - (z_3 + z_4)
     / 2) towards each of the `target_classes` (default 9, in [1, 999]) classes with the largest clean logits other
@@ -199,12 +199,3 @@ class APGDT(APGD):
         if labels.dim() == logits.dim():
             return logits.argmax(dim=-1) != labels[..., 0]
         return super().reached(logits, labels)
-
-    def __call__(self, images, labels, ids=None):
-        if self.targeted:
-            return super().__call__(images, labels, ids)
-        ids = image_ids(ids, len(images))
-        images = images.detach()
-        labels = torch.as_tensor(labels, device=images.device).view(-1)
-        targets = top_targets(self.forward, images, labels, self.target_classes)
-        return over_targets(super().__call__, images, labels, targets, ids)

@@ -315,3 +315,19 @@ def over_targets(attack_pairs, images, labels, targets, ids):
         else:
             result.merge(todo, part)
     return result
+
+
+class OverTopTargets:
+    """For an attack with targeted runs (APGD-T, FAB-T), put before it in the bases: untargeted (labels = true
+    classes), one targeted run towards each of the `target_classes` classes with the largest clean logits other than
+    the true one (`top_targets`), each on the images no earlier run fooled (`over_targets`); targeted, the attack's
+    own single run."""
+
+    def __call__(self, images, labels, ids=None):
+        if self.targeted:
+            return super().__call__(images, labels, ids)
+        ids = image_ids(ids, len(images))
+        images = images.detach()
+        labels = torch.as_tensor(labels, device=images.device).view(-1)
+        targets = top_targets(self.forward, images, labels, self.target_classes)
+        return over_targets(super().__call__, images, labels, targets, ids)

@@ -2,7 +2,7 @@
 import torch
 
 from utils.attacks import norms
-from utils.attacks.base import Attack, AttackResult, image_ids, over_targets, top_targets
+from utils.attacks.base import Attack, AttackResult, OverTopTargets
 
 
 def _solve_increasing(breaks, saturated, slope, goal):
@@ -50,7 +50,7 @@ def hyperplane_step(point, normal, offset, norm):
     return direction * move
 
 
-class FAB(Attack):
+class FAB(OverTopTargets, Attack):
     """FAB-T (Croce and Hein 2020, "Minimally distorted adversarial examples with a fast adaptive boundary attack";
     the targeted version AutoAttack runs): a search for the *smallest* perturbation that changes the class, in
     L-infinity, L2 or L1. At each step the decision boundary between the class to leave and the target is linearized
@@ -173,12 +173,3 @@ class FAB(Attack):
         distance = best_size if self.norm == "Linf" else best_size / 255
         return AttackResult(adversarial, reached & within, torch.where(within, steps_used, self.steps),
                             logits.argmax(dim=-1), distance.float())
-
-    def __call__(self, images, labels, ids=None):
-        if self.targeted:
-            return super().__call__(images, labels, ids)
-        ids = image_ids(ids, len(images))
-        images = images.detach()
-        labels = torch.as_tensor(labels, device=images.device).view(-1)
-        targets = top_targets(self.forward, images, labels, self.target_classes)
-        return over_targets(super().__call__, images, labels, targets, ids)

@@ -16,7 +16,7 @@ from utils.certify.base import MISCLASSIFIED, NOT_ROBUST, ROBUST, UNKNOWN
 from utils.certify.bounds_certifier import model_logits
 from utils.certify.exact import within_budget
 from utils.cli import UsageError
-from utils.files import atomic_path, save_figure, save_image, save_text
+from utils.files import append_csv, atomic_path, save_figure, save_image, save_text
 
 BASE_COLUMNS = ("image", "label", "epsilon", "verdict", "prediction", "seconds")
 CSV_NAME = "certified.csv"
@@ -106,20 +106,9 @@ def certify_images(certifier, images_u8, labels, epsilons, names, stems=None, ou
                 file = save_counterexample(certifier, row, images_u8[i], label, stems[i], out, norm)
             finished.append(csv_row(row, names[i], label, file, columns))
         if out is not None:
-            append_certified(out / CSV_NAME, finished, columns)
+            append_csv(out / CSV_NAME, finished, columns)
         rows += finished
     return rows
-
-
-def append_certified(path, rows, columns):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.is_file() or path.stat().st_size == 0
-    with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, columns, lineterminator="\n")
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-        handle.flush()
 
 
 # ---- the report -----------------------------------------------------------------------------------------------

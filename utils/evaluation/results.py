@@ -15,7 +15,7 @@ import shutil
 
 from utils.evaluation import distributed
 from utils.cli import UsageError
-from utils.files import atomic_path
+from utils.files import append_csv, atomic_path
 from utils.evaluation.plan import job_of
 
 COLUMNS = ("image", "method", "epsilon", "steps", "defense", "attack", "target", "label", "clean_label",
@@ -65,14 +65,7 @@ def write_results(path, rows):
 
 def append_rows(path, rows):
     """Append to a rank's shard (created with its header on first use), flushed as each job finishes a batch."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.is_file() or path.stat().st_size == 0
-    with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, COLUMNS, lineterminator="\n")
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-        handle.flush()
+    append_csv(path, rows, COLUMNS)
 
 
 def ordered(rows, photos, plan, batch_size):
