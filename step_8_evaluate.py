@@ -8,6 +8,7 @@
                                      [--batch-size 16] [--workers 0] [--threads N] [--device auto|cpu|cuda]
                                      [--output-dir outputs/eval] [--resume] [--strict] [--seed 0]
                                      [--precision fp32|bf16|fp16] [--memory-format auto] [--compile]
+                                     [--certify exact,bounds [--time-limit 60] [--continuous]]
     torchrun --nproc_per_node 2 step_8_evaluate.py FOLDER ...      (the same run, split across processes)
 
 How it works, in the order of this file. The plan: with true labels (an ImageFolder tree, --labels imagenet-val or
@@ -19,6 +20,11 @@ the attack judged through each defense (with --adaptive also BPDA(+EOT) through 
 are cut into batches of --batch-size that a DataLoader (--workers) decodes one at a time; each batch runs every job
 before the next is read, so memory stays flat however large the folder. Every adversarial image is saved as a PNG
 under OUTPUT_DIR/images/ and judged on that file read back from disk (through the real defense, if any).
+
+With --certify, step 10's certifiers (exact, bounds) then run on the same photos and epsilons: the attacks' robust
+accuracy is an upper bound, the share proved robust a lower one, and summary.md gives the interval per epsilon (with a
+sixth sanity check: no photo is both proved robust and fooled), robust_accuracy.csv a certified_accuracy column and
+robust_interval.png the band between them; the certifiers' rows are in OUTPUT_DIR/certified/NAME/certified.csv.
 
 This file is the plan, main and the parser; the loop is utils/evaluation/engine.py's (run_evaluation). Under
 torchrun, batch k runs on rank k % world size. The results files (results.csv, the shards, --resume) are
@@ -44,7 +50,9 @@ from utils.cli import ArgumentParser, UsageError, listed, number_in, one_of, run
 from utils.data import cut, find_photos
 from utils.defenses import DEFENSES
 from utils.evaluation import distributed
+from utils.certify import CERTIFIERS
 from utils.evaluation.engine import check_readable, run_evaluation
+from utils.evaluation.interval import check_certify, interval_certifiers, make_certifiers
 from utils.evaluation.plan import CLEAN, UNBOUNDED, Job, Plan, Settings, defense_method, iterative_methods, stage_steps
 from utils.flags import (DEFAULT_TARGET, add_device_argument, add_photos_arguments, add_speed_arguments,
                          add_threads_argument, chosen_target)
@@ -126,9 +134,12 @@ def main(args):
         model = prepare_model(args, context.device)  # first: the labels and the target are names of its classes
         photos = find_photos(args.folder, args.labels, functools.partial(find_class, classes=model.classes))
         plan = make_plan(args, photos.labels is not None, model.classes)
+        check_certify(args.certify, photos.labels is not None, plan.ensemble)
+        certifiers = make_certifiers(args.certify, model, args)  # a model it cannot read: refused before any output
         if args.strict:
             check_readable(photos.paths, distributed.deal(cut(len(photos.paths), args.batch_size), context), context)
-        result = run_evaluation(model, photos, plan, settings_of(args, model, context.device), args.output_dir, context)
+        result = run_evaluation(model, photos, plan, settings_of(args, model, context.device), args.output_dir, context,
+                                certifiers)
         if context.is_main:
             print(result.summary.read_text())
             if result.attacked:
@@ -191,6 +202,12 @@ def get_args_parser():
     parser.add_argument("--eot", type=number_in(1, 1000, int, name="--eot"), default=1,
                         help="random draws of the defense averaged per adaptive step (default: %(default)s)")
     add_speed_arguments(parser, compile=True)
+    certifiers = interval_certifiers()
+    parser.add_argument("--certify", type=listed(one_of(certifiers, "certifier"), "--certify"), default=[],
+                        help=f"after the attacks, prove robustness with step 10's certifiers ({', '.join(certifiers)}) "
+                             "on the same photos and epsilons: robust accuracy as an interval")
+    for name in certifiers:
+        CERTIFIERS[name].add_arguments(parser)
     return parser
 
 

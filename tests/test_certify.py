@@ -219,7 +219,8 @@ def test_nothing_proved_robust_is_fooled_by_our_attacks():
 
 
 def test_the_registry_names_each_certifier_with_its_columns():
-    assert set(CERTIFIERS) >= {"exact", "bounds"}
+    assert set(CERTIFIERS) >= {"exact", "bounds", "smoothing"}
+    assert CERTIFIERS["smoothing"].columns == ("radius", "n_a", "n") and CERTIFIERS["smoothing"].norms == ("L2",)
     for name, kind in CERTIFIERS.items():
         assert kind.name == name and set(kind.norms) <= {"Linf", "L1", "L2"} and isinstance(kind.columns, tuple)
 
@@ -329,6 +330,130 @@ def test_bad_input_is_one_line_and_writes_nothing(digits_setup, tmp_path, extra,
     lines = [line for line in result.stderr.splitlines() if not line.startswith("Certifying")]
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert not out.exists()
+
+
+def test_step_10_smoothing_writes_a_radius_per_image_from_its_own_counts(digits_setup, tmp_path):
+    from scipy.stats import norm
+    from utils.certify.smoothing import lower_confidence_bound
+    args = [digits_setup / "digits", "--model", digits_setup / "mlp.pt2", "--method", "smoothing", "--sigma", "0.25",
+            "--n0", "10", "--n", "100", "--batch-size", "50", "--radii", "0,0.2", "--threads", "1"]
+    outs = []
+    for name in ("one", "two"):
+        result = run_script(STEP_10, *args, "--output-dir", tmp_path / name, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        outs.append(tmp_path / name)
+    assert "L2" in result.stderr and "radius 0.2: certified accuracy" in result.stdout
+    assert "no radius above" in result.stdout and "within L2 radius" in result.stdout  # 4 images: each one said
+    rows = read_csv(outs[0] / "certified.csv")
+    assert list(rows[0]) == ["image", "label", "epsilon", "verdict", "prediction", "seconds", "radius", "n_a", "n",
+                             "file"]
+    assert len(rows) == 4 and {row["epsilon"] for row in rows} == {""}
+    for row in rows:
+        p_lower = lower_confidence_bound(int(row["n_a"]), int(row["n"]), 0.001)
+        assert row["n"] == "100" and row["verdict"] in {"robust", "misclassified", "abstain"}
+        if row["verdict"] == "abstain":
+            assert p_lower <= 0.5 and row["radius"] == ""
+        else:
+            assert float(row["radius"]) == pytest.approx(0.25 * norm.ppf(p_lower), rel=1e-5)
+            assert (row["verdict"] == "robust") == (row["prediction"] == row["label"])
+    robust_at = sum(row["verdict"] == "robust" and float(row["radius"]) >= 0.2 for row in rows)
+    assert f"| {robust_at / 4:.0%} ({robust_at}/4) |" in (outs[0] / "summary.md").read_text()
+    without_seconds = [[{k: v for k, v in row.items() if k != "seconds"} for row in read_csv(out / "certified.csv")]
+                       for out in outs]
+    assert without_seconds[0] == without_seconds[1]  # same seed, same counts
+    assert (outs[0] / "certified_accuracy.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sigma", "0"], "--sigma"), (["--alpha", "0.7"], "--alpha"), (["--n", "0"], "--n"), ([], "needs --sigma"),
+    (["--sigma", "0.25", "--norm", "Linf"], "not --norm Linf"),
+    (["--sigma", "0.25", "--epsilons", "2"], "--epsilons does not apply")])
+def test_bad_smoothing_input_is_one_line_and_writes_nothing(digits_setup, tmp_path, extra, message):
+    out = tmp_path / "never"
+    result = run_script(STEP_10, digits_setup / "digits", "--model", digits_setup / "mlp.pt2", "--method",
+                        "smoothing", "--output-dir", out, *extra, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and message in result.stderr, result.stderr
+    assert not out.exists()
+
+
+STEP_8 = "step_8_evaluate.py"
+STEP_8_QUICK = ["--epsilons", "4,16", "--steps", "10", "--queries", "100", "--batch-size", "4", "--threads", "1"]
+
+
+def test_step_8_certify_bounds_robust_accuracy_from_below(digits_setup, tmp_path):
+    out = tmp_path / "eval"
+    result = run_script(STEP_8, digits_setup / "digits", "--model", digits_setup / "mlp.pt2", *STEP_8_QUICK,
+                        "--certify", "exact,bounds", "--time-limit", "20", "--output-dir", out, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    accuracy = read_csv(out / "robust_accuracy.csv")
+    assert list(accuracy[0]) == ["epsilon", "attack", "images", "clean_accuracy", "robust_accuracy",
+                                 "certified_accuracy"]
+    exact = read_csv(out / "certified" / "exact" / "certified.csv")
+    bounds = read_csv(out / "certified" / "bounds" / "certified.csv")
+    assert len(exact) == len(bounds) == 8
+    for row in accuracy:
+        proved = max(sum(r["verdict"] == "robust" and r["epsilon"] == row["epsilon"] for r in rows)
+                     for rows in (exact, bounds))
+        assert float(row["certified_accuracy"]) == proved / 4
+        assert float(row["certified_accuracy"]) <= float(row["robust_accuracy"])  # certified <= attacked
+    summary = (out / "summary.md").read_text()
+    assert "## Robust accuracy as an interval" in summary and "| exact: proved robust |" in summary
+    assert "6. **PASS** no photo is both proved robust and fooled" in summary
+    assert (out / "robust_interval.png").stat().st_size > 1000
+    fooled = {(row["epsilon"], row["image"]) for row in read_csv(out / "results.csv")
+              if row["attack"] == "ensemble" and row["success"] == "1"}
+    assert not {(row["epsilon"], row["image"]) for row in exact + bounds if row["verdict"] == "robust"} & fooled
+
+
+def test_the_sixth_check_fails_on_a_photo_proved_robust_and_fooled():
+    from utils.evaluation.checks import check_proved_not_fooled
+    from utils.evaluation.plan import Settings
+    rows = [{"epsilon": "8", "image": "a.png", "attack": "ensemble", "success": "1"},
+            {"epsilon": "8", "image": "b.png", "attack": "ensemble", "success": "0"}]
+    settings = Settings(model="m", folder="f", epsilons=(8.0,), steps=(10,))
+    proved_b = {"exact": [{"image": "b.png", "epsilon": "8", "verdict": "robust"}]}
+    proved_a = {"exact": [{"image": "a.png", "epsilon": "8", "verdict": "robust"}]}
+    assert check_proved_not_fooled(rows, proved_b, None, settings)[0] is True
+    ok, text = check_proved_not_fooled(rows, proved_a, None, settings)
+    assert ok is False and "1 of them fooled (a.png)" in text
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--certify", "magic"], "--certify"), (["--certify", "smoothing"], "--certify"),
+    (["--certify", "exact", "--time-limit", "0"], "--time-limit"), (["SIGMOID", "--certify", "exact"], "sigmoid"),
+    (["UNLABELLED", "--certify", "exact"], "needs true labels")])
+def test_step_8_certify_bad_input_is_one_line_and_writes_nothing(digits_setup, tmp_path, extra, message):
+    folder, model = digits_setup / "digits", digits_setup / "mlp.pt2"
+    if extra[0] == "SIGMOID":
+        model, extra = sigmoid_model(tmp_path), extra[1:]
+    if extra[0] == "UNLABELLED":
+        folder, extra = digits_setup / "digits" / "0", extra[1:]
+    out = tmp_path / "never"
+    result = run_script(STEP_8, folder, "--model", model, *STEP_8_QUICK, "--output-dir", out, *extra, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and message in result.stderr, result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.crosscheck
+def test_nothing_proved_robust_is_fooled_by_the_reference_autoattack(digits_setup):
+    from utils.evaluation.reference import reference_robust
+    from utils.images import to_tensor
+    from utils.models import load_model
+    model = load_model(str(digits_setup / "mlp.pt2"))
+    paths = sorted((digits_setup / "digits").glob("*/*.png"))
+    images = [np.asarray(Image.open(path).convert("RGB")) for path in paths]
+    labels = [int(path.parent.name) for path in paths]
+    certifier = ExactCertifier(model, ExactSettings("Linf", True, 20.0, 0))
+    proved_somewhere = False
+    for epsilon in (4, 16):
+        proved = [certifier.certify(image, label, [epsilon])[0]["verdict"] == "robust"
+                  for image, label in zip(images, labels)]
+        robust, _ = reference_robust(model, to_tensor(images), torch.tensor(labels), epsilon)
+        assert not any(p and not r for p, r in zip(proved, robust.tolist())), (epsilon, proved, robust)
+        proved_somewhere |= any(proved)
+    assert proved_somewhere  # the check had something to check
 
 
 @pytest.mark.parametrize("norm, epsilon", [("Linf", 8), ("L1", 0.3)])

@@ -32,8 +32,11 @@ IMAGENET_VAL = "imagenet-val"
 
 def list_photos(folder):
     """The photos of `folder` in sorted order: the images directly inside, or when there are none, the images one
-    level down (an ImageFolder tree), sorted by subfolder then name. Returns (paths, names relative to folder)."""
+    level down (an ImageFolder tree), sorted by subfolder then name; `folder` may also be one image file. Returns
+    (paths, names relative to folder)."""
     folder = Path(folder)
+    if folder.is_file() and folder.suffix.lower() in IMAGE_SUFFIXES:
+        return [folder], [folder.name]
     if not folder.is_dir():
         raise UsageError(f"{folder}: {'not a folder' if folder.exists() else 'no such folder'}")
     paths = images_in(folder)

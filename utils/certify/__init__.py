@@ -7,6 +7,8 @@ This package owns the verifiers and their report:
 - bounds.py: interval and CROWN linear bounds (Zhang et al. 2018) over L-infinity and L1 balls in [0, 1].
 - milp.py: the exact mixed-integer program (Tjeng, Xiao and Tedrake 2019), solved by HiGHS (scipy.optimize.milp).
 - base.py, bounds_certifier.py, exact.py: the certifiers behind `--method`, registered in CERTIFIERS.
+- smoothing.py: randomized smoothing (Cohen et al. 2019), an L2 certificate for any model; report_smoothing.py its
+  certified accuracy against the radius.
 - run.py: certifying a list of images, certified.csv, the counterexample PNGs, summary.md and the figure.
 
 A new certifier is a subclass of base.Certifier (its name, norms, flags, settings and columns) and one more entry in
@@ -15,7 +17,8 @@ CERTIFIERS.
 from utils.certify.base import MISCLASSIFIED, NOT_ROBUST, ROBUST, UNKNOWN, Certifier
 from utils.certify.bounds_certifier import BoundsCertifier
 from utils.certify.exact import ExactCertifier
+from utils.certify.smoothing import Smoothing
 
-CERTIFIERS = {certifier.name: certifier for certifier in (ExactCertifier, BoundsCertifier)}
+CERTIFIERS = {certifier.name: certifier for certifier in (ExactCertifier, BoundsCertifier, Smoothing)}
 
 __all__ = ["CERTIFIERS", "Certifier", "ROBUST", "NOT_ROBUST", "UNKNOWN", "MISCLASSIFIED"]

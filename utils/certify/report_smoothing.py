@@ -7,6 +7,7 @@ certified.csv's, as dicts, their values numbers or the strings a CSV reader give
 import numpy as np
 
 from utils.figures import plt
+from utils.files import save_figure, save_text
 
 STYLES = ({"color": "tab:blue", "linestyle": "-"}, {"color": "tab:red", "linestyle": "--"},
           {"color": "tab:green", "linestyle": ":"}, {"color": "tab:purple", "linestyle": "-."})
@@ -61,3 +62,44 @@ def certified_accuracy_figure(curves, title="Certified accuracy of the smoothed 
     axis.legend(fontsize=8, loc="lower left")  # the curves stay near the top: the space below is free
     figure.tight_layout()
     return figure
+
+
+def default_radii(sigma):
+    """The radii of smoothing's table when none are asked for: 0 to 2 sigma by halves of sigma (Cohen et al.'s
+    certified accuracy falls off over that range at any sigma)."""
+    return [round(sigma * step / 2, 6) for step in range(5)]
+
+
+def verdict_counts(rows):
+    return {verdict: sum(row["verdict"] == verdict for row in rows) for verdict in ("robust", "misclassified",
+                                                                                     "abstain")}
+
+
+def smoothing_summary(rows, radii, settings, cap, model_name, folder):
+    """summary.md for --method smoothing: the certified accuracy at each radius, the verdicts and the settings."""
+    count = verdict_counts(rows)
+    seconds = sum(float(row["seconds"]) for row in rows) / len(rows)
+    lines = ["# Certified accuracy: smoothing, L2", "",
+             f"Model {model_name}, images of {folder}: the smoothed classifier at sigma {settings.sigma:g} "
+             f"(n0 {settings.n0}, n {settings.n}, alpha {settings.alpha:g}, seed {settings.seed}); radius as the L2 "
+             f"distance between images in [0, 1] pixel units. With n = {settings.n} samples no radius above "
+             f"{cap:.3f} can be certified.", "",
+             certified_accuracy_table(radii, {model_name: rows}).rstrip("\n"), "",
+             "| images | robust | misclassified | abstain | seconds per image |",
+             "| ---: | ---: | ---: | ---: | ---: |",
+             f"| {len(rows)} | {count['robust']} | {count['misclassified']} | {count['abstain']} | {seconds:.2f} |",
+             "", "Certified accuracy at radius r: the share of images whose smoothed classifier certifies the true "
+             "class (or, without labels, the base model's own clean answer) with a radius of at least r; each "
+             "certificate holds with probability at least 1 - alpha over the noise drawn."]
+    return "\n".join(lines) + "\n"
+
+
+def write_smoothing_report(rows, out, radii, settings, cap, model_name, folder):
+    """summary.md and certified_accuracy.png from smoothing's rows of certified.csv; returns the certified accuracy
+    at each radius."""
+    save_text(smoothing_summary(rows, radii, settings, cap, model_name, folder), out / "summary.md")
+    figure = certified_accuracy_figure({model_name: rows}, marks=radii, cap=cap,
+                                       title=f"Certified accuracy of the smoothed {model_name}, sigma {settings.sigma:g}")
+    save_figure(figure, out / "certified_accuracy.png")
+    plt.close(figure)
+    return certified_accuracy_at(radii, rows)

@@ -284,6 +284,7 @@ class Smoothing(Certifier):
     norms = ("L2",)
     uses_epsilons = False
     columns = ("radius", "n_a", "n")
+    description = "randomized smoothing, Cohen et al. 2019"
 
     @classmethod
     def add_arguments(cls, parser):

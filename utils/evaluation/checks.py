@@ -5,6 +5,7 @@ The report (utils/evaluation/report.py) formats them."""
 from itertools import pairwise
 
 from utils.attacks import ATTACKS
+from utils.evaluation.interval import proved_robust
 from utils.evaluation.plan import UNBOUNDED, Job, iterative_methods, job_of, top_steps
 
 
@@ -79,3 +80,20 @@ def check_gradient_free(rows, rate, plan, settings):
 
 
 SANITY_CHECKS = (check_iterative_beats_one_step, check_monotone, check_converged, check_unbounded, check_gradient_free)
+
+
+def check_proved_not_fooled(rows, certified, plan, settings):
+    """With --certify: no photo is both proved robust and fooled by an ensemble attack at the same epsilon. A proof
+    and a successful attack on the same photo and budget contradict each other: the verifier or the attack (or its
+    judge) is wrong."""
+    text = "no photo is both proved robust and fooled by an attack (same epsilon)"
+    fooled = {(float(row["epsilon"]), row["image"]) for row in rows
+              if row["attack"] == "ensemble" and row["success"] == "1"}
+    parts, ok = [], True
+    for epsilon in settings.epsilons:
+        for name, found in certified.items():
+            both = sorted(image for image in proved_robust(found, epsilon) if (epsilon, image) in fooled)
+            ok &= not both
+            parts.append(f"epsilon {epsilon:g}, {name}: {len(proved_robust(found, epsilon))} proved, "
+                         f"{len(both)} of them fooled" + (f" ({', '.join(both[:5])})" if both else ""))
+    return ok, f"{text}: " + "; ".join(parts)

@@ -20,6 +20,7 @@ from utils.cli import UsageError
 from utils.data import PhotoDataset, cut, photo_batches
 from utils.defenses import make_defense
 from utils.evaluation import distributed
+from utils.evaluation.interval import certify_photos
 from utils.evaluation.plan import CLEAN, Job
 from utils.evaluation.report import write_report
 from utils.evaluation.results import COLUMNS, KEY, append_rows, merge_results, row_key, shard_path, start_output
@@ -195,12 +196,16 @@ class Evaluation:
     reported: int = 0
 
 
-def run_evaluation(model, photos, plan, settings, out, context=None):
+def run_evaluation(model, photos, plan, settings, out, context=None, certifiers=None):
     """Evaluate `model` on `photos` (utils.data.find_photos) as `plan` says, with `settings` (utils.evaluation.plan),
     writing into the folder `out`: the PNGs, results.csv (kept from an earlier run with settings.resume), then on
     rank 0 summary.md, robust_accuracy.csv and the figures. `context`: this process's place in a torchrun
-    (utils.evaluation.distributed.start; default: one process on the model's device)."""
+    (utils.evaluation.distributed.start; default: one process on the model's device). `certifiers` ({name: a step
+    10 certifier}, one process only): after the attacks, each certifies the same photos and epsilons, and the report
+    gives robust accuracy as an interval (utils/evaluation/interval.py)."""
     context = context or distributed.Context(device=str(model.mean.device))
+    if certifiers and context.world_size > 1:
+        raise UsageError("--certify runs in one process: run it without torchrun (or --resume it so afterwards)")
     out = Path(out)
     batches = distributed.deal(cut(len(photos.paths), settings.batch_size), context)
     done = start_output(out, settings, context)
@@ -216,5 +221,8 @@ def run_evaluation(model, photos, plan, settings, out, context=None):
     result = Evaluation([], skipped, attacked, readable, seconds)
     if context.is_main:
         result.rows = merge_results(out, photos, plan, settings)
-        result.summary, result.reported = write_report(result.rows, photos, plan, skipped, out, settings, context)
+        certified = certify_photos(certifiers, model, photos, skipped, settings.epsilons, out, settings.resume) \
+            if certifiers else None
+        result.summary, result.reported = write_report(result.rows, photos, plan, skipped, out, settings, context,
+                                                       certified)
     return result

@@ -21,9 +21,16 @@ def worst_case_robust(folder, epsilon):
 
 
 def reference_autoattack(model, images, labels, epsilon, seed=0, batch_size=64):
-    """The images the reference AutoAttack (standard version: APGD-CE, APGD-T, FAB-T, Square) leaves correctly
+    """How many images the reference AutoAttack (standard version: APGD-CE, APGD-T, FAB-T, Square) leaves correctly
     classified, judged on its adversarial images rounded to whole levels (what a PNG holds; a rounding that undoes an
     attack counts as the model's), and the largest perturbation in levels. `epsilon` in levels out of 255."""
+    robust, linf = reference_robust(model, images, labels, epsilon, seed, batch_size)
+    return int(robust.sum()), linf
+
+
+def reference_robust(model, images, labels, epsilon, seed=0, batch_size=64):
+    """Per image, whether the reference AutoAttack leaves it correctly classified (a bool tensor, judged as
+    reference_autoattack says), and the largest perturbation in levels."""
     try:
         from pyautoattack import AutoAttack
     except ImportError:
@@ -40,4 +47,4 @@ def reference_autoattack(model, images, labels, epsilon, seed=0, batch_size=64):
     with torch.no_grad():
         clean_ok = model(images).argmax(dim=1) == labels
         robust = clean_ok & (model(on_lattice).argmax(dim=1) == labels)
-    return int(robust.sum()), linf
+    return robust.cpu(), linf

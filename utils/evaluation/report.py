@@ -3,7 +3,9 @@ the sanity checks (utils/evaluation/checks.py), summary.md, robust_accuracy.csv 
 utils.figures).
 
 Public surface: write_report (every file, from the rows of this plan) and robust_accuracy (the rows of
-robust_accuracy.csv: per epsilon, accuracy after the ensemble's attacks 1..k, then the worst case).
+robust_accuracy.csv: per epsilon, accuracy after the ensemble's attacks 1..k, then the worst case). With step 8's
+--certify, the certifiers' rows (utils/evaluation/interval.py) add the lower bound: a certified_accuracy column, the
+interval table, a sixth sanity check and robust_interval.png.
 """
 import csv
 import platform
@@ -12,13 +14,16 @@ import torch
 import torchvision
 
 from utils.attacks import ATTACKS, budget_unit
-from utils.evaluation.checks import SANITY_CHECKS, percent
+from utils.certify import CERTIFIERS, NOT_ROBUST
+from utils.evaluation.checks import SANITY_CHECKS, check_proved_not_fooled, percent
+from utils.evaluation.interval import certified_counts
 from utils.figures import grouped_bars_figure, plt
 from utils.files import atomic_path, save_figure, save_text
 from utils.evaluation.plan import CLEAN, Job, defense_method, job_of, stage_steps, top_steps
 from utils.models import get_label
 
 ACCURACY_COLUMNS = ("epsilon", "attack", "images", "clean_accuracy", "robust_accuracy")
+CERTIFIED_COLUMN = "certified_accuracy"
 
 
 def group_mean(rows, value):
@@ -29,9 +34,15 @@ def group_mean(rows, value):
     return {job: sum(values) / len(values) for job, values in groups.items()}
 
 
-def robust_accuracy(rows, plan, settings):
+def proved_share(certified, epsilon, images):
+    """The share of the photos that some certifier proved robust at `epsilon` (a proof from any one is a proof)."""
+    return max(certified_counts(rows, epsilon)[0] for rows in certified.values()) / images
+
+
+def robust_accuracy(rows, plan, settings, certified=None):
     """robust_accuracy.csv's rows: per epsilon, the accuracy after the ensemble's attacks 1..k (cumulative, as
-    AutoAttack prints it), then the worst case over all of them. A photo misclassified when clean is not robust."""
+    AutoAttack prints it), then the worst case over all of them. A photo misclassified when clean is not robust.
+    With `certified` ({certifier: its rows}), every row also gives the certified accuracy at its epsilon."""
     correct = {row["image"]: row["clean_correct"] == "1" for row in rows if job_of(row) == CLEAN}
     images = len(correct)
     fooled = {(job_of(row), row["image"]) for row in rows if row["attack"] == "ensemble" and row["success"] == "1"}
@@ -43,8 +54,12 @@ def robust_accuracy(rows, plan, settings):
             table.append((epsilon, stage.method, len(robust)))
         table.append((epsilon, "worst-case", len(robust)))
     clean = sum(correct.values()) / images
-    return [dict(zip(ACCURACY_COLUMNS, (f"{epsilon:g}", attack, images, f"{clean:.6g}", f"{robust / images:.6g}")))
-            for epsilon, attack, robust in table]
+    found = [dict(zip(ACCURACY_COLUMNS, (f"{epsilon:g}", attack, images, f"{clean:.6g}", f"{robust / images:.6g}")))
+             for epsilon, attack, robust in table]
+    if certified:
+        for row in found:
+            row[CERTIFIED_COLUMN] = f"{proved_share(certified, float(row['epsilon']), images):.6g}"
+    return found
 
 
 def markdown_table(header, rows):
@@ -65,6 +80,46 @@ def accuracy_table(accuracy, plan, settings):
             "The attacks run in this order, each only on the photos every earlier one failed to fool (AutoAttack's "
             "flow); the accuracy after an attack is cumulative (after attacks 1..k, as AutoAttack prints it), so the "
             "last column is the per-image worst case. A photo misclassified when clean counts as not robust.\n")
+
+
+def interval_table(accuracy, certified, settings):
+    """Per epsilon: certified <= true <= attacked, each certifier's numbers, and the gap in images."""
+    images = int(accuracy[0]["images"])
+    attacked = {row["epsilon"]: round(float(row["robust_accuracy"]) * images) for row in accuracy
+                if row["attack"] == "worst-case"}
+    header = ["epsilon", "attacked (worst case)"]
+    for name in certified:
+        header += [f"{name}: proved robust"] + ([f"{name}: not refuted"] if refutes(name) else [])
+    header += ["true robust accuracy", "gap (images neither proved nor fooled)"]
+    table = []
+    for epsilon in settings.epsilons:
+        cells, low, high = [f"{epsilon:g}", share(attacked[f"{epsilon:g}"], images)], 0, attacked[f"{epsilon:g}"]
+        for name, rows in certified.items():
+            robust, not_refuted = certified_counts(rows, epsilon)
+            cells.append(share(robust, images))
+            if refutes(name):
+                cells.append(share(not_refuted, images))
+                high = min(high, not_refuted)
+            low = max(low, robust)
+        cells += [f"in [{percent(low / images)}, {percent(high / images)}]", str(attacked[f"{epsilon:g}"] - low)]
+        table.append(cells)
+    names = ", ".join(f"{name} ({CERTIFIERS[name].description})" for name in certified)
+    return (f"## Robust accuracy as an interval (certified by {names})\n\n" + markdown_table(header, table) + "\n\n"
+            "Certified <= true <= attacked: a photo proved robust cannot be fooled by any attack within the budget, "
+            "and one the attacks fooled is not robust, so the true robust accuracy lies between the share proved and "
+            "the share the attacks left standing (and, for the exact verifier, no higher than the share it did not "
+            "refute: proved robust or unknown at its time limit). The gap counts the photos neither proved robust "
+            "nor fooled: zero means the attacks found the exact answer.\n")
+
+
+def refutes(name):
+    """Whether a certifier also finds counterexamples (an exact one), so that what it leaves unrefuted bounds the
+    true robust accuracy from above too."""
+    return NOT_ROBUST in CERTIFIERS[name].verdicts
+
+
+def share(count, images):
+    return f"{percent(count / images)} ({count})"
 
 
 def defense_table(rate, kept, plan, settings):
@@ -93,7 +148,7 @@ def run_facts(photos, settings, context):
             "changes floats, so verdicts may differ for images at the decision boundary.")
 
 
-def summary_markdown(rows, rate, kept, accuracy, photos, plan, skipped, settings, context):
+def summary_markdown(rows, rate, kept, accuracy, photos, plan, skipped, settings, context, certified=None):
     goal = f"targeted ({get_label(plan.target, plan.classes)})" if plan.target is not None else "untargeted"
     labels = (f"Labels: {photos.label_source}." if photos.labels else
               "No labels were given: the clean predictions stood in for them (untargeted success means leaving the "
@@ -108,6 +163,8 @@ def summary_markdown(rows, rate, kept, accuracy, photos, plan, skipped, settings
         lines += [f"- skipped: {name} ({reason})" for name, reason in skipped] + [""]
     if accuracy:
         lines += [accuracy_table(accuracy, plan, settings)]
+    if certified:
+        lines += [interval_table(accuracy, certified, settings)]
     if plan.methods:
         header = ("method", "steps", *(f"eps {epsilon:g}" for epsilon in settings.epsilons))
         table = [(m, top_steps(m, settings), *(percent(rate[Job(m, e, top_steps(m, settings))]) for e in settings.epsilons))
@@ -115,6 +172,8 @@ def summary_markdown(rows, rate, kept, accuracy, photos, plan, skipped, settings
         lines += [f"## Success rate per method and epsilon (at the largest steps, {max(settings.steps)})", "",
                   markdown_table(header, table), ""]
     checks = [check(rows, rate, plan, settings) for check in SANITY_CHECKS]
+    if certified:
+        checks.append(check_proved_not_fooled(rows, certified, plan, settings))
     verdicts = {True: "PASS", False: "FAIL", None: "N/A"}
     lines += ["## Sanity checks (Carlini et al. 2019, \"On Evaluating Adversarial Robustness\")", ""]
     lines += [f"{number}. **{verdicts[ok]}** {text}" for number, (ok, text) in enumerate(checks, 1)]
@@ -159,21 +218,58 @@ def figures(rate, kept, plan, settings):
     return result
 
 
-def write_report(rows, photos, plan, skipped, out, settings, context):
-    """summary.md, robust_accuracy.csv (with the ensemble) and the figures, from this plan's rows."""
+def interval_figure(accuracy, certified, settings):
+    """Robust accuracy against epsilon as a band: the attacks' worst case above, the share proved robust below."""
+    images = int(accuracy[0]["images"])
+    epsilons = list(settings.epsilons)
+    attacked = [100 * float(row["robust_accuracy"]) for row in accuracy if row["attack"] == "worst-case"]
+    figure, axis = plt.subplots(figsize=(6.4, 4.0))
+    axis.plot(epsilons, attacked, color="tab:red", marker="o", linewidth=2, label="attacked: the ensemble's worst case")
+    styles = ({"color": "tab:blue", "marker": "s", "linestyle": "-"},
+              {"color": "tab:green", "marker": "^", "linestyle": "--"})
+    lowest, highest = [0.0] * len(epsilons), list(attacked)
+    for (name, rows), style in zip(certified.items(), styles * len(certified)):
+        counts = [certified_counts(rows, epsilon) for epsilon in epsilons]
+        proved = [100 * robust / images for robust, _ in counts]
+        lowest = [max(a, b) for a, b in zip(lowest, proved)]
+        axis.plot(epsilons, proved, linewidth=2, label=f"proved robust: {name}", **style)
+        if refutes(name):
+            not_refuted = [100 * count / images for _, count in counts]
+            highest = [min(a, b) for a, b in zip(highest, not_refuted)]
+            axis.plot(epsilons, not_refuted, color=style["color"], marker="v", linestyle=":", linewidth=1.5,
+                      label=f"not refuted: {name} (robust or unknown)")
+    axis.fill_between(epsilons, lowest, highest, color="0.85", label="where the true robust accuracy lies")
+    axis.set_xlabel("epsilon (levels out of 255, L-infinity)")
+    axis.set_ylabel("robust accuracy (%)")
+    axis.set_ylim(0, 102)
+    axis.set_xticks(epsilons)
+    axis.grid(alpha=0.3)
+    axis.set_title(f"Robust accuracy as an interval ({images} photos)", fontsize=10)
+    axis.legend(fontsize=8, loc="lower left")
+    figure.tight_layout()
+    return figure
+
+
+def write_report(rows, photos, plan, skipped, out, settings, context, certified=None):
+    """summary.md, robust_accuracy.csv (with the ensemble) and the figures, from this plan's rows (and with
+    `certified`, {certifier: its rows}, the interval)."""
     jobs, names = set(plan.jobs), set(photos.names)
     rows = [row for row in rows if job_of(row) in jobs and row["image"] in names]
     rate = group_mean(rows, lambda row: int(row["success"]))
     kept = group_mean(rows, lambda row: int(row["clean_defended_label"] == row["clean_label"]))
-    accuracy = robust_accuracy(rows, plan, settings) if plan.ensemble else []
+    accuracy = robust_accuracy(rows, plan, settings, certified) if plan.ensemble else []
     if accuracy:
+        columns = ACCURACY_COLUMNS + ((CERTIFIED_COLUMN,) if certified else ())
         with atomic_path(out / "robust_accuracy.csv") as temp, open(temp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, ACCURACY_COLUMNS, lineterminator="\n")
+            writer = csv.DictWriter(handle, columns, lineterminator="\n")
             writer.writeheader()
             writer.writerows(accuracy)
-    summary = save_text(summary_markdown(rows, rate, kept, accuracy, photos, plan, skipped, settings, context),
-                        out / "summary.md")
-    for name, figure in figures(rate, kept, plan, settings).items():
+    summary = save_text(summary_markdown(rows, rate, kept, accuracy, photos, plan, skipped, settings, context,
+                                         certified), out / "summary.md")
+    drawn = figures(rate, kept, plan, settings)
+    if certified and accuracy:
+        drawn["robust_interval.png"] = interval_figure(accuracy, certified, settings)
+    for name, figure in drawn.items():
         save_figure(figure, out / name)
         plt.close(figure)
     return summary, len(rows)

@@ -1,0 +1,66 @@
+"""Robust accuracy as an interval: step 10's certifiers run on the photos and epsilons an evaluation attacked, so that
+its report can set the share proved robust (the lower bound) beside the share the attacks left standing (the upper
+bound), and flag any photo that is both proved robust and fooled (one of the two is wrong).
+
+Each certifier's rows go to OUTPUT/certified/NAME/certified.csv (step 10's columns, counterexamples beside it as
+PNGs, each read back and checked), appended per photo, so --resume keeps the photos it finished.
+"""
+from argparse import Namespace
+
+from utils.certify import CERTIFIERS, ROBUST, UNKNOWN
+from utils.certify.run import certify_images, csv_columns, epsilon_text, read_certified, start_certified
+from utils.cli import UsageError
+from utils.models import prepare_image
+
+FOLDER = "certified"
+
+
+def interval_certifiers():
+    """The certifiers that can bound step 8's robust accuracy: those with epsilons in L-infinity."""
+    return [name for name, kind in CERTIFIERS.items() if kind.uses_epsilons and "Linf" in kind.norms]
+
+
+def make_certifiers(names, model, args):
+    """{name: certifier} for --certify, from step 8's parsed arguments (each certifier's own flags among them);
+    a model a certifier cannot read is refused here, before anything is written."""
+    options = Namespace(**{**vars(args), "norm": "Linf"})
+    return {name: CERTIFIERS[name](model, CERTIFIERS[name].settings(options), str(model.mean.device))
+            for name in names}
+
+
+def check_certify(names, labelled, ensemble):
+    if names and not (labelled and ensemble):
+        raise UsageError("--certify bounds the ensemble's robust accuracy from below: it needs true labels (an "
+                         "ImageFolder tree or --labels) and an ensemble")
+
+
+def certify_photos(certifiers, model, photos, skipped, epsilons, out, resume):
+    """{name: the rows of its certified.csv} for the readable photos at `epsilons`, certified against their labels."""
+    unreadable = {name for name, _ in skipped}
+    indices = [i for i, name in enumerate(photos.names) if name not in unreadable]
+    names = [photos.names[i] for i in indices]
+    wanted = {epsilon_text(epsilon) for epsilon in epsilons}
+    found = {}
+    for name, certifier in certifiers.items():
+        folder = out / FOLDER / name
+        columns = csv_columns(certifier)
+        kept = start_certified(folder, columns, resume)
+        done = {image for image in names if {row["epsilon"] for row in kept if row["image"] == image} >= wanted}
+        todo = [i for i, image in zip(indices, names) if image not in done]
+        images = {i: prepare_image(photos.paths[i], model) for i in todo}
+        certify_images(certifier, [images.get(i) for i in indices], [photos.labels[i] for i in indices],
+                       sorted(epsilons), names, [photos.stems[i] for i in indices], folder, done, "Linf")
+        found[name] = [row for row in read_certified(folder / "certified.csv", columns)
+                       if row["image"] in set(names) and row["epsilon"] in wanted]
+    return found
+
+
+def certified_counts(rows, epsilon):
+    """(proved robust, not refuted: robust or unknown) among the rows at `epsilon`."""
+    at = [row for row in rows if row["epsilon"] == epsilon_text(epsilon)]
+    robust = sum(row["verdict"] == ROBUST for row in at)
+    return robust, robust + sum(row["verdict"] == UNKNOWN for row in at)
+
+
+def proved_robust(rows, epsilon):
+    return {row["image"] for row in rows if row["epsilon"] == epsilon_text(epsilon) and row["verdict"] == ROBUST}
