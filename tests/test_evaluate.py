@@ -399,7 +399,7 @@ def test_label_sources(source, tiny, tmp_path):
     assert all(row["clean_correct"] == str(int(row["clean_label"] == row["label"])) for row in rows)
     assert {row["attack"] for row in rows} <= {"clean", "ensemble"}, "labels and no --methods: the ensemble only"
     accuracy = read_csv(out / "robust_accuracy.csv")
-    assert list(accuracy[0]) == ["epsilon", "attack", "images", "clean_accuracy", "robust_accuracy"]
+    assert list(accuracy[0]) == ["norm", "epsilon", "attack", "images", "clean_accuracy", "robust_accuracy"]
     assert [row["attack"] for row in accuracy] == ["fgsm", "pgd", "worst-case"]
     correct = sum(row["clean_correct"] == "1" for row in clean.values())
     assert all(float(row["clean_accuracy"]) == pytest.approx(correct / len(labels)) for row in accuracy)
