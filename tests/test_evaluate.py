@@ -443,9 +443,10 @@ def test_with_labels_and_no_methods_only_the_default_ensemble_runs():
     plan = make_plan(args, labelled=True)
     assert plan.target is None and plan.methods == [] and plan.ensemble == list(DEFAULT_ENSEMBLE)
     stages = [(job.method, job.epsilon, job.steps) for job in plan.jobs if job.attack == "ensemble"]
-    assert stages == [("apgd", 2, 50), ("apgd-t", 2, 50), ("square", 2, 300),
-                      ("apgd", 8, 50), ("apgd-t", 8, 50), ("square", 8, 300)]
-    assert plan.jobs[0] == CLEAN and len(plan.jobs) == 7
+    assert stages == [("apgd", 2, 50), ("apgd-t", 2, 50), ("fab", 2, 50), ("square", 2, 300),
+                      ("apgd", 8, 50), ("apgd-t", 8, 50), ("fab", 8, 50), ("square", 8, 300)], \
+        "AutoAttack's standard version: APGD-CE, APGD-T, FAB-T, Square"
+    assert plan.jobs[0] == CLEAN and len(plan.jobs) == 9
     with_grid = make_plan(get_args_parser().parse_args(["photos", "--methods", "pgd"]), labelled=True)
     assert with_grid.target is None and with_grid.methods == ["pgd"], "with labels the grid is untargeted"
     assert make_plan(get_args_parser().parse_args(["photos"]), labelled=False).ensemble == []
