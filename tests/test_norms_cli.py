@@ -2,10 +2,11 @@
 budget's range per norm, the RobustBench default, and bad input (one line, exit 2, nothing written)."""
 import argparse
 import csv
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from tests.conftest import run_script
@@ -212,3 +213,21 @@ def test_step9_trains_in_l2_and_resume_refuses_another_norm(digits, tmp_path):
     other = run_script(STEP_9, digits, "--epsilon", "1.0", "--epochs", "1", "--batch-size", "30", "--val-steps", "2",
                        "--threads", "1", "--output", output, "--resume", cwd=tmp_path)
     assert other.returncode == 2 and "made with --norm L2, not Linf" in other.stderr, other.stderr
+
+
+def test_the_page_takes_a_norm_and_judges_its_png_in_it(offline_model):
+    gr = pytest.importorskip("gradio", reason="gradio is not installed (pip install -r requirements.txt)")
+    import app
+    from tests.conftest import GRACE_HOPPER, OFFLINE
+    page = app.on_page(app.trick)(str(GRACE_HOPPER), None, "goldfish", 3, 5, "pgd", "jpeg", OFFLINE, None, None, "L2")
+    _, verdict, _, png, *_ = next(page)
+    original = to_tensor([prepare_image(GRACE_HOPPER, offline_model)])
+    size = perturbation_size(to_tensor([prepare_image(png, offline_model)]), original, "L2").item()
+    assert 0 < size <= 3 and f"L2 size {size:.3f} of 3 ([0, 1] pixel units)" in verdict
+    for epsilon, norm, method, message in ((400, "L2", "pgd", "largest L2 distance of a 3x224x224 image"),
+                                           (2, "L1", "pgd", "method pgd has no L1 version"),
+                                           (300, "Linf", "pgd", "epsilon must be in (0, 255], got 300")):
+        with pytest.raises(gr.Error, match=re.escape(message)):
+            next(app.on_page(app.trick)(str(GRACE_HOPPER), None, "goldfish", epsilon, 5, method, "jpeg", OFFLINE,
+                                        None, None, norm))
+    assert list(Path(app.WORK.name).iterdir()) == []

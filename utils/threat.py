@@ -37,7 +37,7 @@ def check_epsilon(epsilon, norm, shape=None, name="--epsilon"):
     if not isinstance(epsilon, (int, float)) or epsilon != epsilon or epsilon <= 0:
         raise UsageError(f"{name} must be a positive number, got {epsilon}")
     if norm == "Linf" and epsilon > 255:
-        raise UsageError(f"{name} must be in (0, 255] (levels out of 255, L-infinity), got {epsilon:g}")
+        raise UsageError(f"{name} must be in (0, 255], got {epsilon:g} (levels out of 255, L-infinity)")
     if norm != "Linf" and shape is not None and epsilon > largest_distance(norm, shape):
         size = "x".join(map(str, shape))
         formula = f"sqrt({size.replace('x', '*')})" if norm == "L2" else size.replace("x", "*")
