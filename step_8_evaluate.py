@@ -21,6 +21,15 @@ are cut into batches of --batch-size that a DataLoader (--workers) decodes one a
 before the next is read, so memory stays flat however large the folder. Every adversarial image is saved as a PNG
 under OUTPUT_DIR/images/ and judged on that file read back from disk (through the real defense, if any).
 
+Threat models (--norm): Linf (the default; --epsilons in levels out of 255), L2 or L1 (--epsilons the norm of the
+whole perturbation in [0, 1] units, as AutoAttack and RobustBench give it; a robustbench: model named with its threat
+model defaults to it). The default ensemble is AutoAttack's standard version in that norm (APGD-CE, APGD-T towards 9
+classes, FAB-T towards 9, Square with --queries; in L1 AutoAttack's L1 settings: APGD-CE with 5 restarts, APGD-T
+towards 5), less any attack this library has no version of in the norm (Square in L2 and L1), which summary.md says.
+results.csv names the norm in every row, gives each PNG's size in it, and FAB's smallest adversarial distance; with
+FAB in the ensemble, robust_vs_distance.png draws robust accuracy against epsilon from those distances. One norm per
+output folder: --resume refuses rows of another norm.
+
 This file is the plan, main and the parser; the loop is utils/evaluation/engine.py's (run_evaluation). Under
 torchrun, batch k runs on rank k % world size. The results files (results.csv, the shards, --resume) are
 utils/evaluation/results.py's; summary.md, robust_accuracy.csv and the figures are utils/evaluation/report.py's, the
