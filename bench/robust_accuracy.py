@@ -90,7 +90,7 @@ def get_args_parser():
     parser.add_argument("--folder", default="digits/test", help="an ImageFolder of test images (default: %(default)s)")
     parser.add_argument("--norm", type=listed(one_of(NORMS, "norm"), "--norm"), default=["Linf"],
                         help="threat models, one row each, comma-separated (default: Linf)")
-    parser.add_argument("--epsilons", type=listed(positive_number("--epsilons"), "--epsilons"), default=None,
+    parser.add_argument("--epsilons", "--epsilon", type=listed(positive_number("--epsilons"), "--epsilons"), default=None,
                         help="one budget per norm, in its units (default: Linf 32 levels, L2 2, L1 12)")
     parser.add_argument("--threads", type=number_in(1, 1024, int, name="--threads"), default=1,
                         help="torch threads for both (default: %(default)s)")
