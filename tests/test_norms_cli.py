@@ -233,3 +233,17 @@ def test_the_page_takes_a_norm_and_judges_its_png_in_it(offline_model):
             next(app.on_page(app.trick)(str(GRACE_HOPPER), None, "goldfish", epsilon, 5, method, "jpeg", OFFLINE,
                                         None, None, norm))
     assert list(Path(app.WORK.name).iterdir()) == []
+
+
+def test_ensemble_stages_get_autoattacks_settings_per_norm():
+    from utils.evaluation.engine import attack_options
+    from utils.evaluation.plan import Job, Plan, Settings, standard_ensemble
+    assert standard_ensemble("Linf") == ["apgd", "apgd-t", "fab", "square"]
+    assert standard_ensemble("L2") == ["apgd", "apgd-t", "fab"] and standard_ensemble("L1") == ["apgd", "apgd-t", "fab"]
+    plan = Plan([], ["apgd", "apgd-t", "fab"], None, [])
+    options = lambda method, **settings: attack_options(  # noqa: E731
+        Job(method, 12.0, 100, attack="ensemble"), plan, Settings("m", "f", (12.0,), (100,), **settings))
+    assert options("apgd", norm="L1")["restarts"] == 5 and options("apgd-t", norm="L1")["target_classes"] == 5
+    assert options("fab", norm="L1")["target_classes"] is None, "FAB-T keeps its 9 targets in L1"
+    assert options("apgd", norm="L2").get("restarts") is None and options("apgd", norm="L2")["norm"] == "L2"
+    assert options("apgd-t", norm="L1", target_classes=3)["target_classes"] == 3, "--target-classes wins"
