@@ -28,7 +28,7 @@ test-fast: $(VENV)/.installed
 bench: $(VENV)/.installed $(DEMO)/adversarial.pt2
 	$(PYTHON) bench/attack_speed.py
 	$(PYTHON) bench/evaluate_scaling.py
-	$(PYTHON) bench/robust_accuracy.py --model $(DEMO)/adversarial.pt2 --folder digits/test
+	$(PYTHON) bench/robust_accuracy.py --model $(DEMO)/adversarial.pt2 --folder digits/test --norm Linf,L2,L1
 
 $(DEMO)/adversarial.pt2:
 	$(MAKE) robust-demo
@@ -48,8 +48,12 @@ robust: $(VENV)/.installed
 		--epsilons 1,2,4 --steps 100 --output-dir outputs/robust
 
 # Step 9 on scikit-learn's handwritten digits (offline): a standard and an adversarially trained small CNN on the train
-# split, then step 8's ensemble on 100 test digits (10 per class) for both at three epsilons, and one table and figure.
+# split, then step 8's ensemble on 100 test digits (10 per class) for both at three epsilons, and one table and figure;
+# then a third model trained with PGD-L2, and the three evaluated at one L2 budget (a second table, in $(DEMO)/l2).
 DEMO_EVAL := --epsilons 8,16,32 --steps 50 --queries 1000 --batch-size 100
+# the same digits at one L2 budget (the norm of the whole 3x32x32 perturbation in [0, 1] units): the standard model,
+# the L-infinity-trained one and one trained with PGD-L2 at that budget
+DEMO_EVAL_L2 := --norm L2 --epsilons 2 --steps 50 --batch-size 100
 robust-demo: $(VENV)/.installed
 	$(PYTHON) -m tools.sample_images --digits digits --test-per-class 10
 	$(PYTHON) step_9_adversarial_training.py digits/train --method none --epochs 10 --output $(DEMO)/standard.pt2
@@ -59,21 +63,36 @@ robust-demo: $(VENV)/.installed
 	$(PYTHON) step_8_evaluate.py digits/test --model $(DEMO)/adversarial.pt2 $(DEMO_EVAL) --output-dir $(DEMO)/eval-adversarial
 	$(PYTHON) -m tools.compare_models $(DEMO)/eval-standard $(DEMO)/eval-adversarial \
 		--names "standard training,adversarial training (PGD-3 at epsilon 32)" --output-dir $(DEMO)
+	$(PYTHON) step_9_adversarial_training.py digits/train --method pgd --norm L2 --epsilon 2 --steps 3 --epochs 10 \
+		--output $(DEMO)/adversarial_l2.pt2
+	$(PYTHON) step_8_evaluate.py digits/test --model $(DEMO)/standard.pt2 $(DEMO_EVAL_L2) --output-dir $(DEMO)/eval-standard-l2
+	$(PYTHON) step_8_evaluate.py digits/test --model $(DEMO)/adversarial.pt2 $(DEMO_EVAL_L2) --output-dir $(DEMO)/eval-adversarial-l2
+	$(PYTHON) step_8_evaluate.py digits/test --model $(DEMO)/adversarial_l2.pt2 $(DEMO_EVAL_L2) \
+		--output-dir $(DEMO)/eval-adversarial_l2-l2
+	$(PYTHON) -m tools.compare_models $(DEMO)/eval-standard-l2 $(DEMO)/eval-adversarial-l2 $(DEMO)/eval-adversarial_l2-l2 \
+		--names "standard training,PGD-3 at L-infinity 32,PGD-3 at L2 2" --output-dir $(DEMO)/l2
 
 # Step 10 on the digits (offline): an adversarially trained MLP (small enough for the exact verifier), then on the same
 # 100 test digits at two epsilons: step 8's ensemble (the attacks' upper bound), the reference AutoAttack, step 10's
-# exact verifier (the truth, up to its time limit) and its bounds alone (the fast lower bound).
+# exact verifier (the truth, up to its time limit) and its bounds alone (the fast lower bound), step 8 --certify
+# setting them side by side. Then randomized smoothing: a digits CNN trained under Gaussian noise and the PGD-trained
+# one of robust-demo, certified accuracy against the L2 radius for both, and the radius around Grace Hopper.
 CERTIFY := outputs/certify-demo
 CERTIFY_EPSILONS := 8,16
-certify-demo: $(VENV)/.installed
+certify-demo: $(VENV)/.installed $(DEMO)/adversarial.pt2 samples
 	$(PYTHON) -m tools.sample_images --digits digits --test-per-class 10
 	$(PYTHON) step_9_adversarial_training.py digits/train --arch mlp --method pgd --epsilon 16 --steps 5 --epochs 10 \
 		--output $(CERTIFY)/mlp.pt2
 	$(PYTHON) step_8_evaluate.py digits/test --model $(CERTIFY)/mlp.pt2 --epsilons $(CERTIFY_EPSILONS) \
-		--steps 50 --queries 1000 --batch-size 100 --output-dir $(CERTIFY)/eval
+		--steps 50 --queries 1000 --batch-size 100 --certify exact,bounds --time-limit 20 --output-dir $(CERTIFY)/eval
 	$(PYTHON) bench/robust_accuracy.py --model $(CERTIFY)/mlp.pt2 --folder digits/test --epsilon 8
 	$(PYTHON) bench/robust_accuracy.py --model $(CERTIFY)/mlp.pt2 --folder digits/test --epsilon 16
-	$(PYTHON) step_10_certify.py digits/test --model $(CERTIFY)/mlp.pt2 --method exact --epsilons $(CERTIFY_EPSILONS) \
-		--time-limit 20 --output-dir $(CERTIFY)/exact
 	$(PYTHON) step_10_certify.py digits/test --model $(CERTIFY)/mlp.pt2 --method bounds --epsilons $(CERTIFY_EPSILONS) \
 		--output-dir $(CERTIFY)/bounds
+	$(PYTHON) step_9_adversarial_training.py digits/train --method noise --sigma 0.25 --epochs 10 \
+		--output $(CERTIFY)/noise.pt2
+	$(PYTHON) bench/smoothing_demo.py --folder digits/test --models $(CERTIFY)/noise.pt2,$(DEMO)/adversarial.pt2 \
+		--names "Gaussian noise training (sigma 0.25),PGD-3 training (L-infinity 32)" --sigma 0.25 \
+		--output-dir $(CERTIFY)/smoothing
+	$(PYTHON) step_10_certify.py samples/grace_hopper.jpg --model efficientnet_lite0 --method smoothing --sigma 0.12 \
+		--n 1000 --batch-size 100 --output-dir $(CERTIFY)/grace_hopper

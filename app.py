@@ -35,13 +35,15 @@ from PIL import Image, UnidentifiedImageError  # noqa: E402
 from step_2_pretrained import (OFFLINE_MODEL, find_class, get_device, get_label, load_model, predict,  # noqa: E402
                                predict_images, prepare_image, to_tensor)
 from utils.adaptive import break_defense  # noqa: E402
-from utils.attacks import ATTACKS, perturbation_size  # noqa: E402
+from utils.attacks import ATTACKS, NORMS, perturbation_size  # noqa: E402
 from utils.certify.smoothing import PAGE_N, page_certificate  # noqa: E402
 from utils.cli import ArgumentParser, UsageError, number_in, run  # noqa: E402
 from utils.defenses import DEFENSES, describe  # noqa: E402
 from utils.figures import break_defense_figure, comparison_figure, short  # noqa: E402
 from utils.files import save_figure  # noqa: E402
-from utils.flags import add_break_defense_arguments, add_model_arguments, attack_options, model_from_args  # noqa: E402
+from utils.flags import (DEFAULT_EPSILON, add_break_defense_arguments, add_model_arguments, attack_options,  # noqa: E402
+                         check_budget, model_from_args, resolve_threat)
+from utils.threat import NAMES, UNITS, check_methods  # noqa: E402
 from utils.models import PROBE_SIZE  # noqa: E402
 from utils.samples import sample_paths  # noqa: E402
 
@@ -68,8 +70,14 @@ def as_typed(value):
     return f"{value:g}" if isinstance(value, (int, float)) else str(value).strip()
 
 
-def settings(target, epsilon, steps, method, defense, model_name, classes=None, input_size=None):
-    """The page's choices as step 7 would take them on its command line: same defaults, same checks."""
+def as_page_text(error):
+    """A UsageError's "--epsilon must be ..." as a page says it: "epsilon must be ..."."""
+    return UsageError(re.sub(r"--(\w)", r"\1", str(error)))
+
+
+def settings(target, epsilon, steps, method, defense, model_name, classes=None, input_size=None, norm="Linf"):
+    """The page's choices as step 7 would take them on its command line: same defaults, same checks (the norm and
+    its epsilon's range too: utils.flags.resolve_threat)."""
     parser = ArgumentParser()
     parser.add_argument("photo")
     add_break_defense_arguments(parser)
@@ -77,7 +85,12 @@ def settings(target, epsilon, steps, method, defense, model_name, classes=None, 
     model_options = [f"--classes={classes}"] * bool(classes) + [f"--input-size={input_size}"] * bool(input_size)
     args = parser.parse_args(["photo", f"--target={as_typed(target)}", f"--epsilon={as_typed(epsilon)}",
                               f"--steps={as_typed(steps)}", f"--method={method}", f"--defense={defense}",
-                              f"--model={model_name}", *model_options])
+                              f"--model={model_name}", f"--norm={norm or 'Linf'}", *model_options])
+    try:
+        resolve_threat(args, DEFAULT_EPSILON)
+        check_methods([args.method], args.norm)
+    except UsageError as error:
+        raise as_page_text(error) from None
     if not args.target:
         raise UsageError("type a target class, e.g. goldfish (or its index, 1)")
     if args.steps > MAX_STEPS:
@@ -169,22 +182,27 @@ def show_progress(progress, what, total, classes):
 
 
 def trick(upload, sample, target, epsilon, steps, method, defense, model_name=OFFLINE_MODEL, classes=None,
-          input_size=None, certify=False, progress=gr.Progress()):
+          input_size=None, certify=False, norm="Linf", progress=gr.Progress()):
     """Everything the page shows, from its inputs, yielded once; bad input raises UsageError. A generator so that its
     files outlive the return: Gradio asks a generator for its next value only after it has sent (and copied into its
     cache) the one before, and then this answer's folder goes."""
     with answer_folder() as out:
         yield answer(upload, sample, target, epsilon, steps, method, defense, (model_name, classes, input_size),
-                     progress, out, certify)
+                     progress, out, certify, norm)
 
 
-def answer(upload, sample, target, epsilon, steps, method, defense, model_spec, progress, out, certify=False):
+def answer(upload, sample, target, epsilon, steps, method, defense, model_spec, progress, out, certify=False,
+           norm="Linf"):
     """The page's outputs, its files written into the folder `out`; model_spec: (--model, --classes, --input-size)."""
-    args = settings(target, epsilon, steps, method, defense, *model_spec)
+    args = settings(target, epsilon, steps, method, defense, *model_spec, norm=norm)
     model = model_from_args(args, get_device(args.device))
     goal = find_class(args.target, model.classes)
     label = functools.partial(get_label, classes=model.classes)
     image = load_photo(upload, sample, model)
+    try:
+        check_budget(args, (3, *image.shape[:2]))
+    except UsageError as error:
+        raise as_page_text(error) from None
     result = break_defense(model, image, goal, args.method, attack_options(args), args.defense, {}, out,
                            on_plain_step=show_progress(progress, f"{args.method} attack", args.steps, model.classes),
                            on_adaptive_step=show_progress(progress, "adaptive attack", args.steps, model.classes),
@@ -194,13 +212,16 @@ def answer(upload, sample, target, epsilon, steps, method, defense, model_spec, 
     old = predict_images(model, [image])[0]
 
     linf = perturbation_size(to_tensor(plain), to_tensor(image))[0].item()
+    size = f"at most {linf:.0f} of 255 levels changed" if args.norm == "Linf" else \
+        (f"{NAMES[args.norm]} size {perturbation_size(to_tensor(plain), to_tensor(image), args.norm).item():.3f} "
+         f"of {args.epsilon:g} ({UNITS[args.norm]})")
     comparison = save_figure(comparison_figure(image, plain, label(old), label(plain_before)), out / "comparison.png")
     rows = [("plain attack", plain, label(plain_before), result.defended[0], label(plain_after)),
             ("adaptive attack (BPDA)", adaptive, label(adaptive_before), result.defended[1], label(adaptive_after))]
     through = save_figure(break_defense_figure(rows), out / "break_defense.png")
     verdict = (f"**New prediction:** {label(plain_before)}  \n"
                f"{'Fooled' if plain_before == goal else 'Not fooled'}: target {label(goal)}, {plain_steps} "
-               f"{args.method} steps, at most {linf:.0f} of 255 levels changed; judged on the PNG below, read back.")
+               f"{args.method} steps, {size}; judged on the PNG below, read back.")
     if certify:  # opt-in: PAGE_N more forward passes
         verdict += "  \n" + page_certificate(model, image, plain)
     name = describe(args.defense)
@@ -234,8 +255,12 @@ def build_page(model_name=OFFLINE_MODEL, classes=None, input_size=None):
                 sample = gr.Dropdown(list(SAMPLES), value=None, label="...or pick a sample", elem_id="sample")
                 target = gr.Dropdown(labels, value=labels[min(1, len(labels) - 1)], allow_custom_value=True,
                                      label="Target class (type to search)", elem_id="target")
-                epsilon = gr.Slider(1, 32, value=8, step=1, label="Epsilon (levels of 255 each pixel may change)",
-                                    elem_id="epsilon")
+                norm = gr.Dropdown([(f"{NAMES[n]}", n) for n in NORMS], value="Linf", label="Threat model (norm)",
+                                   elem_id="norm")
+                # a number, not a slider: its meaning changes with the norm (levels per pixel, or the norm of the whole
+                # perturbation), and the same checks as the command line's judge it
+                epsilon = gr.Number(value=8, label="Epsilon (L-infinity: levels of 255 each pixel may change; L2, "
+                                    "L1: norm of the whole perturbation in [0, 1] units, e.g. 3)", elem_id="epsilon")
                 steps = gr.Slider(1, 200, value=20, step=1, label="Steps", elem_id="steps")
                 method = gr.Dropdown(sorted(ATTACKS), value="pgd", label="Attack", elem_id="method")
                 defense = gr.Dropdown(list(DEFENSES), value="jpeg", label="Defense", elem_id="defense")
@@ -256,7 +281,7 @@ def build_page(model_name=OFFLINE_MODEL, classes=None, input_size=None):
                 through = gr.Image(label="before and after the defense", show_label=False, height=420,
                                    format="png", elem_id="through")
         model = [gr.State(model_name), gr.State(classes), gr.State(input_size)]
-        button.click(on_page(trick), [upload, sample, target, epsilon, steps, method, defense, *model, certify],
+        button.click(on_page(trick), [upload, sample, target, epsilon, steps, method, defense, *model, certify, norm],
                      [clean, verdict, comparison, download, defense_report, through, adaptive_download])
     return page
 

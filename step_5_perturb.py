@@ -3,6 +3,7 @@
     python step_5_perturb.py IMAGE [--target 1|goldfish] [--epsilon 10] [--steps 30]
                                    [--method sgd|fgsm|pgd|mifgsm|cw|apgd|apgd-t|square] [--loss ce|dlr]
                                    [--target-classes 9] [--queries N] [--model resnet18] [--seed 0]
+                                   [--norm Linf|L2|L1]
                                    [--output-dir outputs] [--precision fp32|bf16|fp16]
 
 One image: prints "Target class: ...", a "Loss: ... / Class: ..." line every 5 steps as the tutorial does (every 100
@@ -12,8 +13,11 @@ output dir. Several images or a folder: attacks them in batches (--batch-size) a
 input. Exit status 0 when every saved PNG is classified as the target (untargeted: as anything but its clean class), 1
 when the attack did not get there.
 
-The budget --epsilon is an L-infinity bound in pixel levels out of 255: the saved PNG differs from the resized and
-cropped original by at most epsilon levels in every channel of every pixel.
+The budget --epsilon is, by default (--norm Linf), an L-infinity bound in pixel levels out of 255: the saved PNG
+differs from the resized and cropped original by at most epsilon levels in every channel of every pixel. With
+--norm L2 or L1 it bounds the L2 or L1 norm of the PNG's whole perturbation in [0, 1] pixel units (AutoAttack's
+convention; at most the image's largest distance), and the output lines give that size too. A robustbench: model
+named with its threat model defaults to that norm and RobustBench's epsilon, and says so.
 
 Speed (utils/speed.py): the model runs in the memory format of a fixed rule (channels-last for 2-D convolutions on
 CPU and CUDA; --memory-format overrides it), never chosen by a clock;
@@ -32,8 +36,9 @@ from utils.attacks import ATTACKS, budget_unit, goal_reached, perturbation_size,
 from utils.cli import ArgumentParser, print_loss_every, run
 from utils.figures import comparison_figure
 from utils.files import save_array, save_figure, save_image
-from utils.flags import (add_attack_arguments, add_common_arguments, add_speed_arguments, attack_options, chosen_target,
-                         prepared_model)
+from utils.flags import (DEFAULT_EPSILON, add_attack_arguments, add_common_arguments, add_speed_arguments,
+                         attack_options, check_budget, chosen_target, prepared_model, resolve_threat)
+from utils.threat import check_methods
 from utils.images import list_images, output_names
 from utils.perturbations import perturbation_from_images
 
@@ -75,6 +80,7 @@ def describe_goal(model, image, args):
 def attack_one(model, path, args):
     """The tutorial's story on one photo."""
     image = prepare_image(path, model)
+    check_budget(args, (3, *image.shape[:2]))
     print(describe_goal(model, image, args))
     labels = goal_labels(model, [image], args)
     period = 100 if ATTACKS[args.method].gradient_free else 5  # a query is far cheaper than a gradient step
@@ -87,7 +93,8 @@ def attack_one(model, path, args):
     linf, l2 = perturbation_size(to_tensor(adversarial), to_tensor(image))
     print(f"Old prediction: {old_label}")
     print(f"New prediction: {new_label}")
-    print(f"{budget_unit(args.method).capitalize()} used: {steps} / L-inf: {linf.item():.0f} levels of 255 / L2: {l2.item():.3f}")
+    print(f"{budget_unit(args.method).capitalize()} used: {steps} / L-inf: {linf.item():.0f} levels of 255 / L2: {l2.item():.3f}"
+          + norm_size(adversarial, image, args))
     if not goal_reached(new, labels[0], args.untargeted):
         print(f"The attack did not get there: {saved} is still classified as {new_label}; "
               f"try more --steps, a larger --epsilon or --method pgd")
@@ -95,9 +102,22 @@ def attack_one(model, path, args):
     return 0
 
 
+def norm_size(adversarial, image, args):
+    """"" in L-infinity (its size is already on the line); in L2 the budget beside the L2 size; in L1 the PNG's
+    perturbation in the norm's [0, 1] units and the budget."""
+    if args.norm == "Linf":
+        return ""
+    if args.norm == "L2":  # already on the line: only the budget
+        return f" of {args.epsilon:g}"
+    size = perturbation_size(to_tensor(adversarial), to_tensor(image), args.norm).item()
+    return f" / {args.norm}: {size:.3f} of {args.epsilon:g}"
+
+
 def attack_many(model, paths, args):
     """Attack a set of photos in batches; one line per photo, judged on the PNG read back."""
     images = prepare_images(paths, model)
+    for image in images:
+        check_budget(args, (3, *image.shape[:2]))
     labels = goal_labels(model, images, args)
     print(describe_goal(model, images[0], args) if not args.untargeted else "Untargeted: any class but each image's own")
     adversarial, steps_used = attack_images(model, images, labels, args)
@@ -108,10 +128,12 @@ def attack_many(model, paths, args):
         ok = goal_reached(new, label, args.untargeted)
         failures += not ok
         linf = int(np.abs(adv.astype(int) - image.astype(int)).max())
+        size = f"L-inf {linf}" if args.norm == "Linf" else \
+            f"{args.norm} {perturbation_size(to_tensor(adv), to_tensor(image), args.norm).item():.3f} of {args.epsilon:g}"
         print(f"{path}: {get_label(old, model.classes)} -> {get_label(new, model.classes)} "
               f"({'fooled' if ok else 'NOT fooled'}, {steps} "
               f"{budget_unit(args.method)}, "
-              f"L-inf {linf}) -> {saved}")
+              f"{size}) -> {saved}")
     print(f"Fooled {len(paths) - failures} of {len(paths)}")
     return 1 if failures else 0
 
@@ -119,6 +141,8 @@ def attack_many(model, paths, args):
 def main(args):
     torch.manual_seed(args.seed)
     args.target = chosen_target(args)
+    resolve_threat(args, DEFAULT_EPSILON)
+    check_methods([args.method], args.norm)
     device = get_device(args.device)
     paths = list_images(args.images)
     model = prepared_model(args, device, args.batch_size)

@@ -1,7 +1,7 @@
 """Step 7: break the defense. An attacker who knows about the JPEG step attacks *through* it.
 
     python step_7_break_defense.py IMAGE [--defense jpeg] [--target goldfish] [--epsilon 10] [--steps 100] [--eot 1]
-                                         [--method pgd] [--model resnet18] [--output-dir outputs]
+                                         [--method pgd] [--norm Linf|L2|L1] [--model resnet18] [--output-dir outputs]
                                          [--precision fp32|bf16|fp16]
 
 The forward pass runs the real defense (the 8-bit image re-compressed, filtered, ...); the backward pass treats it as
@@ -18,27 +18,44 @@ import torch
 
 from step_2_pretrained import find_class, get_device, get_label, predict_images, prepare_image
 from utils.adaptive import break_defense
-from utils.attacks import budget_unit
+from utils.attacks import budget_unit, perturbation_size
 from utils.cli import ArgumentParser, UsageError, print_loss_every, run
 from utils.defenses import describe
 from utils.figures import break_defense_figure
 from utils.files import save_figure
-from utils.flags import add_break_defense_arguments, attack_options, chosen_target, defense_settings, prepared_model
+from utils.flags import (DEFAULT_EPSILON, add_break_defense_arguments, attack_options, check_budget, chosen_target,
+                         defense_settings, prepared_model, resolve_threat)
+from utils.images import to_tensor
+from utils.threat import UNITS, check_methods
+
+
+def sizes(model, image, files, args):
+    """"" in L-infinity (the line stays the tutorial's); in L2 or L1 each PNG's perturbation, read back, in the
+    norm's units."""
+    if args.norm == "Linf":
+        return ""
+    size = [perturbation_size(to_tensor([prepare_image(path, model)]), to_tensor([image]), args.norm).item()
+            for path in files]
+    return f"; {args.norm} of the files: plain {size[0]:.3f}, adaptive {size[1]:.3f}, budget {args.epsilon:g}"
 
 
 def main(args):
     torch.manual_seed(args.seed)
     if args.untargeted:
         raise UsageError("step 7 is a targeted attack: drop --untargeted")
+    resolve_threat(args, DEFAULT_EPSILON)
+    check_methods([args.method], args.norm)
     settings = defense_settings(args)
     name = describe(args.defense, **settings)
     device = get_device(args.device)
     model = prepared_model(args, device, 1)
     target = find_class(chosen_target(args), model.classes)
     image = prepare_image(args.image, model)
+    check_budget(args, (3, *image.shape[:2]))
     label = functools.partial(get_label, classes=model.classes)
     print(f"Target class: {label(target)}")
-    print(f"Defense: {name}; attack: {args.method} through it (BPDA, EOT {args.eot}), epsilon {args.epsilon:g}")
+    budget = "" if args.norm == "Linf" else f" in {args.norm} ({UNITS[args.norm]})"
+    print(f"Defense: {name}; attack: {args.method} through it (BPDA, EOT {args.eot}), epsilon {args.epsilon:g}{budget}")
 
     result = break_defense(model, image, target, args.method, attack_options(args), args.defense, settings,
                            args.output_dir, eot=args.eot, on_adaptive_step=print_loss_every(10, model.classes))
@@ -47,7 +64,7 @@ def main(args):
     print(f"New prediction: {label(new)}")
     print(f"Plain step-5 attack: {label(plain_before)} -> after the defense: {label(plain_after)}")
     print(f"Adaptive attack:     {label(adaptive_before)} -> after the defense: {label(new)} "
-          f"({result.steps[1]} {budget_unit(args.method)})")
+          f"({result.steps[1]} {budget_unit(args.method)}{sizes(model, image, result.files, args)})")
     rows = [("plain attack (step 5)", result.images[0], label(plain_before), result.defended[0], label(plain_after)),
             ("adaptive attack (step 7)", result.images[1], label(adaptive_before), result.defended[1], label(new))]
     save_figure(break_defense_figure(rows), Path(args.output_dir) / "break_defense.png")

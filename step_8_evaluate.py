@@ -3,7 +3,8 @@
 
     python step_8_evaluate.py FOLDER [--model resnet18] [--labels imagenet-val | --labels FILE.csv]
                                      [--methods fgsm,pgd,mifgsm] [--epsilons 1,2,4,8,16] [--steps 1,5,10,20,50]
-                                     [--target goldfish | --untargeted] [--ensemble apgd,apgd-t,square]
+                                     [--target goldfish | --untargeted] [--norm Linf|L2|L1]
+                                     [--ensemble apgd,apgd-t,fab,square]
                                      [--queries 5000] [--target-classes 9] [--defenses jpeg,...] [--adaptive] [--eot 1]
                                      [--batch-size 16] [--workers 0] [--threads N] [--device auto|cpu|cuda]
                                      [--output-dir outputs/eval] [--resume] [--strict] [--seed 0]
@@ -21,10 +22,20 @@ are cut into batches of --batch-size that a DataLoader (--workers) decodes one a
 before the next is read, so memory stays flat however large the folder. Every adversarial image is saved as a PNG
 under OUTPUT_DIR/images/ and judged on that file read back from disk (through the real defense, if any).
 
-With --certify, step 10's certifiers (exact, bounds) then run on the same photos and epsilons: the attacks' robust
-accuracy is an upper bound, the share proved robust a lower one, and summary.md gives the interval per epsilon (with a
-sixth sanity check: no photo is both proved robust and fooled), robust_accuracy.csv a certified_accuracy column and
-robust_interval.png the band between them; the certifiers' rows are in OUTPUT_DIR/certified/NAME/certified.csv.
+Threat models (--norm): Linf (the default; --epsilons in levels out of 255), L2 or L1 (--epsilons the norm of the
+whole perturbation in [0, 1] units, as AutoAttack and RobustBench give it; a robustbench: model named with its threat
+model defaults to it). The default ensemble is AutoAttack's standard version in that norm (APGD-CE, APGD-T towards 9
+classes, FAB-T towards 9, Square with --queries; in L1 AutoAttack's L1 settings: APGD-CE with 5 restarts, APGD-T
+towards 5), less any attack this library has no version of in the norm (Square in L2 and L1), which summary.md says.
+results.csv names the norm in every row, gives each PNG's size in it, and FAB's smallest adversarial distance; with
+FAB in the ensemble, robust_vs_distance.png draws robust accuracy against epsilon from those distances. One norm per
+output folder: --resume refuses rows of another norm.
+
+With --certify, step 10's certifiers (exact, bounds; L-infinity and L1) then run on the same photos and epsilons: the
+attacks' robust accuracy is an upper bound, the share proved robust a lower one, and summary.md gives the interval
+per epsilon (with a sixth sanity check: no photo is both proved robust and fooled), robust_accuracy.csv a
+certified_accuracy column and robust_interval.png the band between them; the certifiers' rows are in
+OUTPUT_DIR/certified/NAME/certified.csv.
 
 This file is the plan, main and the parser; the loop is utils/evaluation/engine.py's (run_evaluation). Under
 torchrun, batch k runs on rank k % world size. The results files (results.csv, the shards, --resume) are
@@ -53,12 +64,17 @@ from utils.evaluation import distributed
 from utils.certify import CERTIFIERS
 from utils.evaluation.engine import check_readable, run_evaluation
 from utils.evaluation.interval import check_certify, interval_certifiers, make_certifiers
-from utils.evaluation.plan import CLEAN, UNBOUNDED, Job, Plan, Settings, defense_method, iterative_methods, stage_steps
-from utils.flags import (DEFAULT_TARGET, add_device_argument, add_photos_arguments, add_speed_arguments,
-                         add_threads_argument, chosen_target)
+from utils.evaluation.plan import (CLEAN, UNBOUNDED, Job, Plan, Settings, defense_method, iterative_methods,
+                                   stage_steps, standard_ensemble)
+from utils.flags import (DEFAULT_TARGET, add_device_argument, add_norm_argument, add_photos_arguments,
+                         add_speed_arguments, add_threads_argument, check_budget, chosen_target, positive_number,
+                         resolve_threat)
+from utils.threat import check_methods
 
-DEFAULT_METHODS = ("fgsm", "pgd", "mifgsm")
-DEFAULT_ENSEMBLE = ("apgd", "apgd-t", "square")
+# the grid's default methods per norm: the tutorial's three in L-infinity, the gradient attacks that have the norm else
+DEFAULT_METHODS = {"Linf": ("fgsm", "pgd", "mifgsm"), "L2": ("pgd", "apgd"), "L1": ("apgd",)}
+DEFAULT_EPSILONS = (1.0, 2.0, 4.0, 8.0, 16.0)  # levels out of 255, L-infinity
+DEFAULT_ENSEMBLE = tuple(standard_ensemble("Linf"))
 
 
 # ---- the plan -------------------------------------------------------------------------------------------------
@@ -69,7 +85,8 @@ def grid_jobs(methods, args):
     jobs = [Job(method, epsilon, steps) for method in methods for epsilon in args.epsilons
             for steps in (args.steps if ATTACKS[method].iterative else [1])]
     jobs += [Job(method, largest_epsilon, 2 * largest_steps) for method in iterative_methods(methods)]
-    jobs.append(Job("pgd", UNBOUNDED, largest_steps))
+    if args.norm == "Linf":  # the unbounded sanity run: L-infinity's 255 levels (see checks.check_unbounded)
+        jobs.append(Job("pgd", UNBOUNDED, largest_steps))
     method, attacks = defense_method(methods), ("plain", "adaptive") if args.adaptive else ("plain",)
     for defense in args.defenses:  # the plain attack's PNGs first, then judged through each defense
         jobs += [Job(method, epsilon, largest_steps) for epsilon in args.epsilons]
@@ -78,9 +95,21 @@ def grid_jobs(methods, args):
     return jobs
 
 
+def check_attacks(args):
+    """Every attack asked for exists and has a version in --norm: checked before the model loads or a file is
+    written."""
+    unknown = [method for method in args.ensemble or [] if method not in ATTACKS]
+    if unknown:
+        raise UsageError(f"--ensemble: unknown attack {unknown[0]!r}; choose from {', '.join(ATTACKS)}")
+    check_methods(args.ensemble or [], args.norm, "--ensemble:")
+    check_methods(args.methods or [], args.norm, "--methods:")
+
+
 def make_plan(args, labelled, classes=None):
     """Decide what runs. With labels and no --methods (nor --defenses) only the ensemble runs; the grid runs when
     --methods is given, without labels, or for --defenses."""
+    if args.norm is None or args.epsilons is None:  # called as a library on parsed arguments: main has not resolved them
+        resolve_threat(args, DEFAULT_EPSILONS, "--epsilons")
     target_text = chosen_target(args, default=None)
     if args.adaptive and not args.defenses:
         raise UsageError("--adaptive attacks through a defense: give --defenses too")
@@ -89,12 +118,10 @@ def make_plan(args, labelled, classes=None):
     if args.ensemble and args.target is not None:
         raise UsageError("--ensemble measures untargeted robustness: it excludes --target")
     ensemble = args.ensemble if args.ensemble is not None else (
-        list(DEFAULT_ENSEMBLE) if labelled and args.target is None else [])
-    unknown = [method for method in ensemble if method not in ATTACKS]
-    if unknown:
-        raise UsageError(f"--ensemble: unknown attack {unknown[0]!r}; choose from {', '.join(ATTACKS)}")
+        standard_ensemble(args.norm) if labelled and args.target is None else [])
+    check_attacks(args)
     grid = args.methods is not None or not labelled or bool(args.defenses)
-    methods = (args.methods or list(DEFAULT_METHODS)) if grid else []
+    methods = (args.methods or list(DEFAULT_METHODS[args.norm])) if grid else []
     untargeted = args.untargeted or (labelled and args.target is None)
     target = None if untargeted else find_class(target_text or DEFAULT_TARGET, classes)
     jobs = [CLEAN] if labelled else []
@@ -123,7 +150,7 @@ def settings_of(args, model, device):
                     queries=args.queries, target_classes=args.target_classes, defenses=tuple(args.defenses),
                     adaptive=args.adaptive, eot=args.eot, seed=args.seed, early_stop=not args.no_early_stop,
                     precision=args.precision, memory_format=speed.memory_format_of(model, device),
-                    batch_size=args.batch_size, workers=args.workers, resume=args.resume)
+                    batch_size=args.batch_size, workers=args.workers, resume=args.resume, norm=args.norm)
 
 
 def main(args):
@@ -131,10 +158,14 @@ def main(args):
     try:
         torch.set_num_threads(distributed.thread_share(args.threads, context))
         torch.manual_seed(args.seed)
+        resolve_threat(args, DEFAULT_EPSILONS, "--epsilons")
+        args.epsilons = sorted(args.epsilons)
+        check_attacks(args)
         model = prepare_model(args, context.device)  # first: the labels and the target are names of its classes
+        check_budget(args, (3, model.preprocessing.crop_size, model.preprocessing.crop_size), "--epsilons")
         photos = find_photos(args.folder, args.labels, functools.partial(find_class, classes=model.classes))
         plan = make_plan(args, photos.labels is not None, model.classes)
-        check_certify(args.certify, photos.labels is not None, plan.ensemble)
+        check_certify(args.certify, photos.labels is not None, plan.ensemble, args.norm)
         certifiers = make_certifiers(args.certify, model, args)  # a model it cannot read: refused before any output
         if args.strict:
             check_readable(photos.paths, distributed.deal(cut(len(photos.paths), args.batch_size), context), context)
@@ -167,24 +198,28 @@ def get_args_parser():
                                         "and, given true labels, robust accuracy.")
     add_photos_arguments(parser)
     parser.add_argument("--methods", type=listed(one_of(ATTACKS, "method"), "--methods"), default=None,
-                        help=f"the grid's attacks, from {', '.join(ATTACKS)} (default: {','.join(DEFAULT_METHODS)}; "
-                             "with labels, no grid unless given)")
-    epsilon = number_in(0, 255, low_open=True, name="--epsilons")
-    parser.add_argument("--epsilons", type=listed(epsilon, "--epsilons", True), default="1,2,4,8,16",
-                        help="L-infinity budgets in levels, each in (0, 255] (default: %(default)s)")
+                        help=f"the grid's attacks, from {', '.join(ATTACKS)} (default: "
+                             f"{','.join(DEFAULT_METHODS['Linf'])}; L2: {','.join(DEFAULT_METHODS['L2'])}; L1: "
+                             f"{','.join(DEFAULT_METHODS['L1'])}; with labels, no grid unless given)")
+    parser.add_argument("--epsilons", type=listed(positive_number("--epsilons"), "--epsilons", True), default=None,
+                        help="budgets in --norm's units: Linf levels out of 255, each in (0, 255]; L2 and L1 the norm "
+                             "of the whole perturbation in [0, 1] units, at most the image's largest distance "
+                             "(default: 1,2,4,8,16 levels in Linf; a robustbench: model's own)")
+    add_norm_argument(parser)
     parser.add_argument("--steps", type=listed(number_in(1, 100000, int, name="--steps"), "--steps", True),
                         default="1,5,10,20,50", help="steps of the iterative methods, each >= 1 (default: %(default)s)")
     parser.add_argument("--target", help="class index or name the grid aims at (default without labels: 1, goldfish)")
     parser.add_argument("--untargeted", action="store_true", help="any class but the true one (default with labels)")
     parser.add_argument("--ensemble", type=ensemble_list, default=None,
-                        help=f"attacks for robust accuracy, in order, or none (default with labels: "
-                             f"{','.join(DEFAULT_ENSEMBLE)})")
+                        help=f"attacks for robust accuracy, in order, or none (default with labels: AutoAttack's "
+                             f"standard version, {','.join(DEFAULT_ENSEMBLE)}, less the attacks without a version in "
+                             "--norm; in L1 apgd with 5 restarts and apgd-t with 5 target classes)")
     parser.add_argument("--queries", type=number_in(1, 10 ** 6, int, name="--queries"), default=5000,
                         help="query budget of a gradient-free ensemble attack (square: per photo, the first query "
                              "included; windows from p_init 0.8 down, as in AutoAttack) (default: %(default)s, "
                              "AutoAttack's)")
-    parser.add_argument("--target-classes", type=number_in(1, 999, int, name="--target-classes"), default=9,
-                        help="classes apgd-t runs towards (default: %(default)s)")
+    parser.add_argument("--target-classes", type=number_in(1, 999, int, name="--target-classes"), default=None,
+                        help="classes apgd-t and fab run towards (default: AutoAttack's, 9; apgd-t in L1: 5)")
     parser.add_argument("--no-early-stop", action="store_true",
                         help="attack every image for all its steps (fixed work per image, for benchmarks)")
     parser.add_argument("--batch-size", type=number_in(1, 4096, int, name="--batch-size"), default=16)

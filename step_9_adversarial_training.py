@@ -1,8 +1,8 @@
 """Step 9: adversarial training, the tutorial's missing chapter.
 
     python step_9_adversarial_training.py FOLDER [--labels FILE.csv] [--output outputs/robust/model.pt2]
-                                         [--method pgd|fgsm-rs|noise|none] [--epsilon 32] [--steps 3] [--alpha LEVELS]
-                                         [--sigma S]
+                                         [--method pgd|fgsm-rs|noise|none] [--norm Linf|L2] [--epsilon 32]
+                                         [--steps 3] [--alpha LEVELS] [--sigma S]
                                          [--arch small-cnn|mlp] [--epochs 10] [--batch-size 64] [--lr 0.001]
                                          [--val-fraction 0.1] [--val-steps 10] [--image-size 32] [--seed 0]
                                          [--threads N] [--resume] [--keep-last]
@@ -18,7 +18,10 @@ Methods: `pgd` (Madry et al.: PGD with a random start, `--steps` sign steps of `
 plain training), `noise` (Gaussian data augmentation, as Cohen, Rosenfeld and Kolter 2019 train the base model of
 randomized smoothing: every training batch gets N(0, sigma^2) noise, --sigma in [0, 1] pixel units, not clipped) or
 `none` (plain training, the baseline). Epsilon is in levels out of 255, as everywhere else; the
-attack sees the 8-bit image (utils.attacks), so the model trains on images a PNG can hold.
+attack sees the 8-bit image (utils.attacks), so the model trains on images a PNG can hold. With --norm L2 the
+training attack and the validation PGD are PGD in L2 (normalized gradient steps, the exact projection onto the L2
+ball and [0, 1]), and --epsilon and --alpha are in [0, 1] pixel units, the norm of the whole perturbation (PGD has no
+L1 version: --norm L1 is refused). The checkpoint records the norm, so --resume refuses another.
 
 Labels: an ImageFolder tree (FOLDER/<class>/image; class names are the subfolder names, in numeric order when they
 are all numbers, else sorted) or --labels FILE.csv (columns image,label; the class names are the labels, sorted).
@@ -47,14 +50,17 @@ from tqdm import tqdm
 
 from step_2_pretrained import Classifier, Preprocessing, get_device, get_image_transform, load_image
 from utils.attacks import make_attack
-from utils.cli import ArgumentParser, UsageError, number_in, run
+from utils.attacks import ATTACKS, NORMS
+from utils.cli import ArgumentParser, UsageError, number_in, one_of, run
 from utils.data import PhotoDataset, csv_labels, cut, list_photos, photo_batches
 from utils.files import display_path
 from utils.flags import add_device_argument
 from utils.models import classes_path, export_program, load_program
+from utils.threat import check_epsilon
 from utils.training import MLP, SMALL_CNN, build_net, load_checkpoint, save_checkpoint
 
 METHODS = ("pgd", "fgsm-rs", "noise", "none")
+DEFAULT_EPSILON = 32.0  # levels out of 255, L-infinity
 FGSM_RS_STEP = 1.25  # Wong et al. 2020: alpha = 1.25 epsilon from a uniform start in the ball
 
 
@@ -147,7 +153,7 @@ def training_attack(model, args, seed):
     else:
         steps, alpha = args.steps, args.alpha
     return make_attack("pgd", model, epsilon=args.epsilon, steps=steps, alpha=alpha, targeted=False, early_stop=False,
-                       random_start=True, seed=seed)
+                       random_start=True, seed=seed, norm=args.norm)
 
 
 def batch_seed(args, epoch, index):
@@ -200,14 +206,17 @@ def accuracy(model, images, targets):
 
 def validate(model, data, args, device):
     """(clean accuracy, PGD accuracy, FGSM accuracy) on the held-out images: PGD with --val-steps steps and a random
-    start, and FGSM, at the training epsilon (None each: nothing held out)."""
+    start at the training epsilon and norm, and in L-infinity FGSM (None each: nothing held out; FGSM's None in
+    another norm)."""
     if len(data.val) == 0:
         return None, None, None
     model.eval()
     images, targets = as_pixels(data.images[data.val]).to(device), data.targets[data.val].to(device)
     attack = make_attack("pgd", model, epsilon=args.epsilon, steps=args.val_steps, targeted=False, random_start=True,
-                         seed=args.seed)
+                         seed=args.seed, norm=args.norm)
     robust = 1 - attack(images, targets).success.float().mean().item()
+    if args.norm != "Linf":  # FGSM, the overfitting guard's witness, is an L-infinity attack
+        return accuracy(model, images, targets), robust, None
     fgsm = make_attack("fgsm", model, epsilon=args.epsilon, targeted=False, early_stop=False)
     return accuracy(model, images, targets), robust, 1 - fgsm(images, targets).success.float().mean().item()
 
@@ -238,8 +247,9 @@ def catastrophic_overfitting(history):
 
 # ---- checkpoints ----------------------------------------------------------------------------------------------
 
-SETTINGS = ("arch", "method", "epsilon", "steps", "alpha", "sigma", "batch_size", "lr", "val_fraction", "image_size",
-            "seed", "epochs")
+SETTINGS = ("arch", "method", "norm", "epsilon", "steps", "alpha", "sigma", "batch_size", "lr", "val_fraction",
+            "image_size", "seed", "epochs")
+SAVED_DEFAULTS = {"norm": "Linf"}  # a checkpoint from before --norm was trained in L-infinity
 
 
 def checkpoint_path(args):
@@ -258,6 +268,7 @@ def resume_from(model, optimizer, args):
         return 1, [], None
     state = load_checkpoint(path)
     saved = dict(state.get("settings", {}))
+    saved = {**SAVED_DEFAULTS, **saved}
     changed = [name for name in SETTINGS if name != "epochs" and saved.get(name) != getattr(args, name)]
     if changed:
         name = changed[0]
@@ -301,12 +312,34 @@ def export(model, data, args, device):
 
 # ---- main -----------------------------------------------------------------------------------------------------
 
+def budget_text(norm, epsilon):
+    """"32 levels" in L-infinity (the line every earlier run printed); "L2 1" in L2 and L1."""
+    return f"{epsilon:g} levels" if norm == "Linf" else f"{norm} {epsilon:g}"
+
+
 def report_epoch(row):
     val = "" if row["clean"] is None else \
-        f", held-out clean {row['clean']:.1%}, PGD-{row['val_steps']} at {row['epsilon']:g} levels {row['robust']:.1%}"
+        (f", held-out clean {row['clean']:.1%}, PGD-{row['val_steps']} at "
+         f"{budget_text(row.get('norm', 'Linf'), row['epsilon'])} {row['robust']:.1%}")
     val += "" if row.get("fgsm") is None else f", FGSM {row['fgsm']:.1%}"
     print(f"epoch {row['epoch']}: loss {row['loss']:.4f}, {row['images_per_second']:.0f} training images/s{val}",
           flush=True)
+
+
+def check_threat(args):
+    """The training budget in its norm, checked before anything is read or written: Linf levels in [0, 255] (the
+    default 32), L2 and L1 an --epsilon given, at most the --image-size image's largest distance; the attack (PGD)
+    must have the norm."""
+    if args.epsilon is None:
+        if args.norm != "Linf":
+            raise UsageError(f"--norm {args.norm} needs --epsilon: the {args.norm} norm of the whole perturbation in "
+                             "[0, 1] pixel units (e.g. 1.0 for the 32x32 digits in L2)")
+        args.epsilon = DEFAULT_EPSILON
+    if args.epsilon > 0:
+        check_epsilon(args.epsilon, args.norm, (3, args.image_size, args.image_size))
+    if args.method != "none" and args.norm not in ATTACKS["pgd"].norms:
+        raise UsageError(f"--norm {args.norm}: the training attack, PGD, has no {args.norm} version (it has "
+                         f"{', '.join(ATTACKS['pgd'].norms)})")
 
 
 def main(args):
@@ -314,6 +347,7 @@ def main(args):
         raise UsageError(f"--output {args.output}: the model is written as a torch.export program, name it NAME.pt2")
     if (args.method == "noise") != (args.sigma is not None):
         raise UsageError("--sigma goes with --method noise, and --method noise needs it (e.g. --sigma 0.25)")
+    check_threat(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = get_device(args.device)
@@ -321,14 +355,14 @@ def main(args):
     model = make_model(data, args).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     first, history, best = resume_from(model, optimizer, args)
-    budget = f"sigma {args.sigma:g}" if args.method == "noise" else f"epsilon {args.epsilon:g} levels"
+    budget = f"sigma {args.sigma:g}" if args.method == "noise" else f"epsilon {budget_text(args.norm, args.epsilon)}"
     print(f"Training {args.arch} ({args.method}, {budget}) on {len(data.train)} images of "
           f"{len(data.classes)} classes, {len(data.val)} held out; {torch.get_num_threads()} thread(s), {device}")
     for epoch in range(first, args.epochs + 1):
         loss, speed = train_epoch(model, optimizer, data, epoch, args, device)
         clean, robust, fgsm = validate(model, data, args, device)
         history.append({"epoch": epoch, "loss": loss, "images_per_second": speed, "clean": clean, "robust": robust,
-                        "fgsm": fgsm, "epsilon": args.epsilon, "val_steps": args.val_steps,
+                        "fgsm": fgsm, "epsilon": args.epsilon, "norm": args.norm, "val_steps": args.val_steps,
                         "overfit": catastrophic_overfitting(history + [{"robust": robust, "fgsm": fgsm}])})
         report_epoch(history[-1])
         if best_epoch(history) == epoch:
@@ -358,8 +392,11 @@ def get_args_parser():
                         help="the .pt2 program to write; NAME.classes.txt and the checkpoint NAME.ckpt go beside it "
                              "(default: %(default)s)")
     parser.add_argument("--method", choices=METHODS, default="pgd", help="(default: %(default)s)")
-    parser.add_argument("--epsilon", type=number_in(0, 255, name="--epsilon"), default=32,
-                        help="the training budget in levels out of 255, L-infinity (default: %(default)s)")
+    parser.add_argument("--epsilon", type=number_in(0, math.inf, name="--epsilon"), default=None,
+                        help="the training budget: Linf in levels out of 255, in [0, 255]; L2 and L1 the norm of the "
+                             f"whole perturbation in [0, 1] pixel units (default: {DEFAULT_EPSILON:g} levels in Linf)")
+    parser.add_argument("--norm", type=one_of(NORMS, "norm"), default="Linf",
+                        help="the threat model of the training attack and of the validation PGD (default: %(default)s)")
     parser.add_argument("--steps", type=number_in(1, 1000, int, name="--steps"), default=3,
                         help="PGD steps per training batch (pgd; fgsm-rs takes one) (default: %(default)s)")
     parser.add_argument("--alpha", type=number_in(0, 255, low_open=True, name="--alpha"), default=None,

@@ -399,7 +399,7 @@ def test_label_sources(source, tiny, tmp_path):
     assert all(row["clean_correct"] == str(int(row["clean_label"] == row["label"])) for row in rows)
     assert {row["attack"] for row in rows} <= {"clean", "ensemble"}, "labels and no --methods: the ensemble only"
     accuracy = read_csv(out / "robust_accuracy.csv")
-    assert list(accuracy[0]) == ["epsilon", "attack", "images", "clean_accuracy", "robust_accuracy"]
+    assert list(accuracy[0]) == ["norm", "epsilon", "attack", "images", "clean_accuracy", "robust_accuracy"]
     assert [row["attack"] for row in accuracy] == ["fgsm", "pgd", "worst-case"]
     correct = sum(row["clean_correct"] == "1" for row in clean.values())
     assert all(float(row["clean_accuracy"]) == pytest.approx(correct / len(labels)) for row in accuracy)
@@ -443,9 +443,10 @@ def test_with_labels_and_no_methods_only_the_default_ensemble_runs():
     plan = make_plan(args, labelled=True)
     assert plan.target is None and plan.methods == [] and plan.ensemble == list(DEFAULT_ENSEMBLE)
     stages = [(job.method, job.epsilon, job.steps) for job in plan.jobs if job.attack == "ensemble"]
-    assert stages == [("apgd", 2, 50), ("apgd-t", 2, 50), ("square", 2, 300),
-                      ("apgd", 8, 50), ("apgd-t", 8, 50), ("square", 8, 300)]
-    assert plan.jobs[0] == CLEAN and len(plan.jobs) == 7
+    assert stages == [("apgd", 2, 50), ("apgd-t", 2, 50), ("fab", 2, 50), ("square", 2, 300),
+                      ("apgd", 8, 50), ("apgd-t", 8, 50), ("fab", 8, 50), ("square", 8, 300)], \
+        "AutoAttack's standard version: APGD-CE, APGD-T, FAB-T, Square"
+    assert plan.jobs[0] == CLEAN and len(plan.jobs) == 9
     with_grid = make_plan(get_args_parser().parse_args(["photos", "--methods", "pgd"]), labelled=True)
     assert with_grid.target is None and with_grid.methods == ["pgd"], "with labels the grid is untargeted"
     assert make_plan(get_args_parser().parse_args(["photos"]), labelled=False).ensemble == []

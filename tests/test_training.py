@@ -141,13 +141,13 @@ def test_resume_with_other_settings_is_refused(few_digits, tmp_path):
     assert result.returncode == 2 and "--epsilon" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def write_accuracy(folder, clean, robust):
+def write_accuracy(folder, clean, robust, norm="Linf"):
     """A robust_accuracy.csv as step 8 writes it: per epsilon, the ensemble's cumulative rows then the worst case."""
     folder.mkdir()
-    lines = ["epsilon,attack,images,clean_accuracy,robust_accuracy"]
+    lines = ["norm,epsilon,attack,images,clean_accuracy,robust_accuracy"]
     for epsilon, (after_apgd, worst) in robust.items():
-        lines += [f"{epsilon},apgd,20,{clean},{after_apgd}", f"{epsilon},square,20,{clean},{worst}",
-                  f"{epsilon},worst-case,20,{clean},{worst}"]
+        lines += [f"{norm},{epsilon},apgd,20,{clean},{after_apgd}", f"{norm},{epsilon},square,20,{clean},{worst}",
+                  f"{norm},{epsilon},worst-case,20,{clean},{worst}"]
     (folder / "robust_accuracy.csv").write_text("\n".join(lines) + "\n")
 
 
@@ -162,6 +162,21 @@ def test_compare_models_tabulates_each_run_and_draws_the_figure(tmp_path):
     assert "| plain | 32 | 95.0% | 5.0% | 0.0% | 0.0% |" in table
     assert "| robust | 8 | 90.0% | 85.0% | 80.0% | 80.0% |" in table
     assert Image.open(tmp_path / "out" / "robust_vs_epsilon.png").size[0] > 300
+    assert "epsilon in levels out of 255, L-infinity" in table
+
+
+def test_compare_models_names_the_norm_and_refuses_mixed_norms(tmp_path):
+    write_accuracy(tmp_path / "a", 0.95, {2: (0.4, 0.35)}, norm="L2")
+    write_accuracy(tmp_path / "b", 0.9, {2: (0.85, 0.8)}, norm="L2")
+    write_accuracy(tmp_path / "c", 0.9, {8: (0.85, 0.8)})
+    result = run_tool("tools.compare_models", tmp_path / "a", tmp_path / "b", "--names", "plain,robust",
+                      "--output-dir", tmp_path / "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "epsilon the L2 norm of the whole perturbation in [0, 1] pixel units" in \
+        (tmp_path / "out" / "comparison.md").read_text()
+    mixed = run_tool("tools.compare_models", tmp_path / "a", tmp_path / "c", "--names", "plain,robust",
+                     "--output-dir", tmp_path / "mixed", cwd=tmp_path)
+    assert mixed.returncode == 2 and "different norms" in mixed.stderr and not (tmp_path / "mixed").exists()
 
 
 def test_compare_models_refuses_a_folder_without_results(tmp_path):

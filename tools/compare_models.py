@@ -34,7 +34,14 @@ def read_accuracy(folder):
     cells = {(float(row["epsilon"]), row["attack"]): float(row["robust_accuracy"]) for row in rows}
     attacks = list(dict.fromkeys(row["attack"] for row in rows if row["attack"] != WORST))
     return {"cells": cells, "clean": float(rows[0]["clean_accuracy"]), "images": int(rows[0]["images"]),
-            "attacks": attacks, "epsilons": sorted({epsilon for epsilon, _ in cells})}
+            "attacks": attacks, "epsilons": sorted({epsilon for epsilon, _ in cells}), "norm": rows[0]["norm"]}
+
+
+def caption(norm):
+    """How the epsilons of `norm` read, in a caption or on an axis."""
+    if norm == "Linf":
+        return "epsilon in levels out of 255, L-infinity"
+    return f"epsilon the {norm} norm of the whole perturbation in [0, 1] pixel units"
 
 
 def comparison_markdown(results, names):
@@ -43,7 +50,7 @@ def comparison_markdown(results, names):
     rows = [(name, f"{epsilon:g}", percent(result["clean"]),
              *(percent(result["cells"][epsilon, attack]) for attack in attacks), percent(result["cells"][epsilon, WORST]))
             for name, result in zip(names, results) for epsilon in result["epsilons"]]
-    return (f"Robust accuracy on {results[0]['images']} test images (epsilon in levels out of 255, L-infinity; "
+    return (f"Robust accuracy on {results[0]['images']} test images ({caption(results[0]['norm'])}; "
             "\"after\" an attack is cumulative, the worst case is per image):\n\n" + markdown_table(header, rows) + "\n")
 
 
@@ -54,7 +61,8 @@ def comparison_figure(results, names):
         accuracy = [result["clean"]] + [result["cells"][epsilon, WORST] for epsilon in result["epsilons"]]
         axis.plot(epsilons, [100 * value for value in accuracy], marker="os^D"[k % 4], linestyle="-", color=f"C{k}",
                   label=name, linewidth=2, markersize=7)
-    axis.set(xlabel="epsilon (levels out of 255; 0: clean accuracy)", ylabel="worst-case robust accuracy (%)",
+    unit = "levels out of 255" if results[0]["norm"] == "Linf" else f"{results[0]['norm']}, [0, 1] pixel units"
+    axis.set(xlabel=f"epsilon ({unit}; 0: clean accuracy)", ylabel="worst-case robust accuracy (%)",
              ylim=(-3, 103), title="robust accuracy against the attack budget")
     axis.set_xticks([0.0] + results[0]["epsilons"])
     axis.grid(alpha=0.3)
@@ -69,6 +77,8 @@ def main(args):
     results = [read_accuracy(folder) for folder in args.folders]
     if len({result["images"] for result in results}) > 1:
         raise UsageError("the folders were evaluated on different numbers of images: not comparable")
+    if len({result["norm"] for result in results}) > 1:
+        raise UsageError("the folders were evaluated in different norms (--norm): not comparable")
     out = Path(args.output_dir)
     table = save_text(comparison_markdown(results, args.names), out / "comparison.md")
     figure = comparison_figure(results, args.names)

@@ -2,9 +2,12 @@
 --untargeted), the attack, the defense, and the speed settings; and the small functions that turn those flags into
 the explicit parameters the library takes (`model_from_args`, `chosen_target`, `attack_options`, `defense_settings`).
 A script adds the groups it needs; its own flags stay in its parser."""
-from utils import speed
-from utils.attacks import ATTACKS
-from utils.cli import UsageError, number_in
+import argparse
+import math
+
+from utils import speed, threat
+from utils.attacks import ATTACKS, NORMS
+from utils.cli import UsageError, number_in, one_of
 from utils.defenses import DEFENSES
 from utils.models import OFFLINE_MODEL, load_model
 from utils.models.load import DEFAULT_MODEL
@@ -53,12 +56,13 @@ def add_photos_arguments(parser):
 
 
 def add_benchmark_arguments(parser, model, epsilon):
-    """A benchmark on a labelled test folder (the digits): --model, --folder, --epsilon (L-infinity levels) and
-    --threads (one by default: steadier timings on a shared machine)."""
+    """A benchmark on a labelled test folder (the digits): --model, --folder, --epsilon (L-infinity levels; None: the
+    benchmark declares its own budgets) and --threads (one by default: steadier timings on a shared machine)."""
     parser.add_argument("--model", default=model, help="(default: %(default)s)")
     parser.add_argument("--folder", default="digits/test", help="an ImageFolder of test images (default: %(default)s)")
-    parser.add_argument("--epsilon", type=number_in(0, 255, low_open=True, name="--epsilon"), default=epsilon,
-                        help="L-infinity budget in levels (default: %(default)s)")
+    if epsilon is not None:
+        parser.add_argument("--epsilon", type=number_in(0, 255, low_open=True, name="--epsilon"), default=epsilon,
+                            help="L-infinity budget in levels (default: %(default)s)")
     add_threads_argument(parser, default=1, why="default: %(default)s")
 
 
@@ -87,12 +91,62 @@ def chosen_target(args, default=DEFAULT_TARGET):
 
 # ---- the attack -----------------------------------------------------------------------------------------------
 
+DEFAULT_EPSILON = 10.0  # levels out of 255, L-infinity: the tutorial's budget
+
+
+def positive_number(name):
+    """An argparse type: a finite number > 0 (its range for the norm is checked once the norm is known)."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}")
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive number, got {text}")
+        return value
+    parse.__name__ = name
+    return parse
+
+
+def add_norm_argument(parser):
+    """--norm: the threat model the budget is measured in (default: a RobustBench model's own, else Linf)."""
+    parser.add_argument("--norm", type=one_of(NORMS, "norm"), default=None,
+                        help="threat model: Linf (epsilon in levels out of 255), L2 or L1 (epsilon the norm of the "
+                             "whole perturbation in [0, 1] pixel units, as AutoAttack and RobustBench give it) "
+                             "(default: a robustbench: model's own threat model, else Linf)")
+
+
+def resolve_threat(args, default, flag="--epsilon"):
+    """Set args.norm and the budget (--epsilon: one number; --epsilons: a list) from --norm, the budget given and a
+    RobustBench model's threat model (utils.threat.resolve), printing the one line that says when the model's
+    defaults were taken; `default` is the L-infinity budget when none is given. Returns the norm."""
+    attribute, single = flag.removeprefix("--"), flag == "--epsilon"
+    value = getattr(args, attribute)
+    given = None if value is None else ([value] if single else list(value))
+    args.norm, epsilons, note = threat.resolve(getattr(args, "model", None), args.norm, given,
+                                               [default] if single else list(default), flag)
+    setattr(args, attribute, epsilons[0] if single else epsilons)
+    if note:
+        print(note, flush=True)
+    return args.norm
+
+
+def check_budget(args, shape, flag="--epsilon"):
+    """The budget(s) within the largest distance an image of `shape` (C, H, W) can take in args.norm."""
+    values = getattr(args, flag.removeprefix("--"))
+    for value in values if isinstance(values, list) else [values]:
+        threat.check_epsilon(value, args.norm, tuple(shape), flag)
+
+
 def add_common_arguments(parser, steps=30):
-    """The flags of an attack on photos (steps 5 and 7): the goal, the budget, the model, the device, the seed and
-    the output folder."""
+    """The flags of an attack on photos (steps 5 and 7): the goal, the budget and its norm, the model, the device,
+    the seed and the output folder."""
     add_target_arguments(parser)
-    parser.add_argument("--epsilon", type=number_in(0, 255, low_open=True, name="--epsilon"), default=10,
-                        help="L-infinity budget in pixel levels out of 255, in (0, 255] (default: %(default)s)")
+    parser.add_argument("--epsilon", type=positive_number("--epsilon"), default=None,
+                        help="the budget: Linf in pixel levels out of 255, in (0, 255]; L2 and L1 the norm of the "
+                             "whole perturbation in [0, 1] units, at most the image's largest distance "
+                             f"(default: {DEFAULT_EPSILON:g} levels in Linf; a robustbench: model's own)")
+    add_norm_argument(parser)
     parser.add_argument("--steps", type=number_in(1, 100000, int, name="--steps"), default=steps,
                         help="gradient steps, >= 1 (default: %(default)s)")
     add_model_arguments(parser)
@@ -109,7 +163,8 @@ def add_attack_arguments(parser):
                              "APGD over the top other classes), square (score-based, no gradients) "
                              "(default: %(default)s)")
     parser.add_argument("--alpha", type=number_in(0, 255, low_open=True, name="--alpha"),
-                        help="step size in levels (pgd: 2.5*epsilon/steps, mifgsm: epsilon/steps, both at least 0.25)")
+                        help="step size: levels in Linf, [0, 1] units in L2 (pgd: 2.5*epsilon/steps, mifgsm: epsilon/steps, in Linf "
+                             "at least 0.25 levels)")
     parser.add_argument("--loss", choices=["ce", "dlr"],
                         help="apgd: cross-entropy or Difference of Logits Ratio (default: ce)")
     parser.add_argument("--target-classes", type=number_in(1, 999, int, name="--target-classes"),
@@ -130,7 +185,7 @@ def attack_options(args, **extra):
     options = dict(epsilon=args.epsilon, steps=args.steps, alpha=args.alpha, targeted=not args.untargeted,
                    early_stop=not args.no_early_stop, random_start=args.random_start, restarts=args.restarts,
                    seed=args.seed, c=args.c, decay=args.decay, loss=args.loss, target_classes=args.target_classes,
-                   queries=args.queries, precision=args.precision)
+                   queries=args.queries, precision=args.precision, norm=getattr(args, "norm", None) or "Linf")
     options.update(extra)
     return options
 

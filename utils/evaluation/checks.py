@@ -55,6 +55,8 @@ def check_unbounded(rows, rate, plan, settings):
     text = f"an unbounded budget (pgd, epsilon 255, {steps} steps) reaches 100%"
     if not plan.methods:
         return None, text + ": needs the --methods grid"
+    if settings.norm != "Linf":
+        return None, text + f": run in L-infinity only (this run is {settings.norm})"
     success = rate[Job("pgd", UNBOUNDED, steps)]
     return success == 1, f"{text}: {percent(success)}"
 

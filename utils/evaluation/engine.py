@@ -12,20 +12,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from utils.adaptive import JUDGE_SEED_OFFSET, defended_forward
-from utils.attacks import goal_reached, perturbation_size, run_attack
+from utils.attacks import goal_reached, make_attack, perturbation_size
 from utils.cli import UsageError
 from utils.data import PhotoDataset, cut, photo_batches
 from utils.defenses import make_defense
 from utils.evaluation import distributed
 from utils.evaluation.interval import certify_photos
-from utils.evaluation.plan import CLEAN, Job
+from utils.evaluation.plan import CLEAN, Job, stage_options
 from utils.evaluation.report import write_report
 from utils.evaluation.results import COLUMNS, KEY, append_rows, merge_results, row_key, shard_path, start_output
 from utils.files import save_image
-from utils.images import load_image, to_tensor
+from utils.images import load_image, to_tensor, to_uint8
 from utils.models import get_image_transform, predict_images, prepare_image
 
 
@@ -52,23 +53,40 @@ def decode_batch(model, photos, plan, items):
 
 
 def attack_options(job, plan, settings):
-    """The one place an attack's options are built (every attack drops the ones it does not take)."""
-    return dict(epsilon=job.epsilon, steps=job.steps, targeted=plan.target is not None and job.attack != "ensemble",
-                seed=settings.seed, eot=settings.eot, early_stop=settings.early_stop, queries=settings.queries,
-                target_classes=settings.target_classes, precision=settings.precision)
+    """The one place an attack's options are built (every attack drops the ones it does not take); an ensemble
+    stage gets AutoAttack's settings for the run's norm (utils.evaluation.plan.stage_options)."""
+    options = dict(epsilon=job.epsilon, steps=job.steps, targeted=plan.target is not None and job.attack != "ensemble",
+                   seed=settings.seed, eot=settings.eot, early_stop=settings.early_stop, queries=settings.queries,
+                   target_classes=settings.target_classes, precision=settings.precision, norm=settings.norm)
+    if job.attack == "ensemble":
+        options.update(stage_options(job.method, settings))
+    return options
+
+
+def run_attack(model, method, images_u8, labels, ids=None, **options):
+    """utils.attacks.run_attack (adversarial 8-bit images, steps each used), plus each image's distance: FAB's
+    smallest adversarial perturbation found, in the norm's units (None for an attack that reports none)."""
+    device = model.mean.device
+    attack = make_attack(method, model, **options)
+    result = attack(to_tensor(images_u8, device), torch.tensor(labels, device=device), ids)
+    distance = None if result.distance is None else result.distance.tolist()
+    return to_uint8(result.adversarial), result.steps_used.tolist(), distance
 
 
 def attack_batch(model, plan, job, batch, todo, settings):
-    """Adversarial 8-bit images for the photos `todo` (indices into the photo list), and the steps each used. The
+    """Adversarial 8-bit images for the photos `todo` (indices into the photo list), the steps each used and each
+    one's distance (FAB's; None for other attacks). The
     indices are the photos' ids for the attack: Square draws per id, so a photo gets the same whatever batch, rank or
     resumed run it falls in."""
     if job.attack == "clean":
-        return [batch.originals[i] for i in todo], [0] * len(todo)
+        return [batch.originals[i] for i in todo], [0] * len(todo), None
     forward = None
     if job.attack == "adaptive":
         forward = defended_forward(model, make_defense(job.defense, seed=settings.seed))
-    return run_attack(model, job.method, [batch.originals[i] for i in todo], [batch.goals[i] for i in todo],
-                      ids=todo, forward=forward, **attack_options(job, plan, settings))
+    adversarial, steps_used, *distance = run_attack(model, job.method, [batch.originals[i] for i in todo],
+                                                    [batch.goals[i] for i in todo], ids=todo, forward=forward,
+                                                    **attack_options(job, plan, settings))
+    return adversarial, steps_used, distance[0] if distance else None
 
 
 def judge_batch(model, plan, job, batch, todo, files, settings):
@@ -78,6 +96,7 @@ def judge_batch(model, plan, job, batch, todo, files, settings):
     originals = [batch.originals[i] for i in todo]
     final = predict_images(model, back)
     linf, l2 = perturbation_size(to_tensor(back), to_tensor(originals))
+    size = perturbation_size(to_tensor(back), to_tensor(originals), settings.norm)
     defended = clean_defended = [""] * len(todo)
     if job.defense != "none":
         judge = make_defense(job.defense, seed=settings.seed + JUDGE_SEED_OFFSET)
@@ -87,7 +106,8 @@ def judge_batch(model, plan, job, batch, todo, files, settings):
     untargeted = plan.target is None or job.attack == "ensemble"
     return [{"final_label": final[k], "defended_label": defended[k], "clean_defended_label": clean_defended[k],
              "success": int(goal_reached(verdict[k], batch.goals[i], untargeted)),
-             "linf": int(linf[k]), "l2": f"{l2[k]:.4f}"} for k, i in enumerate(todo)]
+             "linf": int(linf[k]), "l2": f"{l2[k]:.4f}", "norm": settings.norm,
+             "size": f"{size[k]:.0f}" if settings.norm == "Linf" else f"{size[k]:.4f}"} for k, i in enumerate(todo)]
 
 
 def run_job(model, photos, plan, job, batch, todo, done, out, settings):
@@ -95,23 +115,37 @@ def run_job(model, photos, plan, job, batch, todo, done, out, settings):
     started = time.perf_counter()
     files = [out / job.folder / f"{photos.stems[i]}.png" for i in todo]
     if job.makes_images:
-        adversarial, steps_used = attack_batch(model, plan, job, batch, todo, settings)
+        adversarial, steps_used, distances = attack_batch(model, plan, job, batch, todo, settings)
         for image, path in zip(adversarial, files):
             save_image(image, path)
     else:  # the plain attack's PNGs, already judged bare: now through the defense
         bare = Job(job.method, job.epsilon, job.steps)
         steps_used = [done[bare.key(photos.names[i])]["steps_used"] for i in todo]
+        distances = [done[bare.key(photos.names[i])]["distance"] or None for i in todo]
+    distances = distances or [None] * len(todo)
     seconds = (time.perf_counter() - started) / len(todo) if job.makes_images and job.attack != "clean" else 0.0
     rows = []
     judged = judge_batch(model, plan, job, batch, todo, files, settings)
-    for i, path, steps, columns in zip(todo, files, steps_used, judged):
+    for i, path, steps, distance, columns in zip(todo, files, steps_used, distances, judged):
         label = photos.labels[i] if photos.labels else ""
         row = dict(zip(KEY, job.key(photos.names[i])), target="" if plan.target is None else plan.target,
                    label=label, clean_label=batch.clean[i],
                    clean_correct="" if label == "" else int(batch.clean[i] == label), steps_used=steps,
-                   seconds=f"{seconds:.3f}", file=path.relative_to(out).as_posix(), **columns)
+                   seconds=f"{seconds:.3f}", file=path.relative_to(out).as_posix(),
+                   distance=format_distance(distance, settings.norm), **columns)
         rows.append({column: str(row[column]) for column in COLUMNS})
     return rows
+
+
+def format_distance(distance, norm):
+    """The distance column: "" for an attack that reports none, "inf" where FAB found no adversarial image, else the
+    size in the norm's units (levels in Linf, a whole number there)."""
+    if distance is None or distance == "":
+        return ""
+    distance = float(distance)
+    if distance == float("inf"):
+        return "inf"
+    return f"{distance:.0f}" if norm == "Linf" else f"{distance:.4f}"
 
 
 def runs_on(job, name, plan, done):
@@ -221,7 +255,8 @@ def run_evaluation(model, photos, plan, settings, out, context=None, certifiers=
     result = Evaluation([], skipped, attacked, readable, seconds)
     if context.is_main:
         result.rows = merge_results(out, photos, plan, settings)
-        certified = certify_photos(certifiers, model, photos, skipped, settings.epsilons, out, settings.resume) \
+        certified = certify_photos(certifiers, model, photos, skipped, settings.epsilons, settings.norm, out,
+                                   settings.resume) \
             if certifiers else None
         result.summary, result.reported = write_report(result.rows, photos, plan, skipped, out, settings, context,
                                                        certified)

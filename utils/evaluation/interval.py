@@ -16,25 +16,28 @@ FOLDER = "certified"
 
 
 def interval_certifiers():
-    """The certifiers that can bound step 8's robust accuracy: those with epsilons in L-infinity."""
-    return [name for name, kind in CERTIFIERS.items() if kind.uses_epsilons and "Linf" in kind.norms]
+    """The certifiers that can bound step 8's robust accuracy: those that certify a budget (an epsilon)."""
+    return [name for name, kind in CERTIFIERS.items() if kind.uses_epsilons]
 
 
 def make_certifiers(names, model, args):
     """{name: certifier} for --certify, from step 8's parsed arguments (each certifier's own flags among them);
     a model a certifier cannot read is refused here, before anything is written."""
-    options = Namespace(**{**vars(args), "norm": "Linf"})
+    options = Namespace(**vars(args))
     return {name: CERTIFIERS[name](model, CERTIFIERS[name].settings(options), str(model.mean.device))
             for name in names}
 
 
-def check_certify(names, labelled, ensemble):
+def check_certify(names, labelled, ensemble, norm):
     if names and not (labelled and ensemble):
         raise UsageError("--certify bounds the ensemble's robust accuracy from below: it needs true labels (an "
                          "ImageFolder tree or --labels) and an ensemble")
+    for name in names:
+        if norm not in CERTIFIERS[name].norms:
+            raise UsageError(f"--certify {name} certifies {', '.join(CERTIFIERS[name].norms)}, not --norm {norm}")
 
 
-def certify_photos(certifiers, model, photos, skipped, epsilons, out, resume):
+def certify_photos(certifiers, model, photos, skipped, epsilons, norm, out, resume):
     """{name: the rows of its certified.csv} for the readable photos at `epsilons`, certified against their labels."""
     unreadable = {name for name, _ in skipped}
     indices = [i for i, name in enumerate(photos.names) if name not in unreadable]
@@ -49,7 +52,7 @@ def certify_photos(certifiers, model, photos, skipped, epsilons, out, resume):
         todo = [i for i, image in zip(indices, names) if image not in done]
         images = {i: prepare_image(photos.paths[i], model) for i in todo}
         certify_images(certifier, [images.get(i) for i in indices], [photos.labels[i] for i in indices],
-                       sorted(epsilons), names, [photos.stems[i] for i in indices], folder, done, "Linf")
+                       sorted(epsilons), names, [photos.stems[i] for i in indices], folder, done, norm)
         found[name] = [row for row in read_certified(folder / "certified.csv", columns)
                        if row["image"] in set(names) and row["epsilon"] in wanted]
     return found

@@ -58,8 +58,9 @@ class Plan:
 
 @dataclass(frozen=True)
 class Settings:
-    """How an evaluation computes and what its report says of it: the budgets (`epsilons` in levels, `steps` of the
-    iterative methods, `queries` of a gradient-free one, `target_classes` of apgd-t), the defenses and whether the
+    """How an evaluation computes and what its report says of it: the threat model `norm` ("Linf", "L2" or "L1";
+    one per run: --resume refuses rows of another), the budgets (`epsilons` in the norm's units, utils.threat:
+    levels in Linf, [0, 1] pixel units in L2 and L1; `steps` of the iterative methods, `queries` of a gradient-free one, `target_classes` of apgd-t), the defenses and whether the
     attack goes through them (`adaptive`, with `eot` draws), the attacks' `seed`, `early_stop`, `precision` and the
     model's `memory_format` (resolved: never "auto"), the batching (`batch_size`, loader `workers`), `resume`, and
     the names of the `model` and the `folder` for the report."""
@@ -68,7 +69,7 @@ class Settings:
     epsilons: tuple
     steps: tuple
     queries: int = 5000
-    target_classes: int = 9
+    target_classes: int = None  # apgd-t's and fab's: None for AutoAttack's (9; apgd-t 5 in L1)
     defenses: tuple = ()
     adaptive: bool = False
     eot: int = 1
@@ -79,6 +80,7 @@ class Settings:
     batch_size: int = 16
     workers: int = 0
     resume: bool = False
+    norm: str = "Linf"
 
 
 def iterative_methods(methods):
@@ -97,3 +99,25 @@ def top_steps(method, settings):
 def stage_steps(method, settings):
     """An ensemble stage's budget: the largest --steps, or --queries for a gradient-free attack."""
     return settings.queries if ATTACKS[method].gradient_free else max(settings.steps)
+
+
+# AutoAttack's standard version (Croce and Hein 2020; pyautoattack's autoattack.py, version "standard"): in every norm
+# APGD-CE, APGD-T, FAB-T and Square (5,000 queries); in L1 APGD-CE with 5 restarts and APGD-T with 5 target classes
+# (and the growing epsilon of l1-APGD, our APGD's default in L1). A stage whose attack has no version in the norm is
+# left out: the ensemble is the standard one as far as this library offers it (utils.attacks: which norms each has).
+STANDARD_ENSEMBLE = ("apgd", "apgd-t", "fab", "square")
+L1_SETTINGS = {"apgd": {"restarts": 5}, "apgd-t": {"target_classes": 5}}
+
+
+def standard_ensemble(norm):
+    """The default ensemble in `norm`: AutoAttack's standard attacks that have a version in that norm, in order."""
+    return [method for method in STANDARD_ENSEMBLE if norm in ATTACKS[method].norms]
+
+
+def stage_options(method, settings):
+    """The options AutoAttack's standard version gives a stage in the run's norm (--target-classes, when given,
+    wins)."""
+    options = dict(L1_SETTINGS.get(method, {})) if settings.norm == "L1" else {}
+    if settings.target_classes is not None:
+        options["target_classes"] = settings.target_classes
+    return options

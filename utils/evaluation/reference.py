@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from utils.attacks import norms, perturbation_size
 from utils.cli import UsageError
 from utils.images import to_tensor, to_uint8
 
@@ -20,17 +21,19 @@ def worst_case_robust(folder, epsilon):
     return round(float(rows[0]["robust_accuracy"]) * int(rows[0]["images"])), int(rows[0]["images"])
 
 
-def reference_autoattack(model, images, labels, epsilon, seed=0, batch_size=64):
-    """How many images the reference AutoAttack (standard version: APGD-CE, APGD-T, FAB-T, Square) leaves correctly
-    classified, judged on its adversarial images rounded to whole levels (what a PNG holds; a rounding that undoes an
-    attack counts as the model's), and the largest perturbation in levels. `epsilon` in levels out of 255."""
-    robust, linf = reference_robust(model, images, labels, epsilon, seed, batch_size)
-    return int(robust.sum()), linf
+def reference_autoattack(model, images, labels, epsilon, seed=0, batch_size=64, norm="Linf"):
+    """How many images the reference AutoAttack (standard version in `norm`: APGD-CE, APGD-T, FAB-T, Square; in L1
+    its L1 settings) leaves correctly classified, judged on its adversarial images put on whole levels (what a PNG
+    holds; a rounding that undoes an attack counts as the model's) and, in L2 and L1, pulled back onto the lattice
+    inside the ball as ours are (utils.attacks.norms.lattice_within), and the largest perturbation in the norm's units.
+    `epsilon`: levels out of 255 in Linf, the norm of the whole perturbation in [0, 1] units in L2 and L1."""
+    robust, largest = reference_robust(model, images, labels, epsilon, seed, batch_size, norm)
+    return int(robust.sum()), largest
 
 
-def reference_robust(model, images, labels, epsilon, seed=0, batch_size=64):
+def reference_robust(model, images, labels, epsilon, seed=0, batch_size=64, norm="Linf"):
     """Per image, whether the reference AutoAttack leaves it correctly classified (a bool tensor, judged as
-    reference_autoattack says), and the largest perturbation in levels."""
+    reference_autoattack says), and the largest perturbation in the norm's units."""
     try:
         from pyautoattack import AutoAttack
     except ImportError:
@@ -40,11 +43,16 @@ def reference_robust(model, images, labels, epsilon, seed=0, batch_size=64):
     # memory-format measurement's float differences as a random defense
     images = images.contiguous()
     model = model.with_net(model.net, memory_format=torch.contiguous_format)
-    adversary = AutoAttack(model, eps=epsilon / 255, norm="Linf", version="standard", seed=seed, device=images.device)
+    adversary = AutoAttack(model, eps=epsilon / 255 if norm == "Linf" else epsilon, norm=norm, version="standard",
+                           seed=seed, device=images.device)
     adversarial, _ = adversary.run_standard_evaluation(images, labels, batch_size=batch_size)
-    on_lattice = to_tensor(to_uint8(adversarial), images.device)
-    linf = (on_lattice - images).abs().amax().mul(255).round().item()
+    if norm == "Linf":
+        on_lattice = to_tensor(to_uint8(adversarial), images.device)
+    else:
+        levels = (images * 255).round()
+        on_lattice = norms.lattice_within(levels, adversarial - images, norm, epsilon * 255) / 255
+    largest = perturbation_size(on_lattice, images, norm).max().item()
     with torch.no_grad():
         clean_ok = model(images).argmax(dim=1) == labels
         robust = clean_ok & (model(on_lattice).argmax(dim=1) == labels)
-    return robust.cpu(), linf
+    return robust.cpu(), largest

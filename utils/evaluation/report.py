@@ -19,10 +19,11 @@ from utils.evaluation.checks import SANITY_CHECKS, check_proved_not_fooled, perc
 from utils.evaluation.interval import certified_counts
 from utils.figures import grouped_bars_figure, plt
 from utils.files import atomic_path, save_figure, save_text
-from utils.evaluation.plan import CLEAN, Job, defense_method, job_of, stage_steps, top_steps
+from utils.evaluation.plan import STANDARD_ENSEMBLE, CLEAN, Job, defense_method, job_of, stage_steps, top_steps
 from utils.models import get_label
+from utils.threat import NAMES, UNITS, describe
 
-ACCURACY_COLUMNS = ("epsilon", "attack", "images", "clean_accuracy", "robust_accuracy")
+ACCURACY_COLUMNS = ("norm", "epsilon", "attack", "images", "clean_accuracy", "robust_accuracy")
 CERTIFIED_COLUMN = "certified_accuracy"
 
 
@@ -54,12 +55,53 @@ def robust_accuracy(rows, plan, settings, certified=None):
             table.append((epsilon, stage.method, len(robust)))
         table.append((epsilon, "worst-case", len(robust)))
     clean = sum(correct.values()) / images
-    found = [dict(zip(ACCURACY_COLUMNS, (f"{epsilon:g}", attack, images, f"{clean:.6g}", f"{robust / images:.6g}")))
+    found = [dict(zip(ACCURACY_COLUMNS, (settings.norm, f"{epsilon:g}", attack, images, f"{clean:.6g}",
+                                         f"{robust / images:.6g}")))
              for epsilon, attack, robust in table]
     if certified:
         for row in found:
             row[CERTIFIED_COLUMN] = f"{proved_share(certified, float(row['epsilon']), images):.6g}"
     return found
+
+
+def smallest_distances(rows):
+    """Per clean-correct photo, the smallest adversarial perturbation the ensemble found, in the norm's units: FAB's
+    distance (its report, which may exceed every epsilon) or the size of a PNG that fooled the model (judged on the
+    file read back), the smaller; inf where none was found. Each is an upper bound on the photo's true minimal
+    distance, so robust accuracy read from them is an upper bound too, as any attack's."""
+    correct = {row["image"] for row in rows if row["attack"] == "clean" and row["clean_correct"] == "1"}
+    smallest = dict.fromkeys(correct, float("inf"))
+    for row in rows:
+        if row["attack"] != "ensemble" or row["image"] not in correct:
+            continue
+        found = [float(row["distance"])] if row["distance"] not in ("", "inf") else []
+        found += [float(row["size"])] if row["success"] == "1" else []
+        smallest[row["image"]] = min([smallest[row["image"]], *found])
+    return smallest
+
+
+def distance_figure(rows, accuracy, settings):
+    """Robust accuracy against epsilon read from the smallest adversarial distances (`smallest_distances`): the share
+    of all photos whose smallest distance found exceeds epsilon, a step curve from 0 to past the largest one, with
+    step 8's worst case at each evaluated epsilon as dots (the two agree there: FAB's distance within epsilon means a
+    PNG that fooled the model)."""
+    images = int(accuracy[0]["images"])
+    distances = sorted(smallest_distances(rows).values())
+    finite = [d for d in distances if d != float("inf")]
+    right = 1.1 * max([*finite, *settings.epsilons])
+    grid = sorted({0.0, right, *finite})
+    share = [100 * sum(d > e for d in distances) / images for e in grid]
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    axis.step(grid, share, where="post", color="C0", linewidth=2, label="from the smallest adversarial distances found")
+    worst = [(float(row["epsilon"]), 100 * float(row["robust_accuracy"])) for row in accuracy
+             if row["attack"] == "worst-case"]
+    axis.plot(*zip(*worst), "o", color="C3", markersize=7, label="step 8's worst case at each epsilon")
+    axis.set(xlabel=f"epsilon ({UNITS[settings.norm]}, {NAMES[settings.norm]})", ylabel="robust accuracy (%)",
+             ylim=(-3, 103), title="robust accuracy against the budget, from FAB's distances")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    return figure
 
 
 def markdown_table(header, rows):
@@ -75,11 +117,23 @@ def accuracy_table(accuracy, plan, settings):
               percent(cell[f"{epsilon:g}", "worst-case"])) for epsilon in settings.epsilons]
     steps = ", ".join(f"{m} {stage_steps(m, settings)} {budget_unit(m)}"
                       for m in plan.ensemble)
-    return (f"## Robust accuracy ({accuracy[0]['images']} labelled photos; ensemble {steps})\n\n"
+    norm = "" if settings.norm == "Linf" else f"; {settings.norm}, epsilon in [0, 1] pixel units"
+    return (f"## Robust accuracy ({accuracy[0]['images']} labelled photos; ensemble {steps}{norm})\n\n"
             + markdown_table(header, table) + "\n\n"
             "The attacks run in this order, each only on the photos every earlier one failed to fool (AutoAttack's "
             "flow); the accuracy after an attack is cumulative (after attacks 1..k, as AutoAttack prints it), so the "
-            "last column is the per-image worst case. A photo misclassified when clean counts as not robust.\n")
+            "last column is the per-image worst case. A photo misclassified when clean counts as not robust."
+            + standard_note(plan, settings) + "\n")
+
+
+def standard_note(plan, settings):
+    """What AutoAttack's standard version would add in this norm that the library has no version of, and the L1
+    settings: said where the default ensemble differs from the reference's."""
+    missing = [m for m in STANDARD_ENSEMBLE if m not in plan.ensemble and settings.norm not in ATTACKS[m].norms]
+    note = f" AutoAttack's standard {', '.join(missing)} is left out: no {settings.norm} version here." if missing else ""
+    if settings.norm == "L1":
+        note += " In L1, as AutoAttack's standard version: apgd with 5 restarts, apgd-t towards 5 classes."
+    return note
 
 
 def interval_table(accuracy, certified, settings):
@@ -148,6 +202,15 @@ def run_facts(photos, settings, context):
             "changes floats, so verdicts may differ for images at the decision boundary.")
 
 
+def epsilon_sentence(norm):
+    """How the report's epsilons read: levels out of 255 in L-infinity (the sentence of every earlier report), the
+    norm of the whole perturbation in [0, 1] units in L2 and L1."""
+    if norm == "Linf":
+        return "Epsilon in levels out of 255 (L-infinity)."
+    return (f"Threat model {norm}: epsilon is the {norm} norm of the whole perturbation in [0, 1] pixel units "
+            "(AutoAttack's and RobustBench's convention), measured on the PNG read back.")
+
+
 def summary_markdown(rows, rate, kept, accuracy, photos, plan, skipped, settings, context, certified=None):
     goal = f"targeted ({get_label(plan.target, plan.classes)})" if plan.target is not None else "untargeted"
     labels = (f"Labels: {photos.label_source}." if photos.labels else
@@ -157,7 +220,7 @@ def summary_markdown(rows, rate, kept, accuracy, photos, plan, skipped, settings
     grid = f"Goal of the --methods grid: {goal}. " if plan.methods else ""
     lines = [f"# Evaluation of {settings.model} on {readable} photos from {settings.folder}", "",
              f"{grid}Success is judged on each saved PNG read back from disk. "
-             f"Epsilon in levels out of 255 (L-infinity). {labels}", "", run_facts(photos, settings, context), ""]
+             f"{epsilon_sentence(settings.norm)} {labels}", "", run_facts(photos, settings, context), ""]
     if skipped:
         lines += [f"{len(skipped)} unreadable files, left out of every rate:", ""]
         lines += [f"- skipped: {name} ({reason})" for name, reason in skipped] + [""]
@@ -182,10 +245,14 @@ def summary_markdown(rows, rate, kept, accuracy, photos, plan, skipped, settings
     return "\n".join(lines).rstrip() + "\n"
 
 
-def figures(rate, kept, plan, settings):
-    """{file name: figure}: success against epsilon and steps per method, and through each defense."""
+def figures(rate, kept, plan, settings, rows=(), accuracy=()):
+    """{file name: figure}: success against epsilon and steps per method, through each defense, and robust accuracy
+    against epsilon from FAB's distances when FAB was in the ensemble."""
+    result = {}
+    if accuracy and "fab" in plan.ensemble:
+        result["robust_vs_distance.png"] = distance_figure(rows, accuracy, settings)
     if not plan.methods:
-        return {}
+        return result
     methods, epsilon, steps = plan.methods, max(settings.epsilons), max(settings.steps)
     # bars, not lines: attacks that all reach 100% (or 0%) would hide each other's lines
     series = [(m, {"color": f"C{k}"}) for k, m in enumerate(methods)]  # a method's colour is the same in both
@@ -193,12 +260,13 @@ def figures(rate, kept, plan, settings):
     all_steps = [*settings.steps, 2 * steps]
     by_steps = {(str(s), m): rate[Job(m, epsilon, s)] if ATTACKS[m].iterative or s == 1 else None
                 for s in all_steps for m in methods}
-    result = {"success_vs_epsilon.png": grouped_bars_figure(
+    result.update({"success_vs_epsilon.png": grouped_bars_figure(
                   [("", by_epsilon)], [f"{e:g}" for e in settings.epsilons], series, "attack success rate (%)",
-                  f"success per epsilon (levels out of 255), at the largest steps ({steps}; fgsm: 1)"),
+                  f"success per epsilon ({UNITS[settings.norm] if settings.norm == 'Linf' else describe(settings.norm)})"
+                  f", at the largest steps ({steps}; fgsm: 1)"),
               "success_vs_steps.png": grouped_bars_figure(
                   [("", by_steps)], [str(s) for s in all_steps], series, "attack success rate (%)",
-                  f"success per number of steps, at epsilon {epsilon:g} (fgsm: one step only)")}
+                  f"success per number of steps, at epsilon {epsilon:g} (fgsm: one step only)")})
     if settings.defenses:
         method = defense_method(methods)
         attacks = ("plain", "adaptive") if settings.adaptive else ("plain",)
@@ -239,7 +307,7 @@ def interval_figure(accuracy, certified, settings):
             axis.plot(epsilons, not_refuted, color=style["color"], marker="v", linestyle=":", linewidth=1.5,
                       label=f"not refuted: {name} (robust or unknown)")
     axis.fill_between(epsilons, lowest, highest, color="0.85", label="where the true robust accuracy lies")
-    axis.set_xlabel("epsilon (levels out of 255, L-infinity)")
+    axis.set_xlabel(f"epsilon ({UNITS[settings.norm]}, {NAMES[settings.norm]})")
     axis.set_ylabel("robust accuracy (%)")
     axis.set_ylim(0, 102)
     axis.set_xticks(epsilons)
@@ -266,7 +334,7 @@ def write_report(rows, photos, plan, skipped, out, settings, context, certified=
             writer.writerows(accuracy)
     summary = save_text(summary_markdown(rows, rate, kept, accuracy, photos, plan, skipped, settings, context,
                                          certified), out / "summary.md")
-    drawn = figures(rate, kept, plan, settings)
+    drawn = figures(rate, kept, plan, settings, rows, accuracy)
     if certified and accuracy:
         drawn["robust_interval.png"] = interval_figure(accuracy, certified, settings)
     for name, figure in drawn.items():

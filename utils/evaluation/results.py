@@ -6,8 +6,11 @@ start_output (what earlier runs finished, folded into results.csv or cleared) an
 merged into results.csv in one process's order). A line torn by a killed process is never read as a row, and a row
 counts as finished only while its PNG is on disk.
 
-results.csv has one row per photo and job that ran; linf (levels) and l2 (pixels in [0, 1]) compare the PNG read back
-with the prepared original; seconds is the attack's time per image. --resume keeps the finished rows of results.csv
+results.csv has one row per photo and job that ran; norm is the run's threat model (epsilon is in its units: levels
+in Linf, [0, 1] pixel units in L2 and L1); linf (levels), l2 (pixels in [0, 1]) and size (the norm's own, in its
+units) compare the PNG read back with the prepared original; distance is FAB's smallest adversarial perturbation
+found, in the norm's units ("inf": none found; it may exceed epsilon, and the PNG is then the original), empty for
+the other attacks; seconds is the attack's time per image. --resume keeps the finished rows of results.csv
 and of every shard, whatever number of processes wrote them, and the run does only the rest.
 """
 import csv
@@ -18,9 +21,9 @@ from utils.cli import UsageError
 from utils.files import append_csv, atomic_path
 from utils.evaluation.plan import job_of
 
-COLUMNS = ("image", "method", "epsilon", "steps", "defense", "attack", "target", "label", "clean_label",
+COLUMNS = ("image", "method", "norm", "epsilon", "steps", "defense", "attack", "target", "label", "clean_label",
            "clean_correct", "final_label", "defended_label", "clean_defended_label", "success", "steps_used", "linf",
-           "l2", "seconds", "file")  # file last: a row torn mid-append names no PNG, so --resume drops it
+           "l2", "size", "distance", "seconds", "file")  # file last: a row torn mid-append names no PNG, so --resume drops it
 KEY = ("image", "method", "epsilon", "steps", "defense", "attack")
 SHARDS = "shards"
 
@@ -81,12 +84,22 @@ def ordered(rows, photos, plan, batch_size):
     return [row for _, row in sorted(enumerate(rows), key=place)]
 
 
+def check_norm(rows, norm, out):
+    """--resume keeps rows of this run's threat model only: a budget of 8 means something else in another norm, so
+    rows of another norm are refused rather than reused or mixed."""
+    other = sorted({row["norm"] for row in rows} - {norm})
+    if other:
+        raise UsageError(f"{out / 'results.csv'}: holds {other[0]} results, not {norm}; resume with --norm {other[0]} "
+                         "or use another --output-dir")
+
+
 def start_output(out, settings, context):
     """Rank 0 folds what earlier runs finished (--resume) into results.csv, or clears them; then every rank reads
     the finished rows. Shards start empty, so no rank appends after a line torn by a killed process."""
     if context.is_main:
         kept = list(finished_rows(out).values()) if settings.resume else []
         if kept:
+            check_norm(kept, settings.norm, out)
             write_results(out / "results.csv", kept)
         else:
             for name in ("results.csv", "summary.md", "robust_accuracy.csv"):
