@@ -85,8 +85,8 @@ certify-demo: $(VENV)/.installed $(DEMO)/adversarial.pt2 samples
 		--output $(CERTIFY)/mlp.pt2
 	$(PYTHON) step_8_evaluate.py digits/test --model $(CERTIFY)/mlp.pt2 --epsilons $(CERTIFY_EPSILONS) \
 		--steps 50 --queries 1000 --batch-size 100 --certify exact,bounds --time-limit 20 --output-dir $(CERTIFY)/eval
-	$(PYTHON) bench/robust_accuracy.py --model $(CERTIFY)/mlp.pt2 --folder digits/test --epsilon 8
-	$(PYTHON) bench/robust_accuracy.py --model $(CERTIFY)/mlp.pt2 --folder digits/test --epsilon 16
+	$(PYTHON) bench/robust_accuracy.py --model $(CERTIFY)/mlp.pt2 --folder digits/test --norm Linf \
+		--epsilons 8,16 > $(CERTIFY)/reference.md
 	$(PYTHON) step_10_certify.py digits/test --model $(CERTIFY)/mlp.pt2 --method bounds --epsilons $(CERTIFY_EPSILONS) \
 		--output-dir $(CERTIFY)/bounds
 	$(PYTHON) step_9_adversarial_training.py digits/train --method noise --sigma 0.25 --epochs 10 \

@@ -26,7 +26,7 @@ Threat models (--norm): Linf (the default; --epsilons in levels out of 255), L2 
 whole perturbation in [0, 1] units, as AutoAttack and RobustBench give it; a robustbench: model named with its threat
 model defaults to it). The default ensemble is AutoAttack's standard version in that norm (APGD-CE, APGD-T towards 9
 classes, FAB-T towards 9, Square with --queries; in L1 AutoAttack's L1 settings: APGD-CE with 5 restarts, APGD-T
-towards 5), less any attack this library has no version of in the norm (Square in L2 and L1), which summary.md says.
+towards 5), less any attack this library has no version of in the norm (Square in L1), which summary.md says.
 results.csv names the norm in every row, gives each PNG's size in it, and FAB's smallest adversarial distance; with
 FAB in the ensemble, robust_vs_distance.png draws robust accuracy against epsilon from those distances. One norm per
 output folder: --resume refuses rows of another norm.

@@ -20,7 +20,8 @@ shared with other work, the wall clock would also count the time spent waiting f
 classified by the default fp32 model as the target, goldfish (1). A configuration's verdicts "match" when they equal,
 image by image, those of ours in fp32; the summary line per model and batch quotes the fastest configuration whose
 verdicts match.
-Then two more tables, untargeted against the clean prediction: APGD per step and Square per query (--queries), and,
+Then two more tables, untargeted against the clean prediction: APGD per step and Square per query (--queries; in
+L-infinity, and in L2 beside torchattacks' Square(norm="L2")), and,
 unless --no-norms, the L2 and L1 attacks and FAB-T per step (PGD-L2, APGD in L2 and L1, FAB-T in each norm with one
 target class), each against fwd+bwd and against torchattacks' counterpart where it has one, in the same run.
 """
@@ -353,9 +354,18 @@ def apgd_theirs(model, images, labels, steps, epsilon):
     return torchattacks.APGD(model, eps=epsilon / 255, steps=steps, n_restarts=1, loss="ce")(images, labels)
 
 
-def square_ours(model, images, labels, queries, epsilon):
-    attack = make_attack("square", model, epsilon=epsilon, queries=queries, targeted=False, early_stop=False)
+def square_ours(model, images, labels, queries, epsilon, norm="Linf"):
+    attack = make_attack("square", model, epsilon=epsilon, queries=queries, targeted=False, early_stop=False,
+                         norm=norm)
     return attack(images, labels).adversarial
+
+
+def square_l2_theirs(model, images, labels, queries, epsilon):
+    """torchattacks' Square in L2 (its `view`s want contiguous tensors: the model and images given so)."""
+    import torchattacks
+    contiguous = model.with_net(model.net, memory_format=torch.contiguous_format)
+    return torchattacks.Square(contiguous, norm="L2", eps=epsilon, n_queries=queries, n_restarts=1,
+                               p_init=0.8)(images.contiguous(), labels)
 
 
 def measure_apgd_square(name, batch_size, device, args, progress):
@@ -370,6 +380,8 @@ def measure_apgd_square(name, batch_size, device, args, progress):
         "ta apgd": (lambda count: apgd_theirs(model, images, clean, count, args.epsilon), args.steps),
         "fwd": (lambda count: [forward_only(model, images, clean, 1) for _ in range(count)], args.queries),
         "square": (lambda count: square_ours(model, images, clean, count, args.epsilon), args.queries),
+        "square L2": (lambda count: square_ours(model, images, clean, count, args.l2_epsilon, "L2"), args.queries),
+        "ta square L2": (lambda count: square_l2_theirs(model, images, clean, count, args.l2_epsilon), args.queries),
     }
     for function, count in runs.values():  # warm-up
         function(min(2, count))
@@ -383,24 +395,28 @@ def measure_apgd_square(name, batch_size, device, args, progress):
 
 
 def print_apgd_square_table(rows, args):
-    print(f"\nuntargeted APGD (CE) and Square against the clean prediction: epsilon {args.epsilon:g} levels, "
-          f"{args.steps} APGD steps, {args.queries} Square queries, early stop off; {args.stat} of {args.repeats}")
+    print(f"\nuntargeted APGD (CE) and Square against the clean prediction: epsilon {args.epsilon:g} levels "
+          f"(Square L2: {args.l2_epsilon:g} in [0, 1] units), {args.steps} APGD steps, {args.queries} Square queries, "
+          f"early stop off; {args.stat} of {args.repeats}")
     header = (f"{'model':<19} {'batch':>5} {'fwd+bwd ms':>10} {'apgd ms':>8} {'ta apgd ms':>10} {'apgd/fb':>8} "
-              f"{'apgd/ta':>8} {'fwd ms':>8} {'square ms':>9} {'square/fwd':>10}")
+              f"{'apgd/ta':>8} {'fwd ms':>8} {'square ms':>9} {'square/fwd':>10} {'sq L2 ms':>8} {'ta sq L2':>8} "
+              f"{'L2/fwd':>7} {'L2/ta':>6}")
     print_header_line(header)
     for row in rows:
         print(f"{row['model'] + ('*' if row['random'] else ' '):<19} {row['batch']:>5} {1000 * row['fwd+bwd']:>10.1f} "
               f"{1000 * row['apgd']:>8.1f} {1000 * row['ta apgd']:>10.1f} {row['apgd'] / row['fwd+bwd']:>8.3f} "
               f"{row['apgd'] / row['ta apgd']:>8.3f} {1000 * row['fwd']:>8.1f} {1000 * row['square']:>9.1f} "
-              f"{row['square'] / row['fwd']:>10.3f}")
-    print("times per APGD step (apgd, ta apgd: torchattacks.APGD, fwd+bwd) and per Square query (square, fwd: one "
-          "forward without gradients)")
+              f"{row['square'] / row['fwd']:>10.3f} {1000 * row['square L2']:>8.1f} {1000 * row['ta square L2']:>8.1f} "
+              f"{row['square L2'] / row['fwd']:>7.3f} {row['square L2'] / row['ta square L2']:>6.3f}")
+    print("times per APGD step (apgd, ta apgd: torchattacks.APGD, fwd+bwd) and per Square query (square, square L2, "
+          "ta sq L2: torchattacks.Square(norm='L2'), fwd: one forward without gradients)")
     for row in rows:
-        apgd, square = row["apgd"] / row["fwd+bwd"], row["square"] / row["fwd"]
+        apgd, square, l2 = row["apgd"] / row["fwd+bwd"], row["square"] / row["fwd"], row["square L2"] / row["fwd"]
         print(f"{row['model']} batch {row['batch']} (apgd, square): apgd/fwd+bwd {apgd:.3f} "
               f"({'meets' if apgd <= APGD_TARGET_RATIO else 'misses'} <= {APGD_TARGET_RATIO}), "
               f"square/fwd {square:.3f} ({'meets' if square <= SQUARE_TARGET_RATIO else 'misses'} "
-              f"<= {SQUARE_TARGET_RATIO})")
+              f"<= {SQUARE_TARGET_RATIO}), square L2/fwd {l2:.3f} "
+              f"({'meets' if l2 <= SQUARE_TARGET_RATIO else 'misses'} <= {SQUARE_TARGET_RATIO})")
 
 
 def bench_each(args, device, measure, what):

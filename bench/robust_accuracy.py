@@ -5,7 +5,7 @@
 
 Per norm, one row. Ours: step 8 as a user runs it (a fresh process: its start-up counts against us), with --norm and
 its default ensemble there (AutoAttack's standard attacks that have a version in the norm: apgd, apgd-t, fab, square
-in L-infinity; no square in L2 and L1 here; AutoAttack's flow, early stop, on the 8-bit lattice), judged on the PNGs
+in L-infinity; no square in L1 here; AutoAttack's flow, early stop, on the 8-bit lattice), judged on the PNGs
 it writes. The reference: pyautoattack's standard version in that norm (APGD-CE, APGD-T, FAB-T, Square; its L1
 settings in L1) in this process, judged on its adversarial images put on the 8-bit lattice inside the ball. Both on
 the same folder (an ImageFolder with true labels), model and epsilon; wall time of each. The target: ours at most the
@@ -64,8 +64,11 @@ def main(args):
     if not Path(args.model).is_file():
         raise UsageError(f"{args.model}: no such model (make robust-demo trains it)")
     epsilons = args.epsilons or [DEFAULT_EPSILONS[norm] for norm in args.norm]
+    if len(args.norm) == 1:  # one norm: a row per budget
+        args.norm = args.norm * len(epsilons)
     if len(epsilons) != len(args.norm):
-        raise UsageError(f"--epsilons gives {len(epsilons)} budgets for {len(args.norm)} norms")
+        raise UsageError(f"--epsilons gives {len(epsilons)} budgets for {len(args.norm)} norms (one per norm, or any "
+                         "number for one norm)")
     for norm, epsilon in zip(args.norm, epsilons):
         check_epsilon(epsilon, norm, name="--epsilons")
     torch.set_num_threads(args.threads)
@@ -90,7 +93,8 @@ def get_args_parser():
     parser.add_argument("--norm", type=listed(one_of(NORMS, "norm"), "--norm"), default=["Linf"],
                         help="threat models, one row each, comma-separated (default: Linf)")
     parser.add_argument("--epsilons", "--epsilon", type=listed(positive_number("--epsilons"), "--epsilons"), default=None,
-                        help="one budget per norm, in its units (default: Linf 32 levels, L2 2, L1 12)")
+                        help="one budget per norm, in its units, or several for one norm (default: Linf 32 levels, "
+                             "L2 2, L1 12)")
     return parser
 
 

@@ -10,7 +10,8 @@ random start, and at most one image fewer than the reference (Croce and Hein's o
 - APGD-CE in L1 (AutoAttack's L1 settings) against ART's Auto-PGD (norm=1) and the reference l1-APGD (pyautoattack);
 - APGD-T in L2 against torchattacks' APGDT(norm="L2");
 - FAB-T in L-infinity and L2 against torchattacks' FAB(multi_targeted=True), in L1 against the reference FAB-T
-  (pyautoattack's: torchattacks' targeted FAB fails in L1 with an UnboundLocalError).
+  (pyautoattack's: torchattacks' targeted FAB fails in L1 with an UnboundLocalError);
+- Square in L2 against torchattacks' Square(norm="L2"), QUERIES queries each, p_init 0.8 on both sides.
 APGD-T and FAB-T use 3 target classes on both sides, 10 steps everywhere, to keep the module near two minutes of CPU
 (the two comparisons with the reference are marked slow).
 Run with -s to see the counts.
@@ -37,7 +38,7 @@ pytestmark = pytest.mark.crosscheck  # a peer side by side: make test-fast leave
 # budgets where the robust model is partly fooled (measured: about 1/3 of the digits at L2 2.0 and L-inf 32 levels,
 # 4 of 30 at L1 12): a broken attack on either side shows
 EPSILONS = {"Linf": 32, "L2": 2.0, "L1": 12.0}
-STEPS, TARGETS, SEEDS = 10, 3, (0, 1)
+STEPS, TARGETS, SEEDS, QUERIES = 10, 3, (0, 1), 300
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +110,9 @@ def torchattacks_run(name, norm, peer, images, labels, seed):
     elif name == "APGDT":
         attack = torchattacks.APGDT(peer, norm=norm, eps=epsilon, steps=STEPS, n_restarts=1, n_classes=10, seed=seed)
         attack.n_target_classes = TARGETS
+    elif name == "Square":
+        attack = torchattacks.Square(peer, norm=norm, eps=epsilon, n_queries=QUERIES, n_restarts=1, p_init=0.8,
+                                     seed=seed)
     else:
         attack = torchattacks.FAB(peer, norm=norm, eps=epsilon, steps=STEPS, n_restarts=1, multi_targeted=True,
                                   n_classes=10, seed=seed)
@@ -137,6 +141,7 @@ COMPARISONS = [
     ("fab", "Linf", dict(target_classes=TARGETS), "torchattacks", "FAB"),
     ("fab", "L2", dict(target_classes=TARGETS), "torchattacks", "FAB"),
     pytest.param("fab", "L1", dict(target_classes=TARGETS), "reference", "FAB-T", marks=pytest.mark.slow),
+    ("square", "L2", dict(queries=QUERIES), "torchattacks", "Square"),
 ]
 
 

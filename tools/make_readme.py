@@ -5,6 +5,7 @@ docs/tutorial.pt-BR.in.md.
 Directives in a template (each on a line of its own):
     <!-- run: python SCRIPT ARGS -->       run it from the repository root; paste the command and what it printed
     <!-- cmd: python SCRIPT ARGS -->       run it (long: a progress bar) and show only the command
+    <!-- cmd: python SCRIPT ARGS > FILE --> the same, its standard output written to FILE (for an include: below)
     <!-- include: PATH -->                 paste a file that an earlier command wrote (a table)
     <!-- figure: SOURCE -> docs/NAME -->   copy a figure an earlier command wrote into docs/ (committed)
     <!-- quote: COMMAND | PREFIX -->       the one line starting with PREFIX that COMMAND printed in this generation
@@ -52,13 +53,20 @@ def console_block(command, printed=""):
 
 
 def execute(command):
-    """What `command` (python ARGS) prints when run from the repository root, progress bars left out."""
+    """What `command` (python ARGS, or python ARGS > FILE) prints when run from the repository root, progress bars
+    left out; with `> FILE`, its standard output goes to FILE as a shell would write it."""
     args = shlex.split(command)
+    target = None
+    if len(args) > 2 and args[-2] == ">":
+        args, target = args[:-2], REPO / args[-1]
     started = time.perf_counter()
     completed = subprocess.run([sys.executable, *args[1:]], cwd=REPO, capture_output=True, text=True)
     print(f"[{time.perf_counter() - started:6.1f}s] exit {completed.returncode}: {command}", file=sys.stderr)
-    if completed.returncode not in (0, 1, 2):
+    if completed.returncode not in (0, 1, 2) or (target and completed.returncode):
         raise SystemExit(f"{command} failed:\n{completed.stderr}")
+    if target:
+        save_text(completed.stdout, target)
+        return without_progress_bars(completed.stderr)
     return without_progress_bars(completed.stdout + completed.stderr)
 
 

@@ -6,6 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from utils.attacks import norms
 from utils.attacks.base import Attack, AttackResult, margin
 
 
@@ -49,36 +50,81 @@ class SquareDraws:
         return torch.stack([torch.randint(0, 2, (self.channels, 1, width), generator=generator)
                             for generator in self.generators]).mul_(2).sub_(1)
 
-    def window(self, query):
-        """Iteration `query`'s draws, (B,) each: (row, column) of the window's corner as fractions in [0, 1) of the
-        free range, and (B, signs) the order in which each image tries the sign patterns."""
+    def uniforms(self, query, count):
+        """Iteration `query`'s `count` uniforms in [0, 1) per image (B, count), drawn ahead in blocks."""
         if not self.start <= query < self.stop:
-            uniforms = [torch.rand(self.BLOCK, 2 + self.signs, dtype=torch.float64, generator=generator)
+            uniforms = [torch.rand(self.BLOCK, count, dtype=torch.float64, generator=generator)
                         for generator in self.generators]
             self.block = torch.stack(uniforms)
             self.start, self.stop = query, query + self.BLOCK
-        drawn = self.block[:, query - self.start]
+        return self.block[:, query - self.start]
+
+    def window(self, query):
+        """Iteration `query`'s draws, (B,) each: (row, column) of the window's corner as fractions in [0, 1) of the
+        free range, and (B, signs) the order in which each image tries the sign patterns."""
+        drawn = self.uniforms(query, 2 + self.signs)
         return drawn[:, 0], drawn[:, 1], drawn[:, 2:].argsort(dim=1)
+
+    def tiles(self, count):
+        """L2's start: per image and tile (B, count, 1 + channels) uniforms: the tile's transposition coin, then its
+        sign per channel."""
+        return torch.stack([torch.rand(count, 1 + self.channels, dtype=torch.float64, generator=generator)
+                            for generator in self.generators])
 
 
 SQUARE_TOLERANCE = 1e-5
 
 
+def centred_rectangles(rows, columns):
+    """Square L2's building block (Andriushchenko et al. 2020): a (rows, columns) field that peaks at its centre and
+    falls off in nested squares, the square of Chebyshev radius k around the centre adding 1 / (k + 1)^2 to each
+    value inside it, normalized to L2 norm 1."""
+    centre_row, centre_column = rows // 2, columns // 2
+    rings = max(centre_row, centre_column) + 1
+    distance = torch.maximum((torch.arange(rows) - centre_row).abs().view(-1, 1),
+                             (torch.arange(columns) - centre_column).abs().view(1, -1))
+    weights = 1 / torch.arange(1, rings + 1, dtype=torch.float64) ** 2
+    tail = weights.flip(0).cumsum(0).flip(0)  # tail[d]: the sum of the weights of every ring from d outwards
+    field = tail[distance.clamp(max=rings - 1)].float()
+    return field / field.norm()
+
+
+def square_pattern(side):
+    """A side x side window's L2 perturbation pattern: the top half centred rectangles up, the bottom half down,
+    normalized to L2 norm 1 (the reference's eta)."""
+    pattern = torch.cat([centred_rectangles(side // 2, side), -centred_rectangles(side - side // 2, side)])
+    return pattern / pattern.norm()
+
+
+def place(patterns, top, left, height, width):
+    """Each image's (s, s) pattern of `patterns` (B, s, s) put at its corner (top, left) (B,) of an (H, W) field,
+    zero outside: (B, 1, H, W)."""
+    side = patterns.shape[-1]
+    rows = torch.arange(height, device=patterns.device).view(1, -1) - top.view(-1, 1)     # (B, H)
+    columns = torch.arange(width, device=patterns.device).view(1, -1) - left.view(-1, 1)  # (B, W)
+    inside = ((rows >= 0) & (rows < side)).unsqueeze(2) & ((columns >= 0) & (columns < side)).unsqueeze(1)
+    batch = torch.arange(len(patterns), device=patterns.device).view(-1, 1, 1)
+    field = patterns[batch, rows.clamp(0, side - 1).unsqueeze(2), columns.clamp(0, side - 1).unsqueeze(1)]
+    return (field * inside).unsqueeze(1), inside.unsqueeze(1)
+
+
 class Square(Attack):
     """Square Attack (Andriushchenko et al. 2020, "Square Attack: a query-efficient black-box adversarial attack via
-    random search"), L-infinity, score-based: it reads the model's output scores and never a gradient. It starts from
+    random search"), score-based: it reads the model's output scores and never a gradient. In L-infinity (below; L2:
+    run_l2) it starts from
     vertical stripes of +-epsilon (one sign per channel and column), then each query sets a random square window to
     +-epsilon (one sign per channel, the first in a random order that changes the image) and keeps it when the loss
     drops: the margin of the true class over the strongest other (untargeted) or the cross-entropy to the target
     (targeted), as in the paper. The window covers a share `square_fraction` of the pixels, from `p_init` (default
     0.8, the reference implementation's and torchattacks') down, on the reference's schedule rescaled to `queries`.
     Every image is on whole levels at every query, so its budget is floor(epsilon) levels.
-    Distance: L-infinity. Arguments: queries >= 1 (the budget per image, the first query included; default: `steps`),
+    Distance: L-infinity or L2 (`norm`). Arguments: queries >= 1 (the budget per image, the first query included; default: `steps`),
     p_init in (0, 1], plus the shared ones (alpha and random_start unused). `steps_used` reports the queries used.
     Each image draws its stripes, windows and signs from its own generator, seeded from `seed`, the restart and the
     image's id (its position in the run, see `Attack.__call__`): windows differ between the images of a batch, and an
     image's result does not depend on which other images share its batch."""
     name = "square"
+    norms = ("Linf", "L2")
     gradient_free = True
 
     def __init__(self, model, queries=None, p_init=0.8, **kwargs):
@@ -93,6 +139,8 @@ class Square(Attack):
 
     @torch.no_grad()
     def run(self, original, labels, restart, ids):
+        if self.norm == "L2":
+            return self.run_l2(original, labels, restart, ids)
         self.original = original
         channels, height, width = original.shape[1:]
         device = original.device
@@ -156,3 +204,83 @@ class Square(Attack):
         candidate = best.clone()
         candidate.unfold(2, side, 1).unfold(3, side, 1)[rows, :, top, left] = torch.where(signs > 0, raised, lowered)
         return candidate
+
+    # ---- L2 ---------------------------------------------------------------------------------------------------
+
+    def accept(self, state, todo, candidate, levels, judged):
+        """Keep each candidate of `todo` whose loss is lower (never away from success) or that reaches the goal."""
+        new_loss, new_success, new_logits = judged
+        best, lattice, loss, success, logits = state
+        lower = new_loss < loss[todo] - SQUARE_TOLERANCE * loss[todo].abs().clamp_min(1)
+        keep = (lower & (new_success | ~success[todo])) | (new_success & ~success[todo])
+        best[todo] = torch.where(keep.view(-1, 1, 1, 1), candidate, best[todo])
+        lattice[todo] = torch.where(keep.view(-1, 1, 1, 1), levels, lattice[todo])
+        loss[todo] = torch.where(keep, new_loss, loss[todo])
+        logits[todo] = torch.where(keep.view(-1, 1), new_logits, logits[todo])
+        success[todo] = torch.where(keep, new_success, success[todo])
+
+    def to_ball(self, original, delta):
+        """original + delta scaled to L2 norm epsilon, clipped to [0, 1] (the reference's step), and its 8-bit image
+        inside the ball (norms.lattice_within)."""
+        scale = self.eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12)
+        image = (original + delta * scale.view(-1, 1, 1, 1)).clamp_(0, 1)
+        return image, norms.lattice_within((original * 255).round(), image - original, "L2", self.levels) / 255
+
+    def run_l2(self, original, labels, restart, ids):
+        """Square in L2 (Andriushchenko et al. 2020, section 3.2): the start is a grid of tiles of side H // 5, each
+        the window pattern (square_pattern) with a random sign per channel, scaled to L2 norm epsilon; each query
+        moves the perturbation's mass from a second random window into the first, redrawn as the pattern plus what
+        it held, keeping the whole at norm epsilon, and keeps it when the loss drops. The window's side follows
+        the Linf schedule (at least 3, odd). Draws per image (SquareDraws), judged on the 8-bit image inside the
+        ball."""
+        self.original = original
+        batch, channels, height, width = original.shape
+        device = original.device
+        draws = SquareDraws(self.seed, restart, ids, channels, 0)
+        tile = max(height // 5, 1)
+        offset_h, offset_w = (height - tile * (height // tile)) // 2, (width - tile * (width // tile)) // 2
+        corners = [(offset_h + i * tile, offset_w + j * tile) for i in range(height // tile) for j in range(width // tile)]
+        tiles = draws.tiles(len(corners)).to(device)
+        pattern = square_pattern(tile).to(device)
+        delta = torch.zeros_like(original)
+        for k, (top, left) in enumerate(corners):
+            shape = torch.where(tiles[:, k, 0].view(-1, 1, 1) > 0.5, pattern.t(), pattern)  # (B, s, s)
+            signs = torch.where(tiles[:, k, 1:] > 0.5, 1.0, -1.0).float().view(batch, channels, 1, 1)
+            delta[:, :, top:top + tile, left:left + tile] += shape.unsqueeze(1) * signs
+        best, lattice = self.to_ball(original, delta)
+        loss, success, logits = self.judge(lattice, labels)
+        state = (best, lattice, loss, success, logits)
+        used = torch.ones(batch, dtype=torch.long, device=device)
+        active = ~success if self.early_stop else torch.ones_like(success)
+        features = channels * height * width
+        for query in range(1, self.queries if self.eps > 0 else 1):
+            if self.on_step:
+                self.on_step(query - 1, loss, logits)
+            todo = active.nonzero().view(-1)
+            if len(todo) == 0:
+                break
+            side = max(round(math.sqrt(square_fraction(self.p_init, query - 1, self.queries) * features / channels)),
+                       3)
+            side = min(side + 1 - side % 2, height, width)
+            drawn = draws.uniforms(query - 1, 5 + channels).to(device)[todo]
+            corner = [(drawn[:, k] * (size - side + 1)).long() for k, size in
+                      zip(range(4), (height, width, height, width))]
+            shape = square_pattern(side).to(device)
+            shape = torch.where(drawn[:, 4].view(-1, 1, 1) > 0.5, shape.t(), shape.expand(len(todo), side, side))
+            signs = torch.where(drawn[:, 5:] > 0.5, 1.0, -1.0).float().view(-1, channels, 1, 1)
+            fresh, first = place(shape, corner[0], corner[1], height, width)
+            _, second = place(shape, corner[2], corner[3], height, width)
+            current = best[todo] - original[todo]
+            in_first = (current * first).pow(2).sum(dim=(2, 3), keepdim=True).sqrt()            # (B, C, 1, 1)
+            in_both = (current * (first | second)).pow(2).sum(dim=(2, 3), keepdim=True).sqrt()
+            whole = current.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            moved = fresh * signs + current * first / (in_first + 1e-12)
+            moved = moved / (moved.pow(2).sum(dim=(2, 3), keepdim=True).sqrt() + 1e-12)
+            moved = moved * ((self.eps ** 2 - whole ** 2).clamp_min(0) / channels + in_both ** 2).sqrt()
+            delta = torch.where(first, moved, torch.where(second, 0.0, current))
+            candidate, levels = self.to_ball(original[todo], delta)
+            self.accept(state, todo, candidate, levels, self.judge(levels, labels[todo]))
+            used[todo] += 1
+            if self.early_stop:
+                active &= ~success
+        return AttackResult(lattice, success, used, logits.argmax(dim=-1))
