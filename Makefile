@@ -21,9 +21,10 @@ app: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PYTHON) -m pytest -q
 
-# the fast lane: every module exercised, without the slow end-to-end runs, the peers' cross-checks and the browser
+# the fast lane: every module exercised in process and one run per program in a fresh process (smoke), without the
+# other fresh-process runs (e2e), the slow ones, the peers' cross-checks and the browser
 test-fast: $(VENV)/.installed
-	$(PYTHON) -m pytest -q -m "not slow and not crosscheck and not browser"
+	$(PYTHON) -m pytest -q -m "not slow and not crosscheck and not browser and (not e2e or smoke)"
 
 bench: $(VENV)/.installed $(DEMO)/adversarial.pt2
 	$(PYTHON) bench/attack_speed.py

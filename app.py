@@ -182,17 +182,17 @@ def show_progress(progress, what, total, classes):
 
 
 def trick(upload, sample, target, epsilon, steps, method, defense, model_name=OFFLINE_MODEL, classes=None,
-          input_size=None, certify=False, norm="Linf", progress=gr.Progress()):
+          input_size=None, norm="Linf", certify=False, progress=gr.Progress()):
     """Everything the page shows, from its inputs, yielded once; bad input raises UsageError. A generator so that its
     files outlive the return: Gradio asks a generator for its next value only after it has sent (and copied into its
     cache) the one before, and then this answer's folder goes."""
     with answer_folder() as out:
         yield answer(upload, sample, target, epsilon, steps, method, defense, (model_name, classes, input_size),
-                     progress, out, certify, norm)
+                     progress, out, norm, certify)
 
 
-def answer(upload, sample, target, epsilon, steps, method, defense, model_spec, progress, out, certify=False,
-           norm="Linf"):
+def answer(upload, sample, target, epsilon, steps, method, defense, model_spec, progress, out, norm="Linf",
+           certify=False):
     """The page's outputs, its files written into the folder `out`; model_spec: (--model, --classes, --input-size)."""
     args = settings(target, epsilon, steps, method, defense, *model_spec, norm=norm)
     model = model_from_args(args, get_device(args.device))
@@ -281,7 +281,7 @@ def build_page(model_name=OFFLINE_MODEL, classes=None, input_size=None):
                 through = gr.Image(label="before and after the defense", show_label=False, height=420,
                                    format="png", elem_id="through")
         model = [gr.State(model_name), gr.State(classes), gr.State(input_size)]
-        button.click(on_page(trick), [upload, sample, target, epsilon, steps, method, defense, *model, certify, norm],
+        button.click(on_page(trick), [upload, sample, target, epsilon, steps, method, defense, *model, norm, certify],
                      [clean, verdict, comparison, download, defense_report, through, adaptive_download])
     return page
 

@@ -89,3 +89,22 @@ def resnet18_weights():
     if not RESNET18_WEIGHTS.is_file():
         pytest.skip(f"ResNet18's ImageNet weights are not in the torch cache ({RESNET18_WEIGHTS}); no network here")
     return RESNET18_WEIGHTS
+
+
+# ---- the fast lane ------------------------------------------------------------------------------------------------
+
+STARTS_A_PROGRAM = ("run_script(", "run_tool(", "subprocess.")
+
+
+def pytest_collection_modifyitems(items):
+    """Mark `e2e` every test whose own code starts a program in a fresh process (each start costs seconds: Python,
+    torch and a model load), so that make test-fast can leave them out but for the `smoke` ones, one per program."""
+    import inspect
+    for item in items:
+        function = getattr(item, "function", None)
+        try:
+            source = inspect.getsource(function) if function else ""
+        except (OSError, TypeError):
+            continue
+        if any(call in source for call in STARTS_A_PROGRAM):
+            item.add_marker(pytest.mark.e2e)

@@ -483,6 +483,7 @@ def saved_linf(path, original_path, model):
     return int(np.abs(saved - prepare_image(original_path, model).astype(int)).max())
 
 
+@pytest.mark.smoke
 def test_step5_apgd_reaches_goldfish_on_a_sample_photo(tmp_path, offline_model):
     from tests.conftest import OFFLINE, run_script
     photo = sample_photo("chelsea.png")
@@ -511,6 +512,7 @@ def test_step5_square_untargeted_reports_queries(tmp_path, offline_model):
     assert saved_linf(saved, photo, offline_model) <= 4
 
 
+@pytest.mark.smoke
 def test_step7_counts_squares_budget_in_queries(tmp_path):
     """Square's `steps_used` are queries: step 7 says so, as step 5 does (budget_unit), instead of calling them steps."""
     from tests.conftest import OFFLINE, run_script

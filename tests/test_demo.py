@@ -177,6 +177,7 @@ def test_paths_are_shown_relative_to_the_working_folder_or_under_home(tmp_path, 
     assert display_path("/elsewhere/x.png") == "/elsewhere/x.png"
 
 
+@pytest.mark.smoke
 def test_sample_photos_are_listed_relative_to_the_working_folder(tmp_path):
     site_packages = Path(matplotlib.__file__).resolve().parent.parent  # run from there: the photos are below it
     result = run_tool("tools.sample_images", "--output-dir", tmp_path, cwd=site_packages)

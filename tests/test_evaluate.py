@@ -195,6 +195,7 @@ def test_resume_with_nothing_left_says_so(evaluated, photos):
     assert without_seconds(read_rows(out)) == without_seconds(read_rows(evaluated))
 
 
+@pytest.mark.smoke
 def test_defenses_plain_and_adaptive(evaluated, photos, offline_model):
     out = copy_of(evaluated, "defended")
     result = run_script("step_8_evaluate.py", photos, *GRID[:4], "--epsilons", "16", "--steps", "1,2", "--resume",
@@ -274,6 +275,7 @@ def test_bad_input_from_the_command_line(photos, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.smoke
 def test_sample_images_copies_real_photos(tmp_path):
     result = run_tool("tools.sample_images", "--output-dir", "samples", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -221,6 +221,7 @@ def test_robustbench_loads_through_its_own_loader_from_its_cache(tmp_path, monke
 
 # ---- the scripts, as a user runs them ----------------------------------------------------------------------------
 
+@pytest.mark.smoke
 def test_step_2_names_the_prediction_from_the_models_class_list(files, tmp_path):
     result = run_script("step_2_pretrained.py", GRACE_HOPPER, "--model", files["pt"], "--classes", files["classes"],
                         "--input-size", 32, "--top-k", 3, cwd=tmp_path)

@@ -58,6 +58,7 @@ def one_per_class(digits, tmp_path):
     return root
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("norm", ["Linf", "L2", "L1"])
 def test_step5_png_read_back_is_within_epsilon_in_its_norm(norm, digits, digit_model, tmp_path):
     folder = digits / "3"
@@ -110,8 +111,8 @@ BAD = {
                                        "mifgsm has no L1 version"),
     "step 8 grid without the norm": (STEP_8, ["--norm", "L1", "--methods", "pgd", "--epsilons", "3"],
                                      "--methods: pgd has no L1 version"),
-    "step 8 ensemble without the norm": (STEP_8, ["--norm", "L2", "--ensemble", "apgd,square", "--epsilons", "1"],
-                                         "--ensemble: square has no L2 version"),
+    "step 8 ensemble without the norm": (STEP_8, ["--norm", "L1", "--ensemble", "apgd,square", "--epsilons", "1"],
+                                         "--ensemble: square has no L1 version"),
     "step 8 L2 over the largest distance": (STEP_8, ["--norm", "L2", "--epsilons", "1,60"], "largest L2 distance"),
     "step 9 L1": (STEP_9, ["--norm", "L1", "--epsilon", "3"], "PGD, has no L1 version"),
     "step 9 L2 over the largest distance": (STEP_9, ["--norm", "L2", "--epsilon", "60"], "largest L2 distance"),

@@ -317,6 +317,7 @@ def test_compile_on_the_tiny_model_matches_eager(tiny_images):
 
 # ---- the benchmark --------------------------------------------------------------------------------------------
 
+@pytest.mark.smoke
 def test_the_benchmark_prints_every_configuration_and_one_summary_line(tmp_path):
     process = run_script("bench/attack_speed.py", "--models", OFFLINE, "--batch-sizes", "1", "--steps", "1",
                          "--repeats", "1", "--threads", "1", cwd=tmp_path)

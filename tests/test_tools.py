@@ -1,7 +1,10 @@
 """The programs of tools/ not tested beside what they serve: the label map's writer."""
+import pytest
+
 from tests.conftest import REPO, run_tool
 
 
+@pytest.mark.smoke
 def test_the_label_map_is_written_byte_identical_to_the_committed_one(tmp_path):
     result = run_tool("tools.create_idx_to_label", "--output", tmp_path / "labels.json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

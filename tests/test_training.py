@@ -92,6 +92,7 @@ def test_resume_after_sigkill_gives_the_same_model(few_digits, tmp_path):
     assert torch.equal(load_program(tmp_path / "whole.pt2")(images), load_program(killed)(images))
 
 
+@pytest.mark.smoke
 def test_exported_program_is_the_trained_model(few_digits, tmp_path):
     """The .pt2 read back gives the checkpoint's model's logits at batch 1 and 16, an input gradient, and its classes
     file names the ImageFolder's classes."""
@@ -165,6 +166,7 @@ def test_compare_models_tabulates_each_run_and_draws_the_figure(tmp_path):
     assert "epsilon in levels out of 255, L-infinity" in table
 
 
+@pytest.mark.smoke
 def test_compare_models_names_the_norm_and_refuses_mixed_norms(tmp_path):
     write_accuracy(tmp_path / "a", 0.95, {2: (0.4, 0.35)}, norm="L2")
     write_accuracy(tmp_path / "b", 0.9, {2: (0.85, 0.8)}, norm="L2")
