@@ -29,7 +29,8 @@ A held-out share (--val-fraction) is never trained on: clean accuracy and PGD ac
 training epsilon) on it are printed after every epoch, with FGSM accuracy and the training images per second.
 
 Catastrophic overfitting (Wong et al. 2020: fast adversarial training suddenly learns to mask its one-step attack,
-held-out PGD accuracy collapsing while FGSM accuracy stays high) is detected at the end of the epoch where it
+held-out PGD accuracy collapsing while FGSM accuracy stays high) is watched for in fgsm-rs runs, detected at the end
+of the epoch where it
 happens and said in one line; the model written is then the epoch with the best held-out PGD accuracy (its weights
 are kept in the checkpoint), unless --keep-last.
 
@@ -233,6 +234,13 @@ def best_epoch(history):
     return max(scored, key=lambda row: (row["robust"], -row["epoch"]))["epoch"] if scored else None
 
 
+def watched_for_overfitting(method):
+    """Whether a run is watched for catastrophic overfitting: fast (one-step) adversarial training, where it happens.
+    Plain and noise training have next to no PGD accuracy to lose, and their noise around it can fit the rule; PGD
+    training's multi-step attack does not overfit this way (Wong et al. 2020)."""
+    return method == "fgsm-rs"
+
+
 def catastrophic_overfitting(history):
     """Wong, Rice and Kolter 2020 ("Fast is better than free"): fast adversarial training can suddenly overfit to
     its one-step attack, held-out PGD accuracy collapsing within an epoch while FGSM accuracy stays high. True when
@@ -363,7 +371,8 @@ def main(args):
         clean, robust, fgsm = validate(model, data, args, device)
         history.append({"epoch": epoch, "loss": loss, "images_per_second": speed, "clean": clean, "robust": robust,
                         "fgsm": fgsm, "epsilon": args.epsilon, "norm": args.norm, "val_steps": args.val_steps,
-                        "overfit": catastrophic_overfitting(history + [{"robust": robust, "fgsm": fgsm}])})
+                        "overfit": watched_for_overfitting(args.method)
+                        and catastrophic_overfitting(history + [{"robust": robust, "fgsm": fgsm}])})
         report_epoch(history[-1])
         if best_epoch(history) == epoch:
             best = {"epoch": epoch, "model": copy_state(model)}

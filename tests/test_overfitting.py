@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from utils.models import Classifier, Preprocessing
-from step_9_adversarial_training import best_epoch, catastrophic_overfitting
+from step_9_adversarial_training import best_epoch, catastrophic_overfitting, watched_for_overfitting
 from tests.conftest import run_script, run_tool
 from utils.models import load_program
 from utils.training import SMALL_CNN, build_net, load_checkpoint
@@ -22,6 +22,14 @@ def test_the_rule_needs_both_the_collapse_and_fgsm_staying_high():
     assert not catastrophic_overfitting(epochs((0.40, 0.50), (0.05, 0.10)))  # both fell: a broken model, not masking
     assert not catastrophic_overfitting(epochs((0.40, 0.50)))                 # nothing to compare with
     assert best_epoch(epochs((0.40, 0.5), (0.45, 0.5), (0.45, 0.6), (0.0, 0.9))) == 2
+
+
+def test_only_fast_adversarial_training_is_watched():
+    # plain (and noise) training has next to no PGD accuracy from the start: its first epoch's 18% against a later 9%,
+    # with FGSM's 30%, fits the rule, and the guard wrote an untrained epoch-1 model (70% clean on the digits demo)
+    plain = epochs((0.185, 0.35), (0.089, 0.185), (0.126, 0.33), (0.089, 0.30))
+    assert catastrophic_overfitting(plain)
+    assert watched_for_overfitting("fgsm-rs") and not any(watched_for_overfitting(m) for m in ("none", "noise", "pgd"))
 
 
 @pytest.mark.slow
