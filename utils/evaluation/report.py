@@ -292,7 +292,9 @@ def interval_figure(accuracy, certified, settings):
     epsilons = list(settings.epsilons)
     attacked = [100 * float(row["robust_accuracy"]) for row in accuracy if row["attack"] == "worst-case"]
     figure, axis = plt.subplots(figsize=(6.4, 4.0))
-    axis.plot(epsilons, attacked, color="tab:red", marker="o", linewidth=2, label="attacked: the ensemble's worst case")
+    # wide and pale, so that a bound drawn on top of it where they meet (often: the exact verifier's) stays visible
+    axis.plot(epsilons, attacked, color="tab:red", marker="o", markersize=9, linewidth=5, alpha=0.45,
+              label="attacked: the ensemble's worst case")
     styles = ({"color": "tab:blue", "marker": "s", "linestyle": "-"},
               {"color": "tab:green", "marker": "^", "linestyle": "--"})
     lowest, highest = [0.0] * len(epsilons), list(attacked)
@@ -304,8 +306,8 @@ def interval_figure(accuracy, certified, settings):
         if refutes(name):
             not_refuted = [100 * count / images for _, count in counts]
             highest = [min(a, b) for a, b in zip(highest, not_refuted)]
-            axis.plot(epsilons, not_refuted, color=style["color"], marker="v", linestyle=":", linewidth=1.5,
-                      label=f"not refuted: {name} (robust or unknown)")
+            axis.plot(epsilons, not_refuted, color=style["color"], marker="v", markersize=9, markerfacecolor="none",
+                      linestyle=":", linewidth=2, zorder=3, label=f"not refuted: {name} (robust or unknown)")
     axis.fill_between(epsilons, lowest, highest, color="0.85", label="where the true robust accuracy lies")
     axis.set_xlabel(f"epsilon ({UNITS[settings.norm]}, {NAMES[settings.norm]})")
     axis.set_ylabel("robust accuracy (%)")
