@@ -93,6 +93,142 @@ def test_the_lattice_pulls_back_a_rounding_that_goes_over():
     assert (image - original).abs().sum() == 30
 
 
+# ---- the fast paths (no full sort) on rows as long as an image's, against rules written out plainly ----------------
+
+def bisect(function, low, high, goal, decreasing=False):
+    """Per row, the root of a monotone `function` (rows) = goal between low and high, by 200 halvings."""
+    for _ in range(200):
+        middle = (low + high) / 2
+        below = (function(middle) > goal) if decreasing else (function(middle) < goal)
+        low, high = torch.where(below, middle, low), torch.where(below, high, middle)
+    return (low + high) / 2
+
+
+def large_cases(generator, rows=6, shape=(3, 40, 40)):
+    """Rows of 4,800 coordinates: images with saturated regions (where the box binds) and deltas dense, sparse and
+    on a coarse grid (many equal values), at several scales."""
+    original = torch.randint(0, 256, (rows, *shape), generator=generator).double() / 255
+    original[:2, :, :10] = 0
+    original[2:4, :, 10:20] = 1
+    for scale in (0.002, 0.02, 0.2):
+        delta = torch.randn((rows, *shape), generator=generator, dtype=torch.float64) * scale
+        yield original, delta
+        yield original, delta * (torch.rand(delta.shape, generator=generator) < 0.03)
+        yield original, (delta / scale * 4).round() * scale / 4
+
+
+@pytest.mark.parametrize("norm", ["L2", "L1"])
+def test_large_rows_are_projected_exactly(norm):
+    generator = torch.Generator().manual_seed(3)
+    for original, delta in large_cases(generator):
+        epsilon = 0.5 if norm == "L2" else 6.0
+        ours = norms.project(delta.clone(), original, epsilon, norm).flatten(1)
+        magnitude = delta.flatten(1).abs()
+        room = torch.where(delta.flatten(1) > 0, 1 - original.flatten(1), original.flatten(1))
+        if norm == "L2":  # d = min(t |delta|, room), t in [0, 1] where ||d|| = epsilon
+            size = lambda t: torch.minimum(magnitude * t.view(-1, 1), room).pow(2).sum(dim=1).sqrt()  # noqa: E731
+            t = bisect(size, torch.zeros(len(room), dtype=torch.float64), torch.ones(len(room), dtype=torch.float64),
+                       epsilon)
+            expected = torch.minimum(magnitude * torch.where(size(torch.ones_like(t)) > epsilon, t, 1).view(-1, 1), room)
+        else:  # d = clip(|delta| - lambda, 0, room), lambda >= 0 where ||d||_1 = epsilon
+            size = lambda lam: (magnitude - lam.view(-1, 1)).clamp(min=0).minimum(room).sum(dim=1)  # noqa: E731
+            zero = torch.zeros(len(room), dtype=torch.float64)
+            lam = bisect(size, zero, magnitude.amax(dim=1), epsilon, decreasing=True)
+            expected = (magnitude - torch.where(size(zero) > epsilon, lam, 0).view(-1, 1)).clamp(min=0).minimum(room)
+        assert torch.allclose(ours.abs(), expected, atol=1e-9), norm
+        assert (norms.size(ours, norm) <= epsilon * (1 + 1e-9)).all()
+
+
+def lattice_by_sorting(original_levels, delta, norm, budget):
+    """The lattice rule written out with one stable sort of each whole row: coordinates in decreasing order of
+    excess (ties in index order), the fewest moves back in that order; delta * 255 taken to the nearest float of
+    delta's type."""
+    target = (delta.flatten(1).double() * 255).to(delta.dtype).double()
+    base = original_levels.flatten(1)
+    steps = (base + target.round()).clamp(0, 255) - base
+    limit = budget if norm == "L1" else budget ** 2
+    for row in range(len(steps)):
+        while True:
+            s = steps[row]
+            size = s.abs().sum() if norm == "L1" else s.pow(2).sum()
+            if size <= limit:
+                break
+            excess = torch.where(s != 0, s.abs() - target[row].abs(), torch.tensor(float("-inf"), dtype=s.dtype))
+            order = excess.argsort(descending=True, stable=True)
+            gain = (s != 0).to(s.dtype) if norm == "L1" else (2 * s.abs() - 1).clamp(min=0)
+            count = int((gain[order].cumsum(0) < size - limit).sum()) + 1
+            s[order[:count]] -= s[order[:count]].sign()
+            target[row] = s
+    return base + steps
+
+
+@pytest.mark.parametrize("norm", ["L2", "L1"])
+def test_the_lattice_of_large_rows_is_the_rule(norm):
+    generator = torch.Generator().manual_seed(4)
+    for original, delta in large_cases(generator):
+        epsilon = 0.5 if norm == "L2" else 6.0
+        delta = norms.project(delta, original, epsilon, norm).float()
+        levels = (original * 255).round().float()
+        ours = norms.lattice_within(levels, delta, norm, epsilon * 255).flatten(1)
+        expected = lattice_by_sorting(levels.double(), delta, norm, epsilon * 255)
+        assert torch.equal(ours.double(), expected), norm
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_fabs_step_on_large_rows_is_the_rule(norm):
+    generator = torch.Generator().manual_seed(5)
+    n = 4800
+    point = torch.rand(6, n, generator=generator, dtype=torch.float64)
+    point[:2, :1000] = 0
+    normal = torch.randn(6, n, generator=generator, dtype=torch.float64)
+    normal[2:4] = (normal[2:4] * 2).round() / 2  # many equal weights: ties in the L1 order
+    offset = torch.randn(6, generator=generator, dtype=torch.float64) * 5
+    ours = hyperplane_step(point, normal, offset, norm)
+    weight = normal.abs()
+    room = torch.where(torch.sign(offset).view(-1, 1) * normal > 0, 1 - point, point)
+    if norm == "L1":  # fill in decreasing order of weight, ties in index order
+        expected = torch.zeros_like(room)
+        for row in range(len(room)):
+            left = offset[row].abs()
+            for i in weight[row].argsort(descending=True, stable=True).tolist():
+                if left <= 0:
+                    break
+                expected[row, i] = min(room[row, i], left / weight[row, i])
+                left -= weight[row, i] * expected[row, i]
+    else:  # m_i = min(t, room_i) (Linf) or min(t |normal_i|, room_i) (L2), sum |normal_i| m_i = |offset|
+        scale = torch.ones_like(weight) if norm == "Linf" else weight
+        filled = lambda t: (weight * torch.minimum(t.view(-1, 1) * scale, room)).sum(dim=1)  # noqa: E731
+        t = bisect(filled, torch.zeros(6, dtype=torch.float64), torch.full((6,), 1e6, dtype=torch.float64),
+                   offset.abs())
+        expected = torch.minimum(t.view(-1, 1) * scale, room) * (weight > 0)  # a zero weight need not move
+    assert torch.allclose(ours.abs(), expected, atol=1e-9), norm
+
+
+def test_solve_capped_without_its_iterations_sorts_to_the_same_root():
+    generator = torch.Generator().manual_seed(6)
+    slopes = torch.rand(5, 3000, generator=generator, dtype=torch.float64)
+    caps = torch.rand(5, 3000, generator=generator, dtype=torch.float64).pow(4)
+    goal = (slopes * caps).sum(dim=1) * torch.rand(5, generator=generator, dtype=torch.float64)
+    newton = norms.solve_capped(caps, slopes, slopes * caps, goal)
+    sorted_ = norms.solve_capped(caps, slopes, slopes * caps, goal, iterations=1)  # stops moving only by sorting
+    assert torch.allclose(newton, sorted_, rtol=1e-12)
+    assert torch.allclose(torch.where(caps <= newton.view(-1, 1), slopes * caps, newton.view(-1, 1) * slopes).sum(1),
+                          goal, rtol=1e-10)
+
+
+def test_the_crossing_value_is_the_sorted_one():
+    generator = torch.Generator().manual_seed(7)
+    keys = (torch.randn(4, 5000, generator=generator, dtype=torch.float64) * 4).round()  # many ties
+    weights = torch.rand(4, 5000, generator=generator, dtype=torch.float64)
+    needed = torch.tensor([0.5, 30.0, 2000.0, 1e9], dtype=torch.float64)  # one cut in the first 256, one past all
+    ours = norms.crossing_value(keys, weights, needed)
+    for row in range(4):
+        order = keys[row].argsort(descending=True, stable=True)
+        summed = weights[row][order].cumsum(0)
+        expected = keys[row][order][int((summed < needed[row]).sum())] if summed[-1] >= needed[row] else float("-inf")
+        assert ours[row] == expected, row
+
+
 @pytest.mark.parametrize("norm", NORMS)
 def test_fabs_hyperplane_projection_is_the_smallest_step(norm):
     rng = np.random.default_rng(2)
@@ -219,3 +355,10 @@ def test_perturbation_size_keeps_its_old_pair():
     linf, l2 = perturbation_size(adversarial, original)
     assert linf.item() == 4 and abs(l2.item() - 5 / 255) < 1e-7
     assert perturbation_size(adversarial, original, "L1").item() == pytest.approx(7 / 255)
+
+
+def test_apgd_l1s_quantile_is_the_sorted_one():
+    from utils.attacks.apgd import quantile_values
+    values = torch.rand(6, 3000, generator=torch.Generator().manual_seed(8))
+    rank = torch.tensor([0, 2999, 1500, 1500, 7, 2400])
+    assert torch.equal(quantile_values(values, rank), values.sort(dim=1).values.gather(1, rank.view(-1, 1)).view(-1))

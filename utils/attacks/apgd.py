@@ -131,8 +131,8 @@ class APGD(Attack):
                 delta, grad = self.sparse_checkpoint(delta, grad, state)
         # keep the coordinates at or above the (1 - share) quantile of |grad|, AutoAttack's rule
         magnitude = grad.abs().flatten(1)
-        rank = ((1 - state["share"]) * features).clamp(0, features - 1).long().view(-1, 1)
-        threshold = magnitude.sort(dim=1).values.gather(1, rank)
+        rank = ((1 - state["share"]) * features).clamp(0, features - 1).long()
+        threshold = quantile_values(magnitude, rank).view(-1, 1)
         signs = torch.where(magnitude >= threshold, grad.flatten(1).sign(), torch.zeros_like(magnitude))
         spread = signs / signs.abs().sum(dim=1, keepdim=True).clamp_min(1e-10)
         return delta - state["eta"] * spread.view_as(delta)
@@ -171,6 +171,16 @@ class APGD(Attack):
 
     def set_budget(self, epsilon, steps):
         self.eps, self.levels, self.steps, self.alpha = epsilon, epsilon * 255, steps, epsilon
+
+
+def quantile_values(values, rank):
+    """Per row, the value at 0-based position rank[row] of the row sorted ascending (a selection, no sort): one
+    kthvalue per distinct rank, over the rows that share it."""
+    result = torch.empty(len(values), dtype=values.dtype, device=values.device)
+    for position in rank.unique().tolist():
+        rows = (rank == position).nonzero().view(-1)
+        result[rows] = values[rows].kthvalue(position + 1, dim=1).values
+    return result
 
 
 class APGDT(OverTopTargets, APGD):

@@ -5,16 +5,19 @@ from utils.attacks import norms
 from utils.attacks.base import Attack, AttackResult, OverTopTargets
 
 
-def _solve_increasing(breaks, saturated, slope, goal):
-    """Per row, the t >= 0 where sum_i (saturated_i if breaks_i <= t else t * slope_i) = goal, a continuous increasing
-    piecewise-linear function of t: breakpoints sorted, the piece holding the root read off (rows must be feasible)."""
-    breaks, order = breaks.sort(dim=1)
-    saturated, slope = saturated.gather(1, order), slope.gather(1, order)
-    before = saturated.cumsum(dim=1) - saturated              # saturated sum over the breakpoints before each one
-    after = slope.flip(1).cumsum(dim=1).flip(1)                # slopes still free from each breakpoint on
-    at_break = before + breaks * after
-    piece = (at_break >= goal.view(-1, 1)).int().argmax(dim=1, keepdim=True)
-    return (goal.view(-1, 1) - before.gather(1, piece)) / after.gather(1, piece).clamp_min(1e-30)
+def _fill_largest_first(weight, room, goal):
+    """The fractional knapsack of FAB's L1 step: per row, m_i in [0, room_i] with sum weight_i m_i = goal, filling
+    the coordinates in decreasing order of weight (ties in index order), the last one partly. Only the weight where
+    the filling ends is looked for (norms.crossing_value); every coordinate above it is full, those at it fill in
+    index order."""
+    capacity = weight * room
+    value = norms.crossing_value(weight, capacity, goal).to(weight.dtype).view(-1, 1)
+    above = weight > value
+    left = goal.view(-1, 1) - torch.where(above, capacity, 0).sum(dim=1, keepdim=True, dtype=torch.float64)
+    tied = torch.where(weight == value, capacity, 0)
+    before = tied.cumsum(dim=1, dtype=torch.float64) - tied
+    part = ((left - before) / weight.clamp_min(1e-30)).clamp(min=0).to(weight.dtype)
+    return torch.where(above, room, torch.where((weight == value) & (before < left), torch.minimum(part, room), 0))
 
 
 def hyperplane_step(point, normal, offset, norm):
@@ -23,31 +26,31 @@ def hyperplane_step(point, normal, offset, norm):
     can towards it (FAB's projection, Croce and Hein 2020, section 3.1).
 
     Every coordinate moves in the direction sign(offset * normal_i), by m_i in [0, room_i], with sum |normal_i| m_i =
-    |offset|: in L-infinity m_i = min(t, room_i), in L2 m_i = min(t |normal_i|, room_i) (t found exactly on the sorted
-    breakpoints), in L1 the coordinates with the largest |normal_i| are filled first (a fractional knapsack)."""
+    |offset|: in L-infinity m_i = min(t, room_i), in L2 m_i = min(t |normal_i|, room_i) (t found exactly by
+    norms.solve_capped), in L1 the coordinates with the largest |normal_i| are filled first (a fractional knapsack)."""
     direction = torch.sign(offset).view(-1, 1) * normal.sign()
     weight = normal.abs()
     room = torch.where(direction > 0, 1 - point, point)
     goal = offset.abs()
-    reachable = (weight * room).sum(dim=1) >= goal
+    capacity = weight * room
+    reachable = capacity.sum(dim=1) >= goal
+    if not bool(reachable.any()):
+        return direction * room
+    every = bool(reachable.all())  # the common case: no gathered copies
+    w, r, c, g = (x if every else x[reachable] for x in (weight, room, capacity, goal))
+    if norm == "L1":
+        moved = _fill_largest_first(w, r, g)
+    else:
+        ratio = torch.where(w > 0, r / w.clamp_min(1e-30), float("inf"))
+        breaks, slope = (r, w) if norm == "Linf" else (ratio, w * w)
+        breaks = torch.where(w > 0, breaks, 3e38)
+        t = norms.solve_capped(breaks.nan_to_num(posinf=3e38), slope, c, g).to(w.dtype).view(-1, 1)
+        moved = torch.minimum(t if norm == "Linf" else t * w, r).mul_(w > 0)
+    if every:
+        return direction.mul_(moved)
     move = room.clone()
-    rows = reachable.nonzero().view(-1)
-    if len(rows):
-        w, r, g = weight[rows], room[rows], goal[rows]
-        if norm == "L1":
-            order = w.argsort(dim=1, descending=True, stable=True)
-            w, r = w.gather(1, order), r.gather(1, order)
-            filled = (w * r).cumsum(dim=1)
-            part = ((g.view(-1, 1) - (filled - w * r)) / w.clamp_min(1e-30)).clamp(min=0)
-            chosen = torch.minimum(part, r) * (filled - w * r < g.view(-1, 1))
-            move[rows] = torch.zeros_like(chosen).scatter_(1, order, chosen)
-        else:
-            ratio = torch.where(w > 0, r / w.clamp_min(1e-30), torch.full_like(r, float("inf")))
-            breaks, slope = (r, w) if norm == "Linf" else (ratio, w * w)
-            breaks = torch.where(w > 0, breaks, torch.full_like(breaks, float("inf")))
-            t = _solve_increasing(breaks.nan_to_num(posinf=3e38), w * r, slope, g)
-            move[rows] = torch.minimum(t * (1 if norm == "Linf" else w), r) * (w > 0)
-    return direction * move
+    move[reachable] = moved
+    return direction.mul_(move)
 
 
 class FAB(OverTopTargets, Attack):
@@ -97,8 +100,14 @@ class FAB(OverTopTargets, Attack):
         return super().reached(logits, labels)
 
     def lattice_size(self, lattice_levels, original_levels):
-        """Per image, the size in levels of the 8-bit perturbation, in double precision (integers: exact)."""
-        return norms.size((lattice_levels - original_levels).double(), self.norm)
+        """Per image, the size in levels of the 8-bit perturbation, in double precision (whole levels and their
+        squares are exact in float32; the sums are taken in float64)."""
+        steps = (lattice_levels - original_levels).flatten(1)
+        if self.norm == "Linf":
+            return steps.abs().amax(dim=1).double()
+        if self.norm == "L1":
+            return steps.abs().sum(dim=1, dtype=torch.float64)
+        return steps.square().sum(dim=1, dtype=torch.float64).sqrt()
 
     def start(self, original, restart):
         if not (self.random_start or restart > 0):

@@ -4,8 +4,10 @@
 Units. "Linf": levels out of 255 (the budget is a whole number of levels once on the lattice). "L2" and "L1": the norm
 of the perturbation of the whole (3, H, W) image in [0, 1] pixel units, AutoAttack's and RobustBench's convention.
 
-Every projection here is exact (no bisection): each is the root of a monotone piecewise function of one scalar, found
-by sorting its breakpoints once per image and reading the piece that holds the root.
+Every projection here is exact (no bisection): each is the root of a monotone piecewise function of one scalar, in
+closed form on the piece that holds it. The piece is found without sorting the whole image where the function allows
+(Newton from below on a concave function ends on it; the sparse L1 answer needs only its largest coordinates sorted),
+by sorting its breakpoints otherwise.
 """
 import torch
 
@@ -44,29 +46,88 @@ def _split(delta, original):
     return flat.abs(), room
 
 
+def solve_capped(caps, slopes, saturated, goal, iterations=50):
+    """Per row, the u >= 0 where phi(u) = sum_i (saturated_i if caps_i <= u else u * slopes_i) = goal, for a phi
+    that is continuous (saturated_i = slopes_i * caps_i), increasing and concave (slopes >= 0), with phi(0) <= goal.
+
+    Newton from below on the pieces: u_{k+1} solves the piece of u_k, sum of saturated_i over caps_i <= u_k plus
+    u * (sum of the other slopes) = goal. The piece's line lies above the concave phi to its right, so u_k only
+    grows and never passes the root; when an iteration saturates no new coordinate, u_k is on the root's piece and is
+    the root, in closed form. A few iterations in practice (each a pass over the row, no sort); rows still moving after
+    `iterations` are solved on their sorted breakpoints instead (the same answer)."""
+    u = torch.zeros(len(caps), dtype=torch.float64, device=caps.device)
+    count = None
+    for _ in range(iterations):
+        capped = caps <= u.to(caps.dtype).view(-1, 1)
+        now = capped.sum(dim=1)
+        if count is not None and torch.equal(now, count):
+            return u
+        count = now
+        reached = torch.where(capped, saturated, 0).sum(dim=1, dtype=torch.float64)
+        free = torch.where(capped, 0, slopes).sum(dim=1, dtype=torch.float64)
+        u = ((goal - reached) / free.clamp_min(1e-300)).clamp_min(0)
+    moving = (caps <= u.to(caps.dtype).view(-1, 1)).sum(dim=1) != count
+    if bool(moving.any()):
+        u = u.clone()
+        u[moving] = _solve_capped_sorted(caps[moving].double(), slopes[moving].double(), saturated[moving].double(),
+                                         goal[moving].double())
+    return u
+
+
+def _solve_capped_sorted(caps, slopes, saturated, goal):
+    """solve_capped's root read off the sorted breakpoints: the piece where phi crosses goal, in closed form."""
+    caps, order = caps.sort(dim=1)
+    saturated, slopes = saturated.gather(1, order), slopes.gather(1, order)
+    before = saturated.cumsum(dim=1) - saturated              # saturated sum over the breakpoints before each one
+    after = slopes.flip(1).cumsum(dim=1).flip(1)               # slopes still free from each breakpoint on
+    at_break = before + caps * after
+    piece = (at_break >= goal.view(-1, 1)).int().argmax(dim=1, keepdim=True)
+    return ((goal.view(-1, 1) - before.gather(1, piece)) / after.gather(1, piece).clamp_min(1e-300)).view(-1)
+
+
 def project_l2(delta, original, epsilon):
     """The exact Euclidean projection of `delta` onto {d : ||d||_2 <= epsilon, 0 <= original + d <= 1}.
 
     KKT: d = clip(t * delta, -original, 1 - original) for the t in (0, 1] where ||d||_2 = epsilon (t = 1 when the
-    clipped delta is inside already). ||d(t)||^2 is piecewise quadratic in t, with a breakpoint where each coordinate
-    reaches its bound: sorted, the piece holding the root gives t in closed form."""
+    clipped delta is inside already). In u = t^2, ||d||^2 = sum_i min(u a_i^2, b_i^2) (a = |delta|, b the room) is
+    increasing, concave and piecewise linear: `solve_capped` finds its root exactly."""
     magnitude, room = _split(delta, original)
     clipped = torch.minimum(magnitude, room)
-    over = clipped.double().pow(2).sum(dim=1) > epsilon ** 2
+    over = clipped.pow(2).sum(dim=1, dtype=torch.float64) > epsilon ** 2
     if not bool(over.any()):
         return delta.sign().mul_(clipped.view_as(delta))
-    a, b = magnitude[over].double(), room[over].double()
-    breaks = torch.where(a > 0, b / a.clamp_min(1e-300), torch.full_like(a, 2.0)).clamp_(max=2.0)
-    breaks, order = breaks.sort(dim=1)
-    a, b = a.gather(1, order), b.gather(1, order)
-    saturated = torch.cumsum(b * b, dim=1) - b * b           # sum of b^2 over the coordinates before each breakpoint
-    free = (a * a).flip(1).cumsum(1).flip(1)                  # sum of a^2 from each breakpoint on
-    at_break = saturated + breaks * breaks * free             # ||d||^2 at each breakpoint (continuous in t)
-    piece = (at_break >= epsilon ** 2).int().argmax(dim=1, keepdim=True)
-    t = ((epsilon ** 2 - saturated.gather(1, piece)) / free.gather(1, piece).clamp_min(1e-300)).clamp_min(0).sqrt()
-    result = clipped.clone()
-    result[over] = torch.minimum(magnitude[over].double() * t, room[over].double()).to(result.dtype)
-    return delta.sign().mul_(result.view_as(delta))
+    a, b = _rows(magnitude, over), _rows(room, over)
+    slopes, saturated = a * a, b * b
+    caps = torch.where(a > 0, (b / a).square_(), 4.0).clamp_(max=4.0)  # u <= 1: a cap past it never binds
+    u = solve_capped(caps, slopes, saturated, torch.full((len(a),), float(epsilon) ** 2, dtype=torch.float64,
+                                                         device=a.device))
+    inside = torch.minimum(a.mul_(u.sqrt().to(a.dtype).view(-1, 1)), b)
+    if len(inside) == len(clipped):
+        clipped = inside
+    else:
+        clipped[over] = inside
+    return delta.sign().mul_(clipped.view_as(delta))
+
+
+def _rows(values, chosen):
+    """values[chosen] (a copy), or `values` itself when every row is chosen (no copy of a large batch)."""
+    return values if bool(chosen.all()) else values[chosen]
+
+
+def _l1_threshold(a, b, total, epsilon):
+    """Per row, the lambda >= 0 where sum_i clip(a_i - lambda, 0, b_i) = epsilon (rows over epsilon at 0, `total`),
+    read off the 2n sorted breakpoints of that piecewise-linear decreasing function."""
+    moving = (a > 0).to(a.dtype)
+    points = torch.cat([(a - b).clamp_min(0), a], dim=1)
+    slopes = torch.cat([-moving, moving], dim=1)
+    points, order = points.sort(dim=1)
+    slope = slopes.gather(1, order).cumsum(dim=1)              # the slope just after each breakpoint
+    rise = slope[:, :-1] * points.diff(dim=1)
+    at_break = torch.cat([total.view(-1, 1), total.view(-1, 1) + rise.cumsum(dim=1)], dim=1)
+    piece = (at_break <= epsilon).int().argmax(dim=1, keepdim=True).clamp_min(1)
+    start = points.gather(1, piece - 1)
+    lam = start + (at_break.gather(1, piece - 1) - epsilon) / (-slope.gather(1, piece - 1)).clamp_min(1e-300)
+    return lam.view(-1)
 
 
 def project_l1(delta, original, epsilon):
@@ -77,7 +138,10 @@ def project_l1(delta, original, epsilon):
     KKT: d_i = sign(delta_i) * clip(|delta_i| - lambda, 0, room_i) for the lambda >= 0 where ||d||_1 = epsilon
     (lambda = 0 when the clipped delta is inside already). ||d(lambda)||_1 is piecewise linear and decreasing in
     lambda; its slope drops by one where a coordinate leaves its bound (|delta_i| - room_i) and rises by one where it
-    reaches zero (|delta_i|): the 2n breakpoints sorted, the piece that crosses epsilon gives lambda."""
+    reaches zero (|delta_i|): the breakpoints sorted, the piece that crosses epsilon gives lambda.
+    The answer is sparse (every |delta_i| <= lambda ends at zero), so the piece is looked for among the k largest
+    |delta_i| only, those above a lower bound of lambda: it is the answer when lambda is at least every |delta_i| left
+    out (they are zero at it, as they would be in the whole problem); else k doubles, up to the whole row."""
     magnitude, room = _split(delta, original)
     clipped = torch.minimum(magnitude, room)
     total = clipped.double().sum(dim=1)
@@ -85,18 +149,28 @@ def project_l1(delta, original, epsilon):
     if not bool(over.any()):
         return delta.sign().mul_(clipped.view_as(delta))
     a, b = magnitude[over].double(), room[over].double()
-    moving = (a > 0).double()
-    points = torch.cat([(a - b).clamp_min(0), a], dim=1)
-    slopes = torch.cat([-moving, moving], dim=1)
-    points, order = points.sort(dim=1)
-    slope = slopes.gather(1, order).cumsum(dim=1)              # the slope just after each breakpoint
-    rise = slope[:, :-1] * points.diff(dim=1)
-    at_break = torch.cat([total[over].view(-1, 1), total[over].view(-1, 1) + rise.cumsum(dim=1)], dim=1)
-    piece = (at_break <= epsilon).int().argmax(dim=1, keepdim=True).clamp_min(1)
-    start = points.gather(1, piece - 1)
-    lam = start + (at_break.gather(1, piece - 1) - epsilon) / (-slope.gather(1, piece - 1)).clamp_min(1e-300)
+    lam = torch.empty(len(a), dtype=torch.float64, device=a.device)
+    todo = torch.arange(len(a), device=a.device)
+    width = a.shape[1]
+    # lambda is at least (total - epsilon) / (nonzero coordinates): each term falls at slope at most 1. Those at or
+    # under that bound end at zero, so the others are enough
+    bound = (total[over] - epsilon) / (a > 0).sum(dim=1).clamp_min(1)
+    enough = int((a > bound.view(-1, 1)).sum(dim=1).max())
+    k = min(width, max(256, min(enough, width // 64)))
+    while len(todo):
+        if 2 * k >= width:
+            lam[todo] = _l1_threshold(a[todo], b[todo], total[over][todo], epsilon)
+            break
+        top, index = a[todo].topk(k + 1, dim=1)
+        part_a, part_b = top[:, :k], b[todo].gather(1, index[:, :k])
+        part_total = torch.minimum(part_a, part_b).sum(dim=1)
+        found = _l1_threshold(part_a, part_b, part_total, epsilon)
+        # exact when the part alone is over epsilon and every coordinate left out is zero at its lambda
+        settled = (part_total > epsilon) & (found >= top[:, k])
+        lam[todo[settled]] = found[settled]
+        todo, k = todo[~settled], 2 * k
     result = clipped.clone()
-    result[over] = (magnitude[over].double() - lam).clamp_min(0).minimum(room[over].double()).to(result.dtype)
+    result[over] = (a - lam.view(-1, 1)).clamp_min(0).minimum(b).to(result.dtype)
     return delta.sign().mul_(result.view_as(delta))
 
 
@@ -110,34 +184,68 @@ def project(delta, original, epsilon, norm):
 def lattice_within(original_levels, delta, norm, budget):
     """The 8-bit image (B, C, H, W) in levels nearest original + delta whose perturbation's `norm` (L2 or L1, in
     levels) is at most `budget` levels: delta rounded to whole levels, then, in each image whose rounding pushed it
-    over the budget, the coordinates rounded furthest away from the original (largest |rounded| - |delta * 255|)
-    moved one level back towards it, the fewest such moves in that order that bring the image inside.
+    over the budget, the coordinates rounded furthest away from the original (largest |rounded| - |delta * 255|, ties
+    in index order) moved one level back towards it, the fewest such moves in that order that bring the image inside.
 
-    Exact and deterministic: one stable sort per image that needs it, integer arithmetic in float64. Never over the
-    budget: moving every coordinate that was rounded away back gives |steps_i| <= |delta_i * 255| for all i, which is
-    inside whenever delta is (and the order continues over the other coordinates, down to the original itself, so an
-    image is inside even when delta was over by float noise). On the lattice and in [0, 255] by construction: a
-    move goes one whole level towards the original."""
-    target = delta.detach().flatten(1).double() * 255
-    base = original_levels.flatten(1).double()
-    steps = (base + target.round()).clamp_(0, 255) - base
+    Exact and deterministic: the excess value where the moves suffice is read off the largest excesses only (a
+    partial sort that grows until it holds that value), then every coordinate above it moves and, of those at it, the
+    first in index order that suffice; levels are whole numbers, exact in any float type, and sums are taken in
+    float64. Never over the budget: moving every coordinate
+    that was rounded away back gives |steps_i| <= |delta_i * 255| for all i, which is inside whenever delta is (and
+    the order continues over the other coordinates, down to the original itself, so an image is inside even when
+    delta was over by float noise). On the lattice and in [0, 255] by construction: a move goes one whole level
+    towards the original."""
+    target = delta.detach().flatten(1).double().mul_(255).to(delta.dtype)  # |delta| * 255 to the nearest float
+    base = original_levels.flatten(1).to(delta.dtype)
+    steps = target.round().add_(base).clamp_(0, 255).sub_(base)  # whole levels: exact in any float type
     limit = budget if norm == "L1" else budget ** 2
     while True:  # one pass suffices unless delta itself was over by float noise; each pass moves every image still over
-        sizes = steps.abs().sum(dim=1) if norm == "L1" else steps.pow(2).sum(dim=1)
+        sizes = (steps.abs() if norm == "L1" else steps.square()).sum(dim=1, dtype=torch.float64)
         over = sizes > limit
         if not bool(over.any()):
             break
-        rows = over.nonzero().view(-1)
-        moved = steps[rows]
-        excess = moved.abs() - target[rows].abs()
-        excess = torch.where(moved != 0, excess, torch.full_like(excess, float("-inf")))
-        order = excess.argsort(dim=1, descending=True, stable=True)
-        chosen = moved.gather(1, order)
+        moved = _rows(steps, over)
+        excess = torch.where(moved != 0, moved.abs().sub_(_rows(target, over).abs()), float("-inf"))
         # what one level back towards the original saves: 1 in L1, |s|^2 - (|s| - 1)^2 in squared L2
-        gain = (chosen != 0).double() if norm == "L1" else (2 * chosen.abs() - 1).clamp_min(0)
-        needed = sizes[rows].view(-1, 1) - limit
-        count = (gain.cumsum(dim=1) < needed).sum(dim=1, keepdim=True) + 1  # the fewest moves, in order, that suffice
-        take = (torch.arange(moved.shape[1], device=moved.device).view(1, -1) < count).double()
-        steps[rows] = moved - torch.zeros_like(moved).scatter_(1, order, take) * moved.sign()
+        gain = (moved != 0).to(moved.dtype) if norm == "L1" else moved.abs().mul_(2).sub_(1).clamp_min_(0)
+        needed = _rows(sizes, over) - limit
+        threshold = crossing_value(excess, gain, needed).to(excess.dtype).view(-1, 1)
+        above = excess > threshold
+        left = needed - torch.where(above, gain, 0).sum(dim=1, dtype=torch.float64)
+        tied = torch.where(excess == threshold, gain, 0)
+        take = above.logical_or_((tied > 0) & (tied.cumsum(dim=1, dtype=torch.float64).sub_(tied) < left.view(-1, 1)))
+        back = moved - take.to(moved.dtype) * moved.sign()
+        if len(back) == len(steps):
+            steps = back
+        else:
+            steps[over] = back
         target = steps  # a further pass (float noise only) starts from here: no coordinate is rounded away any more
     return (base + steps).to(original_levels.dtype).view_as(original_levels)
+
+
+def crossing_value(keys, weights, needed):
+    """Per row, the key at which the weights (>= 0), summed in decreasing order of key, first reach `needed` (-inf
+    where all of them do not): the same value whatever the order among equal keys. Read off the k largest keys only,
+    k first twice what `needed` takes at the mean positive weight, doubling until their weights reach `needed` (or k
+    is the whole row)."""
+    width = keys.shape[1]
+    value = torch.full((len(keys),), float("-inf"), dtype=torch.float64, device=keys.device)
+    mean = weights.sum(dim=1, dtype=torch.float64) / (weights > 0).sum(dim=1).clamp_min(1)
+    k = int(min(width, max(256, float((2 * needed / mean.clamp_min(1e-300)).max()))))
+    todo = torch.arange(len(keys), device=keys.device)
+    while len(todo):
+        top, index = _rows_at(keys, todo).topk(k, dim=1)
+        summed = _rows_at(weights, todo).gather(1, index).cumsum(dim=1, dtype=torch.float64)
+        goal = needed[todo].view(-1, 1)
+        reached = summed[:, -1] >= goal[:, 0]
+        first = (summed >= goal).int().argmax(dim=1, keepdim=True)
+        value[todo[reached]] = top.gather(1, first).view(-1)[reached].double()
+        if k == width:
+            break  # the rows left never reach it: -inf
+        todo, k = todo[~reached], min(width, 2 * k)
+    return value
+
+
+def _rows_at(values, rows):
+    """values[rows], without a copy when `rows` is every row in order."""
+    return values if len(rows) == len(values) else values[rows]

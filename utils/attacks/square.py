@@ -1,4 +1,5 @@
 """Square Attack: score-based random search."""
+import functools
 import hashlib
 import itertools
 import math
@@ -91,7 +92,12 @@ def centred_rectangles(rows, columns):
 
 def square_pattern(side):
     """A side x side window's L2 perturbation pattern: the top half centred rectangles up, the bottom half down,
-    normalized to L2 norm 1 (the reference's eta)."""
+    normalized to L2 norm 1 (the reference's eta). A fresh tensor each call (made once per side)."""
+    return _square_pattern(side).clone()
+
+
+@functools.lru_cache(maxsize=None)
+def _square_pattern(side):
     pattern = torch.cat([centred_rectangles(side // 2, side), -centred_rectangles(side - side // 2, side)])
     return pattern / pattern.norm()
 
@@ -208,7 +214,8 @@ class Square(Attack):
     # ---- L2 ---------------------------------------------------------------------------------------------------
 
     def accept(self, state, todo, candidate, levels, judged):
-        """Keep each candidate of `todo` whose loss is lower (never away from success) or that reaches the goal."""
+        """Keep each candidate of `todo` (indices, or a slice for every image) whose loss is lower (never away from
+        success) or that reaches the goal."""
         new_loss, new_success, new_logits = judged
         best, lattice, loss, success, logits = state
         lower = new_loss < loss[todo] - SQUARE_TOLERANCE * loss[todo].abs().clamp_min(1)
@@ -219,12 +226,12 @@ class Square(Attack):
         logits[todo] = torch.where(keep.view(-1, 1), new_logits, logits[todo])
         success[todo] = torch.where(keep, new_success, success[todo])
 
-    def to_ball(self, original, delta):
+    def to_ball(self, original, original_levels, delta):
         """original + delta scaled to L2 norm epsilon, clipped to [0, 1] (the reference's step), and its 8-bit image
         inside the ball (norms.lattice_within)."""
         scale = self.eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12)
         image = (original + delta * scale.view(-1, 1, 1, 1)).clamp_(0, 1)
-        return image, norms.lattice_within((original * 255).round(), image - original, "L2", self.levels) / 255
+        return image, norms.lattice_within(original_levels, image - original, "L2", self.levels).div_(255)
 
     def run_l2(self, original, labels, restart, ids):
         """Square in L2 (Andriushchenko et al. 2020, section 3.2): the start is a grid of tiles of side H // 5, each
@@ -247,7 +254,8 @@ class Square(Attack):
             shape = torch.where(tiles[:, k, 0].view(-1, 1, 1) > 0.5, pattern.t(), pattern)  # (B, s, s)
             signs = torch.where(tiles[:, k, 1:] > 0.5, 1.0, -1.0).float().view(batch, channels, 1, 1)
             delta[:, :, top:top + tile, left:left + tile] += shape.unsqueeze(1) * signs
-        best, lattice = self.to_ball(original, delta)
+        original_levels = (original * 255).round()
+        best, lattice = self.to_ball(original, original_levels, delta)
         loss, success, logits = self.judge(lattice, labels)
         state = (best, lattice, loss, success, logits)
         used = torch.ones(batch, dtype=torch.long, device=device)
@@ -259,6 +267,8 @@ class Square(Attack):
             todo = active.nonzero().view(-1)
             if len(todo) == 0:
                 break
+            if len(todo) == batch:
+                todo = slice(None)  # views instead of gathered copies
             side = max(round(math.sqrt(square_fraction(self.p_init, query - 1, self.queries) * features / channels)),
                        3)
             side = min(side + 1 - side % 2, height, width)
@@ -266,7 +276,7 @@ class Square(Attack):
             corner = [(drawn[:, k] * (size - side + 1)).long() for k, size in
                       zip(range(4), (height, width, height, width))]
             shape = square_pattern(side).to(device)
-            shape = torch.where(drawn[:, 4].view(-1, 1, 1) > 0.5, shape.t(), shape.expand(len(todo), side, side))
+            shape = torch.where(drawn[:, 4].view(-1, 1, 1) > 0.5, shape.t(), shape.expand(len(drawn), side, side))
             signs = torch.where(drawn[:, 5:] > 0.5, 1.0, -1.0).float().view(-1, channels, 1, 1)
             fresh, first = place(shape, corner[0], corner[1], height, width)
             _, second = place(shape, corner[2], corner[3], height, width)
@@ -278,7 +288,7 @@ class Square(Attack):
             moved = moved / (moved.pow(2).sum(dim=(2, 3), keepdim=True).sqrt() + 1e-12)
             moved = moved * ((self.eps ** 2 - whole ** 2).clamp_min(0) / channels + in_both ** 2).sqrt()
             delta = torch.where(first, moved, torch.where(second, 0.0, current))
-            candidate, levels = self.to_ball(original[todo], delta)
+            candidate, levels = self.to_ball(original[todo], original_levels[todo], delta)
             self.accept(state, todo, candidate, levels, self.judge(levels, labels[todo]))
             used[todo] += 1
             if self.early_stop:
