@@ -41,8 +41,8 @@ from step_2_pretrained import find_class, get_device, model_from_args, prepare_i
 from utils.certify import CERTIFIERS
 from utils.certify.report_smoothing import default_radii, write_smoothing_report
 from utils.certify.smoothing import largest_radius, levels_per_value
-from utils.certify.run import (certify_images, csv_columns, read_certified, start_certified, write_certified,
-                               write_certify_report)
+from utils.certify.run import (certify_images, csv_columns, finished, read_certified, start_certified,
+                               write_certified, write_certify_report)
 from utils.cli import ArgumentParser, UsageError, listed, number_in, run
 from utils.data import find_photos
 from utils.flags import add_photos_arguments
@@ -105,8 +105,7 @@ def main(args):
     out = Path(args.output_dir)
     kept = start_certified(out, csv_columns(certifier), args.resume)
     epsilon_texts = {f"{epsilon:g}" for epsilon in epsilons} if certifier.uses_epsilons else {""}
-    done = {name for name in photos.names
-            if {row["epsilon"] for row in kept if row["image"] == name} >= epsilon_texts}
+    done = finished(kept, photos.names, epsilon_texts)
     kept = [row for row in kept if row["image"] in done and row["epsilon"] in epsilon_texts]
     print(f"Certifying {len(photos.names) - len(done)} of {len(photos.names)} images of {args.folder} with "
           f"{args.method} ({certifier.description}), {args.norm}"

@@ -476,3 +476,12 @@ def test_bounds_through_convolution_batch_norm_and_max_pool_hold(norm, epsilon):
         floor = margin_bounds(network, ball, label, bounds)
         others = [t for t in range(10) if t != label]
         assert (values[:, [label]] - values[:, others] >= floor[others] - 1e-9).all()
+
+
+def test_an_image_is_finished_when_its_kept_rows_cover_every_epsilon():
+    from utils.certify.run import finished
+    kept = [{"image": "a.png", "epsilon": "8"}, {"image": "a.png", "epsilon": "16"}, {"image": "b.png", "epsilon": "8"},
+            {"image": "c.png", "epsilon": ""}]
+    assert finished(kept, ["a.png", "b.png", "d.png"], {"8", "16"}) == {"a.png"}
+    assert finished(kept, ["a.png", "b.png"], {"8"}) == {"a.png", "b.png"}
+    assert finished(kept, ["c.png", "a.png"], {""}) == {"c.png"}  # smoothing: one row per image, no epsilon

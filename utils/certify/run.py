@@ -66,6 +66,14 @@ def start_certified(out, columns, resume):
     return kept
 
 
+def finished(kept, names, wanted):
+    """The images of `names` an earlier run finished: its kept rows cover every epsilon (as text) of `wanted`."""
+    covered = {}
+    for row in kept:
+        covered.setdefault(row["image"], set()).add(row["epsilon"])
+    return {name for name in names if covered.get(name, set()) >= set(wanted)}
+
+
 def epsilon_text(epsilon):
     return "" if epsilon == "" or epsilon is None else f"{float(epsilon):g}"
 

@@ -8,7 +8,8 @@ PNGs, each read back and checked), appended per photo, so --resume keeps the pho
 from argparse import Namespace
 
 from utils.certify import CERTIFIERS, ROBUST, UNKNOWN
-from utils.certify.run import certify_images, csv_columns, epsilon_text, read_certified, start_certified
+from utils.certify.run import (certify_images, csv_columns, epsilon_text, finished, read_certified,
+                               start_certified)
 from utils.cli import UsageError
 from utils.models import prepare_image
 
@@ -48,7 +49,7 @@ def certify_photos(certifiers, model, photos, skipped, epsilons, norm, out, resu
         folder = out / FOLDER / name
         columns = csv_columns(certifier)
         kept = start_certified(folder, columns, resume)
-        done = {image for image in names if {row["epsilon"] for row in kept if row["image"] == image} >= wanted}
+        done = finished(kept, names, wanted)
         todo = [i for i, image in zip(indices, names) if image not in done]
         images = {i: prepare_image(photos.paths[i], model) for i in todo}
         certify_images(certifier, [images.get(i) for i in indices], [photos.labels[i] for i in indices],
