@@ -227,33 +227,6 @@ def test_the_registry_names_each_certifier_with_its_columns():
 
 # ---- the command line -----------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def digits_setup(tmp_path_factory):
-    """Four real digits in an ImageFolder, and a small MLP trained on a few hundred digits for a few seconds,
-    exported as a .pt2 with its classes file."""
-    from sklearn.datasets import load_digits
-    from utils.samples import digit_image
-    root = tmp_path_factory.mktemp("certify")
-    digits = load_digits()
-    images = np.stack([digit_image(image) for image in digits.images[:400]])
-    for index in (400, 401, 402, 403):
-        folder = root / "digits" / str(digits.target[index])
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(digit_image(digits.images[index])).save(folder / f"{index}.png")
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 16), nn.ReLU(), nn.Linear(16, 10))
-    model = Classifier(net, Preprocessing(32, (0.3,) * 3, (0.4,) * 3), memory_format=torch.contiguous_format)
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-    targets = torch.from_numpy(digits.target[:400])
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(60):
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(pixels), targets).backward()
-        optimizer.step()
-    export_program(model, root / "mlp.pt2", [str(k) for k in range(10)], pixels.shape[-1])
-    return root
-
-
 def read_csv(path):
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
