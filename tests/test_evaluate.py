@@ -16,7 +16,7 @@ from step_8_evaluate import DEFAULT_ENSEMBLE, get_args_parser, main, make_plan
 from utils.evaluation import engine
 from utils.evaluation.plan import CLEAN
 from utils.evaluation.results import COLUMNS
-from tests.conftest import GRACE_HOPPER, OFFLINE, REPO, make_tiny_model, run_script, run_tool
+from tests.conftest import GRACE_HOPPER, OFFLINE, REPO, make_tiny_model, run_main, run_script, run_tool
 from tests.test_tutorial_units import tiny_png_header, truncated_jpeg
 from utils.attacks import ATTACKS
 from utils.cli import run
@@ -39,6 +39,14 @@ def read_rows(folder):
 
 def evaluate(photos, out, *args):
     result = run_script("step_8_evaluate.py", photos, *GRID, "--output-dir", out, *args, cwd=photos.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def evaluate_here(photos, out, *args):
+    """evaluate's command line run in this process: the same rows and bytes (one thread, the same seed), without a
+    fresh interpreter's start-up and model load."""
+    result = run_main(step_8_evaluate, photos, *GRID, "--output-dir", out, *args)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -175,7 +183,7 @@ def test_resume_recomputes_only_missing_rows(evaluated, photos):
     redone_job = {row["file"] for row in csv.DictReader([header, *body[2:4]])}
     mtimes = {row["file"]: (out / row["file"]).stat().st_mtime_ns for row in kept if row["file"] not in redone_job}
 
-    evaluate(photos, out, "--resume")
+    evaluate_here(photos, out, "--resume")
     before, after = read_rows(evaluated), read_rows(out)
     assert without_seconds(after) == without_seconds(before), "every row once, in one process's order, same values"
     assert png_bytes(out) == png_bytes(evaluated), "the redone PNGs are the uninterrupted run's, byte for byte"
@@ -189,7 +197,7 @@ def png_bytes(out):
 
 def test_resume_with_nothing_left_says_so(evaluated, photos):
     out = copy_of(evaluated, "nothing_left")
-    result = evaluate(photos, out, "--resume")
+    result = evaluate_here(photos, out, "--resume")
     assert "Nothing left to do: every job had finished on all 2 photos (--resume)" in result.stdout
     assert "photos/s" not in result.stdout
     assert without_seconds(read_rows(out)) == without_seconds(read_rows(evaluated))
