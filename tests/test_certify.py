@@ -13,6 +13,7 @@ from torch import nn
 
 from utils.models import Classifier, freeze, Preprocessing
 import step_10_certify
+import step_8_evaluate
 from tests.conftest import run_main, run_script
 from utils.attacks import run_attack
 from utils.certify import CERTIFIERS
@@ -356,11 +357,11 @@ STEP_8 = "step_8_evaluate.py"
 STEP_8_QUICK = ["--epsilons", "4,16", "--steps", "10", "--queries", "100", "--batch-size", "4", "--threads", "1"]
 
 
-@pytest.mark.smoke
 def test_step_8_certify_bounds_robust_accuracy_from_below(digits_setup, tmp_path):
+    """Step 8's command line in process (its fresh-process run is tests/test_evaluate.py's smoke test)."""
     out = tmp_path / "eval"
-    result = run_script(STEP_8, digits_setup / "digits", "--model", digits_setup / "mlp.pt2", *STEP_8_QUICK,
-                        "--certify", "exact,bounds", "--time-limit", "20", "--output-dir", out, cwd=tmp_path)
+    result = run_main(step_8_evaluate, digits_setup / "digits", "--model", digits_setup / "mlp.pt2", *STEP_8_QUICK,
+                      "--certify", "exact,bounds", "--time-limit", "20", "--output-dir", out)
     assert result.returncode == 0, result.stderr
     accuracy = read_csv(out / "robust_accuracy.csv")
     assert list(accuracy[0]) == ["norm", "epsilon", "attack", "images", "clean_accuracy", "robust_accuracy",

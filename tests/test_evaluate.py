@@ -38,14 +38,9 @@ def read_rows(folder):
 
 
 def evaluate(photos, out, *args):
-    result = run_script("step_8_evaluate.py", photos, *GRID, "--output-dir", out, *args, cwd=photos.parent)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def evaluate_here(photos, out, *args):
-    """evaluate's command line run in this process: the same rows and bytes (one thread, the same seed), without a
-    fresh interpreter's start-up and model load."""
+    """Step 8 on the photos with the grid, its command line run in this process (conftest's run_main: the rows and
+    bytes a fresh process writes, without its start-up and model load); step 8's fresh-process run is
+    test_defenses_plain_and_adaptive, on this evaluation's output."""
     result = run_main(step_8_evaluate, photos, *GRID, "--output-dir", out, *args)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -183,7 +178,7 @@ def test_resume_recomputes_only_missing_rows(evaluated, photos):
     redone_job = {row["file"] for row in csv.DictReader([header, *body[2:4]])}
     mtimes = {row["file"]: (out / row["file"]).stat().st_mtime_ns for row in kept if row["file"] not in redone_job}
 
-    evaluate_here(photos, out, "--resume")
+    evaluate(photos, out, "--resume")
     before, after = read_rows(evaluated), read_rows(out)
     assert without_seconds(after) == without_seconds(before), "every row once, in one process's order, same values"
     assert png_bytes(out) == png_bytes(evaluated), "the redone PNGs are the uninterrupted run's, byte for byte"
@@ -197,7 +192,7 @@ def png_bytes(out):
 
 def test_resume_with_nothing_left_says_so(evaluated, photos):
     out = copy_of(evaluated, "nothing_left")
-    result = evaluate_here(photos, out, "--resume")
+    result = evaluate(photos, out, "--resume")
     assert "Nothing left to do: every job had finished on all 2 photos (--resume)" in result.stdout
     assert "photos/s" not in result.stdout
     assert without_seconds(read_rows(out)) == without_seconds(read_rows(evaluated))
