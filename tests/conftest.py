@@ -18,13 +18,13 @@ sys.path.insert(0, str(REPO))
 
 from utils.models import Classifier, freeze, load_model, Preprocessing
 
-# The tests' own process computes on one torch thread (unless OMP_NUM_THREADS asks for more): on the 2-core machine
-# the tests run on, shared with other work, two threads on these small models wait on each other at every operation
-# (test_app.py and test_speed.py's in-process tests, measured back to back while another process kept a core busy:
-# 70 and 113 s on two threads, 16 and 19 s on one). The programs a test starts choose their own (most are given
-# --threads 1 or OMP_NUM_THREADS=1), and a test may set its own.
-if "OMP_NUM_THREADS" not in os.environ:
-    torch.set_num_threads(1)
+# One torch thread, in the tests' own process and in the programs they start, unless OMP_NUM_THREADS says otherwise:
+# on the 2-core machine the tests run on, shared with other work, two threads on these models wait on each other at
+# every operation. Measured back to back while another process kept a core busy: test_app.py and test_speed.py's
+# in-process tests 70 and 113 s on two threads, 16 and 19 s on one; step 5's smoke run (apgd on a sample photo) 10 and
+# 16 s against 6 s. A program's --threads, or a test's own setting, still wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 GRACE_HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
 CORGI = Path(os.environ.get("TNN_CORGI", REPO.parent / "shared" / "assets" / "corgi.png"))
