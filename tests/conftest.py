@@ -1,8 +1,11 @@
 """Shared fixtures: a tiny model for fast unit tests, the offline real model, the test photos, and running scripts."""
+import contextlib
+import io
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import matplotlib
 import numpy as np
@@ -14,6 +17,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from utils.models import Classifier, freeze, load_model, Preprocessing
+
+# One torch thread, in the tests' own process and in the programs they start, unless OMP_NUM_THREADS says otherwise:
+# on the 2-core machine the tests run on, shared with other work, two threads on these models wait on each other at
+# every operation. Measured back to back while another process kept a core busy: test_app.py and test_speed.py's
+# in-process tests 70 and 113 s on two threads, 16 and 19 s on one; step 5's smoke run (apgd on a sample photo) 10 and
+# 16 s against 6 s. A program's --threads, or a test's own setting, still wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 GRACE_HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
 CORGI = Path(os.environ.get("TNN_CORGI", REPO.parent / "shared" / "assets" / "corgi.png"))
@@ -33,6 +44,23 @@ def run_tool(module, *args, cwd):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, capture_output=True, text=True,
                           timeout=900, env=env)
+
+
+def run_main(module, *args):
+    """Run a program's command line in this process, as `python PROGRAM ARGS` would (its own parser and
+    utils.cli.run: a UsageError is one line on stderr and exit status 2), without a fresh interpreter's seconds of
+    start-up. Returns what run_script's CompletedProcess holds: returncode, stdout and stderr. The torch thread count
+    a --threads sets is put back afterwards."""
+    from utils.cli import run
+    out, err, threads, status = io.StringIO(), io.StringIO(), torch.get_num_threads(), None
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            run(module.main, module.get_args_parser(), [str(arg) for arg in args])
+    except SystemExit as exit_:  # run() always exits
+        status = exit_.code or 0
+    finally:
+        torch.set_num_threads(threads)
+    return SimpleNamespace(returncode=status, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 class TinyNet(nn.Module):
@@ -67,6 +95,17 @@ def tiny_images():
 
 
 @pytest.fixture(scope="session")
+def tiny_program(tmp_path_factory):
+    """The tiny model exported as a .pt2 model file (with its classes file beside it), which any script takes as
+    --model: a real model file that loads in a tenth of a second."""
+    from utils.models import export_program, normalized
+    model = make_tiny_model()
+    path = tmp_path_factory.mktemp("tiny_program") / "tiny.pt2"
+    export_program(normalized(model), path, model.classes, model.preprocessing.crop_size)
+    return path
+
+
+@pytest.fixture(scope="session")
 def offline_model():
     return load_model(OFFLINE, "cpu")
 
@@ -89,6 +128,35 @@ def resnet18_weights():
     if not RESNET18_WEIGHTS.is_file():
         pytest.skip(f"ResNet18's ImageNet weights are not in the torch cache ({RESNET18_WEIGHTS}); no network here")
     return RESNET18_WEIGHTS
+
+
+@pytest.fixture(scope="session")
+def digits_setup(tmp_path_factory):
+    """Four real digits in an ImageFolder, and a small MLP trained on a few hundred digits for a few seconds,
+    exported as a .pt2 with its classes file (step 10's tests and the benchmarks' share it: made once)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    from utils.models import export_program
+    from utils.samples import digit_image
+    root = tmp_path_factory.mktemp("certify")
+    digits = load_digits()
+    images = np.stack([digit_image(image) for image in digits.images[:400]])
+    for index in (400, 401, 402, 403):
+        folder = root / "digits" / str(digits.target[index])
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(digit_image(digits.images[index])).save(folder / f"{index}.png")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 16), nn.ReLU(), nn.Linear(16, 10))
+    model = Classifier(net, Preprocessing(32, (0.3,) * 3, (0.4,) * 3), memory_format=torch.contiguous_format)
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    targets = torch.from_numpy(digits.target[:400])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(pixels), targets).backward()
+        optimizer.step()
+    export_program(model, root / "mlp.pt2", [str(k) for k in range(10)], pixels.shape[-1])
+    return root
 
 
 # ---- the fast lane ------------------------------------------------------------------------------------------------

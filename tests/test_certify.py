@@ -12,7 +12,9 @@ from PIL import Image
 from torch import nn
 
 from utils.models import Classifier, freeze, Preprocessing
-from tests.conftest import run_script
+import step_10_certify
+import step_8_evaluate
+from tests.conftest import run_main, run_script
 from utils.attacks import run_attack
 from utils.certify import CERTIFIERS
 from utils.certify.bounds import layer_bounds, make_ball, margin_bounds
@@ -227,33 +229,6 @@ def test_the_registry_names_each_certifier_with_its_columns():
 
 # ---- the command line -----------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def digits_setup(tmp_path_factory):
-    """Four real digits in an ImageFolder, and a small MLP trained on a few hundred digits for a few seconds,
-    exported as a .pt2 with its classes file."""
-    from sklearn.datasets import load_digits
-    from utils.samples import digit_image
-    root = tmp_path_factory.mktemp("certify")
-    digits = load_digits()
-    images = np.stack([digit_image(image) for image in digits.images[:400]])
-    for index in (400, 401, 402, 403):
-        folder = root / "digits" / str(digits.target[index])
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(digit_image(digits.images[index])).save(folder / f"{index}.png")
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 16), nn.ReLU(), nn.Linear(16, 10))
-    model = Classifier(net, Preprocessing(32, (0.3,) * 3, (0.4,) * 3), memory_format=torch.contiguous_format)
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-    targets = torch.from_numpy(digits.target[:400])
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(60):
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(pixels), targets).backward()
-        optimizer.step()
-    export_program(model, root / "mlp.pt2", [str(k) for k in range(10)], pixels.shape[-1])
-    return root
-
-
 def read_csv(path):
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
@@ -284,9 +259,9 @@ def test_step_10_writes_verdicts_counterexamples_and_a_summary(digits_setup, tmp
             assert row["file"] == ""
     summary = (out / "summary.md").read_text()
     assert "| epsilon | images | robust |" in summary and (out / "certified_accuracy.png").stat().st_size > 1000
-    bounds_out = tmp_path / "bounds"
-    result = run_script(STEP_10, digits_setup / "digits", "--model", model_file, "--method", "bounds",
-                        "--epsilons", "1,4", "--output-dir", bounds_out, cwd=tmp_path)
+    bounds_out = tmp_path / "bounds"  # the second run in process: one fresh process per program is enough here
+    result = run_main(step_10_certify, digits_setup / "digits", "--model", model_file, "--method", "bounds",
+                      "--epsilons", "1,4", "--output-dir", bounds_out)
     assert result.returncode == 0, result.stderr
     for exact, bound in zip(rows, read_csv(bounds_out / "certified.csv")):
         assert (exact["image"], exact["epsilon"]) == (bound["image"], bound["epsilon"])
@@ -382,11 +357,11 @@ STEP_8 = "step_8_evaluate.py"
 STEP_8_QUICK = ["--epsilons", "4,16", "--steps", "10", "--queries", "100", "--batch-size", "4", "--threads", "1"]
 
 
-@pytest.mark.smoke
 def test_step_8_certify_bounds_robust_accuracy_from_below(digits_setup, tmp_path):
+    """Step 8's command line in process (its fresh-process run is tests/test_evaluate.py's smoke test)."""
     out = tmp_path / "eval"
-    result = run_script(STEP_8, digits_setup / "digits", "--model", digits_setup / "mlp.pt2", *STEP_8_QUICK,
-                        "--certify", "exact,bounds", "--time-limit", "20", "--output-dir", out, cwd=tmp_path)
+    result = run_main(step_8_evaluate, digits_setup / "digits", "--model", digits_setup / "mlp.pt2", *STEP_8_QUICK,
+                      "--certify", "exact,bounds", "--time-limit", "20", "--output-dir", out)
     assert result.returncode == 0, result.stderr
     accuracy = read_csv(out / "robust_accuracy.csv")
     assert list(accuracy[0]) == ["norm", "epsilon", "attack", "images", "clean_accuracy", "robust_accuracy",

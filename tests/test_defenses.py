@@ -123,3 +123,48 @@ def test_step6_report_says_whether_the_clean_prediction_survives(grace_hopper, t
     result = run_script("step_6_defend.py", grace_hopper, "--model", OFFLINE, "--report", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "military uniform -> military uniform after the defense (kept)" in result.stdout
+
+
+@pytest.mark.parametrize("defense, options, suffix, name", [
+    ("jpeg", ["--quality", "40"], ".jpg", "jpeg (quality 40)"),
+    ("median", ["--size", "5"], ".png", "median (size 5)"),
+], ids=["jpeg", "median"])
+def test_step6_writes_the_defended_file_and_predicts_on_it_read_back(defense, options, suffix, name, tiny_program,
+                                                                     tmp_path, capsys):
+    """Step 6 in process on the tiny model file: the file it writes is the defense's output (the JPEG's very bytes; the
+    median filter's pixels in a lossless PNG), and its New prediction is the model's on that file read back."""
+    import step_6_defend
+    from utils.defenses import jpeg_bytes
+    from utils.models import get_label, load_model
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(photo)
+    output = tmp_path / f"defended{suffix}"
+    step_6_defend.main(step_6_defend.get_args_parser().parse_args(
+        [str(photo), "--model", str(tiny_program), "--defense", defense, *options, "--output", str(output),
+         "--report", "--device", "cpu"]))
+    model = load_model(str(tiny_program))
+    image = prepare_image(photo, model)
+    with Image.open(output) as written:
+        assert written.format == ("JPEG" if defense == "jpeg" else "PNG") and written.size == (32, 32)
+    if defense == "jpeg":
+        assert output.read_bytes() == jpeg_bytes(image, quality=40)
+    else:
+        assert np.array_equal(np.asarray(Image.open(output).convert("RGB")), make_defense("median", size=5)(image))
+    before, after = predict_images(model, [image, prepare_image(output, model)])
+    defended = predict_images(model, [make_defense(defense, **{options[0][2:]: float(options[1])})(image)])[0]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"Old prediction: {get_label(before, model.classes)}",
+                     f"New prediction: {get_label(after, model.classes)}",
+                     f"Defense: {name}, applied to the image and written to {output}",
+                     f"Clean photo {photo}: {get_label(before, model.classes)} -> "
+                     f"{get_label(defended, model.classes)} after the defense "
+                     f"({'kept' if defended == before else 'LOST'})"]
+
+
+def test_step6_refuses_an_output_the_defense_cannot_write(tmp_path):
+    import step_6_defend
+    args = step_6_defend.get_args_parser().parse_args(["photo.png", "--defense", "median", "--output",
+                                                       str(tmp_path / "defended.jpg")])
+    with pytest.raises(UsageError, match="must end in .png"):
+        step_6_defend.main(args)
+    assert not list(tmp_path.iterdir())

@@ -2,6 +2,7 @@
 ResNet18 weights) and offline, and the README generator keeps only real output."""
 import functools
 import http.server
+import importlib
 import os
 import shutil
 import socket
@@ -10,6 +11,7 @@ import sys
 import threading
 import urllib.error
 from pathlib import Path
+from types import SimpleNamespace
 
 import matplotlib
 import numpy as np
@@ -19,7 +21,7 @@ import torchvision
 from PIL import Image
 
 from utils.models import load_torchvision
-from tests.conftest import CORGI, REPO, run_script, run_tool
+from tests.conftest import CORGI, GRACE_HOPPER, REPO, run_main, run_script, run_tool
 import demo
 from utils.cli import UsageError
 from utils.files import display_path
@@ -46,6 +48,50 @@ def test_demo_tells_the_whole_story(tmp_path):
         assert any(line.startswith(f"$ python {step}") for line in out)
     new_predictions = [line for line in out if line.startswith("New prediction: ")]
     assert new_predictions[-1] != "New prediction: goldfish, Carassius auratus", "JPEG should undo the attack"
+    assert (tmp_path / "outputs" / "comparison.png").is_file() and (tmp_path / "outputs" / "adversarial.jpg").is_file()
+
+
+class StepsInProcess:
+    """Stands in for demo.py's subprocess module: runs each step's command line in this process (conftest's run_main)
+    and prints what it printed, as the step's own process would on the terminal."""
+
+    def __init__(self):
+        self.commands = []
+
+    def run(self, command):
+        assert command[0] == sys.executable and Path(command[1]).parent == REPO, command
+        self.commands.append([Path(command[1]).name, *command[2:]])
+        result = run_main(importlib.import_module(Path(command[1]).stem), *command[2:])
+        print(result.stdout, end="")
+        return SimpleNamespace(returncode=result.returncode)
+
+
+def test_demo_tells_the_offline_story_in_process(tmp_path, monkeypatch, capsys):
+    """demo.py's main with its steps run in this process (its fresh-process run, which starts four more, is
+    test_demo_tells_the_whole_story): the download that cannot work says why, then the offline story on
+    EfficientNet-Lite0 and the sample photo: step 5 reaches goldfish, judged on its PNG, and step 6's JPEG undoes it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TNN_CORGI_URL", "step2a.png")  # not a web address: fails at once, network or not
+    steps = StepsInProcess()
+    monkeypatch.setattr(demo, "subprocess", steps)
+    demo.main()
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == ["Download failed: step2a.png: not a web address (unknown url type: 'step2a.png')",
+                       "Running the same steps offline instead, with --model efficientnet_lite0 on "
+                       "samples/grace_hopper.jpg"]
+    model = ["--model", "efficientnet_lite0"]
+    assert steps.commands == [["step_2_pretrained.py", "samples/grace_hopper.jpg", *model],
+                              ["step_5_perturb.py", "samples/grace_hopper.jpg", *model],
+                              ["step_3_adversarial.py", "samples/grace_hopper.jpg", *model],
+                              ["step_6_defend.py", "outputs/adversarial.png", *model]]
+    assert [line for line in out if line.startswith("$ ")] == [f"$ python {' '.join(command)}"
+                                                               for command in steps.commands]
+    assert "Prediction: military uniform" in out
+    new_predictions = [line for line in out if line.startswith("New prediction: ")]
+    assert new_predictions[:2] == ["New prediction: goldfish, Carassius auratus"] * 2, "step 5, then step 3's re-apply"
+    assert new_predictions[-1] != "New prediction: goldfish, Carassius auratus", "JPEG should undo the attack"
+    assert out[-1] == "Pictures: outputs/comparison.png (original | adversarial | perturbation magnified)"
+    assert (tmp_path / "samples" / "grace_hopper.jpg").read_bytes() == GRACE_HOPPER.read_bytes()
     assert (tmp_path / "outputs" / "comparison.png").is_file() and (tmp_path / "outputs" / "adversarial.jpg").is_file()
 
 

@@ -16,7 +16,7 @@ from step_8_evaluate import DEFAULT_ENSEMBLE, get_args_parser, main, make_plan
 from utils.evaluation import engine
 from utils.evaluation.plan import CLEAN
 from utils.evaluation.results import COLUMNS
-from tests.conftest import GRACE_HOPPER, OFFLINE, REPO, make_tiny_model, run_script, run_tool
+from tests.conftest import GRACE_HOPPER, OFFLINE, REPO, make_tiny_model, run_main, run_script, run_tool
 from tests.test_tutorial_units import tiny_png_header, truncated_jpeg
 from utils.attacks import ATTACKS
 from utils.cli import run
@@ -38,7 +38,10 @@ def read_rows(folder):
 
 
 def evaluate(photos, out, *args):
-    result = run_script("step_8_evaluate.py", photos, *GRID, "--output-dir", out, *args, cwd=photos.parent)
+    """Step 8 on the photos with the grid, its command line run in this process (conftest's run_main: the rows and
+    bytes a fresh process writes, without its start-up and model load); step 8's fresh-process run is
+    test_defenses_plain_and_adaptive, on this evaluation's output."""
+    result = run_main(step_8_evaluate, photos, *GRID, "--output-dir", out, *args)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

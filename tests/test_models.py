@@ -15,7 +15,7 @@ import step_2_pretrained
 import step_5_perturb
 from utils.images import to_tensor
 from utils.models import load_model, prepare_image
-from tests.conftest import GRACE_HOPPER, run_script
+from tests.conftest import GRACE_HOPPER, run_main, run_script
 from utils.models import guards, labels, model_files, zoo
 from utils.cli import UsageError, run
 from utils.files import display_path
@@ -236,11 +236,12 @@ def test_step_2_names_the_prediction_from_the_models_class_list(files, tmp_path)
 
 @pytest.fixture(scope="module")
 def step_5(files, tmp_path_factory):
-    """Step 5 on the .pt2 (classes from its sidecar), towards a class the photo is not: (result, folder, target)."""
+    """Step 5 on the .pt2 (classes from its sidecar), towards a class the photo is not: (result, folder, target). In
+    process, writing where a run from `folder` would (step 5's fresh-process run is tests/test_attacks.py's smoke)."""
     folder = tmp_path_factory.mktemp("step5")
     target = (truth(files, files["photo"]) + 3) % 10
-    result = run_script("step_5_perturb.py", files["photo"], "--model", files["pt2"], "--target", CIFAR10[target],
-                        "--method", "pgd", "--epsilon", 16, "--steps", 20, cwd=folder)
+    result = run_main(step_5_perturb, files["photo"], "--model", files["pt2"], "--target", CIFAR10[target],
+                      "--method", "pgd", "--epsilon", 16, "--steps", 20, "--output-dir", folder / "outputs")
     return result, folder, target
 
 

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import run_script
+import step_5_perturb
+import step_9_adversarial_training
+from tests.conftest import run_main, run_script
 from utils.attacks import perturbation_size
 from utils.cli import UsageError
 from utils.flags import resolve_threat
@@ -42,8 +44,8 @@ def digit_model(digits, tmp_path_factory):
     """A small CNN trained plainly for a few epochs on those digits (step 9), as a .pt2 file every step loads."""
     folder = tmp_path_factory.mktemp("norm_model")
     output = folder / "plain.pt2"
-    result = run_script(STEP_9, digits, "--method", "none", "--epochs", "6", "--val-fraction", "0", "--threads", "1",
-                        "--output", output, cwd=folder)
+    result = run_main(step_9_adversarial_training, digits, "--method", "none", "--epochs", "6", "--val-fraction", "0",
+                      "--threads", "1", "--output", output)  # in process: step 9's fresh-process run is in test_training
     assert result.returncode == 0, result.stderr
     return output
 
@@ -58,13 +60,13 @@ def one_per_class(digits, tmp_path):
     return root
 
 
-@pytest.mark.smoke
 @pytest.mark.parametrize("norm", ["Linf", "L2", "L1"])
 def test_step5_png_read_back_is_within_epsilon_in_its_norm(norm, digits, digit_model, tmp_path):
+    """Step 5's command line in process (its fresh-process run is tests/test_attacks.py's smoke test)."""
     folder = digits / "3"
     out = tmp_path / "out"
-    result = run_script(STEP_5, folder, "--model", digit_model, "--untargeted", "--method", "apgd", "--norm", norm,
-                        "--epsilon", BUDGETS[norm], "--steps", "10", "--output-dir", out, cwd=tmp_path)
+    result = run_main(step_5_perturb, folder, "--model", digit_model, "--untargeted", "--method", "apgd", "--norm", norm,
+                      "--epsilon", BUDGETS[norm], "--steps", "10", "--output-dir", out)
     assert result.returncode in (0, 1), result.stderr
     model = load_model(str(digit_model), "cpu")
     sizes = []

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from utils.models import Classifier, Preprocessing
-from tests.conftest import REPO, run_script, run_tool
+from tests.conftest import REPO, run_main, run_script, run_tool
+from tools import compare_models
 from utils.samples import DIGIT_SIZE, digit_image, digit_split
 from utils.models import classes_path, load_program
 from utils.training import SMALL_CNN, build_net, load_checkpoint
@@ -176,9 +177,10 @@ def test_compare_models_names_the_norm_and_refuses_mixed_norms(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "epsilon the L2 norm of the whole perturbation in [0, 1] pixel units" in \
         (tmp_path / "out" / "comparison.md").read_text()
-    mixed = run_tool("tools.compare_models", tmp_path / "a", tmp_path / "c", "--names", "plain,robust",
-                     "--output-dir", tmp_path / "mixed", cwd=tmp_path)
+    mixed = run_main(compare_models, tmp_path / "a", tmp_path / "c", "--names", "plain,robust",
+                     "--output-dir", tmp_path / "mixed")  # in process: one fresh process per program is enough here
     assert mixed.returncode == 2 and "different norms" in mixed.stderr and not (tmp_path / "mixed").exists()
+    assert len(mixed.stderr.strip().splitlines()) == 1
 
 
 def test_compare_models_refuses_a_folder_without_results(tmp_path):

@@ -157,6 +157,32 @@ def test_perturbation_is_clipped_to_valid_pixels():
     assert (get_adversarial_example(np.full((4, 4, 3), 250, np.uint8), r, model) == 255).all()
 
 
+def test_step3_saves_x_plus_r_as_a_png_and_predicts_on_it_read_back(tiny_program, tmp_path, capsys):
+    """Step 3's command line in process on the tiny model file (normalization inside it, so r is in pixel units): the
+    PNG holds the photo moved by r's whole levels, clipped, and New prediction is the model's on that file; an output
+    that is not a PNG is refused before any work."""
+    import step_3_adversarial
+    from utils.models import get_label, predict_images, prepare_image
+    rng = np.random.default_rng(2)
+    photo, r_file, output = tmp_path / "photo.png", tmp_path / "r.npy", tmp_path / "adversarial.png"
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(photo)
+    levels = rng.integers(-20, 21, (3, 32, 32))
+    np.save(r_file, (levels / 255).astype(np.float32)[None])
+    parser = step_3_adversarial.get_args_parser()
+    step_3_adversarial.main(parser.parse_args([str(photo), "--perturbation", str(r_file), "--output", str(output),
+                                               "--model", str(tiny_program), "--device", "cpu"]))
+    model = load_model(str(tiny_program))
+    original = np.asarray(Image.open(photo).convert("RGB"), dtype=int)
+    saved = np.asarray(Image.open(output).convert("RGB"), dtype=int)
+    assert np.array_equal(saved, np.clip(original + levels.transpose(1, 2, 0), 0, 255))
+    before, after = predict_images(model, [prepare_image(photo, model), prepare_image(output, model)])
+    assert capsys.readouterr().out.splitlines() == [f"Old prediction: {get_label(before, model.classes)}",
+                                                    f"New prediction: {get_label(after, model.classes)}"]
+    with pytest.raises(UsageError, match="--output must be a .png"):
+        step_3_adversarial.main(parser.parse_args([str(photo), "--output", str(tmp_path / "adversarial.jpg")]))
+    assert not (tmp_path / "adversarial.jpg").exists()
+
+
 @pytest.mark.parametrize("array, message", [
     (np.zeros((1, 3, 5, 5), np.float32), "shape"),
     (np.zeros((1, 3, 4, 4), np.int64), "float"),

@@ -1,0 +1,286 @@
+"""The benchmarks of bench/, each run in process on tiny inputs (the digits MLP and its four digits, the tiny model
+file, a few photos, tiny n, steps and query budgets), so that make test-fast runs every one of them: what each writes
+or prints is read back and checked against what must hold, its numbers recomputed where they can be. The parts that
+start step 8 in a fresh process run step 8 here instead, by step 8's own command line; torchrun's throughput runs are
+replaced by known rates, so that only their table is checked. bench/attack_speed.py has its run in
+tests/test_speed.py."""
+import csv
+import math
+import re
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import step_8_evaluate
+from bench import certify as bench_certify
+from bench import (evaluate_scaling, robust_accuracy, smoothing_demo, smoothing_photo, smoothing_speed,
+                   square_crosscheck)
+from tests.conftest import REPO, run_main
+from utils.certify.report_smoothing import certified_accuracy_at
+from utils.certify.smoothing import largest_radius, levels_per_value, lower_confidence_bound, radius_from_bound
+from utils.cli import UsageError
+from utils.data import list_photos
+from utils.models import load_model, predict_images, prepare_image
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One torch thread, as the benchmarks run by default (--threads 1, which their mains set): on two cores shared
+    with other work, two threads on these tiny models wait on each other (the reference AutoAttack on the four
+    digits: 0.5 s on one thread, up to 9 s on two). The tests after these get their own count back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def digits(digits_setup):
+    """(folder, model file, model, paths, labels, how many the model gets right) of the four digits."""
+    folder, model_file = digits_setup / "digits", digits_setup / "mlp.pt2"
+    model = load_model(str(model_file))
+    paths, names = list_photos(folder)
+    labels = [int(name.split("/")[0]) for name in names]
+    right = sum(p == label for p, label in zip(predict_images(model, [prepare_image(p, model) for p in paths]), labels))
+    return SimpleNamespace(folder=folder, model_file=model_file, model=model, paths=paths, labels=labels, right=right)
+
+
+def parse(module, *argv):
+    return module.get_args_parser().parse_args([str(arg) for arg in argv])
+
+
+# ---- bench/certify.py ---------------------------------------------------------------------------------------------
+
+def test_certify_counts_each_verdict_once_and_orders_bounds_exact_and_reference(digits, capsys):
+    """At 32 levels (every correctly classified digit falls, so the reference AutoAttack costs milliseconds, not the
+    seconds per image it spends on a robust one): the exact verdicts add up to the images, the misclassified ones are
+    those the model gets wrong, and what the bounds prove <= what the exact verifier proves <= what the reference
+    leaves robust."""
+    bench_certify.main(parse(bench_certify, "--model", digits.model_file, "--folder", digits.folder, "--images", 4,
+                             "--epsilon", 32, "--time-limit", 5))
+    out = capsys.readouterr().out
+    assert re.search(r"^4 images of .*, model mlp\.pt2 \(16 ReLUs\), epsilon 32 levels, 1 thread\(s\)", out, re.M), out
+    exact = re.search(r"exact \(MILP, time limit 5 s\): +([\d.]+) s per image; robust (\d+), not robust (\d+), unknown "
+                      r"(\d+), misclassified (\d+); decided by the bounds (\d+), an attack (\d+), the MILP (\d+)", out)
+    assert exact, out
+    seconds, robust, fooled, unknown, misclassified, *decided = map(float, exact.groups())
+    assert robust + fooled + unknown + misclassified == 4 and misclassified == 4 - digits.right
+    assert sum(decided) == robust + fooled + unknown
+    bounds = int(re.search(r"bounds \(CROWN\): +[\d.]+ s per image; robust (\d+)", out)[1])
+    reference = int(re.search(r"reference AutoAttack \(standard\): +[\d.]+ s per image; robust (\d+)", out)[1])
+    assert bounds <= robust <= reference <= digits.right
+    ratio = float(re.search(r"exact / AutoAttack: time x([\d.]+) \(target: at most x1\)", out)[1])
+    assert math.isfinite(ratio) and ratio >= 0 and seconds >= 0
+
+
+def test_certify_refuses_a_folder_without_labels(digits):
+    flat = sorted(digits.folder.iterdir())[0]  # one class's folder: its photos have no label
+    with pytest.raises(UsageError, match="needs true labels"):
+        bench_certify.main(parse(bench_certify, "--model", digits.model_file, "--folder", flat, "--images", 1))
+
+
+# ---- bench/robust_accuracy.py and bench/evaluate_scaling.py: step 8 in this process --------------------------------
+
+class Step8InProcess:
+    """Stands in for a benchmark's subprocess module: runs the step 8 command line it is given in this process
+    (conftest's run_main) and answers as a finished process would (exit status, stdout, stderr)."""
+
+    def __init__(self):
+        self.commands = []
+
+    def run(self, command, capture_output=True, text=True):
+        assert command[:2] == [sys.executable, str(REPO / "step_8_evaluate.py")], command
+        self.commands.append(command[2:])
+        return run_main(step_8_evaluate, *command[2:])
+
+
+ROW = re.compile(r"^\| (\w+) \| ([\d.]+) \| (\d+) \| ([\d.]+)% \((\d+)\) \| ([\d.]+)% \((\d+)\) \| ([+-]\d+) \| "
+                 r"([\d.]+) \| ([\d.]+) \| x([\d.]+|inf) \|$", re.M)
+
+
+def test_robust_accuracy_puts_step_8_beside_the_reference_one_row_per_norm(digits, monkeypatch, capsys):
+    """Ours is step 8's command line as the benchmark builds it (run here), the reference pyautoattack's, in L-infinity
+    and L2 at budgets that fool every correctly classified digit: per norm a row whose counts are those of the four
+    digits, whose percentages and difference follow from the counts, and whose robust counts are at most the digits
+    the model gets right."""
+    step_8 = Step8InProcess()
+    monkeypatch.setattr(robust_accuracy, "subprocess", step_8)
+    robust_accuracy.main(parse(robust_accuracy, "--model", digits.model_file, "--folder", digits.folder,
+                               "--norm", "Linf,L2", "--epsilons", "32,4"))
+    out = capsys.readouterr().out
+    assert [command[command.index("--norm") + 1:command.index("--norm") + 4] for command in step_8.commands] == \
+        [["Linf", "--epsilons", "32"], ["L2", "--epsilons", "4"]]
+    rows = ROW.findall(out)
+    assert [(norm, epsilon, images) for norm, epsilon, images, *_ in rows] == [("Linf", "32", "4"), ("L2", "4", "4")]
+    for _, _, images, ours_share, ours, reference_share, reference, difference, ours_s, reference_s, _ in rows:
+        ours, reference = int(ours), int(reference)
+        assert 0 <= ours <= digits.right and 0 <= reference <= digits.right
+        assert float(ours_share) == pytest.approx(100 * ours / 4, abs=0.05)
+        assert float(reference_share) == pytest.approx(100 * reference / 4, abs=0.05)
+        assert int(difference) == ours - reference
+        assert float(ours_s) >= 0 and float(reference_s) >= 0
+    assert out.rstrip().endswith("Target: ours at most the reference plus one image, in at most half its time (x0.5).")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--norm", "Linf,L2", "--epsilons", "8,1,2"], "gives 3 budgets for 2 norms"),
+    (["--norm", "Linf", "--epsilons", "300"], r"--epsilons must be in \(0, 255\]"),
+], ids=["budgets per norm", "Linf over 255 levels"])
+def test_robust_accuracy_refuses_budgets_that_do_not_fit(digits, argv, message, capsys):
+    """Refused before anything runs: no table started."""
+    with pytest.raises(UsageError, match=message):
+        robust_accuracy.main(parse(robust_accuracy, "--model", digits.model_file, "--folder", digits.folder, *argv))
+    assert capsys.readouterr().out == ""
+
+
+def test_evaluate_scaling_memory_run_is_step_8_on_every_photo_with_its_peak(tmp_path, monkeypatch, capsys):
+    """The memory child in process: step 8 on three seeded noise photos with a small network; its own timer line
+    (which the throughput runs parse) counts them, results.csv has each, and the peak resident set is printed (here
+    this test process's: what it says about memory growth is the fresh child's business)."""
+    monkeypatch.setattr(step_8_evaluate, "load_model", step_8_evaluate.load_model)  # the child replaces it: undone
+    photos = evaluate_scaling.synthetic_photos(tmp_path / "photos", 3)
+    written = sorted(photos.iterdir())
+    assert [path.name for path in written] == ["00000.png", "00001.png", "00002.png"]
+    assert {Image.open(path).size for path in written} == {(256, 256)}
+    evaluate_scaling.main(parse(evaluate_scaling, "--memory-child", photos, tmp_path / "out"))
+    out = capsys.readouterr().out
+    found = evaluate_scaling.TIMER.search(out)
+    assert found and int(found[1]) == 3 and float(found[2]) > 0, out
+    with open(tmp_path / "out" / "results.csv", newline="") as handle:
+        assert {row["image"] for row in csv.DictReader(handle)} == {path.name for path in written}
+    peak = int(re.search(r"^peak_rss_kib (\d+)$", out, re.M)[1])
+    assert peak > 50 * 1024, "torch alone takes more than 50 MiB"
+
+
+def test_evaluate_scaling_tables_speedups_and_memory_growth_with_verdicts(monkeypatch, capsys):
+    """main with its fresh-process runs replaced by known rates and peaks: each configuration on the photos it
+    wrote, the speedups computed from those rates, and one PASS and one FAIL verdict."""
+    rates = {(1, 2): 1.5, (1, 1): 1.0, (2, 1): 1.8}
+    peaks = {1: 200.0, 2: 240.0}
+
+    def throughput(processes, threads, folder, work, args):
+        assert len(list(folder.glob("*.png"))) == 8 and args.steps == 2
+        return rates[processes, threads]
+
+    monkeypatch.setattr(evaluate_scaling, "throughput", throughput)
+    monkeypatch.setattr(evaluate_scaling, "peak_memory", lambda folder, out: peaks[len(list(folder.glob("*.png")))])
+    evaluate_scaling.main(parse(evaluate_scaling, "--images", 8, "--memory-images", "1,2"))
+    out = capsys.readouterr().out
+    assert "| 1 x 2 | 1.500 | 1.50 | 1.00 |\n| 1 x 1 | 1.000 | 1.00 | 0.67 |\n| 2 x 1 | 1.800 | 1.80 | 1.20 |" in out
+    assert "2 x 1 over 1 x 1: 1.80 (target >= 1.7: PASS); 2 x 1 over 1 x 2: 1.20 (target >= 1.0: PASS)" in out
+    assert "| 1 | 200 |\n| 2 | 240 |" in out
+    assert "2 photos against 1: +20.0% (target within 15%: FAIL)" in out
+
+
+# ---- randomized smoothing: bench/smoothing_demo.py, smoothing_photo.py, smoothing_speed.py -------------------------
+
+def test_smoothing_demo_writes_each_models_rows_the_table_and_the_figure(digits, tmp_path, capsys):
+    """Two models (the MLP and a copy of its file) on the four digits: a certified-NAME.csv of four rows each, equal
+    but for the seconds (same seed), radii that follow from their counts, and a table whose shares are recomputed
+    from the rows, with the cap n = 100 sets."""
+    twin = tmp_path / "twin.pt2"
+    twin.write_bytes(digits.model_file.read_bytes())
+    twin.with_suffix(".classes.txt").write_bytes(digits.model_file.with_suffix(".classes.txt").read_bytes())
+    out = tmp_path / "out"
+    smoothing_demo.main(parse(smoothing_demo, "--folder", digits.folder, "--models", f"{digits.model_file},{twin}",
+                              "--names", "mlp,twin", "--sigma", 0.25, "--n0", 10, "--n", 100, "--batch-size", 100,
+                              "--radii", "0,0.2", "--output-dir", out))
+    tables = {}
+    for name in ("mlp", "twin"):
+        with open(out / f"certified-{name}.csv", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        assert list(rows[0]) == list(smoothing_demo.COLUMNS) and len(rows) == 4
+        for row, label in zip(rows, digits.labels):
+            assert row["label"] == str(label) and row["n"] == "100"
+            p_lower = lower_confidence_bound(int(row["n_a"]), 100, 0.001)
+            if row["verdict"] == "abstain":
+                assert p_lower <= 0.5 and row["radius"] == ""
+            else:
+                assert float(row["radius"]) == pytest.approx(radius_from_bound(p_lower, 0.25))
+                assert (row["verdict"] == "robust") == (row["prediction"] == row["label"])
+        tables[name] = [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+        shares = certified_accuracy_at([0.0, 0.2], rows)
+        cells = " | ".join(f"{share:.0%} ({round(share * 4)}/4)" for share in shares)
+        assert f"| {name} | {cells} |" in (out / "certified_accuracy.md").read_text()
+    assert tables["mlp"] == tables["twin"]
+    assert any(row["verdict"] == "robust" for row in tables["mlp"]), "a certificate to check"
+    cap = largest_radius(100, 0.001, 0.25)
+    assert f"no radius above {cap:.2f} can be certified with n = 100." in (out / "certified_accuracy.md").read_text()
+    assert Image.open(out / "certified_accuracy.png").size[0] > 300
+    assert "| mlp |" in capsys.readouterr().out
+
+
+def test_smoothing_photo_says_each_radius_in_three_units(digits, capsys):
+    """Two digits, n = 100: each line's lower bound and radius follow from its count (Clopper-Pearson, then
+    sigma * Phi^-1), the radius is at most the cap n sets, and its levels per value are the radius spread evenly."""
+    sigma, n = 0.25, 100
+    smoothing_photo.main(parse(smoothing_photo, *digits.paths[:2], "--model", digits.model_file, "--sigma", sigma,
+                               "--n0", 10, "--n", n))
+    out = capsys.readouterr().out
+    cap = largest_radius(n, 0.001, sigma)
+    assert f"(no radius above {cap:.3f} can be certified with this n):" in out.splitlines()[0]
+    lines = out.splitlines()[1:]
+    assert len(lines) == 2
+    said = 0
+    for line, path in zip(lines, digits.paths[:2]):
+        assert line.startswith(f"  {path.name}: ")
+        found = re.search(r"in (\d+) of 100 noisy copies \(lower bound ([\d.]+)\): certified L2 radius ([\d.]+), "
+                          r"([\d.]+) levels of 255 per value spread evenly over 3x32x32", line)
+        if found is None:
+            assert "abstains" in line
+            continue
+        n_a, p_lower, radius, levels = int(found[1]), float(found[2]), float(found[3]), float(found[4])
+        assert p_lower == pytest.approx(lower_confidence_bound(n_a, n, 0.001), abs=1e-4)
+        assert radius == pytest.approx(radius_from_bound(lower_confidence_bound(n_a, n, 0.001), sigma), abs=1e-3)
+        assert 0 < radius <= round(cap, 3) and levels == pytest.approx(levels_per_value(radius, (32, 32, 3)), abs=2e-3)
+        said += 1
+    assert said, "a radius to check"
+
+
+def test_smoothing_speed_times_each_batch_size_and_names_the_fastest(digits, capsys):
+    """n = 200 at batch sizes 50 and 100, one repeat: a line per batch size with a positive finite ratio, and the
+    fastest named is the one with the most samples per second, its ratio and verdict against x1.1 as on its line."""
+    smoothing_speed.main(parse(smoothing_speed, "--model", digits.model_file, "--image", digits.paths[0], "--n", 200,
+                               "--batch-sizes", "50,100", "--repeats", 1))
+    out = capsys.readouterr().out
+    lines = re.findall(r"^  batch +(\d+): forward +([\d.]+) images/s, smoothing +([\d.]+) samples/s = ([\d.]+) images/s "
+                       r"at n = 200; x([\d.]+) of n forward passes$", out, re.M)
+    assert [int(line[0]) for line in lines] == [50, 100], out
+    ratios = {int(batch): float(ratio) for batch, *_, ratio in lines}
+    assert all(math.isfinite(ratio) and ratio > 0 for ratio in ratios.values())
+    fastest = re.search(r"^fastest: batch (\d+), x([\d.]+) of n forward passes \((within|over) the x1\.1 target\)",
+                        out, re.M)
+    assert fastest, out
+    batch = int(fastest[1])
+    assert batch == int(max(lines, key=lambda line: float(line[2]))[0]), "the most samples per second"
+    assert float(fastest[2]) == ratios[batch] and (fastest[3] == "within") == (ratios[batch] <= 1.1)
+
+
+# ---- bench/square_crosscheck.py -----------------------------------------------------------------------------------
+
+def test_square_crosscheck_tables_each_seed_and_the_totals(tiny_program, tmp_path, capsys):
+    """The three Square attacks on the sample photos with the tiny model file, 10 queries, 2 seeds (each result is
+    checked against the budget after rounding on the way): per seed a count of photos fooled per implementation, per
+    budget their totals, and the verdict line that follows from them, in the Markdown file as on stdout."""
+    pytest.importorskip("torchattacks")
+    pytest.importorskip("pyautoattack")
+    output = tmp_path / "square.md"
+    square_crosscheck.main(parse(square_crosscheck, "--model", tiny_program, "--queries", 10, "--seeds", 2,
+                                 "--device", "cpu", "--output", output))
+    out = capsys.readouterr().out
+    assert output.read_text() == "```\n" + out + "```\n"
+    photos = len(square_crosscheck.sample_paths())
+    per_seed = re.findall(r"^ +10 +(\d) +" + r" +".join([rf"(\d+)/{photos}"] * 3) + "$", out, re.M)
+    assert [int(seed) for seed, *_ in per_seed] == [0, 1], out
+    counts = np.array([[int(count) for count in counts] for _, *counts in per_seed])
+    assert ((0 <= counts) & (counts <= photos)).all()
+    total = re.search(r"^ +10 +total +" + r" +".join([rf"(\d+)/{2 * photos}"] * 3) + "$", out, re.M)
+    assert total and [int(count) for count in total.groups()] == counts.sum(axis=0).tolist(), out
+    ours, torchattacks, reference = counts.sum(axis=0)
+    verdict = "meets" if ours >= torchattacks and ours >= reference else "misses"
+    assert f"10 queries: ours {ours}, torchattacks {torchattacks}, reference {reference} of {2 * photos} " \
+           f"({verdict} ours >= each peer)" in out
