@@ -110,8 +110,10 @@ def project_l2(delta, original, epsilon):
 
 
 def _rows(values, chosen):
-    """values[chosen] (a copy), or `values` itself when every row is chosen (no copy of a large batch)."""
-    return values if bool(chosen.all()) else values[chosen]
+    """values[chosen] (a copy), or `values` itself when every row is chosen (no copy of a large batch); `chosen` is
+    a row mask, or increasing row indices."""
+    every = bool(chosen.all()) if chosen.dtype == torch.bool else len(chosen) == len(values)
+    return values if every else values[chosen]
 
 
 def _l1_threshold(a, b, total, epsilon):
@@ -234,8 +236,8 @@ def crossing_value(keys, weights, needed):
     k = int(min(width, max(256, float((2 * needed / mean.clamp_min(1e-300)).max()))))
     todo = torch.arange(len(keys), device=keys.device)
     while len(todo):
-        top, index = _rows_at(keys, todo).topk(k, dim=1)
-        summed = _rows_at(weights, todo).gather(1, index).cumsum(dim=1, dtype=torch.float64)
+        top, index = _rows(keys, todo).topk(k, dim=1)
+        summed = _rows(weights, todo).gather(1, index).cumsum(dim=1, dtype=torch.float64)
         goal = needed[todo].view(-1, 1)
         reached = summed[:, -1] >= goal[:, 0]
         first = (summed >= goal).int().argmax(dim=1, keepdim=True)
@@ -244,8 +246,3 @@ def crossing_value(keys, weights, needed):
             break  # the rows left never reach it: -inf
         todo, k = todo[~reached], min(width, 2 * k)
     return value
-
-
-def _rows_at(values, rows):
-    """values[rows], without a copy when `rows` is every row in order."""
-    return values if len(rows) == len(values) else values[rows]
