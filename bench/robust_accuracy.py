@@ -1,14 +1,16 @@
 """Our robust accuracy and its cost beside the reference AutoAttack's, on the same images and model, in one run.
 
     python bench/robust_accuracy.py [--model outputs/robust-demo/adversarial.pt2] [--folder digits/test]
-                                    [--norm Linf,L2,L1] [--epsilons 32,2,12] [--threads 1]
+                                    [--norm Linf,L2,L1] [--epsilons 32,2,12] [--batch-size 64] [--threads 1]
 
 Per norm, one row. Ours: step 8 as a user runs it (a fresh process: its start-up counts against us), with --norm and
 its default ensemble there (AutoAttack's standard attacks that have a version in the norm: apgd, apgd-t, fab, square
 in L-infinity; no square in L1 here; AutoAttack's flow, early stop, on the 8-bit lattice), judged on the PNGs
 it writes. The reference: pyautoattack's standard version in that norm (APGD-CE, APGD-T, FAB-T, Square; its L1
 settings in L1) in this process, judged on its adversarial images put on the 8-bit lattice inside the ball. Both on
-the same folder (an ImageFolder with true labels), model and epsilon; wall time of each. The target: ours at most the
+the same folder (an ImageFolder with true labels), model, epsilon and batch size (--batch-size: step 8's, and the
+reference's `run_standard_evaluation(..., bs)`; a score-based attack's cost per query is mostly fixed per batch, so
+the two are timed on the same batches); wall time of each. The target: ours at most the
 reference's robust accuracy plus one image, in at most half its time. `make robust-demo` makes the default model and
 folder. Epsilon: levels out of 255 in Linf, the norm of the whole perturbation in [0, 1] units in L2 and L1.
 """
@@ -25,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from step_2_pretrained import load_model, prepare_image, to_tensor  # noqa: E402
 from utils.attacks import NORMS  # noqa: E402
-from utils.cli import ArgumentParser, UsageError, listed, one_of, run  # noqa: E402
+from utils.cli import ArgumentParser, UsageError, listed, number_in, one_of, run  # noqa: E402
 from utils.flags import add_benchmark_arguments, positive_number  # noqa: E402
 from utils.threat import check_epsilon  # noqa: E402
 from utils.data import list_photos  # noqa: E402
@@ -38,7 +40,8 @@ DEFAULT_EPSILONS = {"Linf": 32.0, "L2": 2.0, "L1": 12.0}
 def run_ours(args, norm, epsilon, out):
     """Step 8's ensemble in a fresh process: (robust images, images, wall seconds)."""
     command = [sys.executable, str(ROOT / "step_8_evaluate.py"), args.folder, "--model", args.model, "--norm", norm,
-               "--epsilons", f"{epsilon:g}", "--threads", str(args.threads), "--output-dir", str(out)]
+               "--epsilons", f"{epsilon:g}", "--batch-size", str(args.batch_size), "--threads", str(args.threads),
+               "--output-dir", str(out)]
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - started
@@ -56,7 +59,7 @@ def run_reference(args, norm, epsilon):
     images = to_tensor([prepare_image(path, model) for path in paths])
     labels = torch.tensor([model.classes.index(name.split("/")[0]) for name in names])
     started = time.perf_counter()
-    robust, _ = reference_autoattack(model, images, labels, epsilon, norm=norm)
+    robust, _ = reference_autoattack(model, images, labels, epsilon, batch_size=args.batch_size, norm=norm)
     return robust, len(paths), time.perf_counter() - started
 
 
@@ -72,8 +75,8 @@ def main(args):
     for norm, epsilon in zip(args.norm, epsilons):
         check_epsilon(epsilon, norm, name="--epsilons")
     torch.set_num_threads(args.threads)
-    print(f"{Path(args.folder)}, model {Path(args.model).name}, {args.threads} thread(s); epsilon in levels out of 255 "
-          "(Linf), in [0, 1] pixel units (L2, L1):\n")
+    print(f"{Path(args.folder)}, model {Path(args.model).name}, batches of {args.batch_size}, {args.threads} thread(s); "
+          "epsilon in levels out of 255 (Linf), in [0, 1] pixel units (L2, L1):\n")
     print("| norm | epsilon | images | ours: robust accuracy | reference AutoAttack | ours - reference | ours (s) | "
           "reference (s) | time ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -95,6 +98,8 @@ def get_args_parser():
     parser.add_argument("--epsilons", "--epsilon", type=listed(positive_number("--epsilons"), "--epsilons"), default=None,
                         help="one budget per norm, in its units, or several for one norm (default: Linf 32 levels, "
                              "L2 2, L1 12)")
+    parser.add_argument("--batch-size", type=number_in(1, 4096, int, name="--batch-size"), default=64,
+                        help="images per batch, ours and the reference's alike (default: %(default)s)")
     return parser
 
 

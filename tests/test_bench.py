@@ -8,6 +8,7 @@ import csv
 import math
 import re
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -109,11 +110,17 @@ def test_robust_accuracy_puts_step_8_beside_the_reference_one_row_per_norm(digit
     the model gets right."""
     step_8 = Step8InProcess()
     monkeypatch.setattr(robust_accuracy, "subprocess", step_8)
+    batches = []
+    real_reference = robust_accuracy.reference_autoattack
+    monkeypatch.setattr(robust_accuracy, "reference_autoattack", lambda *args, batch_size, **kwargs: (
+        batches.append(batch_size), real_reference(*args, batch_size=batch_size, **kwargs))[1])
     robust_accuracy.main(parse(robust_accuracy, "--model", digits.model_file, "--folder", digits.folder,
-                               "--norm", "Linf,L2", "--epsilons", "32,4"))
+                               "--norm", "Linf,L2", "--epsilons", "32,4", "--batch-size", "3"))
     out = capsys.readouterr().out
-    assert [command[command.index("--norm") + 1:command.index("--norm") + 4] for command in step_8.commands] == \
-        [["Linf", "--epsilons", "32"], ["L2", "--epsilons", "4"]]
+    assert [command[command.index("--norm") + 1:command.index("--norm") + 6] for command in step_8.commands] == \
+        [["Linf", "--epsilons", "32", "--batch-size", "3"], ["L2", "--epsilons", "4", "--batch-size", "3"]]
+    assert batches == [3, 3]  # the reference on the same batches as ours
+    assert out.startswith(f"{digits.folder}, model {Path(digits.model_file).name}, batches of 3, 1 thread(s);")
     rows = ROW.findall(out)
     assert [(norm, epsilon, images) for norm, epsilon, images, *_ in rows] == [("Linf", "32", "4"), ("L2", "4", "4")]
     for _, _, images, ours_share, ours, reference_share, reference, difference, ours_s, reference_s, _ in rows:
