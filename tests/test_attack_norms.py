@@ -229,6 +229,29 @@ def test_the_crossing_value_is_the_sorted_one():
         assert ours[row] == expected, row
 
 
+@pytest.mark.parametrize("ties", [False, True], ids=["one key at the cut: no running sum", "many ties"])
+def test_the_fill_takes_the_largest_keys_first_ties_in_index_order(ties):
+    """What lattice_within moves back and FAB's L1 step fills: the rule written out with one stable sort per row (a
+    coordinate is taken while the weights ahead of it in that order are under what is needed), in both of the
+    helper's paths."""
+    generator = torch.Generator().manual_seed(8)
+    keys = torch.randn(4, 3000, generator=generator, dtype=torch.float64)
+    if ties:
+        keys = (keys * 4).round()
+    weights = torch.rand(4, 3000, generator=generator, dtype=torch.float64)
+    needed = torch.tensor([0.5, 30.0, 600.0, 1e9], dtype=torch.float64)  # the last one is never reached
+    fill = norms.fill_largest_first(keys, weights, needed)
+    assert (fill.before.dim() == 0) == (not ties), "the running sum only where a row has two keys at its cut"
+    taken = fill.above | (fill.tied & (fill.before < fill.left))
+    for row in range(4):
+        order = keys[row].argsort(descending=True, stable=True)
+        ahead = weights[row][order].cumsum(0) - weights[row][order]
+        expected = torch.zeros(3000, dtype=torch.bool)
+        expected[order] = ahead < needed[row]
+        assert torch.equal(taken[row], expected), row
+        assert bool(fill.reached[row]) == bool(weights[row].sum() >= needed[row]), row
+
+
 @pytest.mark.parametrize("norm", NORMS)
 def test_fabs_hyperplane_projection_is_the_smallest_step(norm):
     rng = np.random.default_rng(2)

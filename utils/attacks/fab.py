@@ -7,17 +7,11 @@ from utils.attacks.base import Attack, AttackResult, OverTopTargets
 
 def _fill_largest_first(weight, room, goal):
     """The fractional knapsack of FAB's L1 step: per row, m_i in [0, room_i] with sum weight_i m_i = goal, filling
-    the coordinates in decreasing order of weight (ties in index order), the last one partly. Only the weight where
-    the filling ends is looked for (norms.crossing_value); every coordinate above it is full, those at it fill in
-    index order."""
-    capacity = weight * room
-    value = norms.crossing_value(weight, capacity, goal).to(weight.dtype).view(-1, 1)
-    above = weight > value
-    left = goal.view(-1, 1) - torch.where(above, capacity, 0).sum(dim=1, keepdim=True, dtype=torch.float64)
-    tied = torch.where(weight == value, capacity, 0)
-    before = tied.cumsum(dim=1, dtype=torch.float64) - tied
-    part = ((left - before) / weight.clamp_min(1e-30)).clamp(min=0).to(weight.dtype)
-    return torch.where(above, room, torch.where((weight == value) & (before < left), torch.minimum(part, room), 0))
+    the coordinates in decreasing order of weight (ties in index order), the last one partly (norms.fill_largest_first:
+    every coordinate above the weight where the filling ends is full, those at it fill in index order)."""
+    fill = norms.fill_largest_first(weight, weight * room, goal)
+    part = ((fill.left - fill.before) / weight.clamp_min(1e-30)).clamp(min=0).to(weight.dtype)
+    return torch.where(fill.above, room, torch.where(fill.tied & (fill.before < fill.left), torch.minimum(part, room), 0))
 
 
 def hyperplane_step(point, normal, offset, norm):

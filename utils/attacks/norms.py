@@ -9,6 +9,8 @@ closed form on the piece that holds it. The piece is found without sorting the w
 (Newton from below on a concave function ends on it; the sparse L1 answer needs only its largest coordinates sorted),
 by sorting its breakpoints otherwise.
 """
+from typing import NamedTuple
+
 import torch
 
 NORMS = ("Linf", "L2", "L1")
@@ -189,40 +191,69 @@ def lattice_within(original_levels, delta, norm, budget):
     over the budget, the coordinates rounded furthest away from the original (largest |rounded| - |delta * 255|, ties
     in index order) moved one level back towards it, the fewest such moves in that order that bring the image inside.
 
-    Exact and deterministic: the excess value where the moves suffice is read off the largest excesses only (a
-    partial sort that grows until it holds that value), then every coordinate above it moves and, of those at it, the
-    first in index order that suffice; levels are whole numbers, exact in any float type, and sums are taken in
+    Exact and deterministic (fill_largest_first): the excess value where the moves suffice is read off the largest
+    excesses only (a partial sort that grows until it holds that value), then every coordinate above it moves and, of
+    those at it, the first in index order that suffice; levels are whole numbers, exact in any float type, and sums are taken in
     float64. Never over the budget: moving every coordinate
     that was rounded away back gives |steps_i| <= |delta_i * 255| for all i, which is inside whenever delta is (and
     the order continues over the other coordinates, down to the original itself, so an image is inside even when
     delta was over by float noise). On the lattice and in [0, 255] by construction: a move goes one whole level
     towards the original."""
-    target = delta.detach().flatten(1).double().mul_(255).to(delta.dtype)  # |delta| * 255 to the nearest float
+    # the nearest float to delta * 255: a float multiply rounds the exact product once, as a float64 one then
+    # rounded back would (the product of a float and 255 is exact in float64)
+    target = delta.detach().flatten(1).mul(255)
     base = original_levels.flatten(1).to(delta.dtype)
     steps = target.round().add_(base).clamp_(0, 255).sub_(base)  # whole levels: exact in any float type
     limit = budget if norm == "L1" else budget ** 2
+    sizes = (steps.abs() if norm == "L1" else steps.square()).sum(dim=1, dtype=torch.float64)
     while True:  # one pass suffices unless delta itself was over by float noise; each pass moves every image still over
-        sizes = (steps.abs() if norm == "L1" else steps.square()).sum(dim=1, dtype=torch.float64)
         over = sizes > limit
         if not bool(over.any()):
             break
         moved = _rows(steps, over)
-        excess = torch.where(moved != 0, moved.abs().sub_(_rows(target, over).abs()), float("-inf"))
+        magnitude = moved.abs()
+        excess = torch.where(magnitude > 0, magnitude - _rows(target, over).abs(), float("-inf"))
         # what one level back towards the original saves: 1 in L1, |s|^2 - (|s| - 1)^2 in squared L2
-        gain = (moved != 0).to(moved.dtype) if norm == "L1" else moved.abs().mul_(2).sub_(1).clamp_min_(0)
+        gain = (magnitude > 0).to(moved.dtype) if norm == "L1" else magnitude.mul_(2).sub_(1).clamp_min_(0)
         needed = _rows(sizes, over) - limit
-        threshold = crossing_value(excess, gain, needed).to(excess.dtype).view(-1, 1)
-        above = excess > threshold
-        left = needed - torch.where(above, gain, 0).sum(dim=1, dtype=torch.float64)
-        tied = torch.where(excess == threshold, gain, 0)
-        take = above.logical_or_((tied > 0) & (tied.cumsum(dim=1, dtype=torch.float64).sub_(tied) < left.view(-1, 1)))
-        back = moved - take.to(moved.dtype) * moved.sign()
+        fill = fill_largest_first(excess, gain, needed)
+        take = fill.above.logical_or_(fill.tied & (gain > 0) & (fill.before < fill.left))
+        back = torch.where(take, moved - moved.sign(), moved)
         if len(back) == len(steps):
             steps = back
         else:
             steps[over] = back
+        if bool(fill.reached.all()):
+            break  # sizes are sums of whole numbers, exact in float64: the moves took at least what each image needed
         target = steps  # a further pass (float noise only) starts from here: no coordinate is rounded away any more
+        sizes = (steps.abs() if norm == "L1" else steps.square()).sum(dim=1, dtype=torch.float64)
     return (base + steps).to(original_levels.dtype).view_as(original_levels)
+
+
+class Fill(NamedTuple):
+    """Which coordinates a fill in decreasing order of key takes (fill_largest_first)."""
+    above: torch.Tensor    # (B, n) bool: keys over the crossing value, all taken whole
+    tied: torch.Tensor     # (B, n) bool: keys at it, taken in index order while before < left
+    before: torch.Tensor   # (B, n) float64, the tied weights ahead of each in index order (0-d zero: no row has two)
+    left: torch.Tensor     # (B, 1) float64: what `above` leaves of the goal
+    reached: torch.Tensor  # (B,) bool: the weights reach the goal at all (else everything is `above` or weightless)
+
+
+def fill_largest_first(keys, weights, needed):
+    """Per row, the coordinates a fill takes in decreasing order of key, ties in index order, until their weights
+    (>= 0) reach `needed` (B,): those above the crossing value (crossing_value) whole, then those at it while the
+    tied weights ahead of them are under what is left. The ties' running sum is a pass over the row, skipped when no
+    row has two (the common case with real-valued keys: the one tie takes what is left)."""
+    value = crossing_value(keys, weights, needed).to(keys.dtype).view(-1, 1)
+    above = keys > value
+    left = needed.view(-1, 1) - torch.where(above, weights, 0).sum(dim=1, keepdim=True, dtype=torch.float64)
+    tied = keys == value
+    if int(tied.sum(dim=1).max()) <= 1:
+        before = torch.zeros((), dtype=torch.float64, device=keys.device)
+    else:
+        at = torch.where(tied, weights, 0)
+        before = at.cumsum(dim=1, dtype=torch.float64).sub_(at)
+    return Fill(above, tied, before, left, value.view(-1) > float("-inf"))
 
 
 def crossing_value(keys, weights, needed):
@@ -233,7 +264,7 @@ def crossing_value(keys, weights, needed):
     width = keys.shape[1]
     value = torch.full((len(keys),), float("-inf"), dtype=torch.float64, device=keys.device)
     mean = weights.sum(dim=1, dtype=torch.float64) / (weights > 0).sum(dim=1).clamp_min(1)
-    k = int(min(width, max(256, float((2 * needed / mean.clamp_min(1e-300)).max()))))
+    k = int(min(width, max(32, float((2 * needed / mean.clamp_min(1e-300)).max()))))
     todo = torch.arange(len(keys), device=keys.device)
     while len(todo):
         top, index = _rows(keys, todo).topk(k, dim=1)
