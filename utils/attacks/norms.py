@@ -217,7 +217,8 @@ def lattice_within(original_levels, delta, norm, budget):
         gain = (magnitude > 0).to(moved.dtype) if norm == "L1" else magnitude.mul_(2).sub_(1).clamp_min_(0)
         needed = _rows(sizes, over) - limit
         fill = fill_largest_first(excess, gain, needed)
-        take = fill.above.logical_or_(fill.tied & (gain > 0) & (fill.before < fill.left))
+        # a coordinate already at the original may be taken (the never-reached case, keys at -inf): it does not move
+        take = fill.above.logical_or_(fill.tied & (fill.before < fill.left))
         back = torch.where(take, moved - moved.sign(), moved)
         if len(back) == len(steps):
             steps = back

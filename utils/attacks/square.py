@@ -102,16 +102,10 @@ def _square_pattern(side):
     return pattern / pattern.norm()
 
 
-def place(patterns, top, left, height, width):
-    """Each image's (s, s) pattern of `patterns` (B, s, s) put at its corner (top, left) (B,) of an (H, W) field,
-    zero outside: (B, 1, H, W)."""
-    side = patterns.shape[-1]
-    rows = torch.arange(height, device=patterns.device).view(1, -1) - top.view(-1, 1)     # (B, H)
-    columns = torch.arange(width, device=patterns.device).view(1, -1) - left.view(-1, 1)  # (B, W)
-    inside = ((rows >= 0) & (rows < side)).unsqueeze(2) & ((columns >= 0) & (columns < side)).unsqueeze(1)
-    batch = torch.arange(len(patterns), device=patterns.device).view(-1, 1, 1)
-    field = patterns[batch, rows.clamp(0, side - 1).unsqueeze(2), columns.clamp(0, side - 1).unsqueeze(1)]
-    return (field * inside).unsqueeze(1), inside.unsqueeze(1)
+def windows(field, side):
+    """Every side x side window of `field` (B, C, H, W) as a view (B, C, H - side + 1, W - side + 1, side, side):
+    indexed at each image's corner, [rows, :, top, left], it reads or writes only that image's window."""
+    return field.unfold(2, side, 1).unfold(3, side, 1)
 
 
 class Square(Attack):
@@ -174,16 +168,7 @@ class Square(Attack):
             top = (top[todo] * (height - side + 1)).long()
             left = (left[todo] * (width - side + 1)).long()
             candidate = self.square_step(best[todo], up[todo], down[todo], top, left, side, combos, order[todo])
-            new_loss, new_success, new_logits = self.judge(candidate / 255, labels[todo])
-            # a lower loss moves on, but never away from success; reaching the goal is always kept. "Lower" means by
-            # more than float noise: a window the model does not feel gives the same loss up to the last bits, and
-            # those bits depend on the batch's size, so a strict < would make an image's path depend on its batch
-            lower = new_loss < loss[todo] - SQUARE_TOLERANCE * loss[todo].abs().clamp_min(1)
-            accept = (lower & (new_success | ~success[todo])) | (new_success & ~success[todo])
-            best[todo] = torch.where(accept.view(-1, 1, 1, 1), candidate, best[todo])
-            loss[todo] = torch.where(accept, new_loss, loss[todo])
-            logits[todo] = torch.where(accept.view(-1, 1), new_logits, logits[todo])
-            success[todo] = torch.where(accept, new_success, success[todo])
+            self.accept((best, loss, success, logits), todo, (candidate,), self.judge(candidate / 255, labels[todo]))
             used[todo] += 1
             if self.early_stop:
                 active &= ~success
@@ -196,10 +181,7 @@ class Square(Attack):
         (the first one if none can). Only the windows are read and written: a view of every window of the batch,
         indexed at each image's corner, so a small window costs little whatever the image's size."""
         rows = torch.arange(len(best), device=best.device)
-
-        def windows(levels):  # (B, C, s, s): each image's window, a gather from the view (B, C, corners, corners, s, s)
-            return levels.unfold(2, side, 1).unfold(3, side, 1)[rows, :, top, left]
-        current, raised, lowered = windows(best), windows(up), windows(down)
+        current, raised, lowered = (windows(levels, side)[rows, :, top, left] for levels in (best, up, down))
         # per image and channel, whether each sign changes any pixel of the window; a pattern changes the image when
         # one of its channels does
         changes_up = (raised != current).flatten(2).any(dim=2)  # (B, C)
@@ -208,29 +190,33 @@ class Square(Attack):
         first = changes.gather(1, order).int().argmax(dim=1, keepdim=True)
         signs = combos[order.gather(1, first).view(-1)].view(len(best), -1, 1, 1)  # (B, C, 1, 1)
         candidate = best.clone()
-        candidate.unfold(2, side, 1).unfold(3, side, 1)[rows, :, top, left] = torch.where(signs > 0, raised, lowered)
+        windows(candidate, side)[rows, :, top, left] = torch.where(signs > 0, raised, lowered)
         return candidate
 
     # ---- L2 ---------------------------------------------------------------------------------------------------
 
-    def accept(self, state, todo, candidate, levels, judged):
-        """Keep each candidate of `todo` (indices, or a slice for every image) whose loss is lower (never away from
-        success) or that reaches the goal."""
+    @staticmethod
+    def accept(state, todo, candidates, judged):
+        """Keep each candidate of `todo` (indices, or a slice for every image) whose loss is lower, never away from
+        success, or that reaches the goal: `state` is (images..., loss, success, logits), updated in place in the
+        rows kept, `candidates` the new images (one per image of the state) and `judged` their (loss, success,
+        logits). "Lower" means by more than float noise: a window the model does not feel gives the same loss up to
+        the last bits, and those bits depend on the batch's size, so a strict < would make an image's path depend on
+        its batch."""
         new_loss, new_success, new_logits = judged
-        best, lattice, loss, success, logits = state
+        *images, loss, success, logits = state
         lower = new_loss < loss[todo] - SQUARE_TOLERANCE * loss[todo].abs().clamp_min(1)
-        keep = (lower & (new_success | ~success[todo])) | (new_success & ~success[todo])
-        best[todo] = torch.where(keep.view(-1, 1, 1, 1), candidate, best[todo])
-        lattice[todo] = torch.where(keep.view(-1, 1, 1, 1), levels, lattice[todo])
-        loss[todo] = torch.where(keep, new_loss, loss[todo])
-        logits[todo] = torch.where(keep.view(-1, 1), new_logits, logits[todo])
-        success[todo] = torch.where(keep, new_success, success[todo])
+        keep = ((lower & (new_success | ~success[todo])) | (new_success & ~success[todo])).nonzero().view(-1)
+        rows = keep if isinstance(todo, slice) else todo[keep]  # a few images per query: copy those rows only
+        for image, candidate in zip(images, candidates):
+            image[rows] = candidate[keep]
+        loss[rows], success[rows], logits[rows] = new_loss[keep], new_success[keep], new_logits[keep]
 
     def to_ball(self, original, original_levels, delta):
         """original + delta scaled to L2 norm epsilon, clipped to [0, 1] (the reference's step), and its 8-bit image
         inside the ball (norms.lattice_within)."""
         scale = self.eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12)
-        image = (original + delta * scale.view(-1, 1, 1, 1)).clamp_(0, 1)
+        image = torch.addcmul(original, delta, scale.view(-1, 1, 1, 1)).clamp_(0, 1)
         return image, norms.lattice_within(original_levels, image - original, "L2", self.levels).div_(255)
 
     def run_l2(self, original, labels, restart, ids):
@@ -278,18 +264,24 @@ class Square(Attack):
             shape = square_pattern(side).to(device)
             shape = torch.where(drawn[:, 4].view(-1, 1, 1) > 0.5, shape.t(), shape.expand(len(drawn), side, side))
             signs = torch.where(drawn[:, 5:] > 0.5, 1.0, -1.0).float().view(-1, channels, 1, 1)
-            fresh, first = place(shape, corner[0], corner[1], height, width)
-            _, second = place(shape, corner[2], corner[3], height, width)
-            current = best[todo] - original[todo]
-            in_first = (current * first).pow(2).sum(dim=(2, 3), keepdim=True).sqrt()            # (B, C, 1, 1)
-            in_both = (current * (first | second)).pow(2).sum(dim=(2, 3), keepdim=True).sqrt()
-            whole = current.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-            moved = fresh * signs + current * first / (in_first + 1e-12)
-            moved = moved / (moved.pow(2).sum(dim=(2, 3), keepdim=True).sqrt() + 1e-12)
-            moved = moved * ((self.eps ** 2 - whole ** 2).clamp_min(0) / channels + in_both ** 2).sqrt()
-            delta = torch.where(first, moved, torch.where(second, 0.0, current))
+            # the reference's step, on the two windows only: the first gets the pattern plus its own mass, rescaled
+            # to hold the first's and the second's mass (and what the whole lacks of epsilon), the second loses its
+            # mass; norms per channel, the union's as the first's plus what the second holds outside the first
+            delta = best[todo] - original[todo]
+            whole = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            rows = torch.arange(len(delta), device=device)
+            field = windows(delta, side)
+            first = field[rows, :, corner[0], corner[1]]                                       # (B, C, s, s)
+            in_first = first.square().sum(dim=(2, 3), keepdim=True)                            # squared, (B, C, 1, 1)
+            field[rows, :, corner[0], corner[1]] = 0
+            in_both = in_first + field[rows, :, corner[2], corner[3]].square().sum(dim=(2, 3), keepdim=True)
+            field[rows, :, corner[2], corner[3]] = 0
+            moved = shape.unsqueeze(1) * signs + first / (in_first.sqrt() + 1e-12)
+            moved = moved / (moved.square().sum(dim=(2, 3), keepdim=True).sqrt() + 1e-12)
+            field[rows, :, corner[0], corner[1]] = moved * ((self.eps ** 2 - whole ** 2).clamp_min(0) / channels +
+                                                            in_both).sqrt()
             candidate, levels = self.to_ball(original[todo], original_levels[todo], delta)
-            self.accept(state, todo, candidate, levels, self.judge(levels, labels[todo]))
+            self.accept(state, todo, (candidate, levels), self.judge(levels, labels[todo]))
             used[todo] += 1
             if self.early_stop:
                 active &= ~success
