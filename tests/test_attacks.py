@@ -10,6 +10,7 @@ from utils.models import predict
 from tests.conftest import make_tiny_model
 from utils.attacks import (APGD, ATTACKS, AttackResult, SGD, SquareDraws, apgd_checkpoints, dlr, make_attack,
                            perturbation_size, square_fraction, square_side)
+from utils.attacks.square import move_mass, square_pattern
 
 METHODS = sorted(ATTACKS)
 TARGET = 1
@@ -427,6 +428,42 @@ def test_square_windows_differ_between_images_of_a_batch(tiny_model, tiny_images
     windows = SquareDraws(0, 0, torch.arange(4), 3, 8)
     tops, lefts, _ = windows.window(0)
     assert len(set(zip(tops.tolist(), lefts.tolist()))) == 4
+
+
+def test_square_l2_moves_mass_as_the_references_masked_step():
+    """The L2 query on two windows only equals the reference's step written over whole images with masks (pyautoattack's
+    square.py, L2: the first window gets the pattern plus its own mass, rescaled per channel to the mass of both
+    windows plus a share of what the whole lacks of epsilon; the second window is zeroed), overlapping windows
+    included, up to float rounding."""
+    generator = torch.Generator().manual_seed(3)
+    batch, channels, height, width, side, epsilon = 6, 3, 12, 12, 5, 3.0
+    delta = torch.randn(batch, channels, height, width, generator=generator)
+    delta *= 0.8 * epsilon / delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)  # inside: the whole lacks some epsilon
+    corner = [torch.randint(0, height - side + 1, (batch,), generator=generator) for _ in range(4)]
+    corner[0][:2], corner[1][:2] = 2, 3
+    corner[2][:2], corner[3][:2] = corner[0][:2] + 1, corner[1][:2] + 2  # two pairs that overlap
+    shape = torch.where(torch.rand(batch, 1, 1, generator=generator) > 0.5, square_pattern(side).t(), square_pattern(side))
+    signs = torch.where(torch.rand(batch, channels, 1, 1, generator=generator) > 0.5, 1.0, -1.0)
+
+    def mask(top, left):
+        field = torch.zeros(batch, 1, height, width, dtype=torch.bool)
+        for row in range(batch):
+            field[row, :, top[row]:top[row] + side, left[row]:left[row] + side] = True
+        return field
+    first, second = mask(corner[0], corner[1]), mask(corner[2], corner[3])
+    fresh = torch.zeros(batch, 1, height, width)
+    for row in range(batch):
+        fresh[row, :, corner[0][row]:corner[0][row] + side, corner[1][row]:corner[1][row] + side] = shape[row]
+    in_first = (delta * first).pow(2).sum(dim=(2, 3), keepdim=True).sqrt()
+    in_both = (delta * (first | second)).pow(2).sum(dim=(2, 3), keepdim=True).sqrt()
+    whole = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    moved = fresh * signs + delta * first / (in_first + 1e-12)
+    moved = moved / (moved.pow(2).sum(dim=(2, 3), keepdim=True).sqrt() + 1e-12)
+    moved = moved * ((epsilon ** 2 - whole ** 2).clamp_min(0) / channels + in_both ** 2).sqrt()
+    expected = torch.where(first, moved, torch.where(second, 0.0, delta))
+    ours = move_mass(delta.clone(), shape, signs, corner, side, epsilon)
+    assert torch.allclose(ours, expected, atol=1e-6)
+    assert torch.allclose(ours.flatten(1).norm(dim=1), torch.full((batch,), epsilon), rtol=1e-5)  # back at epsilon
 
 
 def test_square_seed_changes_the_draws(tiny_model, tiny_images):

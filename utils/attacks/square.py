@@ -108,6 +108,27 @@ def windows(field, side):
     return field.unfold(2, side, 1).unfold(3, side, 1)
 
 
+def move_mass(delta, shape, signs, corner, side, epsilon):
+    """Square L2's query step (the reference's), in place on `delta` (B, C, H, W): the window of side `side` at
+    (corner[0], corner[1]) (B,) each becomes the pattern `shape` (B, s, s) times `signs` (B, C, 1, 1) plus the mass it
+    held, rescaled per channel to hold its own and the second window's mass (at corner[2], corner[3]) and a share of
+    what the whole lacks of `epsilon`; the second window loses its mass. Only the two windows are read and written;
+    the union's mass is the first's plus what the second holds outside the first."""
+    channels = delta.shape[1]
+    whole = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    rows = torch.arange(len(delta), device=delta.device)
+    field = windows(delta, side)
+    first = field[rows, :, corner[0], corner[1]]                                    # (B, C, s, s)
+    in_first = first.square().sum(dim=(2, 3), keepdim=True)                         # squared, (B, C, 1, 1)
+    field[rows, :, corner[0], corner[1]] = 0
+    in_both = in_first + field[rows, :, corner[2], corner[3]].square().sum(dim=(2, 3), keepdim=True)
+    field[rows, :, corner[2], corner[3]] = 0
+    moved = shape.unsqueeze(1) * signs + first / (in_first.sqrt() + 1e-12)
+    moved = moved / (moved.square().sum(dim=(2, 3), keepdim=True).sqrt() + 1e-12)
+    field[rows, :, corner[0], corner[1]] = moved * ((epsilon ** 2 - whole ** 2).clamp_min(0) / channels + in_both).sqrt()
+    return delta
+
+
 class Square(Attack):
     """Square Attack (Andriushchenko et al. 2020, "Square Attack: a query-efficient black-box adversarial attack via
     random search"), score-based: it reads the model's output scores and never a gradient. In L-infinity (below; L2:
@@ -264,22 +285,7 @@ class Square(Attack):
             shape = square_pattern(side).to(device)
             shape = torch.where(drawn[:, 4].view(-1, 1, 1) > 0.5, shape.t(), shape.expand(len(drawn), side, side))
             signs = torch.where(drawn[:, 5:] > 0.5, 1.0, -1.0).float().view(-1, channels, 1, 1)
-            # the reference's step, on the two windows only: the first gets the pattern plus its own mass, rescaled
-            # to hold the first's and the second's mass (and what the whole lacks of epsilon), the second loses its
-            # mass; norms per channel, the union's as the first's plus what the second holds outside the first
-            delta = best[todo] - original[todo]
-            whole = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-            rows = torch.arange(len(delta), device=device)
-            field = windows(delta, side)
-            first = field[rows, :, corner[0], corner[1]]                                       # (B, C, s, s)
-            in_first = first.square().sum(dim=(2, 3), keepdim=True)                            # squared, (B, C, 1, 1)
-            field[rows, :, corner[0], corner[1]] = 0
-            in_both = in_first + field[rows, :, corner[2], corner[3]].square().sum(dim=(2, 3), keepdim=True)
-            field[rows, :, corner[2], corner[3]] = 0
-            moved = shape.unsqueeze(1) * signs + first / (in_first.sqrt() + 1e-12)
-            moved = moved / (moved.square().sum(dim=(2, 3), keepdim=True).sqrt() + 1e-12)
-            field[rows, :, corner[0], corner[1]] = moved * ((self.eps ** 2 - whole ** 2).clamp_min(0) / channels +
-                                                            in_both).sqrt()
+            delta = move_mass(best[todo] - original[todo], shape, signs, corner, side, self.eps)
             candidate, levels = self.to_ball(original[todo], original_levels[todo], delta)
             self.accept(state, todo, (candidate, levels), self.judge(levels, labels[todo]))
             used[todo] += 1
