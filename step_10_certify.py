@@ -24,8 +24,9 @@ certified accuracy against the radius (--radii, in [0, 1] pixel units: the L2 di
 
 Labels as step 8 reads them (an ImageFolder tree, --labels imagenet-val or FILE.csv; without labels each image's
 clean prediction is the class to keep). Writes OUTPUT/certified.csv (image, label, epsilon, verdict, prediction,
-seconds, the method's columns, file), OUTPUT/summary.md and OUTPUT/certified_accuracy.png; --resume keeps the images
-an earlier run finished.
+seconds, the method's columns, file), OUTPUT/summary.md, OUTPUT/certified_accuracy.png and OUTPUT/certify.json (the
+settings that decide a row, e.g. smoothing's sigma, n0, n, alpha and seed); --resume keeps the images an earlier run
+finished, and refuses them when that run's certify.json differs.
 
 Reproducibility: robust and not robust are facts about the model (a proof, and a counterexample checked on its PNG),
 the same on any machine; which images end unknown depends on how far the solver got within --time-limit, a clock,
@@ -103,7 +104,7 @@ def main(args):
     height, width, _ = images[0].shape
     certifier = make_certifier(args, model, (3, height, width))
     out = Path(args.output_dir)
-    kept = start_certified(out, csv_columns(certifier), args.resume)
+    kept = start_certified(out, csv_columns(certifier), args.resume, certifier.recorded_settings())
     epsilon_texts = {f"{epsilon:g}" for epsilon in epsilons} if certifier.uses_epsilons else {""}
     done = finished(kept, photos.names, epsilon_texts)
     kept = [row for row in kept if row["image"] in done and row["epsilon"] in epsilon_texts]

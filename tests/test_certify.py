@@ -340,6 +340,27 @@ def test_step_10_smoothing_writes_a_radius_per_image_from_its_own_counts(digits_
     assert (outs[0] / "certified_accuracy.png").stat().st_size > 1000
 
 
+def test_step_10_resumes_only_with_the_settings_its_rows_were_made_with(digits_setup, tmp_path):
+    """A row certified at one sigma is no certificate at another: --resume with other settings that decide the rows
+    is refused in one line naming them, before anything is written; a setting that changes no row (the smoothing's
+    batch size: same counts whatever it is) may change."""
+    out = tmp_path / "out"
+    args = [digits_setup / "digits", "--model", digits_setup / "mlp.pt2", "--method", "smoothing", "--n0", "10",
+            "--n", "40", "--threads", "1", "--output-dir", out]
+    assert run_main(step_10_certify, *args, "--sigma", "0.25", "--batch-size", "20").returncode == 0
+    before = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    refused = run_main(step_10_certify, *args, "--sigma", "0.12", "--batch-size", "20", "--resume")
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "sigma 0.25" in refused.stderr and "sigma 0.12" in refused.stderr and "--resume" in refused.stderr
+    assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == before
+    resumed = run_main(step_10_certify, *args, "--sigma", "0.25", "--batch-size", "40", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Certifying 0 of 4 images" in resumed.stderr
+    fresh = run_main(step_10_certify, *args, "--sigma", "0.12", "--batch-size", "20")  # without --resume: a new run
+    assert fresh.returncode == 0, fresh.stderr
+    assert "Certifying 4 of 4 images" in fresh.stderr
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--sigma", "0"], "--sigma"), (["--alpha", "0.7"], "--alpha"), (["--n", "0"], "--n"), ([], "needs --sigma"),
     (["--sigma", "0.25", "--norm", "Linf"], "not --norm Linf"),

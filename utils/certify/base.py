@@ -7,7 +7,7 @@ VERDICTS), "prediction" (the model's class for the clean image), "seconds" (this
 certifier's `columns`, and "counterexample": None or the 8-bit (H, W, 3) image that the model classifies wrong
 within the budget, which utils.certify.run saves as a PNG, reads back and checks.
 """
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 
 ROBUST, NOT_ROBUST, UNKNOWN, MISCLASSIFIED = "robust", "not robust", "unknown", "misclassified"
 
@@ -24,6 +24,7 @@ class Certifier:
     columns = ()                # its certified.csv columns after image,label,epsilon,verdict,prediction,seconds
     verdicts = (ROBUST, NOT_ROBUST, UNKNOWN, MISCLASSIFIED)
     description = ""
+    free_settings = ()          # settings that change no row (a resumed run may change them)
 
     @classmethod
     def add_arguments(cls, parser):
@@ -38,6 +39,12 @@ class Certifier:
         """`model`: a utils.models.Classifier; `image_shape`: (3, H, W) of the images to come (None: the
         model's own size). Refuse a model it cannot certify here, with UsageError: before any output is written."""
         self.model, self.config, self.device, self.image_shape = model, settings, device, image_shape
+
+    def recorded_settings(self):
+        """What decides its rows: the method and its settings but `free_settings` (kept beside certified.csv, and
+        --resume keeps earlier rows only when they match)."""
+        settings = asdict(self.config) if is_dataclass(self.config) else {}
+        return {"method": self.name, **{key: value for key, value in settings.items() if key not in self.free_settings}}
 
     def certify(self, image_u8, label, epsilons):
         raise NotImplementedError

@@ -3,9 +3,10 @@ as each image finishes, so --resume keeps them), the counterexamples as PNGs (ea
 classifies the file wrong and it is within the budget), summary.md (certified accuracy per epsilon) and a figure.
 
 Library entry points (step 8 calls them too): `certify_images(certifier, images_u8, labels, epsilons, ...)` -> rows,
-`write_certify_report(rows, out, ...)`, `start_certified(out, columns, resume)` -> the rows kept.
+`write_certify_report(rows, out, ...)`, `start_certified(out, columns, resume, settings)` -> the rows kept.
 """
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from utils.files import append_csv, atomic_path, save_figure, save_image, save_t
 
 BASE_COLUMNS = ("image", "label", "epsilon", "verdict", "prediction", "seconds")
 CSV_NAME = "certified.csv"
+SETTINGS_NAME = "certify.json"  # what made its rows (Certifier.recorded_settings)
 FOLDER = "counterexamples"
 
 
@@ -48,13 +50,15 @@ def write_certified(path, rows, columns):
         writer.writerows(rows)
 
 
-def start_certified(out, columns, resume):
+def start_certified(out, columns, resume, settings):
     """The rows an earlier run finished (--resume; a counterexample row only while its PNG is there), written back
-    as certified.csv; without --resume the earlier outputs are removed."""
+    as certified.csv; without --resume the earlier outputs are removed. `settings` (Certifier.recorded_settings) are
+    written beside them; --resume refuses rows made with other ones, before anything is written."""
     path = out / CSV_NAME
     kept = [row for row in read_certified(path, columns) if not row["file"] or (out / row["file"]).is_file()] \
         if resume else []
     if kept:
+        check_same_settings(out / SETTINGS_NAME, settings)
         write_certified(path, kept, columns)
     else:
         path.unlink(missing_ok=True)
@@ -63,7 +67,22 @@ def start_certified(out, columns, resume):
             (out / name).unlink(missing_ok=True)
         for old in (out / FOLDER).glob("*.png") if (out / FOLDER).is_dir() else []:
             old.unlink()
+    save_text(json.dumps(settings, sort_keys=True) + "\n", out / SETTINGS_NAME)
     return kept
+
+
+def check_same_settings(path, settings):
+    """UsageError unless the earlier run recorded at `path` used `settings`, naming what differs."""
+    earlier = json.loads(path.read_text()) if path.is_file() else None
+    if earlier == settings:
+        return
+    if not isinstance(earlier, dict):
+        raise UsageError(f"{path.parent / CSV_NAME}: no record of the settings it was made with ({path.name}); "
+                         "run without --resume")
+    differ = [key for key in sorted(set(earlier) | set(settings)) if earlier.get(key) != settings.get(key)]
+    raise UsageError(f"{path.parent / CSV_NAME}: made with {', '.join(f'{key} {earlier.get(key)}' for key in differ)}, "
+                     f"this run asks {', '.join(f'{key} {settings.get(key)}' for key in differ)}; run with the same "
+                     "settings or without --resume")
 
 
 def finished(kept, names, wanted):

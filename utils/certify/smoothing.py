@@ -285,6 +285,7 @@ class Smoothing(Certifier):
     uses_epsilons = False
     columns = ("radius", "n_a", "n")
     description = "randomized smoothing, Cohen et al. 2019"
+    free_settings = ("batch_size",)  # the noise is drawn per image and sample, not per batch: the same counts
 
     @classmethod
     def add_arguments(cls, parser):

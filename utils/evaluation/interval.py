@@ -48,7 +48,7 @@ def certify_photos(certifiers, model, photos, skipped, epsilons, norm, out, resu
     for name, certifier in certifiers.items():
         folder = out / FOLDER / name
         columns = csv_columns(certifier)
-        kept = start_certified(folder, columns, resume)
+        kept = start_certified(folder, columns, resume, certifier.recorded_settings())
         done = finished(kept, names, wanted)
         todo = [i for i, image in zip(indices, names) if image not in done]
         images = {i: prepare_image(photos.paths[i], model) for i in todo}
