@@ -26,6 +26,9 @@ from utils.models import Classifier, freeze, load_model, Preprocessing
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+from utils import speed  # noqa: E402
+speed.keep_freed_memory()  # as every command line does (utils.cli.run): the in-process tests run as the scripts do
+
 GRACE_HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
 CORGI = Path(os.environ.get("TNN_CORGI", REPO.parent / "shared" / "assets" / "corgi.png"))
 RESNET18_WEIGHTS = Path(torch.hub.get_dir()) / "checkpoints" / "resnet18-f37072fd.pth"

@@ -22,8 +22,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run(main, parser, argv=None):
-    """Parse argv and call main(args); a UsageError becomes one line on stderr and exit status 2."""
+    """Parse argv and call main(args); a UsageError becomes one line on stderr and exit status 2. The process keeps
+    the memory it frees for reuse (utils.speed.keep_freed_memory)."""
+    from utils import speed  # here, not at the top: speed imports this module
     args = parser.parse_args(argv)
+    speed.keep_freed_memory()
     try:
         status = main(args)
     except UsageError as error:
