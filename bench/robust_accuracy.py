@@ -5,7 +5,8 @@
 
 Per norm, one row. Ours: step 8 as a user runs it (a fresh process: its start-up counts against us), with --norm and
 its default ensemble there (AutoAttack's standard attacks that have a version in the norm: apgd, apgd-t, fab, square
-in L-infinity; no square in L1 here; AutoAttack's flow, early stop, on the 8-bit lattice), judged on the PNGs
+in L-infinity; no square in L1 here; AutoAttack's flow, early stop, on the 8-bit lattice) and the reference's
+iterations (--steps 100: step 8's ensemble otherwise runs its largest --steps, 50 by default), judged on the PNGs
 it writes. The reference: pyautoattack's standard version in that norm (APGD-CE, APGD-T, FAB-T, Square; its L1
 settings in L1) in this process, judged on its adversarial images put on the 8-bit lattice inside the ball. Both on
 the same folder (an ImageFolder with true labels), model, epsilon and batch size (--batch-size: step 8's, and the
@@ -31,7 +32,7 @@ from utils.cli import ArgumentParser, UsageError, listed, number_in, one_of, run
 from utils.flags import add_benchmark_arguments, positive_number  # noqa: E402
 from utils.threat import check_epsilon  # noqa: E402
 from utils.data import list_photos  # noqa: E402
-from utils.evaluation.reference import reference_autoattack, worst_case_robust  # noqa: E402
+from utils.evaluation.reference import STANDARD_ITERATIONS, reference_autoattack, worst_case_robust  # noqa: E402
 
 
 DEFAULT_EPSILONS = {"Linf": 32.0, "L2": 2.0, "L1": 12.0}
@@ -40,7 +41,8 @@ DEFAULT_EPSILONS = {"Linf": 32.0, "L2": 2.0, "L1": 12.0}
 def run_ours(args, norm, epsilon, out):
     """Step 8's ensemble in a fresh process: (robust images, images, wall seconds)."""
     command = [sys.executable, str(ROOT / "step_8_evaluate.py"), args.folder, "--model", args.model, "--norm", norm,
-               "--epsilons", f"{epsilon:g}", "--batch-size", str(args.batch_size), "--threads", str(args.threads),
+               "--epsilons", f"{epsilon:g}", "--batch-size", str(args.batch_size), "--steps", str(STANDARD_ITERATIONS),
+               "--threads", str(args.threads),
                "--output-dir", str(out)]
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
@@ -75,7 +77,8 @@ def main(args):
     for norm, epsilon in zip(args.norm, epsilons):
         check_epsilon(epsilon, norm, name="--epsilons")
     torch.set_num_threads(args.threads)
-    print(f"{Path(args.folder)}, model {Path(args.model).name}, batches of {args.batch_size}, {args.threads} thread(s); "
+    print(f"{Path(args.folder)}, model {Path(args.model).name}, batches of {args.batch_size}, {STANDARD_ITERATIONS} "
+          f"iterations per gradient attack, {args.threads} thread(s); "
           "epsilon in levels out of 255 (Linf), in [0, 1] pixel units (L2, L1):\n")
     print("| norm | epsilon | images | ours: robust accuracy | reference AutoAttack | ours - reference | ours (s) | "
           "reference (s) | time ratio |")

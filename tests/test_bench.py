@@ -120,7 +120,9 @@ def test_robust_accuracy_puts_step_8_beside_the_reference_one_row_per_norm(digit
     assert [command[command.index("--norm") + 1:command.index("--norm") + 6] for command in step_8.commands] == \
         [["Linf", "--epsilons", "32", "--batch-size", "3"], ["L2", "--epsilons", "4", "--batch-size", "3"]]
     assert batches == [3, 3]  # the reference on the same batches as ours
-    assert out.startswith(f"{digits.folder}, model {Path(digits.model_file).name}, batches of 3, 1 thread(s);")
+    # and with its iterations: step 8's ensemble runs as many steps as its largest --steps (50 by default)
+    assert all(command[command.index("--steps") + 1] == "100" for command in step_8.commands)
+    assert out.startswith(f"{digits.folder}, model {Path(digits.model_file).name}, batches of 3, 100 iterations per gradient attack, 1 thread(s);")
     rows = ROW.findall(out)
     assert [(norm, epsilon, images) for norm, epsilon, images, *_ in rows] == [("Linf", "32", "4"), ("L2", "4", "4")]
     for _, _, images, ours_share, ours, reference_share, reference, difference, ours_s, reference_s, _ in rows:

@@ -10,6 +10,10 @@ from utils.cli import UsageError
 from utils.images import to_tensor, to_uint8
 
 
+# the iterations AutoAttack's standard version gives APGD-CE, APGD-T and FAB-T (Square: 5,000 queries, step 8's default)
+STANDARD_ITERATIONS = 100
+
+
 def worst_case_robust(folder, epsilon):
     """(robust images, images) of step 8's worst case at `epsilon`, read from FOLDER/robust_accuracy.csv."""
     path = Path(folder) / "robust_accuracy.csv"
