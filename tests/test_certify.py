@@ -4,6 +4,7 @@ is fooled by our attacks, every counterexample read back from its PNG is one, an
 resume and bad input."""
 import csv
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from utils.models import Classifier, freeze, Preprocessing
+from utils.models import Classifier, freeze, prepare_image, Preprocessing
 import step_10_certify
 import step_8_evaluate
 from tests.conftest import run_main, run_script
@@ -378,8 +379,13 @@ STEP_8 = "step_8_evaluate.py"
 STEP_8_QUICK = ["--epsilons", "4,16", "--steps", "10", "--queries", "100", "--batch-size", "4", "--threads", "1"]
 
 
-def test_step_8_certify_bounds_robust_accuracy_from_below(digits_setup, tmp_path):
-    """Step 8's command line in process (its fresh-process run is tests/test_evaluate.py's smoke test)."""
+def test_step_8_certify_bounds_robust_accuracy_from_below(digits_setup, tmp_path, monkeypatch):
+    """Step 8's command line in process (its fresh-process run is tests/test_evaluate.py's smoke test). The two
+    certifiers share one decoding of each photo."""
+    from utils.evaluation import interval
+    decoded = []
+    monkeypatch.setattr(interval, "prepare_image", lambda path, model: (decoded.append(Path(path).name),
+                                                                        prepare_image(path, model))[1])
     out = tmp_path / "eval"
     result = run_main(step_8_evaluate, digits_setup / "digits", "--model", digits_setup / "mlp.pt2", *STEP_8_QUICK,
                       "--certify", "exact,bounds", "--time-limit", "20", "--output-dir", out)
@@ -390,6 +396,7 @@ def test_step_8_certify_bounds_robust_accuracy_from_below(digits_setup, tmp_path
     exact = read_csv(out / "certified" / "exact" / "certified.csv")
     bounds = read_csv(out / "certified" / "bounds" / "certified.csv")
     assert len(exact) == len(bounds) == 8
+    assert sorted(decoded) == sorted({row["image"].split("/")[-1] for row in exact}) and len(decoded) == 4
     for row in accuracy:
         proved = max(sum(r["verdict"] == "robust" and r["epsilon"] == row["epsilon"] for r in rows)
                      for rows in (exact, bounds))

@@ -44,14 +44,14 @@ def certify_photos(certifiers, model, photos, skipped, epsilons, norm, out, resu
     indices = [i for i, name in enumerate(photos.names) if name not in unreadable]
     names = [photos.names[i] for i in indices]
     wanted = {epsilon_text(epsilon) for epsilon in epsilons}
-    found = {}
+    found, images = {}, {}  # each photo decoded once, for the first certifier that needs it
     for name, certifier in certifiers.items():
         folder = out / FOLDER / name
         columns = csv_columns(certifier)
         kept = start_certified(folder, columns, resume, certifier.recorded_settings())
         done = finished(kept, names, wanted)
         todo = [i for i, image in zip(indices, names) if image not in done]
-        images = {i: prepare_image(photos.paths[i], model) for i in todo}
+        images.update((i, prepare_image(photos.paths[i], model)) for i in todo if i not in images)
         certify_images(certifier, [images.get(i) for i in indices], [photos.labels[i] for i in indices],
                        sorted(epsilons), names, [photos.stems[i] for i in indices], folder, done, norm)
         found[name] = [row for row in read_certified(folder / "certified.csv", columns)
