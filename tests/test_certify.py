@@ -362,6 +362,25 @@ def test_step_10_resumes_only_with_the_settings_its_rows_were_made_with(digits_s
     assert "Certifying 4 of 4 images" in fresh.stderr
 
 
+def test_step_10_resumes_only_on_the_model_its_rows_were_made_with(digits_setup, tmp_path):
+    """Rows proved for one network are no proof for another: --resume with a model of other weights (same
+    architecture, same classes) is refused in one line, before anything is written."""
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 16), nn.ReLU(), nn.Linear(16, 10))
+    other = Classifier(net, Preprocessing(32, (0.3,) * 3, (0.4,) * 3), memory_format=torch.contiguous_format)
+    export_program(freeze(other), tmp_path / "other.pt2", [str(k) for k in range(10)], 32)
+    out = tmp_path / "out"
+    args = [digits_setup / "digits", "--method", "bounds", "--epsilons", "2", "--threads", "1", "--output-dir", out]
+    assert run_main(step_10_certify, *args, "--model", digits_setup / "mlp.pt2").returncode == 0
+    before = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    refused = run_main(step_10_certify, *args, "--model", tmp_path / "other.pt2", "--resume")
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "made with model" in refused.stderr and "--resume" in refused.stderr, refused.stderr
+    assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == before
+    resumed = run_main(step_10_certify, *args, "--model", digits_setup / "mlp.pt2", "--resume")
+    assert resumed.returncode == 0 and "Certifying 0 of 4 images" in resumed.stderr, resumed.stderr
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--sigma", "0"], "--sigma"), (["--alpha", "0.7"], "--alpha"), (["--n", "0"], "--n"), ([], "needs --sigma"),
     (["--sigma", "0.25", "--norm", "Linf"], "not --norm Linf"),

@@ -9,6 +9,8 @@ within the budget, which utils.certify.run saves as a PNG, reads back and checks
 """
 from dataclasses import asdict, dataclass, is_dataclass
 
+from utils.models import weights_digest
+
 ROBUST, NOT_ROBUST, UNKNOWN, MISCLASSIFIED = "robust", "not robust", "unknown", "misclassified"
 
 
@@ -41,10 +43,11 @@ class Certifier:
         self.model, self.config, self.device, self.image_shape = model, settings, device, image_shape
 
     def recorded_settings(self):
-        """What decides its rows: the method and its settings but `free_settings` (kept beside certified.csv, and
-        --resume keeps earlier rows only when they match)."""
+        """What decides its rows: the method, the model (a digest of its weights) and the settings but
+        `free_settings` (kept beside certified.csv, and --resume keeps earlier rows only when they match)."""
         settings = asdict(self.config) if is_dataclass(self.config) else {}
-        return {"method": self.name, **{key: value for key, value in settings.items() if key not in self.free_settings}}
+        return {"method": self.name, "model": weights_digest(self.model),
+                **{key: value for key, value in settings.items() if key not in self.free_settings}}
 
     def certify(self, image_u8, label, epsilons):
         raise NotImplementedError

@@ -13,7 +13,7 @@ model is written to a file.
 - `guards.py`: weights-only loading, and libraries kept quiet so that a failure is one line.
 """
 from utils.models.classifier import (Classifier, Preprocessing, freeze, get_image_transform, predict, predict_images,
-                                     prepare_image, prepare_images)
+                                     prepare_image, prepare_images, weights_digest)
 from utils.models.export import Normalized, export_program, normalized
 from utils.models.labels import (CIFAR10_CLASSES, IMAGENET_LABELS, classes_path, default_classes, find_class,
                                  get_idx_to_label, get_label, imagenet_classes, model_classes, read_classes)

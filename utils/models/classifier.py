@@ -2,6 +2,7 @@
 attacks and defenses work on pixels, and an epsilon of 10 means 10 levels out of 255); what it expects of an image
 (`Preprocessing`), the 8-bit image it sees for a file (`prepare_image`), and its predictions.
 """
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,6 +101,17 @@ class Classifier(nn.Module):
                           self.classes)
         twin.weights_format = self.weights_format
         return twin.to(self.mean.device)
+
+
+def weights_digest(model):
+    """A short digest of `model`'s weights and buffers (names, dtypes, shapes and values, whatever their memory
+    format): what says that two runs used the same model, wherever its file lay."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def freeze(model):
