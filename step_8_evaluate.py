@@ -213,7 +213,8 @@ def get_args_parser():
     parser.add_argument("--ensemble", type=ensemble_list, default=None,
                         help=f"attacks for robust accuracy, in order, or none (default with labels: AutoAttack's "
                              f"standard version, {','.join(DEFAULT_ENSEMBLE)}, less the attacks without a version in "
-                             "--norm; in L1 apgd with 5 restarts and apgd-t with 5 target classes)")
+                             "--norm; in L1 apgd with 5 restarts and apgd-t with 5 target classes); its gradient "
+                             "attacks run the largest --steps (AutoAttack's own runs 100: --steps 100)")
     parser.add_argument("--queries", type=number_in(1, 10 ** 6, int, name="--queries"), default=5000,
                         help="query budget of a gradient-free ensemble attack (square: per photo, the first query "
                              "included; windows from p_init 0.8 down, as in AutoAttack) (default: %(default)s, "
