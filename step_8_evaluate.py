@@ -29,7 +29,8 @@ classes, FAB-T towards 9, Square with --queries; in L1 AutoAttack's L1 settings:
 towards 5), less any attack this library has no version of in the norm (Square in L1), which summary.md says.
 results.csv names the norm in every row, gives each PNG's size in it, and FAB's smallest adversarial distance; with
 FAB in the ensemble, robust_vs_distance.png draws robust accuracy against epsilon from those distances. One norm per
-output folder: --resume refuses rows of another norm.
+output folder: --resume refuses rows of another norm, and rows made with another model (evaluation.json records a
+digest of its weights), seed, --queries, --target-classes, --eot, --no-early-stop or --precision.
 
 With --certify, step 10's certifiers (exact, bounds; L-infinity and L1) then run on the same photos and epsilons: the
 attacks' robust accuracy is an upper bound, the share proved robust a lower one, and summary.md gives the interval

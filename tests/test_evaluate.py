@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import step_8_evaluate
@@ -546,6 +547,28 @@ def test_resume_runs_only_the_pending_ensemble_stages(tiny, planted, tmp_path):
     assert tiny(folder, *extra, "--output-dir", out, "--resume")[0] == 0
     assert calls == [("mifgsm", [TINY[GREEN], TINY[RED]])], "only the missing last stage, on the photos it needs"
     assert float(read_csv(out / "robust_accuracy.csv")[-1]["robust_accuracy"]) == pytest.approx(1 / 3)
+
+
+def test_resume_keeps_rows_only_for_the_model_and_settings_they_were_made_with(tiny, planted, tmp_path, monkeypatch):
+    """--resume keeps an earlier run's rows only when they were made with the same model (a digest of its weights)
+    and the settings that decide a row (seed, budgets' norm, queries, targets, EOT, early stop, precision); else one
+    line names what differs, and results.csv is left as it was."""
+    folder, extra, calls = planted
+    out = tmp_path / "out"
+    assert tiny(folder, *extra, "--output-dir", out)[0] == 0
+    before = (out / "results.csv").read_bytes()
+    status, err = tiny(folder, *extra, "--output-dir", out, "--resume", "--seed", "1")
+    assert status == 2 and "made with seed 0, this run asks seed 1" in err, err
+    other = make_tiny_model()
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    monkeypatch.setattr(step_8_evaluate, "load_model", lambda name, device, **options: other)
+    status, err = tiny(folder, *extra, "--output-dir", out, "--resume")
+    assert status == 2 and "made with model " in err and err.count("\n") == 1, err
+    assert (out / "results.csv").read_bytes() == before, "a refused resume leaves the results as they were"
+    (out / "evaluation.json").unlink()
+    status, err = tiny(folder, *extra, "--output-dir", out, "--resume")
+    assert status == 2 and "no record of the settings" in err, err
 
 
 def test_gradient_free_check_fails_when_it_fools_what_gradients_did_not(tiny, planted, tmp_path, monkeypatch):

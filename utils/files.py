@@ -2,11 +2,14 @@
 import os
 import tempfile
 import csv
+import json
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from utils.cli import UsageError
 
 
 # The process's umask, read once at import (os.umask can only be read by setting it, which is not thread-safe).
@@ -49,6 +52,26 @@ def save_text(text, path):
     with atomic_path(path) as temp:
         Path(temp).write_text(text)
     return Path(path)
+
+
+def save_settings(settings, path):
+    """Record what made a results file (a JSON dict) beside it, for check_same_settings."""
+    return save_text(json.dumps(settings, sort_keys=True) + "\n", path)
+
+
+def check_same_settings(path, settings, results):
+    """UsageError unless the settings recorded at `path` (save_settings) are `settings`, naming what differs: --resume
+    keeps the rows of `results` only when the same model and settings made them."""
+    path = Path(path)
+    earlier = json.loads(path.read_text()) if path.is_file() else None
+    if earlier == settings:
+        return
+    if not isinstance(earlier, dict):
+        raise UsageError(f"{results}: no record of the settings it was made with ({path.name}); run without --resume")
+    differ = [key for key in sorted(set(earlier) | set(settings)) if earlier.get(key) != settings.get(key)]
+    raise UsageError(f"{results}: made with {', '.join(f'{key} {earlier.get(key)}' for key in differ)}, this run asks "
+                     f"{', '.join(f'{key} {settings.get(key)}' for key in differ)}; run with the same settings or "
+                     "without --resume")
 
 
 def append_csv(path, rows, columns):

@@ -6,7 +6,6 @@ Library entry points (step 8 calls them too): `certify_images(certifier, images_
 `write_certify_report(rows, out, ...)`, `start_certified(out, columns, resume, settings)` -> the rows kept.
 """
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from utils.certify.base import MISCLASSIFIED, NOT_ROBUST, ROBUST, UNKNOWN
 from utils.certify.bounds_certifier import model_logits
 from utils.certify.exact import within_budget
 from utils.cli import UsageError
-from utils.files import append_csv, atomic_path, save_figure, save_image, save_text
+from utils.files import append_csv, atomic_path, check_same_settings, save_figure, save_image, save_settings, save_text
 
 BASE_COLUMNS = ("image", "label", "epsilon", "verdict", "prediction", "seconds")
 CSV_NAME = "certified.csv"
@@ -58,7 +57,7 @@ def start_certified(out, columns, resume, settings):
     kept = [row for row in read_certified(path, columns) if not row["file"] or (out / row["file"]).is_file()] \
         if resume else []
     if kept:
-        check_same_settings(out / SETTINGS_NAME, settings)
+        check_same_settings(out / SETTINGS_NAME, settings, path)
         write_certified(path, kept, columns)
     else:
         path.unlink(missing_ok=True)
@@ -67,22 +66,8 @@ def start_certified(out, columns, resume, settings):
             (out / name).unlink(missing_ok=True)
         for old in (out / FOLDER).glob("*.png") if (out / FOLDER).is_dir() else []:
             old.unlink()
-    save_text(json.dumps(settings, sort_keys=True) + "\n", out / SETTINGS_NAME)
+    save_settings(settings, out / SETTINGS_NAME)
     return kept
-
-
-def check_same_settings(path, settings):
-    """UsageError unless the earlier run recorded at `path` used `settings`, naming what differs."""
-    earlier = json.loads(path.read_text()) if path.is_file() else None
-    if earlier == settings:
-        return
-    if not isinstance(earlier, dict):
-        raise UsageError(f"{path.parent / CSV_NAME}: no record of the settings it was made with ({path.name}); "
-                         "run without --resume")
-    differ = [key for key in sorted(set(earlier) | set(settings)) if earlier.get(key) != settings.get(key)]
-    raise UsageError(f"{path.parent / CSV_NAME}: made with {', '.join(f'{key} {earlier.get(key)}' for key in differ)}, "
-                     f"this run asks {', '.join(f'{key} {settings.get(key)}' for key in differ)}; run with the same "
-                     "settings or without --resume")
 
 
 def finished(kept, names, wanted):

@@ -24,10 +24,11 @@ from utils.evaluation import distributed
 from utils.evaluation.interval import certify_photos
 from utils.evaluation.plan import CLEAN, Job, stage_options
 from utils.evaluation.report import write_report
-from utils.evaluation.results import COLUMNS, KEY, append_rows, merge_results, row_key, shard_path, start_output
+from utils.evaluation.results import (COLUMNS, KEY, append_rows, drop_empty_output, merge_results, row_key, shard_path,
+                                      start_output)
 from utils.files import save_image
 from utils.images import load_image, to_tensor, to_uint8
-from utils.models import get_image_transform, predict_images, prepare_image
+from utils.models import get_image_transform, predict_images, prepare_image, weights_digest
 
 
 @dataclass
@@ -242,7 +243,7 @@ def run_evaluation(model, photos, plan, settings, out, context=None, certifiers=
         raise UsageError("--certify runs in one process: run it without torchrun (or --resume it so afterwards)")
     out = Path(out)
     batches = distributed.deal(cut(len(photos.paths), settings.batch_size), context)
-    done = start_output(out, settings, context)
+    done = start_output(out, settings, context, weights_digest(model))
     started = time.perf_counter()
     skipped, attacked = evaluate(model, photos, plan, batches, done, out, settings, context)
     attacked = sum(distributed.gather(attacked, context))
@@ -251,6 +252,8 @@ def run_evaluation(model, photos, plan, settings, out, context=None, certifiers=
                      key=lambda item: order[item[0]])
     seconds, readable = time.perf_counter() - started, len(photos.names) - len(skipped)
     if not readable:
+        if context.is_main:
+            drop_empty_output(out)
         raise UsageError(f"{photos.folder}: no readable image ({len(skipped)} files, none could be decoded)")
     result = Evaluation([], skipped, attacked, readable, seconds)
     if context.is_main:

@@ -11,14 +11,16 @@ in Linf, [0, 1] pixel units in L2 and L1); linf (levels), l2 (pixels in [0, 1]) 
 units) compare the PNG read back with the prepared original; distance is FAB's smallest adversarial perturbation
 found, in the norm's units ("inf": none found; it may exceed epsilon, and the PNG is then the original), empty for
 the other attacks; seconds is the attack's time per image. --resume keeps the finished rows of results.csv
-and of every shard, whatever number of processes wrote them, and the run does only the rest.
+and of every shard, whatever number of processes wrote them, and the run does only the rest; evaluation.json
+records the model and settings that made them, and --resume refuses rows made with others.
 """
+import contextlib
 import csv
 import shutil
 
 from utils.evaluation import distributed
 from utils.cli import UsageError
-from utils.files import append_csv, atomic_path
+from utils.files import append_csv, atomic_path, check_same_settings, save_settings
 from utils.evaluation.plan import job_of
 
 COLUMNS = ("image", "method", "norm", "epsilon", "steps", "defense", "attack", "target", "label", "clean_label",
@@ -26,6 +28,7 @@ COLUMNS = ("image", "method", "norm", "epsilon", "steps", "defense", "attack", "
            "l2", "size", "distance", "seconds", "file")  # file last: a row torn mid-append names no PNG, so --resume drops it
 KEY = ("image", "method", "epsilon", "steps", "defense", "attack")
 SHARDS = "shards"
+SETTINGS_NAME = "evaluation.json"  # what made results.csv's rows (recorded_settings), for --resume
 
 
 def row_key(row):
@@ -93,20 +96,43 @@ def check_norm(rows, norm, out):
                          "or use another --output-dir")
 
 
-def start_output(out, settings, context):
-    """Rank 0 folds what earlier runs finished (--resume) into results.csv, or clears them; then every rank reads
-    the finished rows. Shards start empty, so no rank appends after a line torn by a killed process."""
+def recorded_settings(settings, model_digest):
+    """What decides a row besides its key: the model (utils.models.weights_digest) and the settings an attack draws or
+    stops by. The batching, threads and memory format only move floats (the README's reproducibility line), so a run
+    may resume with others."""
+    return {"model": model_digest, "norm": settings.norm, "seed": settings.seed, "queries": settings.queries,
+            "target_classes": settings.target_classes, "eot": settings.eot, "early_stop": settings.early_stop,
+            "precision": settings.precision}
+
+
+def start_output(out, settings, context, model_digest):
+    """Rank 0 folds what earlier runs finished (--resume) into results.csv, or clears them, and records what makes
+    the rows (recorded_settings, in evaluation.json: --resume refuses rows made otherwise, before anything is
+    written); then every rank reads the finished rows. Shards start empty, so no rank appends after a line torn by a
+    killed process."""
     if context.is_main:
         kept = list(finished_rows(out).values()) if settings.resume else []
+        recorded = recorded_settings(settings, model_digest)
         if kept:
             check_norm(kept, settings.norm, out)
+            check_same_settings(out / SETTINGS_NAME, recorded, out / "results.csv")
             write_results(out / "results.csv", kept)
         else:
             for name in ("results.csv", "summary.md", "robust_accuracy.csv"):
                 (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / SHARDS, ignore_errors=True)
+        save_settings(recorded, out / SETTINGS_NAME)
     distributed.barrier(context)
     return {row_key(row): row for row in read_rows(out / "results.csv")}
+
+
+def drop_empty_output(out):
+    """Rank 0, when a run wrote no row: the settings record goes, and the folder too if nothing else is in it, so a
+    refused run leaves no output behind."""
+    if not read_rows(out / "results.csv"):
+        (out / SETTINGS_NAME).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            out.rmdir()
 
 
 def merge_results(out, photos, plan, settings):
