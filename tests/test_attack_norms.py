@@ -216,6 +216,17 @@ def test_solve_capped_without_its_iterations_sorts_to_the_same_root():
                           goal, rtol=1e-10)
 
 
+def test_the_room_inside_the_box_is_exact_at_its_edges():
+    """room_towards replaces torch.where(up, 1 - base, base) by arithmetic: the same floats, 0 and 1 included."""
+    generator = torch.Generator().manual_seed(8)
+    base = torch.cat([torch.tensor([[0.0, 1.0, 1e-8, 1 - 2 ** -24, 0.5]]),
+                      torch.rand(1, 995, generator=generator)], dim=1).repeat(2, 1)
+    up = torch.rand(base.shape, generator=generator) > 0.5
+    up[0, :5], up[1, :5] = True, False
+    room = norms.room_towards(up, base)
+    assert torch.equal(room, torch.where(up, 1 - base, base)) and not torch.signbit(room).any()
+
+
 def test_the_crossing_value_is_the_sorted_one():
     generator = torch.Generator().manual_seed(7)
     keys = (torch.randn(4, 5000, generator=generator, dtype=torch.float64) * 4).round()  # many ties

@@ -129,6 +129,22 @@ def test_an_exported_model_survives_eval_memory_formats_and_torchattacks(files):
     assert adversarial.shape == pixels.shape and (adversarial - pixels).abs().max() <= 8 / 255 + 1e-6
 
 
+def test_the_gradient_comes_back_in_the_inputs_layout_with_the_same_values(files):
+    """A channels-last network gives its input's gradient in the input's layout: a channels-last gradient of contiguous
+    images sent every attack's arithmetic on them down PyTorch's slow mixed-layout paths. Batches are contiguous."""
+    model = load_model(str(files["pt2"]))
+    model.memory_format = torch.channels_last
+    pixels = to_tensor([np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)] * 2)
+    assert pixels.is_contiguous()
+    grads = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        image = pixels.contiguous(memory_format=layout).requires_grad_(True)
+        grad, = torch.autograd.grad(model(image).logsumexp(dim=1).sum(), image)
+        assert grad.is_contiguous(memory_format=layout), layout
+        grads.append(grad)
+    assert torch.equal(grads[0], grads[1])
+
+
 def test_a_pickle_renamed_pt2_or_pt_is_refused_without_being_unpickled(tmp_path):
     marker = tmp_path / "unpickled"
 

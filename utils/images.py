@@ -48,9 +48,10 @@ def load_image(path):
 
 
 def to_tensor(images_u8, device="cpu"):
-    """8-bit HxWx3 arrays (one or a list) as a float batch (B, 3, H, W) in [0, 1]."""
+    """8-bit HxWx3 arrays (one or a list) as a float batch (B, 3, H, W) in [0, 1], contiguous: the attacks' arithmetic
+    flattens images per row (a view only in this layout), and the model puts its input in its own format anyway."""
     batch = np.stack([images_u8] if np.ndim(images_u8) == 3 else list(images_u8))
-    return torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().div(255)
+    return torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).contiguous().float().div(255)
 
 
 def to_uint8(batch):

@@ -133,7 +133,7 @@ class APGD(Attack):
         magnitude = grad.abs().flatten(1)
         rank = ((1 - state["share"]) * features).clamp(0, features - 1).long()
         threshold = quantile_values(magnitude, rank).view(-1, 1)
-        signs = torch.where(magnitude >= threshold, grad.flatten(1).sign(), torch.zeros_like(magnitude))
+        signs = grad.flatten(1).sign().mul_(magnitude >= threshold)  # norms.room_towards: why not torch.where
         spread = signs / signs.abs().sum(dim=1, keepdim=True).clamp_min(1e-10)
         return delta - state["eta"] * spread.view_as(delta)
 

@@ -11,7 +11,8 @@ def _fill_largest_first(weight, room, goal):
     every coordinate above the weight where the filling ends is full, those at it fill in index order)."""
     fill = norms.fill_largest_first(weight, weight * room, goal)
     part = ((fill.left - fill.before) / weight.clamp_min(1e-30)).clamp(min=0).to(weight.dtype)
-    return torch.where(fill.above, room, torch.where(fill.tied & (fill.before < fill.left), torch.minimum(part, room), 0))
+    # disjoint masks applied by multiplication, exact on these finite values (norms.room_towards: why not torch.where)
+    return room * fill.above + torch.minimum(part, room).mul_(fill.tied & (fill.before < fill.left))
 
 
 def hyperplane_step(point, normal, offset, norm):
@@ -24,7 +25,7 @@ def hyperplane_step(point, normal, offset, norm):
     norms.solve_capped), in L1 the coordinates with the largest |normal_i| are filled first (a fractional knapsack)."""
     direction = torch.sign(offset).view(-1, 1) * normal.sign()
     weight = normal.abs()
-    room = torch.where(direction > 0, 1 - point, point)
+    room = norms.room_towards(direction > 0, point)
     goal = offset.abs()
     capacity = weight * room
     reachable = capacity.sum(dim=1) >= goal
@@ -35,10 +36,9 @@ def hyperplane_step(point, normal, offset, norm):
     if norm == "L1":
         moved = _fill_largest_first(w, r, g)
     else:
-        ratio = torch.where(w > 0, r / w.clamp_min(1e-30), float("inf"))
-        breaks, slope = (r, w) if norm == "Linf" else (ratio, w * w)
-        breaks = torch.where(w > 0, breaks, 3e38)
-        t = norms.solve_capped(breaks.nan_to_num(posinf=3e38), slope, c, g).to(w.dtype).view(-1, 1)
+        # a coordinate with w = 0 has slope and saturation 0: its break, any finite one, changes no sum
+        breaks, slope = (r, w) if norm == "Linf" else (r / w.clamp_min(1e-30), w * w)
+        t = norms.solve_capped(breaks, slope, c, g).to(w.dtype).view(-1, 1)
         moved = torch.minimum(t if norm == "Linf" else t * w, r).mul_(w > 0)
     if every:
         return direction.mul_(moved)

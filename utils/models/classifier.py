@@ -56,6 +56,22 @@ def prepare_images(paths, model):
     return images
 
 
+class InFormat(torch.autograd.Function):
+    """`tensor` in `memory_format` (the same values), whose gradient comes back in the tensor's own layout: the
+    gradient of .contiguous(memory_format) would stay channels-last, and every attack's arithmetic on it and on its
+    contiguous images would take PyTorch's slow mixed-layout paths (a third of APGD-L2's projection)."""
+
+    @staticmethod
+    def forward(ctx, tensor, memory_format):
+        ctx.layout = torch.channels_last if tensor.is_contiguous(memory_format=torch.channels_last) and \
+            not tensor.is_contiguous() else torch.contiguous_format
+        return tensor.contiguous(memory_format=memory_format)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous(memory_format=ctx.layout), None
+
+
 class Classifier(nn.Module):
     """A classifier on RGB pixels in [0, 1]: normalization happens inside, so gradients are in pixel space. `classes`
     names its outputs (default: ImageNet's 1000).
@@ -85,12 +101,15 @@ class Classifier(nn.Module):
         return self.rule_formats[pixels.device]
 
     def forward_in(self, pixels, memory_format):
+        # normalized before the change of format: the same values, and broadcasting the (1, 3, 1, 1) mean over a
+        # channels-last batch is about 8x slower than over a contiguous one (7% of a digits forward)
+        normalized = (pixels - self.mean) / self.std
         if pixels.dim() == 4:
             if memory_format != self.weights_format:  # only when the choice changes, e.g. with the batch size
                 self.net.to(memory_format=memory_format)
                 self.weights_format = memory_format
-            pixels = pixels.contiguous(memory_format=memory_format)
-        return self.net((pixels - self.mean) / self.std)
+            normalized = InFormat.apply(normalized, memory_format)
+        return self.net(normalized)
 
     def forward(self, pixels):
         return self.forward_in(pixels, self.format_for(pixels))
