@@ -108,7 +108,11 @@ class Classifier(nn.Module):
             if memory_format != self.weights_format:  # only when the choice changes, e.g. with the batch size
                 self.net.to(memory_format=memory_format)
                 self.weights_format = memory_format
-            normalized = InFormat.apply(normalized, memory_format)
+            if not normalized.is_contiguous(memory_format=memory_format):
+                # InFormat only where a gradient flows: an exported graph keeps a plain copy (torch.export would
+                # record the Function's output as a view_as, which the exact verifier cannot encode)
+                normalized = InFormat.apply(normalized, memory_format) if normalized.requires_grad \
+                    else normalized.contiguous(memory_format=memory_format)
         return self.net(normalized)
 
     def forward(self, pixels):
