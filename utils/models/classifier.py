@@ -109,10 +109,9 @@ class Classifier(nn.Module):
                 self.net.to(memory_format=memory_format)
                 self.weights_format = memory_format
             if not normalized.is_contiguous(memory_format=memory_format):
-                # InFormat only where a gradient flows: an exported graph keeps a plain copy (torch.export would
-                # record the Function's output as a view_as, which the exact verifier cannot encode)
-                normalized = InFormat.apply(normalized, memory_format) if normalized.requires_grad \
-                    else normalized.contiguous(memory_format=memory_format)
+                # only where the format changes: InFormat given a tensor already in it returns its input, which
+                # torch.export records as a view_as that the exact verifier cannot encode (a change exports as a copy)
+                normalized = InFormat.apply(normalized, memory_format)
         return self.net(normalized)
 
     def forward(self, pixels):
