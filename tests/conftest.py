@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny model for fast unit tests, the offline real model, the test photos, and running scripts."""
 import contextlib
+import importlib
 import io
 import os
 import subprocess
@@ -64,6 +65,16 @@ def run_main(module, *args):
     finally:
         torch.set_num_threads(threads)
     return SimpleNamespace(returncode=status, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def run_in_process(script, *args, cwd):
+    """run_script's call, in this process: `script`'s command line by run_main, from the folder `cwd`. For the
+    tables of bad inputs, dozens of runs that each stop at a check: a fresh interpreter would spend 5 to 7 s of Python,
+    torch and torchvision on each before its one line (tests/test_bad_input.py's test_bad_input_from_the_shell runs
+    one of each program's as a user would)."""
+    module = importlib.import_module(Path(script).stem)
+    with contextlib.chdir(cwd):
+        return run_main(module, *args)
 
 
 class TinyNet(nn.Module):

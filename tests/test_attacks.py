@@ -495,8 +495,8 @@ def test_a_budget_under_one_level_returns_the_input(method, tiny_model, tiny_ima
     ("step_7_break_defense.py", ["--method", "square", "--queries", "-3"], "--queries"),
 ])
 def test_bad_attack_flags_are_one_line_exit_2(script, flags, named, tmp_path):
-    from tests.conftest import GRACE_HOPPER, OFFLINE, run_script
-    result = run_script(script, GRACE_HOPPER, "--model", OFFLINE, *flags, cwd=tmp_path)
+    from tests.conftest import GRACE_HOPPER, OFFLINE, run_in_process
+    result = run_in_process(script, GRACE_HOPPER, "--model", OFFLINE, *flags, cwd=tmp_path)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and named in result.stderr, result.stderr
     assert not (tmp_path / "outputs").exists()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import GRACE_HOPPER, OFFLINE, REPO, run_script
+from tests.conftest import GRACE_HOPPER, OFFLINE, REPO, run_in_process, run_script
 from tests.test_tutorial_units import tiny_png_header, truncated_jpeg
 
 
@@ -66,8 +66,11 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(name, files, tmp_path):
+# one case of each program whose bad input no other test runs in a fresh process (step 2's: below and test_models)
+FROM_THE_SHELL = ("step_3 pickle", "step_5 epsilon text", "step_6 bomb", "step_7 eot 0")
+
+
+def check_bad_input(run, name, files, tmp_path):
     script, args, message = CASES[name]
     out = tmp_path / "out"
     args = [arg.format(**{"in": files, "gh": GRACE_HOPPER, "out": out}) for arg in args]
@@ -75,7 +78,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(name, files, tmp_path):
         args += ["--output-dir", out] if script in ("step_5_perturb.py", "step_7_break_defense.py") else []
         args += ["--output", out / "result.jpg"] if script == "step_6_defend.py" and "--defense" not in args else []
     args += [] if "--model" in args else ["--model", OFFLINE]
-    result = run_script(script, *args, cwd=tmp_path)
+    result = run(script, *args, cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -83,15 +86,27 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(name, files, tmp_path):
     assert not out.exists() and not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(name, files, tmp_path):
+    check_bad_input(run_in_process, name, files, tmp_path)
+
+
+@pytest.mark.parametrize("name", FROM_THE_SHELL)
+def test_bad_input_from_the_shell(name, files, tmp_path):
+    """The same, as a user meets it: a fresh process, its `__main__` and the interpreter's own exit."""
+    check_bad_input(run_script, name, files, tmp_path)
+
+
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "I;16"])
-def test_unusual_image_modes_work_from_the_shell(mode, tmp_path):
+def test_unusual_image_modes_work_in_step_2(mode, tmp_path):
     image = Image.open(GRACE_HOPPER)
     if mode == "I;16":
         image = Image.fromarray((np.asarray(image.convert("L"), dtype=np.uint16) * 257))
     else:
         image = image.convert(mode)
     image.save(tmp_path / "photo.png")
-    result = run_script("step_2_pretrained.py", tmp_path / "photo.png", "--model", OFFLINE, "--top-k", "1", cwd=tmp_path)
+    result = run_in_process("step_2_pretrained.py", tmp_path / "photo.png", "--model", OFFLINE, "--top-k", "1",
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Prediction: ")
 

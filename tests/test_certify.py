@@ -15,7 +15,7 @@ from torch import nn
 from utils.models import Classifier, freeze, prepare_image, Preprocessing
 import step_10_certify
 import step_8_evaluate
-from tests.conftest import run_main, run_script
+from tests.conftest import run_in_process, run_main, run_script
 from utils.attacks import run_attack
 from utils.certify import CERTIFIERS
 from utils.certify.bounds import layer_bounds, make_ball, margin_bounds
@@ -298,11 +298,20 @@ def sigmoid_model(folder):
     (["--norm", "L2"], "not --norm L2"), (["--method", "magic"], "--method"),
     (["--epsilons", "300"], "--epsilons"), (["SIGMOID"], "cannot encode sigmoid")])
 def test_bad_input_is_one_line_and_writes_nothing(digits_setup, tmp_path, extra, message):
+    check_bad_input(run_in_process, digits_setup, tmp_path, extra, message)
+
+
+def test_bad_input_from_the_shell(digits_setup, tmp_path):
+    """One of them as a user meets it: a fresh process, its `__main__` and the interpreter's own exit."""
+    check_bad_input(run_script, digits_setup, tmp_path, ["--time-limit", "0"], "--time-limit")
+
+
+def check_bad_input(run, digits_setup, tmp_path, extra, message):
     model = digits_setup / "mlp.pt2"
     if extra == ["SIGMOID"]:
         model, extra = sigmoid_model(tmp_path), []
     out = tmp_path / "never"
-    result = run_script(STEP_10, digits_setup / "digits", "--model", model, "--output-dir", out, *extra, cwd=tmp_path)
+    result = run(STEP_10, digits_setup / "digits", "--model", model, "--output-dir", out, *extra, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if not line.startswith("Certifying")]
     assert len(lines) == 1 and message in lines[0], result.stderr
@@ -387,8 +396,8 @@ def test_step_10_resumes_only_on_the_model_its_rows_were_made_with(digits_setup,
     (["--sigma", "0.25", "--epsilons", "2"], "--epsilons does not apply")])
 def test_bad_smoothing_input_is_one_line_and_writes_nothing(digits_setup, tmp_path, extra, message):
     out = tmp_path / "never"
-    result = run_script(STEP_10, digits_setup / "digits", "--model", digits_setup / "mlp.pt2", "--method",
-                        "smoothing", "--output-dir", out, *extra, cwd=tmp_path)
+    result = run_in_process(STEP_10, digits_setup / "digits", "--model", digits_setup / "mlp.pt2", "--method",
+                            "smoothing", "--output-dir", out, *extra, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.splitlines()) == 1 and message in result.stderr, result.stderr
     assert not out.exists()
@@ -454,7 +463,7 @@ def test_step_8_certify_bad_input_is_one_line_and_writes_nothing(digits_setup, t
     if extra[0] == "UNLABELLED":
         folder, extra = sorted((digits_setup / "digits").iterdir())[0], extra[1:]  # one class's folder: no labels
     out = tmp_path / "never"
-    result = run_script(STEP_8, folder, "--model", model, *STEP_8_QUICK, "--output-dir", out, *extra, cwd=tmp_path)
+    result = run_in_process(STEP_8, folder, "--model", model, *STEP_8_QUICK, "--output-dir", out, *extra, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.splitlines()) == 1 and message in result.stderr, result.stderr
     assert not out.exists()

@@ -11,7 +11,7 @@ from PIL import Image
 
 import step_5_perturb
 import step_9_adversarial_training
-from tests.conftest import run_main, run_script
+from tests.conftest import run_in_process, run_main, run_script
 from utils.attacks import perturbation_size
 from utils.cli import UsageError
 from utils.flags import resolve_threat
@@ -129,7 +129,7 @@ def test_bad_norm_input_is_one_line_exit_2_and_writes_nothing(name, digits, digi
     where = {STEP_5: [photo, "--output-dir", out], STEP_7: [photo, "--output-dir", out],
              STEP_8: [digits, "--output-dir", out], STEP_9: [digits, "--output", out / "model.pt2"]}[script]
     model = [] if script == STEP_9 else ["--model", digit_model]
-    result = run_script(script, *where, *model, *extra, cwd=tmp_path)
+    result = run_in_process(script, *where, *model, *extra, cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import run_script
+from tests.conftest import run_in_process, run_script
 from utils.samples import digit_image
 from utils.training import load_checkpoint
 
@@ -71,7 +71,7 @@ def test_a_checkpoint_resumes_only_with_its_sigma(few_digits, tmp_path):
     (["--method", "noise", "--sigma", "-1"], "--sigma must be in (0, 2], got -1"),
 ])
 def test_bad_noise_flags_are_one_line(few_digits, tmp_path, extra, message):
-    result = run_script(STEP_9, few_digits, "--epochs", "1", "--output", tmp_path / "m.pt2", *extra, cwd=tmp_path)
+    result = run_in_process(STEP_9, few_digits, "--epochs", "1", "--output", tmp_path / "m.pt2", *extra, cwd=tmp_path)
     assert result.returncode == 2 and message in result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
     assert list(tmp_path.iterdir()) == []

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from utils.models import Classifier, Preprocessing
-from tests.conftest import REPO, run_main, run_script, run_tool
+from tests.conftest import REPO, run_in_process, run_main, run_script, run_tool
 from tools import compare_models
 from utils.samples import DIGIT_SIZE, digit_image, digit_split
 from utils.models import classes_path, load_program
@@ -121,7 +121,7 @@ def test_exported_program_is_the_trained_model(few_digits, tmp_path):
     (["--arch", "no-such-net"], "unknown architecture"),
 ])
 def test_bad_arguments_are_one_line(few_digits, tmp_path, extra, message):
-    result = run_script(STEP_9, few_digits, "--epochs", "1", *extra, cwd=tmp_path)
+    result = run_in_process(STEP_9, few_digits, "--epochs", "1", *extra, cwd=tmp_path)
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not list(tmp_path.iterdir())  # nothing half-written
