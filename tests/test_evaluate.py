@@ -362,6 +362,10 @@ def test_a_folder_with_no_readable_image_is_an_error(tiny, tmp_path):
     status, err = tiny(folder, "--methods", "fgsm", "--output-dir", tmp_path / "out")
     assert status == 2 and "no readable image" in err.strip().splitlines()[-1], err
     assert not (tmp_path / "out").exists()
+    (tmp_path / "mine").mkdir()  # a folder the user made: the refused run takes back what it wrote, not the folder
+    status, err = tiny(folder, "--methods", "fgsm", "--output-dir", tmp_path / "mine")
+    assert status == 2 and "no readable image" in err.strip().splitlines()[-1], err
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
 
 
 def read_csv(path):

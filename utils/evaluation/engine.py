@@ -242,6 +242,7 @@ def run_evaluation(model, photos, plan, settings, out, context=None, certifiers=
     if certifiers and context.world_size > 1:
         raise UsageError("--certify runs in one process: run it without torchrun (or --resume it so afterwards)")
     out = Path(out)
+    made_folder = not out.exists()
     batches = distributed.deal(cut(len(photos.paths), settings.batch_size), context)
     done = start_output(out, settings, context, weights_digest(model))
     started = time.perf_counter()
@@ -253,7 +254,7 @@ def run_evaluation(model, photos, plan, settings, out, context=None, certifiers=
     seconds, readable = time.perf_counter() - started, len(photos.names) - len(skipped)
     if not readable:
         if context.is_main:
-            drop_empty_output(out)
+            drop_empty_output(out, made_folder)
         raise UsageError(f"{photos.folder}: no readable image ({len(skipped)} files, none could be decoded)")
     result = Evaluation([], skipped, attacked, readable, seconds)
     if context.is_main:

@@ -126,13 +126,14 @@ def start_output(out, settings, context, model_digest):
     return {row_key(row): row for row in read_rows(out / "results.csv")}
 
 
-def drop_empty_output(out):
-    """Rank 0, when a run wrote no row: the settings record goes, and the folder too if nothing else is in it, so a
-    refused run leaves no output behind."""
+def drop_empty_output(out, made_folder):
+    """Rank 0, when a run wrote no row: the settings record goes, and the folder too if this run `made_folder` and
+    nothing else is in it, so a refused run leaves no output behind (and a folder the user made stays)."""
     if not read_rows(out / "results.csv"):
         (out / SETTINGS_NAME).unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            out.rmdir()
+        if made_folder:
+            with contextlib.suppress(OSError):
+                out.rmdir()
 
 
 def merge_results(out, photos, plan, settings):
