@@ -18,8 +18,10 @@ demo: $(VENV)/.installed
 app: $(VENV)/.installed
 	GRADIO_ANALYTICS_ENABLED=False $(PYTHON) app.py --port $(or $(PORT),7860) --model $(or $(MODEL),efficientnet_lite0)
 
+# two test processes (JOBS=... for another count): tests/conftest.py keeps the tests of a module that share a
+# module-scoped fixture on one of them
 test: $(VENV)/.installed
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n $(or $(JOBS),2) --dist loadgroup
 
 # the fast lane: every module exercised in process and one run per program in a fresh process (smoke), without the
 # other fresh-process runs (e2e), the slow ones, the peers' cross-checks and the browser
