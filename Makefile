@@ -18,10 +18,9 @@ demo: $(VENV)/.installed
 app: $(VENV)/.installed
 	GRADIO_ANALYTICS_ENABLED=False $(PYTHON) app.py --port $(or $(PORT),7860) --model $(or $(MODEL),efficientnet_lite0)
 
-# two test processes (JOBS=... for another count): tests/conftest.py keeps the tests of a module that share a
-# module-scoped fixture on one of them
+# two test processes (JOBS=... for another count), each taking whole files, so a module's fixtures are built once
 test: $(VENV)/.installed
-	$(PYTHON) -m pytest -q -n $(or $(JOBS),2) --dist loadgroup
+	$(PYTHON) -m pytest -q -n $(or $(JOBS),2) --dist loadfile
 
 # the fast lane: every module exercised in process and one run per program in a fresh process (smoke), without the
 # other fresh-process runs (e2e), the slow ones, the peers' cross-checks and the browser

@@ -180,16 +180,9 @@ STARTS_A_PROGRAM = ("run_script(", "run_tool(", "subprocess.")
 
 def pytest_collection_modifyitems(items):
     """Mark `e2e` every test whose own code starts a program in a fresh process (each start costs seconds: Python,
-    torch and a model load), so that make test-fast can leave them out but for the `smoke` ones, one per program.
-    Under pytest-xdist (make test: `--dist loadgroup`), the tests of a module that share a module-scoped fixture (a
-    peer's run, a trained model, a page) go to one worker, which builds it once; the others go wherever a worker is
-    free."""
+    torch and a model load), so that make test-fast can leave them out but for the `smoke` ones, one per program."""
     import inspect
     for item in items:
-        shared = getattr(item, "_fixtureinfo", None)
-        if shared and any(definition.scope in ("module", "class") for definitions in shared.name2fixturedefs.values()
-                          for definition in definitions):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
         function = getattr(item, "function", None)
         try:
             source = inspect.getsource(function) if function else ""
