@@ -2,7 +2,6 @@
 ResNet18 weights) and offline, and the README generator keeps only real output."""
 import functools
 import http.server
-import importlib
 import os
 import shutil
 import socket
@@ -21,7 +20,7 @@ import torchvision
 from PIL import Image
 
 from utils.models import load_torchvision
-from tests.conftest import CORGI, GRACE_HOPPER, REPO, run_main, run_script, run_tool
+from tests.conftest import CORGI, GRACE_HOPPER, REPO, run_in_process, run_script, run_tool
 import demo
 from utils.cli import UsageError
 from utils.files import display_path
@@ -52,7 +51,7 @@ def test_demo_tells_the_whole_story(tmp_path):
 
 
 class StepsInProcess:
-    """Stands in for demo.py's subprocess module: runs each step's command line in this process (conftest's run_main)
+    """Stands in for demo.py's subprocess module: runs each step's command line in this process (conftest's run_in_process)
     and prints what it printed, as the step's own process would on the terminal."""
 
     def __init__(self):
@@ -61,7 +60,7 @@ class StepsInProcess:
     def run(self, command):
         assert command[0] == sys.executable and Path(command[1]).parent == REPO, command
         self.commands.append([Path(command[1]).name, *command[2:]])
-        result = run_main(importlib.import_module(Path(command[1]).stem), *command[2:])
+        result = run_in_process(command[1], *command[2:], cwd=Path.cwd())
         print(result.stdout, end="")
         return SimpleNamespace(returncode=result.returncode)
 
