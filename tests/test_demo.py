@@ -51,8 +51,8 @@ def test_demo_tells_the_whole_story(tmp_path):
 
 
 class StepsInProcess:
-    """Stands in for demo.py's subprocess module: runs each step's command line in this process (conftest's run_in_process)
-    and prints what it printed, as the step's own process would on the terminal."""
+    """Stands in for demo.py's subprocess module: runs each step's command line in this process (conftest's
+    run_in_process) and prints what it printed, as the step's own process would on the terminal."""
 
     def __init__(self):
         self.commands = []
