@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import step_8_evaluate
+from utils import files
 from utils.models import find_class, predict_images, prepare_image
 from step_8_evaluate import DEFAULT_ENSEMBLE, get_args_parser, main, make_plan
 from utils.evaluation import engine
@@ -178,8 +179,15 @@ def test_resume_recomputes_only_missing_rows(evaluated, photos):
     kept = [row for row in csv.DictReader([header, *body[:10]]) if row["file"] != lost["file"]]
     redone_job = {row["file"] for row in csv.DictReader([header, *body[2:4]])}
     mtimes = {row["file"]: (out / row["file"]).stat().st_mtime_ns for row in kept if row["file"] not in redone_job}
+    # a process killed between a PNG's temp file and its rename leaves the temp; a hidden file of the user's stays
+    killed_write = files.temp_beside(out / lost["file"])
+    users = out / "images" / ".notes.txt"
+    users.write_text("mine")
 
     evaluate(photos, out, "--resume")
+    assert not killed_write.exists(), "a killed write's temp file is no output: the resumed run removes it"
+    assert users.read_text() == "mine"
+    users.unlink()
     before, after = read_rows(evaluated), read_rows(out)
     assert without_seconds(after) == without_seconds(before), "every row once, in one process's order, same values"
     assert png_bytes(out) == png_bytes(evaluated), "the redone PNGs are the uninterrupted run's, byte for byte"

@@ -1,5 +1,6 @@
 """Writing files atomically (a temp file beside the target, then a rename) so no half-written output is ever left."""
 import os
+import re
 import tempfile
 import csv
 import json
@@ -17,14 +18,35 @@ UMASK = os.umask(0o022)
 os.umask(UMASK)
 
 
-@contextmanager
-def atomic_path(path):
-    """Yield a temp path in the target's folder; on success rename it onto `path`, on failure remove it. The file gets
-    the permissions a plain open() would give it (mkstemp makes it private to its owner)."""
+# atomic_path's temp files: hidden, named after their target, marked so that nothing else is taken for one
+TEMP_MARK = ".tmp"
+TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}" + re.escape(TEMP_MARK) + r"(\.[^.]*)?")
+
+
+def temp_beside(path):
+    """A new empty temp file in `path`'s folder (made if missing) for what will become `path`: hidden, its name
+    TEMP_NAME's (.NAME.XXXXXXXX.tmp.SUFFIX), the target's suffix kept last for writers that read it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_MARK + path.suffix)
     os.close(handle)
+    return Path(temp)
+
+
+def remove_killed_writes(folder):
+    """Remove from `folder` and below the temp files of atomic_path calls whose process was killed before the rename
+    (a SIGKILL runs no cleanup): they are no output. Only while no other process writes into `folder`."""
+    for temp in Path(folder).rglob(f".*{TEMP_MARK}*"):
+        if TEMP_NAME.fullmatch(temp.name) and temp.is_file():
+            temp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_path(path):
+    """Yield a temp path in the target's folder (temp_beside); on success rename it onto `path`, on failure remove
+    it. The file gets the permissions a plain open() would give it (mkstemp makes it private to its owner)."""
+    path = Path(path)
+    temp = temp_beside(path)
     try:
         yield Path(temp)
         os.chmod(temp, 0o666 & ~UMASK)

@@ -20,7 +20,7 @@ import shutil
 
 from utils.evaluation import distributed
 from utils.cli import UsageError
-from utils.files import append_csv, atomic_path, check_same_settings, save_settings
+from utils.files import append_csv, atomic_path, check_same_settings, remove_killed_writes, save_settings
 from utils.evaluation.plan import job_of
 
 COLUMNS = ("image", "method", "norm", "epsilon", "steps", "defense", "attack", "target", "label", "clean_label",
@@ -109,8 +109,9 @@ def start_output(out, settings, context, model_digest):
     """Rank 0 folds what earlier runs finished (--resume) into results.csv, or clears them, and records what makes
     the rows (recorded_settings, in evaluation.json: --resume refuses rows made otherwise, before anything is
     written); then every rank reads the finished rows. Shards start empty, so no rank appends after a line torn by a
-    killed process."""
+    killed process, and a killed process's temp files go (the other ranks wait at the barrier: none is writing)."""
     if context.is_main:
+        remove_killed_writes(out)
         kept = list(finished_rows(out).values()) if settings.resume else []
         recorded = recorded_settings(settings, model_digest)
         if kept:
