@@ -174,6 +174,63 @@ def test_the_lattice_of_large_rows_is_the_rule(norm):
         assert torch.equal(ours.double(), expected), norm
 
 
+@pytest.mark.parametrize("norm", ["L2", "L1"])
+def test_the_lattice_is_the_rule_on_both_of_its_paths(norm, monkeypatch):
+    """lattice_within reads its moves off a partial sort of the largest excesses where that settles them, and fills
+    the whole row where it cannot (two excesses tied at the cut, ties past the partial sort): the rule either way,
+    on float32 deltas as the attacks give them, and each path taken on some of these cases."""
+    filled = []
+    whole_row = norms._pull_back_filling
+    monkeypatch.setattr(norms, "_pull_back_filling", lambda *args: filled.append(1) or whole_row(*args))
+    generator = torch.Generator().manual_seed(9)
+    cases = 0
+    for original, delta in large_cases(generator):
+        epsilon = 0.5 if norm == "L2" else 6.0
+        delta = norms.project(delta, original, epsilon, norm).float()
+        levels = (original * 255).round().float()
+        before = len(filled)
+        ours = norms.lattice_within(levels, delta, norm, epsilon * 255).flatten(1)
+        assert torch.equal(ours.double(), lattice_by_sorting(levels.double(), delta, norm, epsilon * 255)), norm
+        cases += len(filled) == before
+    assert filled and cases > len(filled), f"{len(filled)} whole-row fills in {cases + len(filled)} cases"
+
+
+@pytest.mark.parametrize("width", [4800, 4801, 150528])
+def test_whole_sums_are_exact_at_their_bound(width):
+    """Chunks in float32 up to the bound's worst case (every value at the bound, one sign), a prime width (chunks of
+    one), and mixed signs: the same as a float64 sum, exactly."""
+    generator = torch.Generator().manual_seed(10)
+    for bound in (255, 255 ** 2):
+        at_bound = torch.full((2, width), float(bound))
+        mixed = torch.randint(-bound, bound + 1, (3, width), generator=generator).float()
+        for values in (at_bound, mixed):
+            assert torch.equal(norms.whole_sums(values, bound), values.double().sum(dim=1)), (bound, width)
+
+
+def test_solve_capped_on_a_few_coordinates_is_solve_capped():
+    """The L2 projection's Newton on the coordinates that may saturate (the others summed into one slope) finds the
+    root the whole-row Newton finds, with the sorted fallback too, and a row's root does not depend on the others."""
+    generator = torch.Generator().manual_seed(11)
+    rows, n = 5, 3000
+    slopes = torch.rand(rows, n, generator=generator, dtype=torch.float64)
+    caps = torch.rand(rows, n, generator=generator, dtype=torch.float64).pow(4)
+    few = torch.rand(rows, n, generator=generator) < torch.tensor([0.0, 0.001, 0.01, 0.3, 1.0]).view(-1, 1)
+    caps = torch.where(few, caps, 4.0)  # the others never saturate below the root
+    goal = (slopes * caps.clamp(max=1)).sum(dim=1) * torch.rand(rows, generator=generator, dtype=torch.float64)
+    expected = norms.solve_capped(caps, slopes, slopes * caps, goal)
+    row, column = few.nonzero(as_tuple=True)
+    free = (slopes * ~few).sum(dim=1)
+    for iterations in (50, 1):
+        ours = norms.solve_capped_few(row, caps[row, column], slopes[row, column], (slopes * caps)[row, column], free,
+                                      goal, iterations=iterations)
+        assert torch.allclose(ours, expected, rtol=1e-12, atol=0), iterations
+    together = norms.solve_capped_few(row, caps[row, column], slopes[row, column], (slopes * caps)[row, column], free,
+                                      goal)
+    alone = [norms.solve_capped_few(row[row == r] * 0, caps[r][few[r]], slopes[r][few[r]], (slopes * caps)[r][few[r]],
+                                    free[r:r + 1], goal[r:r + 1]) for r in range(rows)]
+    assert torch.equal(torch.cat(alone), together)
+
+
 @pytest.mark.parametrize("norm", NORMS)
 def test_fabs_step_on_large_rows_is_the_rule(norm):
     generator = torch.Generator().manual_seed(5)

@@ -99,24 +99,61 @@ def project_l2(delta, original, epsilon):
 
     KKT: d = clip(t * delta, -original, 1 - original) for the t in (0, 1] where ||d||_2 = epsilon (t = 1 when the
     clipped delta is inside already). In u = t^2, ||d||^2 = sum_i min(u a_i^2, b_i^2) (a = |delta|, b the room) is
-    increasing, concave and piecewise linear: `solve_capped` finds its root exactly."""
+    increasing, concave and piecewise linear: Newton from below on its pieces (`solve_capped`) finds its root exactly.
+    The root is below 1, so only the coordinates the box clips at t = 1 (b_i < a_i: a few per image on most steps)
+    can ever saturate; the others add u * a_i^2, and their sum is computed once. The pieces are searched over those
+    few only (`solve_capped_few`)."""
     magnitude, room = _split(delta, original)
     clipped = torch.minimum(magnitude, room)
-    over = clipped.pow(2).sum(dim=1, dtype=torch.float64) > epsilon ** 2
+    squared = clipped.pow(2).sum(dim=1, dtype=torch.float64)
+    over = squared > epsilon ** 2
     if not bool(over.any()):
         return delta.sign().mul_(clipped.view_as(delta))
     a, b = _rows(magnitude, over), _rows(room, over)
-    slopes, saturated = a * a, b * b
-    # u <= 1: a cap past it never binds; where a = 0 the ratio is inf or nan, and the cap 4
-    caps = (b / a).square_().nan_to_num_(nan=4.0).clamp_(max=4.0)
-    u = solve_capped(caps, slopes, saturated, torch.full((len(a),), float(epsilon) ** 2, dtype=torch.float64,
-                                                         device=a.device))
-    inside = torch.minimum(a.mul_(u.sqrt().to(a.dtype).view(-1, 1)), b)
+    goal = torch.full((len(a),), float(epsilon) ** 2, dtype=torch.float64, device=a.device)
+    rows, columns = (b < a).nonzero(as_tuple=True)
+    a_few, b_few = a[rows, columns], b[rows, columns]
+    # where a = 0 the ratio is nan (b = 0 too) or inf: no cap; u < 1, so every other cap is in [0, 1)
+    caps = (b_few / a_few).square_().nan_to_num_(nan=4.0).clamp_(max=4.0)
+    # the squares in delta's type, as `squared`'s, then exactly in float64
+    saturated, slopes = (b_few * b_few).double(), (a_few * a_few).double()
+    # squared = sum over the unclipped of a_i^2 + sum over the clipped of b_i^2
+    free = _rows(squared, over) - torch.zeros_like(goal).index_add_(0, rows, saturated)
+    u = solve_capped_few(rows, caps, slopes, saturated, free.clamp_min_(0), goal)
+    inside = torch.minimum(a.mul(u.sqrt().to(a.dtype).view(-1, 1)), b)
     if len(inside) == len(clipped):
         clipped = inside
     else:
         clipped[over] = inside
     return delta.sign().mul_(clipped.view_as(delta))
+
+
+def solve_capped_few(rows, caps, slopes, saturated, free, goal, iterations=50):
+    """solve_capped for rows given as a few coordinates that may saturate, the others' slopes summed in `free` (R,):
+    per row r, the u >= 0 where free_r * u + sum over the coordinates of row r (rows, caps, slopes, saturated: (N,)
+    each, in increasing row order) of (saturated_i if caps_i <= u else u * slopes_i) = goal_r. The same Newton from
+    below, its sums accumulated per row in the coordinates' order (index_add_): a row's root does not depend on the
+    other rows. Rows still moving after `iterations` go to the sorted breakpoints."""
+    u = torch.zeros_like(goal)
+    count = None
+    for _ in range(iterations):
+        capped = caps <= u.to(caps.dtype)[rows]
+        now = torch.zeros(len(goal), dtype=torch.long, device=goal.device).index_add_(0, rows, capped.long())
+        if count is not None and torch.equal(now, count):
+            return u
+        count = now
+        reached = torch.zeros_like(goal).index_add_(0, rows, saturated * capped)
+        slack = torch.zeros_like(goal).index_add_(0, rows, slopes * capped.logical_not_())
+        u = ((goal - reached) / (free + slack).clamp_min(1e-300)).clamp_min(0)
+    moving = torch.zeros_like(count).index_add_(0, rows, (caps <= u.to(caps.dtype)[rows]).long()) != count
+    for row in moving.nonzero().view(-1).tolist():
+        mine = rows == row
+        # the never-saturating coordinates as one with that slope and no cap
+        u[row] = _solve_capped_sorted(torch.cat([caps[mine].double(), caps.new_full((1,), 4.0).double()]).view(1, -1),
+                                      torch.cat([slopes[mine], free[row].view(1)]).view(1, -1),
+                                      torch.cat([saturated[mine], (4 * free[row]).view(1)]).view(1, -1),
+                                      goal[row].view(1))[0]
+    return u
 
 
 def _rows(values, chosen):
@@ -199,32 +236,89 @@ def lattice_within(original_levels, delta, norm, budget):
     over the budget, the coordinates rounded furthest away from the original (largest |rounded| - |delta * 255|, ties
     in index order) moved one level back towards it, the fewest such moves in that order that bring the image inside.
 
-    Exact and deterministic (fill_largest_first): the excess value where the moves suffice is read off the largest
-    excesses only (a partial sort that grows until it holds that value), then every coordinate above it moves and, of
-    those at it, the first in index order that suffice; levels are whole numbers, exact in any float type, and sums are taken in
-    float64. Never over the budget: moving every coordinate
-    that was rounded away back gives |steps_i| <= |delta_i * 255| for all i, which is inside whenever delta is (and
-    the order continues over the other coordinates, down to the original itself, so an image is inside even when
-    delta was over by float noise). On the lattice and in [0, 255] by construction: a move goes one whole level
-    towards the original."""
+    Exact and deterministic: the moves are read off the largest excesses only (`_pull_back_top`, a partial sort), or,
+    where that cannot settle them (two excesses tied where the moves end, or float noise), by fill_largest_first over
+    the whole row; levels are whole numbers, exact in any float type, and their sums are exact (whole_sums). Never
+    over the budget: moving every coordinate that was rounded away back gives |steps_i| <= |delta_i * 255| for all i,
+    which is inside whenever delta is (and the order continues over the other coordinates, down to the original
+    itself, so an image is inside even when delta was over by float noise). On the lattice and in [0, 255] by
+    construction: a move goes one whole level towards the original."""
     # the nearest float to delta * 255: a float multiply rounds the exact product once, as a float64 one then
     # rounded back would (the product of a float and 255 is exact in float64)
     target = delta.detach().flatten(1).mul(255)
     base = original_levels.flatten(1).to(delta.dtype)
-    steps = target.round().add_(base).clamp_(0, 255).sub_(base)  # whole levels: exact in any float type
+    levels = target.round().add_(base).clamp_(0, 255)
+    steps = levels - base  # whole levels: exact in any float type
     limit = budget if norm == "L1" else budget ** 2
-    sizes = (steps.abs() if norm == "L1" else steps.square()).sum(dim=1, dtype=torch.float64)
+    sizes = _lattice_sizes(steps, norm)
+    over = sizes > limit
+    if bool(over.any()) and not _pull_back_top(levels, steps, target, sizes - limit, over, norm):
+        levels = base + _pull_back_filling(steps, target, sizes, limit, norm)
+    return levels.to(original_levels.dtype).view_as(original_levels)
+
+
+def _lattice_sizes(steps, norm):
+    """Per row, the exact float64 L1 or squared L2 size of whole-level `steps` (B, n) in [-255, 255]."""
+    return whole_sums(steps.abs(), 255) if norm == "L1" else whole_sums(steps.square(), 255 ** 2)
+
+
+def _gains(magnitude, norm):
+    """What one level back towards the original saves, per coordinate of |steps|: 1 in L1, |s|^2 - (|s| - 1)^2 in
+    squared L2, and 0 at the original (a move there moves nothing)."""
+    if norm == "L1":
+        return (magnitude > 0).to(magnitude.dtype)
+    return magnitude.mul(2).sub_(1).clamp_min_(0)
+
+
+def _pull_back_top(levels, steps, target, needed, over, norm):
+    """lattice_within's moves in place on `levels` (B, n), read off each row's largest excesses (one partial sort):
+    True when they settle every row over the budget, False (nothing changed) when a row needs the whole-row fill.
+
+    Positions 0..p of a row's excesses in decreasing order are the moves, p where their gains first reach what the
+    row needs; they are the fill's moves whenever the excess at p is no other coordinate's (fill_largest_first then
+    takes every larger one and that one), which holds when it is unique among the top k and larger than the k-th."""
+    rows = over.nonzero().view(-1)
+    every = len(rows) == len(steps)
+    moved, aimed, needed = _rows(steps, rows), _rows(target, rows), needed[rows]
+    magnitude = moved.abs()
+    excess = magnitude - aimed.abs()
+    width = excess.shape[1]
+    # k: twice what `needed` takes at the mean positive gain, estimated on every 16th coordinate (any k gives the
+    # same moves, a larger one costs a longer partial sort, a smaller one the whole-row fill)
+    sample = _gains(magnitude[:, ::16], norm)
+    mean = sample.sum(dim=1, dtype=torch.float64) / (sample > 0).sum(dim=1).clamp_min(1)
+    k = int(min(width, max(32, float((2 * needed / mean.clamp_min(1e-300)).max()))))
+    top, index = excess.topk(k, dim=1)
+    gains = _gains(magnitude.gather(1, index), norm).cumsum(dim=1, dtype=torch.float64)
+    reached = gains[:, -1] >= needed
+    if not bool(reached.all()):
+        return False
+    last = (gains >= needed.view(-1, 1)).int().argmax(dim=1, keepdim=True)
+    value = top.gather(1, last)
+    if (k < width and bool((top[:, -1:] == value).any())) or int((top == value).sum(dim=1).max()) > 1:
+        return False
+    taken = torch.arange(k, device=top.device).view(1, -1) <= last
+    # one level back towards the original: levels - sign(steps), at the positions taken (exact: whole numbers)
+    back = moved.gather(1, index).sign_().mul_(taken)
+    part = levels if every else levels[rows]
+    part.scatter_(1, index, part.gather(1, index).sub_(back))
+    if not every:
+        levels[rows] = part
+    return True
+
+
+def _pull_back_filling(steps, target, sizes, limit, norm):
+    """lattice_within's moves over whole rows (fill_largest_first): the steps (B, n) inside the budget."""
     while True:  # one pass suffices unless delta itself was over by float noise; each pass moves every image still over
         over = sizes > limit
         if not bool(over.any()):
-            break
+            return steps
         moved = _rows(steps, over)
         magnitude = moved.abs()
         excess = magnitude - _rows(target, over).abs()
-        # what one level back towards the original saves: 1 in L1, |s|^2 - (|s| - 1)^2 in squared L2; 0 for a
-        # coordinate at the original, so wherever its key falls it changes no sum of the fill, and taking it moves
-        # nothing: the same moves as keying it at -inf, without a torch.where (room_towards says why)
-        gain = (magnitude > 0).to(moved.dtype) if norm == "L1" else magnitude.mul_(2).sub_(1).clamp_min_(0)
+        # a coordinate at the original has gain 0, so wherever its key falls it changes no sum of the fill, and
+        # taking it moves nothing: the same moves as keying it at -inf, without a torch.where (room_towards says why)
+        gain = _gains(magnitude, norm)
         needed = _rows(sizes, over) - limit
         fill = fill_largest_first(excess, gain, needed)
         take = fill.above.logical_or_(fill.tied & (fill.before < fill.left))
@@ -234,10 +328,20 @@ def lattice_within(original_levels, delta, norm, budget):
         else:
             steps[over] = back
         if bool(fill.reached.all()):
-            break  # sizes are sums of whole numbers, exact in float64: the moves took at least what each image needed
+            return steps  # sizes are exact sums of whole numbers: the moves took at least what each image needed
         target = steps  # a further pass (float noise only) starts from here: no coordinate is rounded away any more
-        sizes = (steps.abs() if norm == "L1" else steps.square()).sum(dim=1, dtype=torch.float64)
-    return (base + steps).to(original_levels.dtype).view_as(original_levels)
+        sizes = _lattice_sizes(steps, norm)
+
+
+def whole_sums(values, bound):
+    """Per row, the exact float64 sum of `values` (B, n), whole numbers of magnitude at most `bound`: float32 sums of
+    chunks small enough that no partial sum can leave the integers float32 holds exactly (2 ** 24), in any order,
+    then a float64 sum of those. Several times faster on a CPU than a float64 sum of a float32 row, which converts
+    every value first."""
+    width = values.shape[1]
+    most = max(1, min(width, 2 ** 24 // max(int(bound), 1)))
+    chunk = next(size for size in range(most, 0, -1) if width % size == 0)
+    return values.reshape(len(values), -1, chunk).sum(dim=2).sum(dim=1, dtype=torch.float64)
 
 
 class Fill(NamedTuple):
