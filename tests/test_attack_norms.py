@@ -176,23 +176,25 @@ def test_the_lattice_of_large_rows_is_the_rule(norm):
 
 @pytest.mark.parametrize("norm", ["L2", "L1"])
 def test_the_lattice_is_the_rule_on_both_of_its_paths(norm, monkeypatch):
-    """lattice_within reads its moves off a partial sort of the largest excesses where that settles them, and fills
-    the whole row where it cannot (two excesses tied at the cut, ties past the partial sort): the rule either way,
-    on float32 deltas as the attacks give them, and each path taken on some of these cases."""
+    """lattice_within reads its moves off a partial sort of the largest excesses (ties at the cut included: coarse
+    deltas have many), and fills whole rows where one level back on every coordinate cannot reach the budget (a
+    delta far over it: the fill's further passes): the rule either way, on float32 deltas as the attacks give them,
+    each path taken."""
     filled = []
     whole_row = norms._pull_back_filling
     monkeypatch.setattr(norms, "_pull_back_filling", lambda *args: filled.append(1) or whole_row(*args))
     generator = torch.Generator().manual_seed(9)
-    cases = 0
     for original, delta in large_cases(generator):
         epsilon = 0.5 if norm == "L2" else 6.0
         delta = norms.project(delta, original, epsilon, norm).float()
         levels = (original * 255).round().float()
-        before = len(filled)
-        ours = norms.lattice_within(levels, delta, norm, epsilon * 255).flatten(1)
-        assert torch.equal(ours.double(), lattice_by_sorting(levels.double(), delta, norm, epsilon * 255)), norm
-        cases += len(filled) == before
-    assert filled and cases > len(filled), f"{len(filled)} whole-row fills in {cases + len(filled)} cases"
+        for scale in (1.0, 1.02, 4.0):  # inside the ball, just over it, far over it
+            before = len(filled)
+            ours = norms.lattice_within(levels, delta * scale, norm, epsilon * 255).flatten(1)
+            expected = lattice_by_sorting(levels.double(), delta * scale, norm, epsilon * 255)
+            assert torch.equal(ours.double(), expected), (norm, scale)
+            assert scale == 4.0 or len(filled) == before, "the partial sort settles a delta inside or near the ball"
+    assert filled, "a delta far over the ball is filled over whole rows"
 
 
 @pytest.mark.parametrize("width", [4800, 4801, 150528])
@@ -282,6 +284,11 @@ def test_the_room_inside_the_box_is_exact_at_its_edges():
     up[0, :5], up[1, :5] = True, False
     room = norms.room_towards(up, base)
     assert torch.equal(room, torch.where(up, 1 - base, base)) and not torch.signbit(room).any()
+    # the float form the projections pass (norms.upwards), from values with zeros of both signs and tiny ones
+    values = torch.where(up, torch.rand(base.shape, generator=generator) + 1e-30, -torch.rand(base.shape, generator=generator))
+    values[:, 5:9] = torch.tensor([0.0, -0.0, 1e-45, -1e-45])
+    room = norms.room_towards(norms.upwards(values), base)
+    assert torch.equal(room, torch.where(values > 0, 1 - base, base)) and not torch.signbit(room).any()
 
 
 def test_the_crossing_value_is_the_sorted_one():
@@ -446,6 +453,17 @@ def test_perturbation_size_keeps_its_old_pair():
     linf, l2 = perturbation_size(adversarial, original)
     assert linf.item() == 4 and abs(l2.item() - 5 / 255) < 1e-7
     assert perturbation_size(adversarial, original, "L1").item() == pytest.approx(7 / 255)
+
+
+def test_l1_apgds_stages_judge_only_their_last_image(tiny_model, tiny_images):
+    """l1-APGD's growing epsilon runs three stages; the first two only find the next one's start, so the image they
+    end on is never judged: one forward per gradient step and one for the returned image, no more."""
+    calls = []
+    counted = lambda images: calls.append(torch.is_grad_enabled()) or tiny_model(images)  # noqa: E731
+    labels = tiny_model(tiny_images).argmax(dim=1)
+    make_attack("apgd", tiny_model, norm="L1", epsilon=6.0, steps=10, targeted=False, early_stop=False,
+                forward=counted)(tiny_images, labels)
+    assert (calls.count(True), calls.count(False)) == (10, 1), calls
 
 
 def test_apgd_l1s_quantile_is_the_sorted_one():

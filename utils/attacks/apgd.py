@@ -158,7 +158,7 @@ class APGD(Attack):
             self.early_stop = False  # a success beyond the budget is no success: these stages only find a start
             for factor, count in zip((3, 2), stages):
                 self.set_budget(factor * epsilon, count)
-                super().run(original, labels, restart, ids, start=delta)
+                super().run(original, labels, restart, ids, start=delta, final=False)
                 delta, self.chained = self.state["best_delta"], True
             self.early_stop = early_stop
             self.set_budget(epsilon, steps - sum(stages))

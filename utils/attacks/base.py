@@ -219,9 +219,11 @@ class Attack:
         logits[:, rows] = exact
         return confirmed, logits
 
-    def run(self, original, labels, restart, ids, start=None):
+    def run(self, original, labels, restart, ids, start=None, final=True):
         """One try on a batch, from a random start (or from `start`, a delta); the state of `update` is kept as
-        `self.state` for attacks that chain runs."""
+        `self.state` for attacks that chain runs. `final=False`: a run wanted only for that state (a stage that finds
+        the next one's start), which stops after its last update, without the forward that judges the last iterate,
+        and returns None."""
         self.original = original
         original_levels = (original * 255).round()
         delta = self.random_delta(original, restart) if start is None else self.project(start.clone(), original)
@@ -233,6 +235,8 @@ class Attack:
         active = torch.ones_like(success)
         for step in range(self.steps + 1):
             last = step == self.steps
+            if last and not final:
+                return None
             lattice = self.on_lattice(original_levels, delta)
             # straight-through rounding: the model sees exactly the 8-bit image, and its gradient with respect to that
             # image is used as the gradient for delta (rounding treated as the identity in the backward pass)

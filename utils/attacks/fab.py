@@ -25,7 +25,7 @@ def hyperplane_step(point, normal, offset, norm):
     norms.solve_capped), in L1 the coordinates with the largest |normal_i| are filled first (a fractional knapsack)."""
     direction = torch.sign(offset).view(-1, 1) * normal.sign()
     weight = normal.abs()
-    room = norms.room_towards(direction > 0, point)
+    room = norms.room_towards(direction.clamp_min(0), point)  # direction is -1, 0 or 1
     goal = offset.abs()
     capacity = weight * room
     reachable = capacity.sum(dim=1) >= goal

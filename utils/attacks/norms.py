@@ -44,13 +44,20 @@ def steepest(grad, norm):
 def _split(delta, original):
     """|delta| (B, n) and, per coordinate, how far it may go in its own direction inside [0, 1] (B, n)."""
     flat, base = delta.flatten(1), original.flatten(1)
-    return flat.abs(), room_towards(flat > 0, base)
+    return flat.abs(), room_towards(upwards(flat), base)
+
+
+def upwards(values):
+    """1.0 where `values` > 0, else 0 (as a float of their type): sign then clamp, twice as fast on a CPU as a
+    comparison and a bool's conversion to float."""
+    return values.sign().clamp_min_(0)
 
 
 def room_towards(up, base):
-    """How far each coordinate of `base` in [0, 1] may go inside [0, 1]: 1 - base where `up`, else base. |up - base|
-    gives those exact values: arithmetic, as below, because torch.where with a full-size mask runs a scalar loop on
-    the CPU (about 4x a multiply: a tenth of an L2 attack's step on a small model)."""
+    """How far each coordinate of `base` in [0, 1] may go inside [0, 1]: 1 - base where `up` (a bool mask, or a fresh
+    float tensor of 0s and 1s in base's type, which this consumes), else base. |up - base| gives those exact values:
+    arithmetic, as below, because torch.where with a full-size mask runs a scalar loop on the CPU (about 4x a
+    multiply: a tenth of an L2 attack's step on a small model)."""
     return up.to(base.dtype).sub_(base).abs_()
 
 
@@ -197,30 +204,39 @@ def project_l1(delta, original, epsilon):
     over = total > epsilon
     if not bool(over.any()):
         return delta.sign().mul_(clipped.view_as(delta))
-    a, b = magnitude[over].double(), room[over].double()
-    lam = torch.empty(len(a), dtype=torch.float64, device=a.device)
-    todo = torch.arange(len(a), device=a.device)
+    # |delta| and the room in delta's type: a float64 copy of the whole rows is needed only where a row is solved
+    # whole; float32 values compare with float64 ones exactly (both as float64)
+    a, b, total = _rows(magnitude, over), _rows(room, over), total[over]
     width = a.shape[1]
     # lambda is at least (total - epsilon) / (nonzero coordinates): each term falls at slope at most 1. Those at or
     # under that bound end at zero, so the others are enough
-    bound = (total[over] - epsilon) / (a > 0).sum(dim=1).clamp_min(1)
+    bound = (total - epsilon) / (a > 0).sum(dim=1).clamp_min(1)
     enough = int((a > bound.view(-1, 1)).sum(dim=1).max())
     k = min(width, max(256, min(enough, width // 64)))
+    result = torch.zeros(a.shape, dtype=clipped.dtype, device=a.device)
+    todo = torch.arange(len(a), device=a.device)
     while len(todo):
         if 2 * k >= width:
-            lam[todo] = _l1_threshold(a[todo], b[todo], total[over][todo], epsilon)
+            a_todo, b_todo = a[todo].double(), b[todo].double()
+            lam = _l1_threshold(a_todo, b_todo, total[todo], epsilon).view(-1, 1)
+            result[todo] = (a_todo - lam).clamp_min(0).minimum(b_todo).to(result.dtype)
             break
         top, index = a[todo].topk(k + 1, dim=1)
-        part_a, part_b = top[:, :k], b[todo].gather(1, index[:, :k])
+        part_a, part_b = top[:, :k].double(), b[todo].gather(1, index[:, :k]).double()
         part_total = torch.minimum(part_a, part_b).sum(dim=1)
         found = _l1_threshold(part_a, part_b, part_total, epsilon)
-        # exact when the part alone is over epsilon and every coordinate left out is zero at its lambda
+        # exact when the part alone is over epsilon and every coordinate left out is zero at its lambda: the answer
+        # is then zero outside the part
         settled = (part_total > epsilon) & (found >= top[:, k])
-        lam[todo[settled]] = found[settled]
+        rows = todo[settled]
+        values = (part_a[settled] - found[settled].view(-1, 1)).clamp_min(0).minimum(part_b[settled])
+        result[rows] = result[rows].scatter_(1, index[settled, :k], values.to(result.dtype))
         todo, k = todo[~settled], 2 * k
-    result = clipped.clone()
-    result[over] = (a - lam.view(-1, 1)).clamp_min(0).minimum(b).to(result.dtype)
-    return delta.sign().mul_(result.view_as(delta))
+    if len(result) == len(clipped):
+        clipped = result
+    else:
+        clipped[over] = result
+    return delta.sign().mul_(clipped.view_as(delta))
 
 
 def project(delta, original, epsilon, norm):
@@ -271,33 +287,44 @@ def _gains(magnitude, norm):
 
 
 def _pull_back_top(levels, steps, target, needed, over, norm):
-    """lattice_within's moves in place on `levels` (B, n), read off each row's largest excesses (one partial sort):
-    True when they settle every row over the budget, False (nothing changed) when a row needs the whole-row fill.
+    """lattice_within's moves in place on `levels` (B, n), read off each row's largest excesses (a partial sort that
+    grows until it holds every coordinate at the excess where the moves end): True when they settle every row over
+    the budget, False (nothing changed) when a row's moves cannot reach what it needs (float noise: the whole-row
+    fill's further pass).
 
-    Positions 0..p of a row's excesses in decreasing order are the moves, p where their gains first reach what the
-    row needs; they are the fill's moves whenever the excess at p is no other coordinate's (fill_largest_first then
-    takes every larger one and that one), which holds when it is unique among the top k and larger than the k-th."""
+    In decreasing order of excess, the moves end at the excess `value` where the gains first reach what the row
+    needs: every larger excess moves, and of those at `value` the first in index order while the gains of those
+    ahead of them are under what is left (fill_largest_first's rule). Gains are whole numbers: their sums are exact
+    in any order."""
     rows = over.nonzero().view(-1)
     every = len(rows) == len(steps)
-    moved, aimed, needed = _rows(steps, rows), _rows(target, rows), needed[rows]
+    moved, aimed, needed = _rows(steps, rows), _rows(target, rows), needed[rows].view(-1, 1)
     magnitude = moved.abs()
     excess = magnitude - aimed.abs()
     width = excess.shape[1]
     # k: twice what `needed` takes at the mean positive gain, estimated on every 16th coordinate (any k gives the
-    # same moves, a larger one costs a longer partial sort, a smaller one the whole-row fill)
+    # same moves; a larger one costs a longer partial sort, a smaller one another)
     sample = _gains(magnitude[:, ::16], norm)
     mean = sample.sum(dim=1, dtype=torch.float64) / (sample > 0).sum(dim=1).clamp_min(1)
-    k = int(min(width, max(32, float((2 * needed / mean.clamp_min(1e-300)).max()))))
-    top, index = excess.topk(k, dim=1)
-    gains = _gains(magnitude.gather(1, index), norm).cumsum(dim=1, dtype=torch.float64)
-    reached = gains[:, -1] >= needed
-    if not bool(reached.all()):
-        return False
-    last = (gains >= needed.view(-1, 1)).int().argmax(dim=1, keepdim=True)
-    value = top.gather(1, last)
-    if (k < width and bool((top[:, -1:] == value).any())) or int((top == value).sum(dim=1).max()) > 1:
-        return False
-    taken = torch.arange(k, device=top.device).view(1, -1) <= last
+    k = int(min(width, max(32, float((2 * needed.view(-1) / mean.clamp_min(1e-300)).max()))))
+    while True:
+        top, index = excess.topk(k, dim=1)
+        gains = _gains(magnitude.gather(1, index), norm)
+        summed = gains.cumsum(dim=1, dtype=torch.float64)
+        if not bool((summed[:, -1:] >= needed).all()):
+            if k == width:
+                return False
+        else:
+            value = top.gather(1, (summed >= needed).int().argmax(dim=1, keepdim=True))
+            if k == width or not bool((top[:, -1:] == value).any()):
+                break  # every coordinate at `value` is among the top k
+        k = min(width, 2 * k)
+    above, tied = top > value, top == value
+    left = needed - gains.mul(above).sum(dim=1, keepdim=True, dtype=torch.float64)
+    order = torch.where(tied, index, width).argsort(dim=1)  # the tied positions first, in index order
+    ordered = gains.mul(tied).gather(1, order)
+    ahead = ordered.cumsum(dim=1, dtype=torch.float64).sub_(ordered)
+    taken = above.logical_or_(torch.zeros_like(tied).scatter_(1, order, tied.gather(1, order) & (ahead < left)))
     # one level back towards the original: levels - sign(steps), at the positions taken (exact: whole numbers)
     back = moved.gather(1, index).sign_().mul_(taken)
     part = levels if every else levels[rows]
