@@ -176,10 +176,10 @@ def test_the_lattice_of_large_rows_is_the_rule(norm):
 
 @pytest.mark.parametrize("norm", ["L2", "L1"])
 def test_the_lattice_is_the_rule_on_both_of_its_paths(norm, monkeypatch):
-    """lattice_within reads its moves off a partial sort of the largest excesses (ties at the cut included: coarse
-    deltas have many), and fills whole rows where one level back on every coordinate cannot reach the budget (a
-    delta far over it: the fill's further passes): the rule either way, on float32 deltas as the attacks give them,
-    each path taken."""
+    """lattice_within reads its L2 moves off a partial sort of the largest excesses (ties at the cut included:
+    coarse deltas have many), and fills whole rows in L1 and where one level back on every coordinate cannot reach
+    the budget (a delta far over it: the fill's further passes): the rule either way, on float32 deltas as the
+    attacks give them, each path taken."""
     filled = []
     whole_row = norms._pull_back_filling
     monkeypatch.setattr(norms, "_pull_back_filling", lambda *args: filled.append(1) or whole_row(*args))
@@ -193,8 +193,9 @@ def test_the_lattice_is_the_rule_on_both_of_its_paths(norm, monkeypatch):
             ours = norms.lattice_within(levels, delta * scale, norm, epsilon * 255).flatten(1)
             expected = lattice_by_sorting(levels.double(), delta * scale, norm, epsilon * 255)
             assert torch.equal(ours.double(), expected), (norm, scale)
-            assert scale == 4.0 or len(filled) == before, "the partial sort settles a delta inside or near the ball"
-    assert filled, "a delta far over the ball is filled over whole rows"
+            if norm == "L2" and scale < 4.0:
+                assert len(filled) == before, "the partial sort settles a delta inside or near the ball"
+    assert filled, "a delta far over the ball is filled over whole rows (and every L1 delta)"
 
 
 @pytest.mark.parametrize("width", [4800, 4801, 150528])

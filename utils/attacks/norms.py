@@ -9,6 +9,7 @@ closed form on the piece that holds it. The piece is found without sorting the w
 (Newton from below on a concave function ends on it; the sparse L1 answer needs only its largest coordinates sorted),
 by sorting its breakpoints otherwise.
 """
+import functools
 from typing import NamedTuple
 
 import torch
@@ -252,13 +253,15 @@ def lattice_within(original_levels, delta, norm, budget):
     over the budget, the coordinates rounded furthest away from the original (largest |rounded| - |delta * 255|, ties
     in index order) moved one level back towards it, the fewest such moves in that order that bring the image inside.
 
-    Exact and deterministic: the moves are read off the largest excesses only (`_pull_back_top`, a partial sort), or,
-    where that cannot settle them (two excesses tied where the moves end, or float noise), by fill_largest_first over
-    the whole row; levels are whole numbers, exact in any float type, and their sums are exact (whole_sums). Never
-    over the budget: moving every coordinate that was rounded away back gives |steps_i| <= |delta_i * 255| for all i,
-    which is inside whenever delta is (and the order continues over the other coordinates, down to the original
-    itself, so an image is inside even when delta was over by float noise). On the lattice and in [0, 255] by
-    construction: a move goes one whole level towards the original."""
+    Exact and deterministic: in L2 the moves are read off the largest excesses only (`_pull_back_top`, a partial
+    sort); in L1, and where that cannot settle them (a delta over the budget by more than one level per coordinate
+    can take back, as float noise can leave it, or an excess at the cut shared past the partial sort), by
+    fill_largest_first over whole rows, pass after pass; levels are whole numbers, exact in any float type, and their
+    sums are exact (whole_sums).
+    Never over the budget: moving every coordinate that was rounded away back gives |steps_i| <= |delta_i * 255| for
+    all i, which is inside whenever delta is (and the order continues over the other coordinates, down to the
+    original itself, so an image is inside even when delta was over by float noise). On the lattice and in [0, 255]
+    by construction: a move goes one whole level towards the original."""
     # the nearest float to delta * 255: a float multiply rounds the exact product once, as a float64 one then
     # rounded back would (the product of a float and 255 is exact in float64)
     target = delta.detach().flatten(1).mul(255)
@@ -268,7 +271,9 @@ def lattice_within(original_levels, delta, norm, budget):
     limit = budget if norm == "L1" else budget ** 2
     sizes = _lattice_sizes(steps, norm)
     over = sizes > limit
-    if bool(over.any()) and not _pull_back_top(levels, steps, target, sizes - limit, over, norm):
+    # L1's moves all gain one level and its steps are even, so its excesses tie in large groups past any partial sort:
+    # there the whole-row fill is the faster (on the digits model; no different on a photo)
+    if bool(over.any()) and (norm == "L1" or not _pull_back_top(levels, steps, target, sizes - limit, over, norm)):
         levels = base + _pull_back_filling(steps, target, sizes, limit, norm)
     return levels.to(original_levels.dtype).view_as(original_levels)
 
@@ -288,9 +293,9 @@ def _gains(magnitude, norm):
 
 def _pull_back_top(levels, steps, target, needed, over, norm):
     """lattice_within's moves in place on `levels` (B, n), read off each row's largest excesses (a partial sort that
-    grows until it holds every coordinate at the excess where the moves end): True when they settle every row over
-    the budget, False (nothing changed) when a row's moves cannot reach what it needs (float noise: the whole-row
-    fill's further pass).
+    grows until their gains reach what each row needs): True when they settle every row over the budget, False
+    (nothing changed) when one level back on every coordinate of a row cannot reach what it needs (the whole-row
+    fill's further passes) or when the excess where the moves end continues past the partial sort.
 
     In decreasing order of excess, the moves end at the excess `value` where the gains first reach what the row
     needs: every larger excess moves, and of those at `value` the first in index order while the gains of those
@@ -311,14 +316,14 @@ def _pull_back_top(levels, steps, target, needed, over, norm):
         top, index = excess.topk(k, dim=1)
         gains = _gains(magnitude.gather(1, index), norm)
         summed = gains.cumsum(dim=1, dtype=torch.float64)
-        if not bool((summed[:, -1:] >= needed).all()):
-            if k == width:
-                return False
-        else:
-            value = top.gather(1, (summed >= needed).int().argmax(dim=1, keepdim=True))
-            if k == width or not bool((top[:, -1:] == value).any()):
-                break  # every coordinate at `value` is among the top k
+        if bool((summed[:, -1:] >= needed).all()):
+            break
+        if k == width:
+            return False
         k = min(width, 2 * k)
+    value = top.gather(1, (summed >= needed).int().argmax(dim=1, keepdim=True))
+    if k < width and bool((top[:, -1:] == value).any()):
+        return False  # coordinates at `value` may lie past the top k: a large tie (l1-APGD's even steps), whole rows
     above, tied = top > value, top == value
     left = needed - gains.mul(above).sum(dim=1, keepdim=True, dtype=torch.float64)
     order = torch.where(tied, index, width).argsort(dim=1)  # the tied positions first, in index order
@@ -365,10 +370,15 @@ def whole_sums(values, bound):
     chunks small enough that no partial sum can leave the integers float32 holds exactly (2 ** 24), in any order,
     then a float64 sum of those. Several times faster on a CPU than a float64 sum of a float32 row, which converts
     every value first."""
-    width = values.shape[1]
-    most = max(1, min(width, 2 ** 24 // max(int(bound), 1)))
-    chunk = next(size for size in range(most, 0, -1) if width % size == 0)
+    chunk = _chunk(values.shape[1], int(bound))
     return values.reshape(len(values), -1, chunk).sum(dim=2).sum(dim=1, dtype=torch.float64)
+
+
+@functools.lru_cache(maxsize=None)
+def _chunk(width, bound):
+    """The largest divisor of `width` whose chunk of values of magnitude `bound` sums under 2 ** 24."""
+    most = max(1, min(width, 2 ** 24 // max(bound, 1)))
+    return next(size for size in range(most, 0, -1) if width % size == 0)
 
 
 class Fill(NamedTuple):
