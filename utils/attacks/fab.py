@@ -95,13 +95,12 @@ class FAB(OverTopTargets, Attack):
 
     def lattice_size(self, lattice_levels, original_levels):
         """Per image, the size in levels of the 8-bit perturbation, in double precision (whole levels and their
-        squares are exact in float32, and so are their sums: norms.whole_sums)."""
+        squares are exact in float32, and so are their sums: norms.lattice_sizes)."""
         steps = (lattice_levels - original_levels).flatten(1)
         if self.norm == "Linf":
             return steps.abs().amax(dim=1).double()
-        if self.norm == "L1":
-            return norms.whole_sums(steps.abs(), 255)
-        return norms.whole_sums(steps.square(), 255 ** 2).sqrt()
+        sizes = norms.lattice_sizes(steps, self.norm)
+        return sizes if self.norm == "L1" else sizes.sqrt()
 
     def start(self, original, restart):
         if not (self.random_start or restart > 0):

@@ -269,7 +269,7 @@ def lattice_within(original_levels, delta, norm, budget):
     levels = target.round().add_(base).clamp_(0, 255)
     steps = levels - base  # whole levels: exact in any float type
     limit = budget if norm == "L1" else budget ** 2
-    sizes = _lattice_sizes(steps, norm)
+    sizes = lattice_sizes(steps, norm)
     over = sizes > limit
     # L1's moves all gain one level and its steps are even, so its excesses tie in large groups past any partial sort:
     # there the whole-row fill is the faster (on the digits model; no different on a photo)
@@ -278,7 +278,7 @@ def lattice_within(original_levels, delta, norm, budget):
     return levels.to(original_levels.dtype).view_as(original_levels)
 
 
-def _lattice_sizes(steps, norm):
+def lattice_sizes(steps, norm):
     """Per row, the exact float64 L1 or squared L2 size of whole-level `steps` (B, n) in [-255, 255]."""
     return whole_sums(steps.abs(), 255) if norm == "L1" else whole_sums(steps.square(), 255 ** 2)
 
@@ -362,7 +362,7 @@ def _pull_back_filling(steps, target, sizes, limit, norm):
         if bool(fill.reached.all()):
             return steps  # sizes are exact sums of whole numbers: the moves took at least what each image needed
         target = steps  # a further pass (float noise only) starts from here: no coordinate is rounded away any more
-        sizes = _lattice_sizes(steps, norm)
+        sizes = lattice_sizes(steps, norm)
 
 
 def whole_sums(values, bound):
