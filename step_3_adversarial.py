@@ -17,7 +17,7 @@ import torch
 from step_2_pretrained import (add_model_arguments, get_device, get_label, model_from_args, predict_images, prepare_image,
                                to_tensor, to_uint8)
 from utils.cli import ArgumentParser, UsageError, run
-from utils.files import save_image
+from utils.files import remove_killed_writes_of, save_image
 from utils.flags import add_device_argument
 from utils.perturbations import load_perturbation
 
@@ -34,6 +34,7 @@ def get_adversarial_example(image_u8, r, model):
 def main(args):
     if Path(args.output).suffix.lower() != ".png":
         raise UsageError(f"--output must be a .png: a lossy format would change the perturbation, got {args.output}")
+    remove_killed_writes_of([args.output])
     model = model_from_args(args, get_device(args.device))
     image = prepare_image(args.image, model)
     r = load_perturbation(args.perturbation, image.shape[:2])

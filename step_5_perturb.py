@@ -35,7 +35,7 @@ from step_3_adversarial import get_adversarial_example
 from utils.attacks import ATTACKS, budget_unit, goal_reached, perturbation_size, run_attack
 from utils.cli import ArgumentParser, print_loss_every, run
 from utils.figures import comparison_figure
-from utils.files import save_array, save_figure, save_image
+from utils.files import remove_killed_writes_of, save_array, save_figure, save_image
 from utils.flags import (DEFAULT_EPSILON, add_attack_arguments, add_common_arguments, add_speed_arguments,
                          attack_options, check_budget, chosen_target, prepared_model, resolve_threat)
 from utils.threat import check_methods
@@ -148,9 +148,16 @@ def main(args):
     model = prepared_model(args, device, args.batch_size)
     if not args.untargeted:
         find_class(args.target, model.classes)  # an unknown target is reported before any work
-    if len(paths) == 1 and not Path(args.images[0]).is_dir():
-        return attack_one(model, paths[0], args)
-    return attack_many(model, paths, args)
+    one = len(paths) == 1 and not Path(args.images[0]).is_dir()
+    remove_killed_writes_of(output_files(paths, one, Path(args.output_dir)))
+    return attack_one(model, paths[0], args) if one else attack_many(model, paths, args)
+
+
+def output_files(paths, one, out):
+    """What the run writes: the tutorial's three files for one photo, each photo's PNG and r for several."""
+    if one:
+        return [out / "adversarial.png", out / "adversarial_r.npy", out / "comparison.png"]
+    return [out / f"{name}{end}" for name in output_names(paths) for end in (".png", "_r.npy")]
 
 
 def get_args_parser():

@@ -13,7 +13,7 @@ from pathlib import Path
 from step_2_pretrained import add_model_arguments, get_device, get_label, model_from_args, predict_images, prepare_image
 from utils.cli import ArgumentParser, UsageError, run
 from utils.defenses import defense_parameters, describe, jpeg_bytes, make_defense
-from utils.files import atomic_path, save_image
+from utils.files import atomic_path, remove_killed_writes_of, save_image
 from utils.flags import add_defense_arguments, add_device_argument, defense_settings
 
 
@@ -48,6 +48,7 @@ def report_clean_cost(model, clean_path, args):
 def main(args):
     name = describe(args.defense, **defense_settings(args))  # checks the defense and its parameters
     path = output_path(args)
+    remove_killed_writes_of([path])
     model = model_from_args(args, get_device(args.device))
     image = prepare_image(args.image, model)
     saved = save_defended(image, args, path)

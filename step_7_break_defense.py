@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 
 from step_2_pretrained import find_class, get_device, get_label, predict_images, prepare_image
-from utils.adaptive import break_defense
+from utils.adaptive import FILES, break_defense
 from utils.attacks import budget_unit, perturbation_size
 from utils.cli import ArgumentParser, UsageError, print_loss_every, run
 from utils.defenses import describe
 from utils.figures import break_defense_figure
-from utils.files import save_figure
+from utils.files import remove_killed_writes_of, save_figure
 from utils.flags import (DEFAULT_EPSILON, add_break_defense_arguments, attack_options, check_budget, chosen_target,
                          defense_settings, prepared_model, resolve_threat)
 from utils.images import to_tensor
@@ -52,13 +52,15 @@ def main(args):
     target = find_class(chosen_target(args), model.classes)
     image = prepare_image(args.image, model)
     check_budget(args, (3, *image.shape[:2]))
+    out = Path(args.output_dir)
+    remove_killed_writes_of([out / name for name in (*FILES, "break_defense.png")])
     label = functools.partial(get_label, classes=model.classes)
     print(f"Target class: {label(target)}")
     budget = "" if args.norm == "Linf" else f" in {args.norm} ({UNITS[args.norm]})"
     print(f"Defense: {name}; attack: {args.method} through it (BPDA, EOT {args.eot}), epsilon {args.epsilon:g}{budget}")
 
     result = break_defense(model, image, target, args.method, attack_options(args), args.defense, settings,
-                           args.output_dir, eot=args.eot, on_adaptive_step=print_loss_every(10, model.classes))
+                           out, eot=args.eot, on_adaptive_step=print_loss_every(10, model.classes))
     (plain_before, adaptive_before), (plain_after, new) = result.before, result.after
     print(f"Old prediction: {label(predict_images(model, [image])[0])}")
     print(f"New prediction: {label(new)}")
@@ -67,7 +69,7 @@ def main(args):
           f"({result.steps[1]} {budget_unit(args.method)}{sizes(model, image, result.files, args)})")
     rows = [("plain attack (step 5)", result.images[0], label(plain_before), result.defended[0], label(plain_after)),
             ("adaptive attack (step 7)", result.images[1], label(adaptive_before), result.defended[1], label(new))]
-    save_figure(break_defense_figure(rows), Path(args.output_dir) / "break_defense.png")
+    save_figure(break_defense_figure(rows), out / "break_defense.png")
     if new != target:
         print(f"The adaptive attack did not get through: after the defense {result.files[1]} is {label(new)}; "
               f"try more --steps, a larger --epsilon or more --eot")

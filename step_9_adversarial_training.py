@@ -54,7 +54,7 @@ from utils.attacks import make_attack
 from utils.attacks import ATTACKS, NORMS
 from utils.cli import ArgumentParser, UsageError, number_in, one_of, run
 from utils.data import PhotoDataset, csv_labels, cut, list_photos, photo_batches
-from utils.files import display_path
+from utils.files import display_path, remove_killed_writes_of
 from utils.flags import add_device_argument
 from utils.models import classes_path, export_program, load_program
 from utils.threat import check_epsilon
@@ -356,6 +356,7 @@ def main(args):
     if (args.method == "noise") != (args.sigma is not None):
         raise UsageError("--sigma goes with --method noise, and --method noise needs it (e.g. --sigma 0.25)")
     check_threat(args)
+    remove_killed_writes_of([args.output, classes_path(args.output), checkpoint_path(args)])
     if args.threads:
         torch.set_num_threads(args.threads)
     device = get_device(args.device)

@@ -16,6 +16,7 @@ from utils.models import Classifier, freeze, prepare_image, Preprocessing
 import step_10_certify
 import step_8_evaluate
 from tests.conftest import run_in_process, run_main, run_script
+from utils.files import temp_beside
 from utils.attacks import run_attack
 from utils.certify import CERTIFIERS
 from utils.certify.bounds import layer_bounds, make_ball, margin_bounds
@@ -278,9 +279,11 @@ def test_step_10_resumes_and_ignores_a_torn_last_line(digits_setup, tmp_path):
     whole = (out / "certified.csv").read_text()
     lines = whole.splitlines(keepends=True)
     (out / "certified.csv").write_text("".join(lines[:-2]) + lines[-2][:10])  # the last image half-written
+    killed_writes = [temp_beside(out / "certified.csv"), temp_beside(out / "counterexamples" / "0001.png")]
     result = run_script(STEP_10, *args, "--resume", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Certifying 1 of 4 images" in result.stderr
+    assert not any(path.exists() for path in killed_writes), "a killed write's temp file is no output: it goes"
     # the same rows in the same order (seconds aside: a clock's reading)
     assert [line.split(",")[:5] for line in (out / "certified.csv").read_text().splitlines()] == \
         [line.split(",")[:5] for line in whole.splitlines()]

@@ -6,6 +6,7 @@ from PIL import Image
 from utils.models import find_class, load_model, predict_images, prepare_image
 from tests.conftest import OFFLINE, run_script
 from utils.defenses import jpeg
+from utils.files import temp_beside
 
 pytestmark = pytest.mark.slow  # end to end, several processes: make test-fast leaves it out
 
@@ -31,9 +32,12 @@ def story(tmp_path_factory):
     """Steps 5, 3 and 6 on grace_hopper with the offline model and the defaults (the README's offline demo)."""
     from tests.conftest import GRACE_HOPPER
     work = tmp_path_factory.mktemp("story")
+    killed_writes = [temp_beside(work / "outputs" / name) for name in
+                     ("adversarial.png", "adversarial_r.npy", "comparison.png", "step3.png", "adversarial.jpg")]
     step5 = run_script("step_5_perturb.py", GRACE_HOPPER, "--model", OFFLINE, cwd=work)
     step3 = run_script("step_3_adversarial.py", GRACE_HOPPER, "--model", OFFLINE, "--output", "outputs/step3.png", cwd=work)
     step6 = run_script("step_6_defend.py", "outputs/adversarial.png", "--model", OFFLINE, "--quality", "75", cwd=work)
+    assert not any(path.exists() for path in killed_writes), "the temp files of killed writes of these outputs go"
     return work, step5, step3, step6
 
 

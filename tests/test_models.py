@@ -18,7 +18,7 @@ from utils.models import load_model, prepare_image
 from tests.conftest import GRACE_HOPPER, run_main, run_script
 from utils.models import guards, labels, model_files, zoo
 from utils.cli import UsageError, run
-from utils.files import display_path
+from utils.files import display_path, temp_beside
 
 CIFAR10 = list(labels.CIFAR10_CLASSES)
 
@@ -286,11 +286,13 @@ def test_steps_3_6_and_7_take_a_torchscript_file_and_its_classes(files, step_5):
     assert step6.returncode == 0, step6.stderr
     defended = step6.stdout.splitlines()[1].removeprefix("New prediction: ")
     assert defended == CIFAR10[truth(files, folder / "outputs" / "adversarial.jpg")]
+    killed_writes = [temp_beside(folder / "step7" / name) for name in ("plain.png", "adaptive.png", "break_defense.png")]
     step7 = run_script("step_7_break_defense.py", files["photo"], *common, "--target", "ship", "--epsilon", 16,
                        "--steps", 5, "--output-dir", "step7", cwd=folder)
     assert step7.returncode in (0, 1), step7.stderr
     assert step7.stdout.splitlines()[0] == "Target class: ship"
     assert (folder / "step7" / "adaptive.png").is_file()
+    assert not any(path.exists() for path in killed_writes), "the temp files of killed writes of step 7's outputs go"
 
 
 def test_the_page_uses_the_models_classes(files):

@@ -16,6 +16,7 @@ from tools import compare_models
 from utils.samples import DIGIT_SIZE, digit_image, digit_split
 from utils.models import classes_path, load_program
 from utils.training import SMALL_CNN, build_net, load_checkpoint
+from utils.files import temp_beside
 
 STEP_9 = "step_9_adversarial_training.py"
 
@@ -83,7 +84,9 @@ def test_resume_after_sigkill_gives_the_same_model(few_digits, tmp_path):
     process.wait()
     assert not killed.exists(), "the run finished before the kill: nothing was resumed"
     assert load_checkpoint(checkpoint)["epoch"] < 3
+    killed_writes = [temp_beside(path) for path in (checkpoint, killed, classes_path(killed))]
     resumed = run_script(STEP_9, *train_args(few_digits, killed, "--resume"), cwd=tmp_path)
+    assert not any(path.exists() for path in killed_writes), "the temp files of killed writes of the outputs go"
     assert resumed.returncode == 0, resumed.stderr
     assert "Resuming after epoch" in resumed.stdout
     states = [load_checkpoint(path.with_suffix(".ckpt"))["model"] for path in (tmp_path / "whole.pt2", killed)]

@@ -15,7 +15,7 @@ from step_2_pretrained import (LABELS_PATH, Classifier, Preprocessing, find_clas
 from step_3_adversarial import get_adversarial_example
 from utils.perturbations import load_perturbation, perturbation_from_images
 from utils.cli import UsageError
-from utils.files import atomic_path, save_image
+from utils.files import atomic_path, remove_killed_writes_of, save_image, temp_beside
 
 # ---- labels ---------------------------------------------------------------------------------------------------
 
@@ -212,6 +212,20 @@ def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path):
             temp.write_bytes(b"half")
             raise RuntimeError("crash mid-write")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_killed_writes_temp_files_go_and_nothing_else(tmp_path):
+    """A process killed between atomic_path's temp file and its rename leaves the temp (a SIGKILL runs no cleanup):
+    the next writer of that target removes it, and no temp of another target nor a hidden file of the user's."""
+    target = tmp_path / "adversarial.png"
+    killed = [temp_beside(target), temp_beside(target)]
+    others = [temp_beside(tmp_path / "adversarial.png.png"), temp_beside(tmp_path / "comparison.png"),
+              tmp_path / ".adversarial.png.notes", tmp_path / "adversarial.png"]
+    for path in others[2:]:
+        path.write_text("mine")
+    remove_killed_writes_of([target, tmp_path / "missing" / "x.npy"])
+    assert not any(path.exists() for path in killed)
+    assert all(path.exists() for path in others)
 
 
 def test_saved_png_reads_back_exactly(tmp_path):

@@ -54,8 +54,11 @@ class DefenseBreak:
     after: tuple
 
 
+FILES = ("plain.png", "adaptive.png")  # break_defense's two files: the plain attack's and the adaptive one's
+
+
 def break_defense(model, image_u8, target, method, options, defense, parameters, out, eot=1, on_plain_step=None,
-                  on_adaptive_step=None, names=("plain.png", "adaptive.png")):
+                  on_adaptive_step=None, names=FILES):
     """The plain attack (step 5's, blind to the defense) and the adaptive one (through it) towards `target` on one
     8-bit photo, written as out/plain.png and out/adaptive.png and judged as a recipient would: each file read back,
     then through the real defense (`defense` with `parameters`) drawn with the judge's own seed, options["seed"] +

@@ -1,4 +1,5 @@
 """Writing files atomically (a temp file beside the target, then a rename) so no half-written output is ever left."""
+import glob
 import os
 import re
 import tempfile
@@ -20,7 +21,17 @@ os.umask(UMASK)
 
 # atomic_path's temp files: hidden, named after their target, marked so that nothing else is taken for one
 TEMP_MARK = ".tmp"
-TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}" + re.escape(TEMP_MARK) + r"(\.[^.]*)?")
+
+
+def temp_names(target=None):
+    """The names of atomic_path's temp files (.NAME.XXXXXXXX.tmp.SUFFIX, XXXXXXXX mkstemp's) for the target file
+    named `target`, or for any target."""
+    name = ".+" if target is None else re.escape(target)
+    suffix = r"(\.[^.]*)?" if target is None else re.escape(Path(target).suffix)
+    return re.compile(r"\." + name + r"\.[a-z0-9_]{8}" + re.escape(TEMP_MARK) + suffix)
+
+
+TEMP_NAME = temp_names()
 
 
 def temp_beside(path):
@@ -39,6 +50,16 @@ def remove_killed_writes(folder):
     for temp in Path(folder).rglob(f".*{TEMP_MARK}*"):
         if TEMP_NAME.fullmatch(temp.name) and temp.is_file():
             temp.unlink(missing_ok=True)
+
+
+def remove_killed_writes_of(paths):
+    """Remove the temp files that atomic_path calls for these target files left when their process was killed
+    before the rename; a temp file of any other target stays. Only while no other process writes these targets."""
+    for path in map(Path, paths):
+        pattern = temp_names(path.name)
+        for temp in path.parent.glob(f".{glob.escape(path.name)}.*{TEMP_MARK}*"):
+            if pattern.fullmatch(temp.name) and temp.is_file():
+                temp.unlink(missing_ok=True)
 
 
 @contextmanager

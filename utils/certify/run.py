@@ -16,7 +16,8 @@ from utils.certify.base import MISCLASSIFIED, NOT_ROBUST, ROBUST, UNKNOWN
 from utils.certify.bounds_certifier import model_logits
 from utils.certify.exact import within_budget
 from utils.cli import UsageError
-from utils.files import append_csv, atomic_path, check_same_settings, save_figure, save_image, save_settings, save_text
+from utils.files import (append_csv, atomic_path, check_same_settings, remove_killed_writes, remove_killed_writes_of,
+                         save_figure, save_image, save_settings, save_text)
 
 BASE_COLUMNS = ("image", "label", "epsilon", "verdict", "prediction", "seconds")
 CSV_NAME = "certified.csv"
@@ -52,8 +53,11 @@ def write_certified(path, rows, columns):
 def start_certified(out, columns, resume, settings):
     """The rows an earlier run finished (--resume; a counterexample row only while its PNG is there), written back
     as certified.csv; without --resume the earlier outputs are removed. `settings` (Certifier.recorded_settings) are
-    written beside them; --resume refuses rows made with other ones, before anything is written."""
+    written beside them; --resume refuses rows made with other ones, before anything is written. A killed run's
+    temp files go (remove_killed_writes): they are no output."""
     path = out / CSV_NAME
+    remove_killed_writes_of([path, out / SETTINGS_NAME, out / "summary.md", out / "certified_accuracy.png"])
+    remove_killed_writes(out / FOLDER)
     kept = [row for row in read_certified(path, columns) if not row["file"] or (out / row["file"]).is_file()] \
         if resume else []
     if kept:
