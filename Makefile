@@ -31,6 +31,8 @@ bench: $(VENV)/.installed $(DEMO)/adversarial.pt2
 	$(PYTHON) bench/attack_speed.py
 	$(PYTHON) bench/evaluate_scaling.py
 	$(PYTHON) bench/robust_accuracy.py --model $(DEMO)/adversarial.pt2 --folder digits/test --norm Linf,L2,L1
+	$(PYTHON) bench/robust_accuracy.py --model $(DEMO)/adversarial.pt2 --folder digits/test --norm Linf,L2,L1 \
+		--processes 2 --batch-size 50
 
 $(DEMO)/adversarial.pt2:
 	$(MAKE) robust-demo

@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from utils.cli import ArgumentParser, comma_list, number_in, run  # noqa: E402
+from utils.evaluation.distributed import launcher  # noqa: E402
 
 CONFIGURATIONS = ((1, 2), (1, 1), (2, 1))  # processes x threads
 TIMER = re.compile(r"Evaluated (\d+) photos in ([\d.]+) s")
@@ -50,9 +51,7 @@ def synthetic_photos(folder, count, size=256):
 def step_8(processes, threads, folder, out, *args):
     """Run step 8 as one plain process or under torchrun; returns its stdout."""
     script = [str(REPO / "step_8_evaluate.py"), str(folder), "--output-dir", str(out), "--threads", str(threads), *args]
-    launcher = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                       "--standalone", "--nproc_per_node", str(processes)]
-    result = subprocess.run(launcher + script, capture_output=True, text=True)
+    result = subprocess.run(launcher(processes) + script, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"step 8 failed ({processes} x {threads}):\n{result.stderr[-3000:]}")
     return result.stdout

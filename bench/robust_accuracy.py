@@ -2,6 +2,7 @@
 
     python bench/robust_accuracy.py [--model outputs/robust-demo/adversarial.pt2] [--folder digits/test]
                                     [--norm Linf,L2,L1] [--epsilons 32,2,12] [--batch-size 64] [--threads 1]
+                                    [--processes 1]
 
 Per norm, one row. Ours: step 8 as a user runs it (a fresh process: its start-up counts against us), with --norm and
 its default ensemble there (AutoAttack's standard attacks that have a version in the norm: apgd, apgd-t, fab, square
@@ -14,6 +15,9 @@ reference's `run_standard_evaluation(..., bs)`; a score-based attack's cost per 
 the two are timed on the same batches); wall time of each. The target: ours at most the
 reference's robust accuracy plus one image, in at most half its time. `make robust-demo` makes the default model and
 folder. Epsilon: levels out of 255 in Linf, the norm of the whole perturbation in [0, 1] units in L2 and L1.
+Both get the same cores: --threads each by default; with --processes N, ours runs as N torchrun ranks of --threads
+threads on this machine (whole batches dealt among them; its results are one process's), the reference, which has
+no such mode, in one process of N x --threads threads.
 """
 import subprocess
 import sys
@@ -32,6 +36,7 @@ from utils.cli import ArgumentParser, UsageError, listed, number_in, one_of, run
 from utils.flags import add_benchmark_arguments, positive_number  # noqa: E402
 from utils.threat import check_epsilon  # noqa: E402
 from utils.data import list_photos  # noqa: E402
+from utils.evaluation.distributed import launcher  # noqa: E402
 from utils.evaluation.reference import STANDARD_ITERATIONS, reference_autoattack, worst_case_robust  # noqa: E402
 
 
@@ -39,8 +44,10 @@ DEFAULT_EPSILONS = {"Linf": 32.0, "L2": 2.0, "L1": 12.0}
 
 
 def run_ours(args, norm, epsilon, out):
-    """Step 8's ensemble in a fresh process: (robust images, images, wall seconds)."""
-    command = [sys.executable, str(ROOT / "step_8_evaluate.py"), args.folder, "--model", args.model, "--norm", norm,
+    """Step 8's ensemble in a fresh process (--processes > 1: as that many torchrun ranks, each --threads threads):
+    (robust images, images, wall seconds)."""
+    command = [*launcher(args.processes), str(ROOT / "step_8_evaluate.py"), args.folder, "--model", args.model,
+               "--norm", norm,
                "--epsilons", f"{epsilon:g}", "--batch-size", str(args.batch_size), "--steps", str(STANDARD_ITERATIONS),
                "--threads", str(args.threads),
                "--output-dir", str(out)]
@@ -53,7 +60,8 @@ def run_ours(args, norm, epsilon, out):
 
 
 def run_reference(args, norm, epsilon):
-    """The reference AutoAttack on the same 8-bit images: (robust images, images, wall seconds)."""
+    """The reference AutoAttack on the same 8-bit images, in this process (its torch threads: the cores ours was
+    given, --processes x --threads): (robust images, images, wall seconds)."""
     model = load_model(args.model)
     paths, names = list_photos(args.folder)
     if not all("/" in name for name in names):
@@ -76,9 +84,12 @@ def main(args):
                          "number for one norm)")
     for norm, epsilon in zip(args.norm, epsilons):
         check_epsilon(epsilon, norm, name="--epsilons")
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.processes * args.threads)  # the reference's: the cores ours gets
+    cores = (f"{args.threads} thread(s)" if args.processes == 1 else
+             f"ours as {args.processes} torchrun processes of {args.threads} thread(s), the reference in one process "
+             f"of {args.processes * args.threads} threads")
     print(f"{Path(args.folder)}, model {Path(args.model).name}, batches of {args.batch_size}, {STANDARD_ITERATIONS} "
-          f"iterations per gradient attack, {args.threads} thread(s); "
+          f"iterations per gradient attack, {cores}; "
           "epsilon in levels out of 255 (Linf), in [0, 1] pixel units (L2, L1):\n")
     print("| norm | epsilon | images | ours: robust accuracy | reference AutoAttack | ours - reference | ours (s) | "
           "reference (s) | time ratio |")
@@ -103,6 +114,10 @@ def get_args_parser():
                              "L2 2, L1 12)")
     parser.add_argument("--batch-size", type=number_in(1, 4096, int, name="--batch-size"), default=64,
                         help="images per batch, ours and the reference's alike (default: %(default)s)")
+    parser.add_argument("--processes", type=number_in(1, 64, int, name="--processes"), default=1,
+                        help="run ours as this many torchrun processes of --threads threads each (whole batches dealt "
+                             "among them), the reference in one process with as many threads in all "
+                             "(default: %(default)s)")
     return parser
 
 

@@ -25,6 +25,7 @@ from utils.certify.report_smoothing import certified_accuracy_at
 from utils.certify.smoothing import largest_radius, levels_per_value, lower_confidence_bound, radius_from_bound
 from utils.cli import UsageError
 from utils.data import list_photos
+from utils.evaluation.distributed import launcher
 from utils.models import load_model, predict_images, prepare_image
 
 
@@ -133,6 +134,35 @@ def test_robust_accuracy_puts_step_8_beside_the_reference_one_row_per_norm(digit
         assert int(difference) == ours - reference
         assert float(ours_s) >= 0 and float(reference_s) >= 0
     assert out.rstrip().endswith("Target: ours at most the reference plus one image, in at most half its time (x0.5).")
+
+
+def test_robust_accuracy_on_several_processes_gives_both_the_same_cores(digits, monkeypatch, capsys):
+    """--processes 2: ours is step 8 under torchrun's launcher, 2 ranks of --threads 1 (run here as one process, whose
+    results two ranks equal: tests/test_distributed.py), and the reference runs with 2 torch threads; the header
+    says so."""
+    step_8 = Step8InProcess()
+    prefix = launcher(2)
+    assert prefix == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+    def under_torchrun(command, **kwargs):
+        assert command[:len(prefix)] == prefix, command
+        return step_8.run([sys.executable, *command[len(prefix):]], **kwargs)
+    monkeypatch.setattr(robust_accuracy, "subprocess", SimpleNamespace(run=under_torchrun))
+    threads = []
+    real_reference = robust_accuracy.reference_autoattack
+    monkeypatch.setattr(robust_accuracy, "reference_autoattack", lambda *args, **kwargs: (
+        threads.append(torch.get_num_threads()), real_reference(*args, **kwargs))[1])
+    before = torch.get_num_threads()
+    try:
+        robust_accuracy.main(parse(robust_accuracy, "--model", digits.model_file, "--folder", digits.folder,
+                                   "--norm", "Linf", "--epsilons", "32", "--batch-size", "2", "--processes", "2"))
+    finally:
+        torch.set_num_threads(before)
+    out = capsys.readouterr().out
+    assert [command[command.index("--threads") + 1] for command in step_8.commands] == ["1"]
+    assert threads == [2]
+    assert "ours as 2 torchrun processes of 1 thread(s), the reference in one process of 2 threads;" in out
+    assert len(ROW.findall(out)) == 1
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -9,6 +9,7 @@ on the GPU of its LOCAL_RANK. Work is dealt in whole batches (`deal`): on CPU, P
 for another batch composition, so a batch must be the same batch whichever rank runs it.
 """
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,13 @@ class Context:
     @property
     def grouped(self):
         return dist.is_available() and dist.is_initialized()
+
+
+def launcher(processes):
+    """The command prefix that runs a script as `processes` torchrun ranks on this machine (1: a plain process)."""
+    if processes == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
 
 
 def launched_by_torchrun(environ=os.environ):
