@@ -47,10 +47,8 @@ def run_ours(args, norm, epsilon, out):
     """Step 8's ensemble in a fresh process (--processes > 1: as that many torchrun ranks, each --threads threads):
     (robust images, images, wall seconds)."""
     command = [*launcher(args.processes), str(ROOT / "step_8_evaluate.py"), args.folder, "--model", args.model,
-               "--norm", norm,
-               "--epsilons", f"{epsilon:g}", "--batch-size", str(args.batch_size), "--steps", str(STANDARD_ITERATIONS),
-               "--threads", str(args.threads),
-               "--output-dir", str(out)]
+               "--norm", norm, "--epsilons", f"{epsilon:g}", "--batch-size", str(args.batch_size),
+               "--steps", str(STANDARD_ITERATIONS), "--threads", str(args.threads), "--output-dir", str(out)]
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - started
@@ -84,10 +82,11 @@ def main(args):
                          "number for one norm)")
     for norm, epsilon in zip(args.norm, epsilons):
         check_epsilon(epsilon, norm, name="--epsilons")
-    torch.set_num_threads(args.processes * args.threads)  # the reference's: the cores ours gets
+    reference_threads = args.processes * args.threads  # the cores ours gets, in one process
+    torch.set_num_threads(reference_threads)
     cores = (f"{args.threads} thread(s)" if args.processes == 1 else
              f"ours as {args.processes} torchrun processes of {args.threads} thread(s), the reference in one process "
-             f"of {args.processes * args.threads} threads")
+             f"of {reference_threads} threads")
     print(f"{Path(args.folder)}, model {Path(args.model).name}, batches of {args.batch_size}, {STANDARD_ITERATIONS} "
           f"iterations per gradient attack, {cores}; "
           "epsilon in levels out of 255 (Linf), in [0, 1] pixel units (L2, L1):\n")
