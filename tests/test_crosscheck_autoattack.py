@@ -90,3 +90,30 @@ def test_a_gradient_masking_model_fails_sanity_check_5(trained):
     check = next(line for line in summary.splitlines() if line.startswith("5. "))
     print("\n" + check)
     assert check.startswith("5. **FAIL**")
+
+
+class FormatSpy(nn.Module):
+    """A small CNN that records, at each call, whether its input is channels-last in memory."""
+
+    def __init__(self, seen):
+        super().__init__()
+        self.seen = seen
+        self.conv, self.head = nn.Conv2d(3, 4, 3), nn.Linear(4 * 6 * 6, 10)
+
+    def forward(self, x):
+        self.seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return self.head(self.conv(x).relu().flatten(1))
+
+
+def test_the_reference_runs_the_network_in_the_memory_format_ours_runs_it_in():
+    """The reference AutoAttack gets the network as step 8 runs it: its input in utils.speed's rule's memory format,
+    channels-last for a CNN on a CPU. (It used to get a contiguous copy, which ran the digits CNN at about half the
+    speed ours ran it, and flattered our time ratio.) Its input images stay contiguous, as AutoAttack needs."""
+    torch.manual_seed(0)
+    seen = []
+    model = Classifier(FormatSpy(seen), Preprocessing(8, (0.5,) * 3, (0.5,) * 3), classes=[str(k) for k in range(10)])
+    images = torch.rand(2, 3, 8, 8).permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # channels-last, as to_tensor's
+    labels = model(images).argmax(dim=1)
+    seen.clear()
+    reference_autoattack(model, images, labels, 255)  # an unbounded budget: APGD-CE fools both at once
+    assert seen and all(seen)

@@ -42,11 +42,11 @@ def reference_robust(model, images, labels, epsilon, seed=0, batch_size=64, norm
         from pyautoattack import AutoAttack
     except ImportError:
         raise UsageError("the reference AutoAttack is not installed (pip install pyautoattack==0.2.0)")
-    # contiguous tensors throughout: AutoAttack views its gradients, made like its input (to_tensor's permuted batch is
-    # channels-last in memory, and such a gradient cannot be viewed); and its randomness check would read a
-    # memory-format measurement's float differences as a random defense
+    # contiguous images: AutoAttack views its gradients, made like its input (to_tensor's permuted batch is
+    # channels-last in memory, and such a gradient cannot be viewed). The network runs as ours does, in the memory
+    # format of utils.speed's fixed rule: the Classifier hands gradients back in the input's own layout, and a fixed
+    # rule gives AutoAttack's randomness check the same floats twice
     images = images.contiguous()
-    model = model.with_net(model.net, memory_format=torch.contiguous_format)
     adversary = AutoAttack(model, eps=epsilon / 255 if norm == "Linf" else epsilon, norm=norm, version="standard",
                            seed=seed, device=images.device)
     adversarial, _ = adversary.run_standard_evaluation(images, labels, batch_size=batch_size)
