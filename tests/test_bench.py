@@ -23,6 +23,7 @@ from bench import (evaluate_scaling, robust_accuracy, smoothing_demo, smoothing_
 from tests.conftest import REPO, run_main
 from utils.certify.report_smoothing import certified_accuracy_at
 from utils.certify.smoothing import largest_radius, levels_per_value, lower_confidence_bound, radius_from_bound
+from utils import speed
 from utils.cli import UsageError
 from utils.data import list_photos
 from utils.evaluation.distributed import launcher
@@ -101,7 +102,7 @@ class Step8InProcess:
 
 
 ROW = re.compile(r"^\| (\w+) \| ([\d.]+) \| (\d+) \| ([\d.]+)% \((\d+)\) \| ([\d.]+)% \((\d+)\) \| ([+-]\d+) \| "
-                 r"([\d.]+) \| ([\d.]+) \| x([\d.]+|inf) \|$", re.M)
+                 r"([\d.]+) \| ([\d.]+) \| x([\d.]+|inf) \| ([\d.]+) \| x([\d.]+|inf) \|$", re.M)
 
 
 def test_robust_accuracy_puts_step_8_beside_the_reference_one_row_per_norm(digits, monkeypatch, capsys):
@@ -111,29 +112,36 @@ def test_robust_accuracy_puts_step_8_beside_the_reference_one_row_per_norm(digit
     the model gets right."""
     step_8 = Step8InProcess()
     monkeypatch.setattr(robust_accuracy, "subprocess", step_8)
-    batches = []
+    batches, clocks = [], []
     real_reference = robust_accuracy.reference_autoattack
     monkeypatch.setattr(robust_accuracy, "reference_autoattack", lambda *args, batch_size, **kwargs: (
         batches.append(batch_size), real_reference(*args, batch_size=batch_size, **kwargs))[1])
+    monkeypatch.setattr(robust_accuracy, "NetworkClock", lambda net: clocks.append(speed.NetworkClock(net)) or clocks[-1])
     robust_accuracy.main(parse(robust_accuracy, "--model", digits.model_file, "--folder", digits.folder,
                                "--norm", "Linf,L2", "--epsilons", "32,4", "--batch-size", "3"))
     out = capsys.readouterr().out
     assert [command[command.index("--norm") + 1:command.index("--norm") + 6] for command in step_8.commands] == \
         [["Linf", "--epsilons", "32", "--batch-size", "3"], ["L2", "--epsilons", "4", "--batch-size", "3"]]
     assert batches == [3, 3]  # the reference on the same batches as ours
+    # its network clocked: every digit forwarded, the gradient attacks' backward passes through it
+    assert len(clocks) == 2 and all(clock.images["forward"] >= 4 and clock.images["backward"] > 0 for clock in clocks)
     # and with its iterations: step 8's ensemble runs as many steps as its largest --steps (50 by default)
     assert all(command[command.index("--steps") + 1] == "100" for command in step_8.commands)
     assert out.startswith(f"{digits.folder}, model {Path(digits.model_file).name}, batches of 3, 100 iterations per gradient attack, 1 thread(s);")
     rows = ROW.findall(out)
     assert [(norm, epsilon, images) for norm, epsilon, images, *_ in rows] == [("Linf", "32", "4"), ("L2", "4", "4")]
-    for _, _, images, ours_share, ours, reference_share, reference, difference, ours_s, reference_s, _ in rows:
+    for _, _, images, ours_share, ours, reference_share, reference, difference, ours_s, reference_s, _, network_s, \
+            floor in rows:
         ours, reference = int(ours), int(reference)
         assert 0 <= ours <= digits.right and 0 <= reference <= digits.right
         assert float(ours_share) == pytest.approx(100 * ours / 4, abs=0.05)
         assert float(reference_share) == pytest.approx(100 * reference / 4, abs=0.05)
         assert int(difference) == ours - reference
         assert float(ours_s) >= 0 and float(reference_s) >= 0
-    assert out.rstrip().endswith("Target: ours at most the reference plus one image, in at most half its time (x0.5).")
+        # the reference's network passes, clocked inside its run: a part of it, and the floor is that share
+        assert 0 <= float(network_s) <= float(reference_s)
+        assert float(floor) == pytest.approx(float(network_s) / float(reference_s), abs=0.01 + 0.1 / float(reference_s))
+    assert "\nTarget: ours at most the reference plus one image, in at most half its time (x0.5).\nFloor: " in out
 
 
 def test_robust_accuracy_on_several_processes_gives_both_the_same_cores(digits, monkeypatch, capsys):

@@ -371,3 +371,50 @@ def test_every_command_line_keeps_freed_memory(monkeypatch):
     with pytest.raises(SystemExit) as exit:
         cli.run(lambda args: None, cli.ArgumentParser(), [])
     assert exit.value.code == 0 and calls == [True]
+
+
+# ---- the network's clock: what a run spends inside the network ------------------------------------------------
+
+class _Slow(torch.autograd.Function):
+    """The identity, whose forward takes `forward_s` and whose backward takes `backward_s`."""
+
+    @staticmethod
+    def forward(ctx, tensor, forward_s, backward_s):
+        time.sleep(forward_s)
+        ctx.backward_s = backward_s
+        return tensor * 1.0
+
+    @staticmethod
+    def backward(ctx, grad):
+        time.sleep(ctx.backward_s)
+        return grad, None, None
+
+
+class SlowNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.linear(_Slow.apply(x, 0.3, 0.1))
+
+
+def test_network_clock_times_forward_and_backward_passes_apart_without_touching_values():
+    """A forward of 0.3 s and a backward of 0.1 s: the clock's forward span holds the first and not the second, its
+    backward span the second and not the first (under 0.3 s); outputs and input gradients are the network's own;
+    images count rows, a forward without gradients adds no backward."""
+    torch.manual_seed(0)
+    net = SlowNet()
+    clocked = speed.NetworkClock(net)
+    x = torch.rand(5, 4, requires_grad=True)
+    out = clocked(x)
+    grad, = torch.autograd.grad(out.square().sum(), x)
+    expected = net(x)
+    expected_grad, = torch.autograd.grad(expected.square().sum(), x)
+    assert torch.equal(out, expected) and torch.equal(grad, expected_grad)
+    assert clocked.seconds["forward"] >= 0.3
+    assert 0.1 <= clocked.seconds["backward"] < 0.3
+    with torch.no_grad():
+        clocked(x[:2])
+    assert clocked.images == {"forward": 7, "backward": 5}
+    assert clocked.seconds["forward"] >= 0.6 and clocked.seconds["backward"] < 0.3

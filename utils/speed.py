@@ -93,6 +93,53 @@ def clock(device):
     return time.perf_counter
 
 
+class NetworkClock(torch.nn.Module):
+    """`net` with a stopwatch, its values and gradients untouched: `seconds` adds up the wall time of its forward
+    passes and of the backward passes through it (from the gradient reaching its output to the gradient leaving its
+    input), `images` the batch rows each pass saw. What a run spends inside the network, which no attack on that
+    network can spend less on for the same passes. On CUDA each pass synchronizes, which slows a clocked run there."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.seconds = {"forward": 0.0, "backward": 0.0}
+        self.images = {"forward": 0, "backward": 0}
+
+    def forward(self, inputs):
+        synchronize(inputs.device)
+        started = time.perf_counter()
+        span = {"clock": self, "rows": len(inputs)}
+        tracked = inputs.requires_grad and torch.is_grad_enabled()
+        outputs = self.net(_Stopwatch.apply(inputs, span, False) if tracked else inputs)
+        if tracked:
+            outputs = _Stopwatch.apply(outputs, span, True)
+        synchronize(inputs.device)
+        self.seconds["forward"] += time.perf_counter() - started
+        self.images["forward"] += len(inputs)
+        return outputs
+
+
+class _Stopwatch(torch.autograd.Function):
+    """The identity, whose backward reads the clock: at a network's output it starts the backward span, at its input
+    it ends it (autograd reaches the input last)."""
+
+    @staticmethod
+    def forward(ctx, tensor, span, at_output):
+        ctx.span, ctx.at_output = span, at_output
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        span = ctx.span
+        synchronize(grad.device)
+        if ctx.at_output:
+            span["started"] = time.perf_counter()
+        elif "started" in span:
+            span["clock"].seconds["backward"] += time.perf_counter() - span.pop("started")
+            span["clock"].images["backward"] += span["rows"]
+        return grad, None, None
+
+
 def time_pass(run, pixels, memory_format):
     """Seconds of one forward (and, with gradients on, backward to the input) with the input in `memory_format`."""
     now = clock(pixels.device)
