@@ -5,14 +5,18 @@ from utils.attacks import norms
 from utils.attacks.base import Attack, AttackResult, OverTopTargets
 
 
-def _fill_largest_first(weight, room, goal):
+def _fill_largest_first(weight, room, capacity, goal):
     """The fractional knapsack of FAB's L1 step: per row, m_i in [0, room_i] with sum weight_i m_i = goal, filling
     the coordinates in decreasing order of weight (ties in index order), the last one partly (norms.fill_largest_first:
-    every coordinate above the weight where the filling ends is full, those at it fill in index order)."""
-    fill = norms.fill_largest_first(weight, weight * room, goal)
-    part = ((fill.left - fill.before) / weight.clamp_min(1e-30)).clamp(min=0).to(weight.dtype)
-    # disjoint masks applied by multiplication, exact on these finite values (norms.room_towards: why not torch.where)
-    return room * fill.above + torch.minimum(part, room).mul_(fill.tied & (fill.before < fill.left))
+    every coordinate above the weight where the filling ends is full, those at it fill in index order while the
+    tied capacity ahead of them is under what is left; `capacity` is weight * room)."""
+    fill = norms.fill_largest_first(weight, capacity, goal)
+    rows, columns = (fill.tied & (fill.before < fill.left)).nonzero(as_tuple=True)  # the few filled partly
+    before = fill.before[rows, columns] if fill.before.dim() else fill.before
+    part = ((fill.left[rows, 0] - before) / weight[rows, columns].clamp_min(1e-30)).clamp(min=0).to(weight.dtype)
+    moved = room * fill.above.to(room.dtype)  # a float mask: norms.indicator says why
+    moved[rows, columns] = torch.minimum(part, room[rows, columns])
+    return moved
 
 
 def hyperplane_step(point, normal, offset, norm):
@@ -34,12 +38,13 @@ def hyperplane_step(point, normal, offset, norm):
     every = bool(reachable.all())  # the common case: no gathered copies
     w, r, c, g = (x if every else x[reachable] for x in (weight, room, capacity, goal))
     if norm == "L1":
-        moved = _fill_largest_first(w, r, g)
+        moved = _fill_largest_first(w, r, c, g)
     else:
         # a coordinate with w = 0 has slope and saturation 0: its break, any finite one, changes no sum
         breaks, slope = (r, w) if norm == "Linf" else (r / w.clamp_min(1e-30), w * w)
         t = norms.solve_capped(breaks, slope, c, g).to(w.dtype).view(-1, 1)
-        moved = torch.minimum(t if norm == "Linf" else t * w, r).mul_(w > 0)
+        # a zero weight need not move: in L2 t * w is 0 there already
+        moved = torch.minimum(t, r).mul_(norms.indicator(torch.gt, w, 0)) if norm == "Linf" else torch.minimum(t * w, r)
     if every:
         return direction.mul_(moved)
     move = room.clone()
@@ -152,19 +157,21 @@ class FAB(OverTopTargets, Attack):
 
     def boundary_step(self, delta, adversarial, value, grad, lattice):
         """FAB's next delta from the linearization value + grad . (z - lattice) of the current 8-bit image."""
-        original = self.original
-        batch = len(delta)
-        point, normal = (original + delta).flatten(1), grad.flatten(1)
+        original = self.original.flatten(1)
+        point, normal = (self.original + delta).flatten(1), grad.flatten(1)
         base = value - (normal * lattice.flatten(1)).sum(dim=1)   # the hyperplane: normal . z + base = 0
-        starts = torch.cat([point, original.flatten(1)])
-        offsets = -(torch.cat([base, base]) + (torch.cat([normal, normal]) * starts).sum(dim=1))
-        steps = hyperplane_step(starts, torch.cat([normal, normal]), offsets, self.norm)
-        lengths = norms.size(steps, self.norm).clamp_min(1e-8)
-        mix = (lengths[:batch] / (lengths[:batch] + lengths[batch:])).clamp(0, self.alpha_max).view(-1, 1)
-        moved = ((point + self.eta * steps[:batch]) * (1 - mix)
-                 + (original.flatten(1) + self.eta * steps[batch:]) * mix).clamp(0, 1)
+        # the point and the original projected apart, each row on its own: a batch of both stacked is twice the size,
+        # and past glibc's largest mmap threshold (32 MB: a batch of 16 photos) each copy is a fresh mapping whose
+        # pages fault in again (utils.speed.keep_freed_memory)
+        to_point, to_original = (hyperplane_step(start, normal, -(base + (normal * start).sum(dim=1)), self.norm)
+                                 for start in (point, original))
+        lengths = [norms.size(step, self.norm).clamp_min(1e-8) for step in (to_point, to_original)]
+        mix = (lengths[0] / (lengths[0] + lengths[1])).clamp(0, self.alpha_max).view(-1, 1)
+        # (point + eta to_point) (1 - mix) + (original + eta to_original) mix, in [0, 1]
+        moved = to_point.mul_(self.eta).add_(point).mul_(1 - mix)
+        moved = moved.add_(to_original.mul_(self.eta).add_(original).mul_(mix)).clamp_(0, 1)
         # an adversarial point takes the backward step instead: its next linearization is at the point pulled back
-        return torch.where(adversarial.view(-1, 1, 1, 1), delta * self.beta, moved.view_as(delta) - original)
+        return torch.where(adversarial.view(-1, 1, 1, 1), delta * self.beta, moved.view_as(delta) - self.original)
 
     def result(self, best, best_size, budget, steps_used, labels):
         """The smallest adversarial image where it is within the budget, else the input, judged once more in fp32."""
