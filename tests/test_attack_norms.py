@@ -467,6 +467,24 @@ def test_l1_apgds_stages_judge_only_their_last_image(tiny_model, tiny_images):
     assert (calls.count(True), calls.count(False)) == (10, 1), calls
 
 
+@pytest.mark.parametrize("random_start", [False, True], ids=["from the input", "from a random start"])
+def test_fab_judges_nothing_twice_and_reports_the_returned_images_predictions(random_start, tiny_model, tiny_images):
+    """FAB-T's forwards: one to rank its targets, one per gradient step, one to judge its last point; from the input
+    it judges nothing again at the end (the verdicts it returns were made when its images were found), from a random
+    start one more forward judges the inputs it returns. Either way each prediction is a fresh forward's of the image
+    returned."""
+    calls = []
+    counted = lambda images: calls.append(torch.is_grad_enabled()) or tiny_model(images)  # noqa: E731
+    labels = tiny_model(tiny_images).argmax(dim=1)
+    result = make_attack("fab", tiny_model, norm="L2", epsilon=EPSILONS["L2"] / 4, steps=10, targeted=False,
+                         early_stop=False, target_classes=1, random_start=random_start,
+                         forward=counted)(tiny_images, labels)
+    assert not result.success.all(), "some inputs are returned: the budget is small enough"
+    assert (calls.count(True), calls.count(False)) == (10, 2 + random_start), calls
+    assert torch.equal(result.predictions, tiny_model(result.adversarial).argmax(dim=1))
+    assert torch.equal(result.success, result.predictions != labels)
+
+
 def test_apgd_l1s_quantile_is_the_sorted_one():
     from utils.attacks.apgd import quantile_values
     values = torch.rand(6, 3000, generator=torch.Generator().manual_seed(8))

@@ -68,8 +68,9 @@ class FAB(OverTopTargets, Attack):
     crossing one rival meets the next; on a random 1000-class model it reached no target in 100 steps).
     The model always sees the 8-bit image (rounded to whole levels, no budget: FAB is free to cross epsilon); an
     image counts as fooled when its 8-bit image is adversarial and within epsilon, and the returned image is then the
-    smallest adversarial 8-bit image found, else the input. `distance` reports, per image, the size of the smallest
-    adversarial 8-bit image found (inf if none), in the threat model's units (Linf levels; L2, L1 in [0, 1] units).
+    smallest adversarial 8-bit image found (with the verdict made when it was found: not judged again), else the
+    input. `distance` reports, per image, the size of the smallest adversarial 8-bit image found (inf if none), in
+    the threat model's units (Linf levels; L2, L1 in [0, 1] units).
     With `early_stop` an image stops once it is fooled within epsilon (its distance is then the smallest found so
     far); without, every step is spent looking for a smaller one.
     Random starts (`random_start`, and every restart after the first) at half epsilon, as the reference's.
@@ -130,7 +131,12 @@ class FAB(OverTopTargets, Attack):
         best = original.clone()
         best_size = torch.full((batch,), float("inf"), dtype=torch.float64, device=original.device)
         steps_used = torch.full((batch,), self.steps, dtype=torch.long, device=original.device)
+        best_predictions = torch.zeros_like(steps_used)
         active = torch.ones(batch, dtype=torch.bool, device=original.device)
+        # from zero, the first image judged is the input: its fp32 verdict is the one the result needs where nothing
+        # adversarial is found within the budget (below fp32 only successes are confirmed in fp32: judged again)
+        from_input = start is None and not (self.random_start or restart > 0) and self.precision == "fp32"
+        input_predictions = None
         for step in range(self.steps + 1):
             last = step == self.steps
             levels = (original_levels + (delta.detach() * 255).round()).clamp_(0, 255)
@@ -143,6 +149,9 @@ class FAB(OverTopTargets, Attack):
                 best = torch.where(better.view(-1, 1, 1, 1), image.detach(), best)
                 best_size = torch.where(better, size, best_size)
                 steps_used = torch.where(better, step, steps_used)
+                best_predictions = torch.where(better, logits.argmax(dim=-1), best_predictions)
+                if step == 0 and from_input:
+                    input_predictions = logits.argmax(dim=-1)
                 if self.early_stop:
                     active &= ~(best_size <= budget)
             if last or (self.early_stop and not active.any()):
@@ -153,7 +162,7 @@ class FAB(OverTopTargets, Attack):
             with torch.no_grad():
                 moved = self.boundary_step(delta, reached, loss.detach(), grad, image.detach())
                 delta = torch.where(active.view(-1, 1, 1, 1), moved, delta)
-        return self.result(best, best_size, budget, steps_used, labels)
+        return self.result(best, best_size, best_predictions, input_predictions, budget, steps_used, labels)
 
     def boundary_step(self, delta, adversarial, value, grad, lattice):
         """FAB's next delta from the linearization value + grad . (z - lattice) of the current 8-bit image."""
@@ -173,12 +182,18 @@ class FAB(OverTopTargets, Attack):
         # an adversarial point takes the backward step instead: its next linearization is at the point pulled back
         return torch.where(adversarial.view(-1, 1, 1, 1), delta * self.beta, moved.view_as(delta) - self.original)
 
-    def result(self, best, best_size, budget, steps_used, labels):
-        """The smallest adversarial image where it is within the budget, else the input, judged once more in fp32."""
+    def result(self, best, best_size, best_predictions, input_predictions, budget, steps_used, labels):
+        """The smallest adversarial image where it is within the budget (judged when it was found), else the input,
+        with its prediction (`input_predictions`, or judged now in fp32 where none was given)."""
         within = best_size <= budget
         adversarial = torch.where(within.view(-1, 1, 1, 1), best, self.original)
-        with torch.no_grad():
-            _, reached, logits = self.judge(adversarial, labels)
+        if input_predictions is None:
+            input_predictions = torch.zeros_like(best_predictions)
+            rows = (~within).nonzero().view(-1)
+            if len(rows):
+                with torch.no_grad():
+                    _, _, logits = self.judge(self.original[rows], labels[rows])
+                input_predictions[rows] = logits.argmax(dim=-1)
         distance = best_size if self.norm == "Linf" else best_size / 255
-        return AttackResult(adversarial, reached & within, torch.where(within, steps_used, self.steps),
-                            logits.argmax(dim=-1), distance.float())
+        return AttackResult(adversarial, within, torch.where(within, steps_used, self.steps),
+                            torch.where(within, best_predictions, input_predictions), distance.float())
