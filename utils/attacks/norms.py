@@ -222,8 +222,8 @@ def project_l1(delta, original, epsilon):
     width = a.shape[1]
     # lambda is at least (total - epsilon) / (nonzero coordinates): each term falls at slope at most 1. Those at or
     # under that bound end at zero, so the others are enough
-    bound = (total - epsilon) / (a > 0).sum(dim=1).clamp_min(1)
-    enough = int((a > bound.view(-1, 1)).sum(dim=1).max())
+    bound = (total - epsilon) / whole_sums(indicator(torch.gt, a, 0), 1).clamp_min(1)
+    enough = int(whole_sums(indicator(torch.gt, a, bound.view(-1, 1)), 1).max())
     k = min(width, max(256, min(enough, width // 64)))
     result = torch.zeros(a.shape, dtype=clipped.dtype, device=a.device)
     todo = torch.arange(len(a), device=a.device)
@@ -243,7 +243,13 @@ def project_l1(delta, original, epsilon):
         rows = todo[settled]
         values = (part_a[settled] - found[settled].view(-1, 1)).clamp_min(0).minimum(part_b[settled])
         result[rows] = result[rows].scatter_(1, index[settled, :k], values.to(result.dtype))
-        todo, k = todo[~settled], 2 * k
+        # where the part alone is over epsilon its lambda is a lower bound of the row's (fewer terms, no larger sum at
+        # any lambda): the coordinates above it are enough, and that count is the next k (no doubling up to it)
+        bound[todo] = torch.where(part_total > epsilon, torch.maximum(bound[todo], found), bound[todo])
+        todo = todo[~settled]
+        if len(todo):
+            most = int(whole_sums(indicator(torch.gt, a[todo], bound[todo].view(-1, 1)), 1).max())
+            k = most if most > k else 2 * k  # a part exactly at epsilon gives no new bound: doubling still ends
     if len(result) == len(clipped):
         clipped = result
     else:
