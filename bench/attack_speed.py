@@ -23,7 +23,10 @@ verdicts match.
 Then two more tables, untargeted against the clean prediction: APGD per step and Square per query (--queries; in
 L-infinity, and in L2 beside torchattacks' Square(norm="L2")), and,
 unless --no-norms, the L2 and L1 attacks and FAB-T per step (PGD-L2, APGD in L2 and L1, FAB-T in each norm with one
-target class), each against fwd+bwd and against torchattacks' counterpart where it has one, in the same run.
+target class), each against fwd+bwd and against torchattacks' counterpart where it has one, in the same run. There a
+step's time is a run of --steps steps less a run of one, over --steps - 1: what a call spends outside its steps (FAB-T
+ranks its targets and judges its last image) counts once per call, not once per step; the call's own ratio is printed
+beside it.
 """
 import argparse
 import copy
@@ -483,32 +486,43 @@ def measure_norms(name, batch_size, device, args, progress):
             runs["ta " + key] = (lambda make: lambda count: make(contiguous, count)(images.contiguous(), clean))(peer)
     for function in runs.values():  # warm-up
         function(min(2, args.steps))
-    seconds = {key: [] for key in runs}
+    # each run at one step and at `many`: the difference is what the steps cost, without what a call spends outside
+    # them (ranking FAB-T's targets, judging the last and the returned image), which counts once per call
+    many = max(2, args.steps)
+    seconds = {(key, count): [] for key in runs for count in (1, many)}
     for _ in range(args.repeats):
         for key, function in runs.items():
-            elapsed, _ = timed(lambda: function(args.steps), device, args.now)
-            seconds[key].append(elapsed / args.steps)
+            for count in (1, many):
+                elapsed, _ = timed(lambda: function(count), device, args.now)
+                seconds[key, count].append(elapsed)
         progress.update(1)
-    return dict(model=name, batch=batch_size, random=name in RANDOM_WEIGHTS, **summarized(seconds, args))
+    took = summarized(seconds, args)
+    return dict(model=name, batch=batch_size, random=name in RANDOM_WEIGHTS, steps=many,
+                step={key: (took[key, many] - took[key, 1]) / (many - 1) for key in runs},
+                call={key: took[key, many] / many for key in runs})
 
 
 def print_norms_table(rows, args):
+    many = rows[0]["steps"]
     print(f"\nuntargeted L2, L1 and FAB-T (one target class) against the clean prediction: epsilon {args.epsilon:g} "
-          f"levels (Linf), {args.l2_epsilon:g} (L2), {args.l1_epsilon:g} (L1) in [0, 1] units; {args.steps} steps, "
-          f"early stop off; {args.stat} of {args.repeats}")
+          f"levels (Linf), {args.l2_epsilon:g} (L2), {args.l1_epsilon:g} (L1) in [0, 1] units; each run at 1 and at "
+          f"{many} steps, early stop off; {args.stat} of {args.repeats}")
     header = (f"{'model':<19} {'batch':>5} {'attack':<9} {'fwd+bwd ms':>10} {'ours ms':>8} {'ta ms':>8} "
-              f"{'ours/fb':>8} {'ours/ta':>8}")
+              f"{'ours/fb':>8} {'ours/ta':>8} {'call/fb':>8}")
     print_header_line(header)
     for row in rows:
+        step, call = row["step"], row["call"]
         for key in norm_attacks(args):
-            peer = row.get("ta " + key)
+            peer = step.get("ta " + key)
             print(f"{row['model'] + ('*' if row['random'] else ' '):<19} {row['batch']:>5} {key:<9} "
-                  f"{1000 * row['fwd+bwd']:>10.1f} {1000 * row[key]:>8.1f} "
-                  f"{'-' if peer is None else f'{1000 * peer:.1f}':>8} {row[key] / row['fwd+bwd']:>8.3f} "
-                  f"{'-' if peer is None else f'{row[key] / peer:.3f}':>8}")
-    print("times per gradient step (ta: torchattacks' counterpart on the same model and images)")
+                  f"{1000 * step['fwd+bwd']:>10.1f} {1000 * step[key]:>8.1f} "
+                  f"{'-' if peer is None else f'{1000 * peer:.1f}':>8} {step[key] / step['fwd+bwd']:>8.3f} "
+                  f"{'-' if peer is None else f'{step[key] / peer:.3f}':>8} {call[key] / call['fwd+bwd']:>8.3f}")
+    print(f"times per gradient step: a run of {many} steps less a run of one, over {many - 1} (ta: torchattacks' "
+          f"counterpart on the same model and images); call/fb: the run of {many} steps over {many} forward + "
+          "backward passes, with what a call spends outside its steps")
     for row in rows:
-        ratios = {key: row[key] / row["fwd+bwd"] for key in norm_attacks(args)}
+        ratios = {key: row["step"][key] / row["step"]["fwd+bwd"] for key in norm_attacks(args)}
         missed = [f"{key} {ratio:.3f}" for key, ratio in ratios.items() if ratio > NORM_TARGET_RATIO]
         print(f"{row['model']} batch {row['batch']} (norms): step/fwd+bwd <= {NORM_TARGET_RATIO}: "
               + ("all meet" if not missed else "misses: " + ", ".join(missed)))
