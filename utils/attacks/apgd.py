@@ -120,7 +120,7 @@ class APGD(Attack):
         state["step"] += 1
         features = delta[0].numel()
         if step == 0:
-            sparsity = (delta != 0).flatten(1).sum(dim=1).double()
+            sparsity = nonzero_counts(delta)
             state.update(eta=torch.full_like(loss, self.alpha).view(-1, 1, 1, 1), best_loss=loss, best_delta=delta,
                          best_grad=grad, every=max(int(0.04 * self.steps), 1),
                          share=sparsity / features / 1.5 if self.chained else torch.full_like(sparsity, 0.2),
@@ -133,12 +133,13 @@ class APGD(Attack):
         magnitude = grad.abs().flatten(1)
         rank = ((1 - state["share"]) * features).clamp(0, features - 1).long()
         threshold = quantile_values(magnitude, rank).view(-1, 1)
-        signs = grad.flatten(1).sign().mul_(magnitude >= threshold)  # norms.room_towards: why not torch.where
+        # norms.room_towards: why not torch.where; norms.indicator: why not a bool mask
+        signs = grad.flatten(1).sign().mul_(norms.indicator(torch.ge, magnitude, threshold))
         spread = signs / signs.abs().sum(dim=1, keepdim=True).clamp_min(1e-10)
         return delta - state["eta"] * spread.view_as(delta)
 
     def sparse_checkpoint(self, delta, grad, state):
-        sparsity = (state["best_delta"] != 0).flatten(1).sum(dim=1).double()
+        sparsity = nonzero_counts(state["best_delta"])
         reset = sparsity / state["last_sparsity"] < 0.95
         state["share"] = sparsity / delta[0].numel() / 1.5
         eta = torch.where(reset.view(-1, 1, 1, 1), torch.full_like(state["eta"], self.alpha), state["eta"] / 1.5)
@@ -173,9 +174,21 @@ class APGD(Attack):
         self.eps, self.levels, self.steps, self.alpha = epsilon, epsilon * 255, steps, epsilon
 
 
+def nonzero_counts(delta):
+    """Per sample, how many coordinates of `delta` are not 0, exactly, as float64 (norms.indicator: why not a bool
+    tensor's sum)."""
+    return norms.whole_sums(norms.indicator(torch.ne, delta.flatten(1), 0), 1)
+
+
 def quantile_values(values, rank):
-    """Per row, the value at 0-based position rank[row] of the row sorted ascending (a selection, no sort): one
-    kthvalue per distinct rank, over the rows that share it."""
+    """Per row, the value at 0-based position rank[row] of the row sorted ascending (a selection, no sort): where
+    every row wants one of its few largest values (l1-APGD once its share is the sparsity of its best point), all of
+    them read off one partial sort of every row; else one kthvalue per distinct rank, over the rows that share it."""
+    width = values.shape[1]
+    largest = width - rank  # the value wanted is the row's largest-th largest
+    most = int(largest.max())
+    if most <= max(256, width // 64):
+        return values.topk(most, dim=1).values.gather(1, (largest - 1).view(-1, 1)).view(-1)
     result = torch.empty(len(values), dtype=values.dtype, device=values.device)
     for position in rank.unique().tolist():
         rows = (rank == position).nonzero().view(-1)

@@ -79,9 +79,7 @@ def solve_capped(caps, slopes, saturated, goal, iterations=50):
     u * (sum of the other slopes) = goal. The piece's line lies above the concave phi to its right, so u_k only
     grows and never passes the root; when an iteration saturates no new coordinate, u_k is on the root's piece and is
     the root, in closed form. A few iterations in practice (each a pass over the row, no sort); rows still moving after
-    `iterations` are solved on their sorted breakpoints instead (the same answer). The pieces' sums are taken in the
-    values' own type (in an attack float32's cascaded sums, a few float32 roundings from the float64 ones at a tenth of
-    their cost), the counts that end the iteration exactly."""
+    `iterations` are solved on their sorted breakpoints instead (the same answer)."""
     u = torch.zeros(len(caps), dtype=torch.float64, device=caps.device)
     count = None
     for _ in range(iterations):
@@ -90,9 +88,9 @@ def solve_capped(caps, slopes, saturated, goal, iterations=50):
         if count is not None and torch.equal(now, count):
             return u
         count = now
-        # summed in the values' own type (see indicator), then the Newton step in float64
-        reached = saturated.mul(capped).sum(dim=1).double()
-        free = slopes.mul(capped.neg_().add_(1)).sum(dim=1).double()
+        # masks applied by multiplication (room_towards says why): exact, the values are finite and >= 0
+        reached = saturated.mul(capped).sum(dim=1, dtype=torch.float64)
+        free = slopes.mul(capped.neg_().add_(1)).sum(dim=1, dtype=torch.float64)
         u = ((goal - reached) / free.clamp_min(1e-300)).clamp_min(0)
     moving = whole_sums(indicator(torch.le, caps, u.to(caps.dtype).view(-1, 1)), 1) != count
     if bool(moving.any()):
@@ -212,7 +210,7 @@ def project_l1(delta, original, epsilon):
     out (they are zero at it, as they would be in the whole problem); else k doubles, up to the whole row."""
     magnitude, room = _split(delta, original)
     clipped = torch.minimum(magnitude, room)
-    total = clipped.double().sum(dim=1)
+    total = clipped.sum(dim=1, dtype=torch.float64)  # converted as it is summed: no float64 copy of the batch
     over = total > epsilon
     if not bool(over.any()):
         return delta.sign().mul_(clipped.view_as(delta))
@@ -243,13 +241,7 @@ def project_l1(delta, original, epsilon):
         rows = todo[settled]
         values = (part_a[settled] - found[settled].view(-1, 1)).clamp_min(0).minimum(part_b[settled])
         result[rows] = result[rows].scatter_(1, index[settled, :k], values.to(result.dtype))
-        # where the part alone is over epsilon its lambda is a lower bound of the row's (fewer terms, no larger sum at
-        # any lambda): the coordinates above it are enough, and that count is the next k (no doubling up to it)
-        bound[todo] = torch.where(part_total > epsilon, torch.maximum(bound[todo], found), bound[todo])
-        todo = todo[~settled]
-        if len(todo):
-            most = int(whole_sums(indicator(torch.gt, a[todo], bound[todo].view(-1, 1)), 1).max())
-            k = most if most > k else 2 * k  # a part exactly at epsilon gives no new bound: doubling still ends
+        todo, k = todo[~settled], 2 * k
     if len(result) == len(clipped):
         clipped = result
     else:
@@ -415,12 +407,12 @@ def fill_largest_first(keys, weights, needed, whole=None):
     (>= 0) reach `needed` (B,): those above the crossing value (crossing_value) whole, then those at it while the
     tied weights ahead of them are under what is left. The ties' running sum is a pass over the row, skipped when no
     row has two (the common case with real-valued keys: the one tie takes what is left).
-    `whole`: the weights are whole numbers of magnitude at most `whole`, and what is left is then exact (whole_sums);
-    otherwise the weights above the cut are summed in their own type (indicator says why)."""
+    `whole`: the weights are whole numbers of magnitude at most `whole`, whose sums whole_sums takes exactly in
+    float32 chunks (the same numbers as float64 sums, faster)."""
     value = crossing_value(keys, weights, needed).to(keys.dtype).view(-1, 1)
     above = keys > value
     taken = weights.mul(indicator(torch.gt, keys, value))  # weights >= 0
-    left = needed.view(-1, 1) - (taken.sum(dim=1).double() if whole is None else whole_sums(taken, whole)).view(-1, 1)
+    left = needed.view(-1, 1) - (taken.sum(dim=1, dtype=torch.float64) if whole is None else whole_sums(taken, whole)).view(-1, 1)
     tied = keys == value
     if int(whole_sums(indicator(torch.eq, keys, value), 1).max()) <= 1:
         before = torch.zeros((), dtype=torch.float64, device=keys.device)
@@ -437,8 +429,7 @@ def crossing_value(keys, weights, needed):
     is the whole row)."""
     width = keys.shape[1]
     value = torch.full((len(keys),), float("-inf"), dtype=torch.float64, device=keys.device)
-    # the mean only sizes the first k: summed in the weights' own type, counted exactly
-    mean = weights.sum(dim=1).double() / whole_sums(indicator(torch.gt, weights, 0), 1).clamp_min(1)
+    mean = weights.sum(dim=1, dtype=torch.float64) / whole_sums(indicator(torch.gt, weights, 0), 1).clamp_min(1)
     k = int(min(width, max(32, float((2 * needed / mean.clamp_min(1e-300)).max()))))
     todo = torch.arange(len(keys), device=keys.device)
     while len(todo):
