@@ -334,6 +334,12 @@ def test_the_benchmark_prints_every_configuration_and_one_summary_line(tmp_path)
     summary = [line for line in out.splitlines() if line.startswith(f"{OFFLINE} batch 1: ")]
     assert len(summary) == 1, out
     assert re.search(rf"^{OFFLINE} batch 1 \(apgd, square\): apgd/fwd\+bwd \d+\.\d{{3}} .*square/fwd \d+\.\d{{3}}", out, re.M), out
+    # the norms table: each attack's step (a run of 2 steps less a run of one) and its call, and one verdict line
+    for attack in ("pgd L2", "apgd L2", "apgd L1", "fab Linf", "fab L2", "fab L1"):
+        assert re.search(rf"^{OFFLINE} +1 {attack} +(\d+\.\d +){{2}}(\d+\.\d|-) +\d+\.\d{{3}} +(\d+\.\d{{3}}|-) +"
+                         r"\d+\.\d{3}$", out, re.M), (attack, out)
+    assert "each run at 1 and at 2 steps" in out, out
+    assert re.search(rf"^{OFFLINE} batch 1 \(norms\): step/fwd\+bwd <= 1\.1: (all meet|misses: .+)$", out, re.M), out
     assert re.fullmatch(rf"{OFFLINE} batch 1: ours/fwd\+bwd \d+\.\d{{3}} \(ours = [\w-]+\), "
                         r"ours/torchattacks \d+\.\d{3} \((meets|misses) <= 1\)", summary[0]), summary[0]
 
