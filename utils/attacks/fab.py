@@ -19,16 +19,31 @@ def _fill_largest_first(weight, room, capacity, goal):
     return moved
 
 
-def hyperplane_step(point, normal, offset, norm):
+def normal_parts(normal, norm):
+    """What hyperplane_step needs of the normal (B, n) alone, computed once for every point projected onto the same
+    hyperplanes (FAB projects two): the signs, |normal|, and in L2 |normal| floored at 1e-30 (the breaks' divisor) and
+    its square (the slopes), in L-infinity 1.0 where |normal| > 0 (the coordinates that move)."""
+    weight = normal.abs()
+    if norm == "L2":
+        extra = (weight.clamp_min(1e-30), weight * weight)
+    elif norm == "Linf":
+        extra = (norms.indicator(torch.gt, weight, 0),)
+    else:
+        extra = ()
+    return (normal.sign(), weight) + extra
+
+
+def hyperplane_step(point, normal, offset, norm, parts=None):
     """The smallest step d in `norm` from `point` (B, n) in [0, 1] onto the hyperplane {normal . d = offset} inside
     the box (0 <= point + d <= 1), exactly; where the box cannot reach the hyperplane, the step that goes as far as it
-    can towards it (FAB's projection, Croce and Hein 2020, section 3.1).
+    can towards it (FAB's projection, Croce and Hein 2020, section 3.1). `parts`: normal_parts(normal, norm), when
+    the caller has them.
 
     Every coordinate moves in the direction sign(offset * normal_i), by m_i in [0, room_i], with sum |normal_i| m_i =
     |offset|: in L-infinity m_i = min(t, room_i), in L2 m_i = min(t |normal_i|, room_i) (t found exactly by
     norms.solve_capped), in L1 the coordinates with the largest |normal_i| are filled first (a fractional knapsack)."""
-    direction = torch.sign(offset).view(-1, 1) * normal.sign()
-    weight = normal.abs()
+    signs, weight, *extra = parts or normal_parts(normal, norm)
+    direction = torch.sign(offset).view(-1, 1) * signs
     room = norms.room_towards(direction.clamp_min(0), point)  # direction is -1, 0 or 1
     goal = offset.abs()
     capacity = weight * room
@@ -36,15 +51,17 @@ def hyperplane_step(point, normal, offset, norm):
     if not bool(reachable.any()):
         return direction * room
     every = bool(reachable.all())  # the common case: no gathered copies
-    w, r, c, g = (x if every else x[reachable] for x in (weight, room, capacity, goal))
+    w, r, c, g, *e = (x if every else x[reachable] for x in (weight, room, capacity, goal, *extra))
     if norm == "L1":
         moved = _fill_largest_first(w, r, c, g)
+    elif norm == "Linf":
+        # a coordinate with w = 0 has slope and saturation 0: its break, any finite one, changes no sum; it need not
+        # move
+        moved = torch.minimum(norms.solve_capped(r, w, c, g).to(w.dtype).view(-1, 1), r).mul_(e[0])
     else:
-        # a coordinate with w = 0 has slope and saturation 0: its break, any finite one, changes no sum
-        breaks, slope = (r, w) if norm == "Linf" else (r / w.clamp_min(1e-30), w * w)
-        t = norms.solve_capped(breaks, slope, c, g).to(w.dtype).view(-1, 1)
-        # a zero weight need not move: in L2 t * w is 0 there already
-        moved = torch.minimum(t, r).mul_(norms.indicator(torch.gt, w, 0)) if norm == "Linf" else torch.minimum(t * w, r)
+        floored, slopes = e
+        t = norms.solve_capped(r / floored, slopes, c, g).to(w.dtype).view(-1, 1)
+        moved = torch.minimum(t * w, r)  # a zero weight need not move: t * w is 0 there already
     if every:
         return direction.mul_(moved)
     move = room.clone()
@@ -146,7 +163,8 @@ class FAB(OverTopTargets, Attack):
             with torch.no_grad():
                 size = self.lattice_size(levels, original_levels)
                 better = reached & active & (size < best_size)
-                best = torch.where(better.view(-1, 1, 1, 1), image.detach(), best)
+                if bool(better.any()):  # on most steps of a robust image nothing is: no pass over the batch
+                    best = torch.where(better.view(-1, 1, 1, 1), image.detach(), best)
                 best_size = torch.where(better, size, best_size)
                 steps_used = torch.where(better, step, steps_used)
                 best_predictions = torch.where(better, logits.argmax(dim=-1), best_predictions)
@@ -161,7 +179,7 @@ class FAB(OverTopTargets, Attack):
             grad, = torch.autograd.grad(loss.sum(), image)
             with torch.no_grad():
                 moved = self.boundary_step(delta, reached, loss.detach(), grad, image.detach())
-                delta = torch.where(active.view(-1, 1, 1, 1), moved, delta)
+                delta = moved if bool(active.all()) else torch.where(active.view(-1, 1, 1, 1), moved, delta)
         return self.result(best, best_size, best_predictions, input_predictions, budget, steps_used, labels)
 
     def boundary_step(self, delta, adversarial, value, grad, lattice):
@@ -172,15 +190,19 @@ class FAB(OverTopTargets, Attack):
         # the point and the original projected apart, each row on its own: a batch of both stacked is twice the size,
         # and past glibc's largest mmap threshold (32 MB: a batch of 16 photos) each copy is a fresh mapping whose
         # pages fault in again (utils.speed.keep_freed_memory)
-        to_point, to_original = (hyperplane_step(start, normal, -(base + (normal * start).sum(dim=1)), self.norm)
+        parts = normal_parts(normal, self.norm)
+        to_point, to_original = (hyperplane_step(start, normal, -(base + (normal * start).sum(dim=1)), self.norm, parts)
                                  for start in (point, original))
         lengths = [norms.size(step, self.norm).clamp_min(1e-8) for step in (to_point, to_original)]
         mix = (lengths[0] / (lengths[0] + lengths[1])).clamp(0, self.alpha_max).view(-1, 1)
         # (point + eta to_point) (1 - mix) + (original + eta to_original) mix, in [0, 1]
         moved = to_point.mul_(self.eta).add_(point).mul_(1 - mix)
         moved = moved.add_(to_original.mul_(self.eta).add_(original).mul_(mix)).clamp_(0, 1)
+        moved = moved.view_as(delta).sub_(self.original)
+        if not bool(adversarial.any()):
+            return moved
         # an adversarial point takes the backward step instead: its next linearization is at the point pulled back
-        return torch.where(adversarial.view(-1, 1, 1, 1), delta * self.beta, moved.view_as(delta) - self.original)
+        return torch.where(adversarial.view(-1, 1, 1, 1), delta * self.beta, moved)
 
     def result(self, best, best_size, best_predictions, input_predictions, budget, steps_used, labels):
         """The smallest adversarial image where it is within the budget (judged when it was found), else the input,

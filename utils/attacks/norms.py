@@ -88,9 +88,10 @@ def solve_capped(caps, slopes, saturated, goal, iterations=50):
         if count is not None and torch.equal(now, count):
             return u
         count = now
-        # masks applied by multiplication (room_towards says why): exact, the values are finite and >= 0
-        reached = saturated.mul(capped).sum(dim=1, dtype=torch.float64)
-        free = slopes.mul(capped.neg_().add_(1)).sum(dim=1, dtype=torch.float64)
+        # masks applied by multiplication (room_towards says why): exact, the values are finite and >= 0. A float64
+        # copy then its sum: the same numbers as sum(dtype=torch.float64), a third faster on a CPU
+        reached = saturated.mul(capped).double().sum(dim=1)
+        free = slopes.mul(capped.neg_().add_(1)).double().sum(dim=1)
         u = ((goal - reached) / free.clamp_min(1e-300)).clamp_min(0)
     moving = whole_sums(indicator(torch.le, caps, u.to(caps.dtype).view(-1, 1)), 1) != count
     if bool(moving.any()):
