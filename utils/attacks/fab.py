@@ -125,8 +125,11 @@ class FAB(OverTopTargets, Attack):
         sizes = norms.lattice_sizes(steps, self.norm)
         return sizes if self.norm == "L1" else sizes.sqrt()
 
+    def starts_at_input(self, restart):
+        return not (self.random_start or restart > 0)
+
     def start(self, original, restart):
-        if not (self.random_start or restart > 0):
+        if self.starts_at_input(restart):
             return torch.zeros_like(original)
         return self.random_delta_at(original, restart, 0.5 * self.eps)
 
@@ -152,7 +155,7 @@ class FAB(OverTopTargets, Attack):
         active = torch.ones(batch, dtype=torch.bool, device=original.device)
         # from zero, the first image judged is the input: its fp32 verdict is the one the result needs where nothing
         # adversarial is found within the budget (below fp32 only successes are confirmed in fp32: judged again)
-        from_input = start is None and not (self.random_start or restart > 0) and self.precision == "fp32"
+        from_input = start is None and self.starts_at_input(restart) and self.precision == "fp32"
         input_predictions = None
         for step in range(self.steps + 1):
             last = step == self.steps

@@ -211,7 +211,7 @@ def project_l1(delta, original, epsilon):
     out (they are zero at it, as they would be in the whole problem); else k doubles, up to the whole row."""
     magnitude, room = _split(delta, original)
     clipped = torch.minimum(magnitude, room)
-    total = clipped.sum(dim=1, dtype=torch.float64)  # converted as it is summed: no float64 copy of the batch
+    total = clipped.double().sum(dim=1)
     over = total > epsilon
     if not bool(over.any()):
         return delta.sign().mul_(clipped.view_as(delta))
@@ -411,11 +411,11 @@ def fill_largest_first(keys, weights, needed, whole=None):
     `whole`: the weights are whole numbers of magnitude at most `whole`, whose sums whole_sums takes exactly in
     float32 chunks (the same numbers as float64 sums, faster)."""
     value = crossing_value(keys, weights, needed).to(keys.dtype).view(-1, 1)
-    above = keys > value
-    taken = weights.mul(indicator(torch.gt, keys, value))  # weights >= 0
-    left = needed.view(-1, 1) - (taken.sum(dim=1, dtype=torch.float64) if whole is None else whole_sums(taken, whole)).view(-1, 1)
-    tied = keys == value
-    if int(whole_sums(indicator(torch.eq, keys, value), 1).max()) <= 1:
+    above, tied = keys > value, keys == value
+    taken = weights.mul(above.to(weights.dtype))  # weights >= 0; a float mask (indicator says why)
+    summed = taken.sum(dim=1, dtype=torch.float64) if whole is None else whole_sums(taken, whole)
+    left = needed.view(-1, 1) - summed.view(-1, 1)
+    if int(whole_sums(tied.to(keys.dtype), 1).max()) <= 1:
         before = torch.zeros((), dtype=torch.float64, device=keys.device)
     else:
         at = weights.mul(tied)
