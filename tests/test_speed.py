@@ -424,3 +424,15 @@ def test_network_clock_times_forward_and_backward_passes_apart_without_touching_
         clocked(x[:2])
     assert clocked.images == {"forward": 7, "backward": 5}
     assert clocked.seconds["forward"] >= 0.6 and clocked.seconds["backward"] < 0.3
+
+
+# ---- start-up ---------------------------------------------------------------------------------------------------
+
+def test_step_8_starts_without_scipy():
+    """scipy takes about a second to import and only the certifiers use it (utils/certify/__init__.py): step 8
+    imports the certifiers for their names, so their modules import scipy inside the functions that need it."""
+    loaded = subprocess.run([sys.executable, "-c", "import sys, step_8_evaluate; "
+                             "print(sorted({m.split('.')[0] for m in sys.modules} & {'scipy'}))"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip() == "[]", f"step 8 imports {loaded.stdout.strip()} at start-up"

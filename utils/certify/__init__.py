@@ -13,6 +13,10 @@ This package owns the verifiers and their report:
 
 A new certifier is a subclass of base.Certifier (its name, norms, flags, settings and columns) and one more entry in
 CERTIFIERS.
+
+The modules import scipy (sparse matrices, HiGHS, the statistics) inside the functions that use it, not at the top:
+it takes about a second to import, and every step 8 run (and the page) imports this package for the names of its
+certifiers, with --certify or without.
 """
 from utils.certify.base import MISCLASSIFIED, NOT_ROBUST, ROBUST, UNKNOWN, Certifier
 from utils.certify.bounds_certifier import BoundsCertifier

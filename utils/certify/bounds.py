@@ -19,9 +19,9 @@ is replaced by linear functions below and above it on its input's interval.
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse as sparse
 
 from utils.certify.network import Affine, MaxPool, ReLU
+# scipy is imported where it is used (utils/certify/__init__.py says why)
 
 ROWS = 512  # rows of a backward pass at once (memory: ROWS x the widest layer, float64)
 LEVELS = 255.0
@@ -56,6 +56,7 @@ def make_ball(image_u8, norm, epsilon, lattice=True):
 def minimum(A, const, ball):
     """min over the ball of A @ x + const, per row of A (m, n), dense or sparse: exact over the ball (the value of
     a linear program)."""
+    import scipy.sparse as sparse
     if ball.norm == "Linf":
         if sparse.issparse(A):
             return const + A.maximum(0) @ ball.lower + A.minimum(0) @ ball.upper
@@ -122,6 +123,7 @@ def backward(layers, bounds, A, const):
             positive, negative = np.maximum(A, 0), np.minimum(A, 0)
             routed = positive + negative * exact
             const = const + (negative * ~exact) @ ceiling
+            import scipy.sparse as sparse
             select = sparse.csr_matrix((np.ones(len(chosen)), (np.arange(len(chosen)), chosen)),
                                        shape=(len(chosen), len(lower)))
             A = np.asarray((select.T @ routed.T).T)

@@ -26,8 +26,8 @@ from utils.attacks import run_attack
 from utils.certify.base import MISCLASSIFIED, NOT_ROBUST, ROBUST, UNKNOWN, Certifier, Settings
 from utils.certify.bounds import layer_bounds, make_ball, margin_bounds
 from utils.certify.bounds_certifier import clean_prediction, model_logits, network_of
-from utils.certify.milp import MarginProgram
 from utils.cli import number_in
+# scipy is imported where it is used (utils/certify/__init__.py says why)
 
 THRESHOLD = 1e-4  # the program looks for margins <= this: a point at 0 up to HiGHS's tolerances is still caught
 ATTACK_STEPS = 50
@@ -120,6 +120,7 @@ class ExactCertifier(Certifier):
         return self.solve(image_u8, label, epsilon, ball, bounds, margins)
 
     def solve(self, image_u8, label, epsilon, ball, bounds, margins):
+        from utils.certify.milp import MarginProgram
         deadline = time.perf_counter() + self.config.time_limit
         targets = np.flatnonzero(margins <= 0)
         size = dict(margin_bound=float(margins.min()))

@@ -17,10 +17,10 @@ import operator
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse as sparse
 import torch
 
 from utils.cli import UsageError
+# scipy is imported where it is used (utils/certify/__init__.py says why)
 
 CHUNK = 512  # basis vectors run through a linear stretch at once (memory: CHUNK x the stretch's widest layer)
 
@@ -28,7 +28,7 @@ CHUNK = 512  # basis vectors run through a linear stretch at once (memory: CHUNK
 @dataclass(frozen=True, eq=False)
 class Affine:
     """y = weight @ x + bias; weight a scipy CSR matrix (outputs, inputs) in float64."""
-    weight: sparse.csr_matrix
+    weight: "scipy.sparse.csr_matrix"
     bias: np.ndarray
     out_shape: tuple
 
@@ -241,6 +241,7 @@ class GraphReader:
         if value.source != len(self.layers) - 1:
             raise UsageError("the exact verifier cannot encode this graph: a layer's input skips the layer before it "
                              "(a skip connection)")
+        import scipy.sparse as sparse
         size = self.source_size(value.source)
         with torch.no_grad():
             bias = value.run(torch.zeros(1, size, dtype=torch.float64)).reshape(1, -1)

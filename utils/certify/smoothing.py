@@ -31,12 +31,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import beta, binomtest, norm
 from tqdm import tqdm
 
 from utils.certify.base import Certifier
 from utils.cli import UsageError, number_in
 from utils.images import to_tensor
+# scipy is imported where it is used (utils/certify/__init__.py says why)
 
 ABSTAIN = -1
 CHUNK = 100               # samples per noise generator: fixed, so that no batch size changes the draws
@@ -115,11 +115,13 @@ def sample_counts(model, image, sigma, num, batch_size, key, desc="noise samples
 def lower_confidence_bound(n_a, n, alpha):
     """The one-sided (1 - alpha) Clopper-Pearson lower confidence bound on p from n_a successes in n trials:
     the alpha quantile of Beta(n_a, n - n_a + 1) (0 when n_a = 0). 0 <= n_a <= n, 0 < alpha < 1."""
+    from scipy.stats import beta
     return 0.0 if n_a == 0 else float(beta.ppf(alpha, n_a, n - n_a + 1))
 
 
 def radius_from_bound(p_lower, sigma):
     """Cohen et al.'s radius sigma * Phi^-1(p_lower), for p_lower > 1/2."""
+    from scipy.stats import norm
     return float(sigma * norm.ppf(p_lower))
 
 
@@ -199,6 +201,7 @@ def predict(model, image, sigma, n, alpha, batch_size, seed=0, image_id=None):
     counts = sample_counts(model, image, sigma, n, batch_size, (seed, image_id, PREDICT), "predicting")
     top, runner_up = np.argsort(counts, kind="stable")[::-1][:2]
     n_a, n_b = int(counts[top]), int(counts[runner_up])
+    from scipy.stats import binomtest
     return int(top) if binomtest(n_a, n_a + n_b, 0.5).pvalue <= alpha else ABSTAIN
 
 
