@@ -27,7 +27,7 @@ pytest.importorskip("pyautoattack")
 
 EPSILON = 32        # levels out of 255: the training budget, where a robust model is neither 0% nor 100% robust
 TEST_PER_CLASS = 3  # 30 test digits, one batch: the reference AutoAttack takes about a minute on them
-THREADS = "2"
+THREADS = "1"       # conftest.py says why: under the suite's two workers, two threads wait on each other
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def evaluate(root, model, name, *options, epsilon=EPSILON):
 
 
 # budgets where the robust model is partly fooled (test_crosscheck_norms measured about 1/3 of the digits at L2 2.0,
-# 4 of 30 at L1 12), in each norm's units: levels out of 255 in L-infinity, [0, 1] pixel units in L2 and L1
+# 3 or 4 of 30 at L1 12), in each norm's units: levels out of 255 in L-infinity, [0, 1] pixel units in L2 and L1
 BUDGETS = {"Linf": EPSILON, "L2": 2.0, "L1": 12.0}
 
 
