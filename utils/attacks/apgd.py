@@ -177,7 +177,7 @@ class APGD(Attack):
 def nonzero_counts(delta):
     """Per sample, how many coordinates of `delta` are not 0, exactly, as float64 (norms.indicator: why not a bool
     tensor's sum)."""
-    return norms.whole_sums(norms.indicator(torch.ne, delta.flatten(1), 0), 1)
+    return norms.row_counts(torch.ne, delta.flatten(1), 0)
 
 
 def quantile_values(values, rank):

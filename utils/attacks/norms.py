@@ -71,6 +71,12 @@ def indicator(compare, values, other):
     return compare(values, other, out=torch.empty(values.shape, dtype=values.dtype, device=values.device))
 
 
+def row_counts(compare, values, other):
+    """Per row of `values` (B, n), how many coordinates satisfy compare(values, other), exactly, as float64: an
+    indicator summed by whole_sums."""
+    return whole_sums(indicator(compare, values, other), 1)
+
+
 def solve_capped(caps, slopes, saturated, goal, iterations=50):
     """Per row, the u >= 0 where phi(u) = sum_i (saturated_i if caps_i <= u else u * slopes_i) = goal, for a phi
     that is continuous (saturated_i = slopes_i * caps_i), increasing and concave (slopes >= 0), with phi(0) <= goal.
@@ -93,7 +99,7 @@ def solve_capped(caps, slopes, saturated, goal, iterations=50):
         reached = saturated.mul(capped).double().sum(dim=1)
         free = slopes.mul(capped.neg_().add_(1)).double().sum(dim=1)
         u = ((goal - reached) / free.clamp_min(1e-300)).clamp_min(0)
-    moving = whole_sums(indicator(torch.le, caps, u.to(caps.dtype).view(-1, 1)), 1) != count
+    moving = row_counts(torch.le, caps, u.to(caps.dtype).view(-1, 1)) != count
     if bool(moving.any()):
         u = u.clone()
         u[moving] = _solve_capped_sorted(caps[moving].double(), slopes[moving].double(), saturated[moving].double(),
@@ -221,8 +227,8 @@ def project_l1(delta, original, epsilon):
     width = a.shape[1]
     # lambda is at least (total - epsilon) / (nonzero coordinates): each term falls at slope at most 1. Those at or
     # under that bound end at zero, so the others are enough
-    bound = (total - epsilon) / whole_sums(indicator(torch.gt, a, 0), 1).clamp_min(1)
-    enough = int(whole_sums(indicator(torch.gt, a, bound.view(-1, 1)), 1).max())
+    bound = (total - epsilon) / row_counts(torch.gt, a, 0).clamp_min(1)
+    enough = int(row_counts(torch.gt, a, bound.view(-1, 1)).max())
     k = min(width, max(256, min(enough, width // 64)))
     result = torch.zeros(a.shape, dtype=clipped.dtype, device=a.device)
     todo = torch.arange(len(a), device=a.device)
@@ -430,7 +436,7 @@ def crossing_value(keys, weights, needed):
     is the whole row)."""
     width = keys.shape[1]
     value = torch.full((len(keys),), float("-inf"), dtype=torch.float64, device=keys.device)
-    mean = weights.sum(dim=1, dtype=torch.float64) / whole_sums(indicator(torch.gt, weights, 0), 1).clamp_min(1)
+    mean = weights.sum(dim=1, dtype=torch.float64) / row_counts(torch.gt, weights, 0).clamp_min(1)
     k = int(min(width, max(32, float((2 * needed / mean.clamp_min(1e-300)).max()))))
     todo = torch.arange(len(keys), device=keys.device)
     while len(todo):
