@@ -2,7 +2,8 @@
 
     python step_10_certify.py FOLDER --model M [--classes F] [--labels imagenet-val | FILE.csv]
                                      [--method exact|bounds] [--norm Linf|L1] [--epsilons 2,4,8]
-                                     [--continuous] [--time-limit 60] [--propagation crown|interval]
+                                     [--continuous] [--time-limit 60]
+                                     [--propagation interval|crown|alpha-crown] [--alpha-iterations 20]
                                      [--output-dir outputs/certify] [--resume] [--device auto|cpu|cuda]
                                      [--threads N] [--seed 0]
     python step_10_certify.py FOLDER|PHOTO --model M --method smoothing --sigma S [--n0 100] [--n 100000]
@@ -12,8 +13,11 @@ Every robust accuracy step 8 reports is an upper bound: the share of images that
 A certificate is the lower bound. `exact` decides each image by mixed-integer linear programming (Tjeng, Xiao and
 Tedrake 2019) for networks of linear, convolution, ReLU, max and average pooling, flatten and batch norm layers:
 robust (proved), not robust (a counterexample saved under OUTPUT/counterexamples/, read back and checked),
-unknown (the --time-limit ran out) or misclassified (wrong when clean). `bounds` runs the bound propagation alone
-(CROWN, Zhang et al. 2018): robust or unknown, fast, for a network of any size. Epsilon: L-infinity in levels out
+unknown (the --time-limit ran out) or misclassified (wrong when clean): an attack first, then alpha-CROWN's bounds,
+then the program for what they leave. `bounds` runs the bound propagation alone: robust or unknown, fast, for a
+network of any size, reporting each image's interval, CROWN (Zhang et al. 2018) and alpha-CROWN (Xu et al. 2021)
+margin bounds, each at least the one before (utils/certify/propagation.py: tensors, a convolution passed backward as
+its transposed convolution; float64 on the CPU, float32 with an outward margin on --device cuda). Epsilon: L-infinity in levels out
 of 255, L1 in [0, 1] pixel units summed over the image. The default verifies the 8-bit lattice, the images a PNG
 can hold; --continuous the real-valued ball.
 

@@ -3,9 +3,10 @@
 
 Per image and epsilon (ascending), in order of cost:
 1. misclassified when clean: "misclassified" at every epsilon.
-2. CROWN's margin bounds (utils.certify.bounds) all above zero: "robust" (found_by "bounds").
-3. an attack (PGD on the 8-bit lattice, L-infinity only) whose image the model classifies wrong: "not robust"
+2. an attack (PGD on the 8-bit lattice, L-infinity only) whose image the model classifies wrong: "not robust"
    (found_by "attack"); once not robust at one epsilon, the same counterexample is within every larger budget.
+3. alpha-CROWN's margin bounds (utils.certify.propagation, on tensors) all above zero: "robust" (found_by
+   "bounds").
 4. the MILP (utils.certify.milp) for the classes the bounds left open: infeasible is "robust" (found_by "milp");
    a point found is a counterexample only when the model's own forward on its 8-bit image classifies it wrong and it
    is within the budget (the solver's tolerances are not trusted); with the lattice (the default) the continuous
@@ -24,8 +25,9 @@ import numpy as np
 
 from utils.attacks import run_attack
 from utils.certify.base import MISCLASSIFIED, NOT_ROBUST, ROBUST, UNKNOWN, Certifier, Settings
-from utils.certify.bounds import layer_bounds, make_ball, margin_bounds
-from utils.certify.bounds_certifier import clean_prediction, model_logits, network_of
+from utils.certify.bounds_certifier import bound_ladder, clean_prediction, model_logits, network_of, tensor_net
+from utils.certify.propagation import ALPHA_ITERATIONS
+from utils.certify.bounds import make_ball
 from utils.cli import number_in
 # scipy is imported where it is used (utils/certify/__init__.py says why)
 
@@ -39,6 +41,7 @@ class ExactSettings(Settings):
     lattice: bool = True
     time_limit: float = 60.0
     seed: int = 0
+    alpha_iterations: int = ALPHA_ITERATIONS
 
 
 def within_budget(candidate_u8, image_u8, norm, epsilon):
@@ -70,11 +73,12 @@ class ExactCertifier(Certifier):
 
     @classmethod
     def settings(cls, args):
-        return ExactSettings(args.norm, not args.continuous, args.time_limit, args.seed)
+        return ExactSettings(args.norm, not args.continuous, args.time_limit, args.seed, args.alpha_iterations)
 
     def __init__(self, model, settings, device="cpu", image_shape=None):
         super().__init__(model, settings, device)
         self.network = network_of(model, image_shape)
+        self.net, self.dtype = tensor_net(self.network, device)
 
     def misclassified(self, candidate_u8, image_u8, label, epsilon):
         """The model's own verdict on a candidate: wrong and within the budget."""
@@ -107,16 +111,20 @@ class ExactCertifier(Certifier):
         return rows
 
     def decide(self, image_u8, label, epsilon):
-        ball = make_ball(image_u8, self.config.norm, epsilon, self.config.lattice)
-        bounds = layer_bounds(self.network, ball, "crown")
-        margins = margin_bounds(self.network, ball, label, bounds)
-        bound = float(margins.min())
-        if bound > 0:
-            return dict(verdict=ROBUST, found_by="bounds", margin_bound=bound, binaries=0, constraints=0)
-        attacked = self.attack(image_u8, label, epsilon)
+        config = self.config
+        attacked = self.attack(image_u8, label, epsilon)  # a counterexample needs no search
         if attacked is not None:
             return dict(verdict=NOT_ROBUST, found_by="attack", margin_bound="", binaries="", constraints="",
                         counterexample=attacked)
+        found, margins, tensor_bounds, _ = bound_ladder(self.net, self.dtype, self.device, image_u8, label,
+                                                        config.norm, epsilon, config.lattice, "alpha-crown",
+                                                        config.alpha_iterations)
+        bound = found["alpha-crown"]
+        if bound > 0:
+            return dict(verdict=ROBUST, found_by="bounds", margin_bound=bound, binaries=0, constraints=0)
+        # the program's big-Ms from CROWN's layer bounds; the classes to ask about from alpha-CROWN's margin bounds
+        bounds = [(lower[0].cpu().double().numpy(), upper[0].cpu().double().numpy()) for lower, upper in tensor_bounds]
+        ball = make_ball(image_u8, config.norm, epsilon, config.lattice)
         return self.solve(image_u8, label, epsilon, ball, bounds, margins)
 
     def solve(self, image_u8, label, epsilon, ball, bounds, margins):

@@ -27,10 +27,14 @@ CHUNK = 512  # basis vectors run through a linear stretch at once (memory: CHUNK
 
 @dataclass(frozen=True, eq=False)
 class Affine:
-    """y = weight @ x + bias; weight a scipy CSR matrix (outputs, inputs) in float64."""
+    """y = weight @ x + bias; weight a scipy CSR matrix (outputs, inputs) in float64. `run`: the same map as the
+    graph computes it, flat inputs (B, inputs) to (B, *out_shape), in the inputs' dtype and device: what the tensor
+    bounds (utils.certify.propagation) differentiate to pass rows backward through a convolution as its own
+    transposed convolution."""
     weight: "scipy.sparse.csr_matrix"
     bias: np.ndarray
     out_shape: tuple
+    run: object = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -172,7 +176,7 @@ class GraphReader:
         if node.op == "placeholder":
             # the Classifier's normalization, folded into the first affine layer like any other constant operation
             shape = self.input_shape
-            return Tracked(lambda z: (z.reshape(len(z), *shape) - self.mean) / self.std, shape, -1)
+            return Tracked(lambda z: (z.reshape(len(z), *shape) - cast(self.mean, z)) / cast(self.std, z), shape, -1)
         if node.op == "get_attr":
             value = operator.attrgetter(node.target)(graph_module)
             return value.detach().double() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
@@ -223,7 +227,7 @@ class GraphReader:
         def run(z):
             batch = len(z)
             concrete = lambda value: value.run(z) if isinstance(value, Tracked) else batch if isinstance(value, Batch) \
-                else value
+                else cast(value, z)
             result = target(*tree_map(concrete, args), **tree_map(concrete, kwargs))
             return result
         probe = run(torch.zeros(1, self.source_size(source), dtype=torch.float64))
@@ -254,7 +258,7 @@ class GraphReader:
                 columns.append(sparse.csr_matrix(block))
         weight = sparse.vstack(columns).T.tocsr()
         weight.eliminate_zeros()
-        return Affine(weight, bias.numpy()[0], tuple(value.shape))
+        return Affine(weight, bias.numpy()[0], tuple(value.shape), value.run)
 
     def push(self, layer, shape):
         self.layers.append(layer)
@@ -322,6 +326,22 @@ def tree_map(function, value):
     if isinstance(value, dict):
         return {key: tree_map(function, item) for key, item in value.items()}
     return function(value)
+
+
+def cast(value, like):
+    """A float64 constant of the graph in the dtype and on the device of `like` (a copy kept per dtype and device:
+    a run on CUDA copies each weight once)."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point() or \
+            (value.dtype == like.dtype and value.device == like.device):
+        return value
+    key = (like.dtype, like.device)
+    copies = CASTS.setdefault(id(value), (value, {}))[1]
+    if key not in copies:
+        copies[key] = value.to(dtype=like.dtype, device=like.device)
+    return copies[key]
+
+
+CASTS = {}  # id of a graph constant -> (the constant, kept alive so its id stays its own; {(dtype, device): copy})
 
 
 def constant(value):
