@@ -1,7 +1,7 @@
 """Step 9: adversarial training, the tutorial's missing chapter.
 
     python step_9_adversarial_training.py FOLDER [--labels FILE.csv] [--output outputs/robust/model.pt2]
-                                         [--method pgd|fgsm-rs|noise|none] [--norm Linf|L2] [--epsilon 32]
+                                         [--method pgd|fgsm-rs|noise|none|ibp|crown-ibp] [--norm Linf|L2] [--epsilon 32]
                                          [--steps 3] [--alpha LEVELS] [--sigma S]
                                          [--arch small-cnn|mlp] [--epochs 10] [--batch-size 64] [--lr 0.001]
                                          [--val-fraction 0.1] [--val-steps 10] [--image-size 32] [--seed 0]
@@ -15,7 +15,10 @@ classify the worst image within epsilon of each training image.
 Methods: `pgd` (Madry et al.: PGD with a random start, `--steps` sign steps of `--alpha` levels, by default
 2.5 * epsilon / steps, the step size utils.attacks.PGD derives from the budget), `fgsm-rs` (Wong, Rice and Kolter
 2020, "Fast is better than free": one FGSM step of 1.25 * epsilon from a uniform random start; about as cheap as
-plain training), `noise` (Gaussian data augmentation, as Cohen, Rosenfeld and Kolter 2019 train the base model of
+plain training), `ibp` and `crown-ibp` (certified training, Gowal et al. 2018 and Zhang et al. 2020: the loss
+mixes the images' cross-entropy with that of the worst logits that interval bounds, and for crown-ibp CROWN's bound
+on the margins from them, allow within epsilon; epsilon and the weights ramp over the first half of the epochs;
+utils.training's Ramp; held-out certified accuracy is printed after each epoch), `noise` (Gaussian data augmentation, as Cohen, Rosenfeld and Kolter 2019 train the base model of
 randomized smoothing: every training batch gets N(0, sigma^2) noise, --sigma in [0, 1] pixel units, not clipped) or
 `none` (plain training, the baseline). Epsilon is in levels out of 255, as everywhere else; the
 attack sees the 8-bit image (utils.attacks), so the model trains on images a PNG can hold. With --norm L2 the
@@ -58,9 +61,10 @@ from utils.files import display_path, remove_killed_writes_of
 from utils.flags import add_device_argument
 from utils.models import classes_path, export_program, load_program
 from utils.threat import check_epsilon
-from utils.training import MLP, SMALL_CNN, build_net, load_checkpoint, save_checkpoint
+from utils.training import (CERTIFIED_METHODS, MLP, SMALL_CNN, Ramp, build_net, certified_accuracy, certified_loss,
+                            load_checkpoint, save_checkpoint)
 
-METHODS = ("pgd", "fgsm-rs", "noise", "none")
+METHODS = ("pgd", "fgsm-rs", "noise", "none") + CERTIFIED_METHODS
 DEFAULT_EPSILON = 32.0  # levels out of 255, L-infinity
 FGSM_RS_STEP = 1.25  # Wong et al. 2020: alpha = 1.25 epsilon from a uniform start in the ball
 
@@ -147,7 +151,7 @@ def make_model(data, args):
 def training_attack(model, args, seed):
     """The attack that makes a batch's training examples (None for plain training). Every sample runs all its steps
     (no early stop: the example should be the worst found, not the first misclassified one)."""
-    if args.method in ("none", "noise"):
+    if args.method in ("none", "noise") + CERTIFIED_METHODS:
         return None
     if args.method == "fgsm-rs":
         steps, alpha = 1, args.alpha or FGSM_RS_STEP * args.epsilon
@@ -191,13 +195,22 @@ def train_epoch(model, optimizer, data, epoch, args, device):
         elif args.method == "noise":
             images = gaussian_noise(images, args.sigma, batch_seed(args, epoch, index))
         model.train()
-        loss = F.cross_entropy(model(images), targets)
+        if args.method in CERTIFIED_METHODS:
+            ramp = Ramp.at(args.method, args.epsilon, (epoch - 1 + index / len(batches)) / ramp_epochs(args))
+            loss = certified_loss(model, images, targets, ramp)
+        else:
+            loss = F.cross_entropy(model(images), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         total += loss.item() * len(members)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     return total / len(order), len(order) / (time.perf_counter() - started)
+
+
+def ramp_epochs(args):
+    """Certified training ramps epsilon (and CROWN-IBP's weights) over the first half of the epochs."""
+    return max(args.epochs / 2, 1)
 
 
 @torch.no_grad()
@@ -220,6 +233,15 @@ def validate(model, data, args, device):
         return accuracy(model, images, targets), robust, None
     fgsm = make_attack("fgsm", model, epsilon=args.epsilon, targeted=False, early_stop=False)
     return accuracy(model, images, targets), robust, 1 - fgsm(images, targets).success.float().mean().item()
+
+
+def validate_certified(model, data, args, device):
+    """Held-out certified accuracy at the training epsilon (CROWN-IBP's bound) for certified training, else None."""
+    if args.method not in CERTIFIED_METHODS or len(data.val) == 0:
+        return None
+    model.eval()
+    images, targets = as_pixels(data.images[data.val]).to(device), data.targets[data.val].to(device)
+    return certified_accuracy(model, images, targets, args.epsilon)
 
 
 # ---- catastrophic overfitting ---------------------------------------------------------------------------------
@@ -330,6 +352,7 @@ def report_epoch(row):
         (f", held-out clean {row['clean']:.1%}, PGD-{row['val_steps']} at "
          f"{budget_text(row.get('norm', 'Linf'), row['epsilon'])} {row['robust']:.1%}")
     val += "" if row.get("fgsm") is None else f", FGSM {row['fgsm']:.1%}"
+    val += "" if row.get("certified") is None else f", certified {row['certified']:.1%}"
     print(f"epoch {row['epoch']}: loss {row['loss']:.4f}, {row['images_per_second']:.0f} training images/s{val}",
           flush=True)
 
@@ -348,6 +371,8 @@ def check_threat(args):
     if args.method != "none" and args.norm not in ATTACKS["pgd"].norms:
         raise UsageError(f"--norm {args.norm}: the training attack, PGD, has no {args.norm} version (it has "
                          f"{', '.join(ATTACKS['pgd'].norms)})")
+    if args.method in CERTIFIED_METHODS and args.norm != "Linf":
+        raise UsageError(f"--method {args.method} trains against L-infinity bounds, not --norm {args.norm}")
 
 
 def main(args):
@@ -371,7 +396,7 @@ def main(args):
         loss, speed = train_epoch(model, optimizer, data, epoch, args, device)
         clean, robust, fgsm = validate(model, data, args, device)
         history.append({"epoch": epoch, "loss": loss, "images_per_second": speed, "clean": clean, "robust": robust,
-                        "fgsm": fgsm, "epsilon": args.epsilon, "norm": args.norm, "val_steps": args.val_steps,
+                        "fgsm": fgsm, "certified": validate_certified(model, data, args, device), "epsilon": args.epsilon, "norm": args.norm, "val_steps": args.val_steps,
                         "overfit": watched_for_overfitting(args.method)
                         and catastrophic_overfitting(history + [{"robust": robust, "fgsm": fgsm}])})
         report_epoch(history[-1])

@@ -198,3 +198,51 @@ def test_the_bound_is_differentiable_in_the_weights():
 def test_a_layer_the_bounds_cannot_cover_is_refused_by_name():
     with pytest.raises(UsageError, match="Sigmoid"):
         Net.from_module(nn.Sequential(nn.Flatten(), nn.Linear(12, 3), nn.Sigmoid()), (3, 2, 2))
+
+
+# ---- certified training (step 9's ibp and crown-ibp) ----------------------------------------------------------
+
+def test_the_ramp_moves_epsilon_and_the_weights_over_its_length():
+    from utils.training import Ramp
+    assert Ramp.at("crown-ibp", 8, 0.0) == Ramp(0.0, 1.0, 1.0)
+    assert Ramp.at("crown-ibp", 8, 0.25) == Ramp(2.0, 0.75, 0.875)
+    assert Ramp.at("crown-ibp", 8, 3.0) == Ramp(8.0, 0.0, 0.5)
+    assert Ramp.at("ibp", 8, 0.5) == Ramp(4.0, 0.0, 0.75)
+
+
+def test_the_certified_loss_gradient_is_the_finite_difference():
+    from utils.training import Ramp, certified_loss
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 3))
+    model = Classifier(net, Preprocessing(4, torch.tensor([0.5, 0.5, 0.5]), torch.tensor([0.3, 0.3, 0.3])),
+                       "tiny").double()
+    pixels, targets = torch.rand(3, 3, 4, 4, dtype=torch.float64), torch.tensor([0, 1, 2])
+    ramp = Ramp.at("crown-ibp", 20, 0.5)
+    weight = net[0].weight
+    (gradient,) = torch.autograd.grad(certified_loss(model, pixels, targets, ramp), weight)
+    step = 1e-6
+    for index in [(0, 0, 1, 1), (1, 2, 0, 2)]:
+        with torch.no_grad():
+            weight[index] += step
+            up = certified_loss(model, pixels, targets, ramp).item()
+            weight[index] -= 2 * step
+            down = certified_loss(model, pixels, targets, ramp).item()
+            weight[index] += step
+        assert abs((up - down) / (2 * step) - gradient[index].item()) < 1e-5 * (1 + abs(gradient[index].item()))
+
+
+def test_an_image_certified_in_training_is_not_fooled_by_pgd():
+    from utils.attacks import make_attack
+    from utils.training import certified_accuracy, margin_floor
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.ReLU(), nn.Linear(16, 3))
+    model = Classifier(net, Preprocessing(4, torch.tensor([0.5] * 3), torch.tensor([0.5] * 3)), "tiny").eval()
+    pixels = torch.randint(0, 256, (40, 3, 4, 4)).float() / 255
+    targets = model(pixels).argmax(dim=1)
+    floor = margin_floor(model, pixels, targets, 6, 1.0).scatter(1, targets[:, None], torch.inf).min(dim=1).values
+    proved = floor > 0
+    assert 0 < proved.sum() < len(pixels), "the test needs some images proved and some not"
+    assert certified_accuracy(model, pixels, targets, 6) == pytest.approx(proved.float().mean().item())
+    fooled = make_attack("pgd", model, epsilon=6, steps=30, targeted=False, random_start=True, seed=0)(
+        pixels, targets).success
+    assert not (fooled & proved).any()

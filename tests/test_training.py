@@ -70,12 +70,13 @@ def train_args(folder, output, *extra):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_gives_the_same_model(few_digits, tmp_path):
+@pytest.mark.parametrize("method", [[], ["--method", "crown-ibp", "--epsilon", "4"]], ids=["pgd", "crown-ibp"])
+def test_resume_after_sigkill_gives_the_same_model(few_digits, tmp_path, method):
     """Kill a run once its first checkpoint exists, resume it, and get the very model of an uninterrupted run."""
-    whole = run_script(STEP_9, *train_args(few_digits, tmp_path / "whole.pt2"), cwd=tmp_path)
+    whole = run_script(STEP_9, *train_args(few_digits, tmp_path / "whole.pt2", *method), cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr
     killed = tmp_path / "killed.pt2"
-    process = subprocess.Popen([sys.executable, str(REPO / STEP_9), *map(str, train_args(few_digits, killed))],
+    process = subprocess.Popen([sys.executable, str(REPO / STEP_9), *map(str, train_args(few_digits, killed, *method))],
                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = killed.with_suffix(".ckpt")
     while not checkpoint.exists() and process.poll() is None:
@@ -85,7 +86,7 @@ def test_resume_after_sigkill_gives_the_same_model(few_digits, tmp_path):
     assert not killed.exists(), "the run finished before the kill: nothing was resumed"
     assert load_checkpoint(checkpoint)["epoch"] < 3
     killed_writes = [temp_beside(path) for path in (checkpoint, killed, classes_path(killed))]
-    resumed = run_script(STEP_9, *train_args(few_digits, killed, "--resume"), cwd=tmp_path)
+    resumed = run_script(STEP_9, *train_args(few_digits, killed, "--resume", *method), cwd=tmp_path)
     assert not any(path.exists() for path in killed_writes), "the temp files of killed writes of the outputs go"
     assert resumed.returncode == 0, resumed.stderr
     assert "Resuming after epoch" in resumed.stdout
@@ -122,6 +123,7 @@ def test_exported_program_is_the_trained_model(few_digits, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--output", "model.pt"], "NAME.pt2"),
     (["--arch", "no-such-net"], "unknown architecture"),
+    (["--method", "ibp", "--norm", "L2", "--epsilon", "1"], "trains against L-infinity bounds"),
 ])
 def test_bad_arguments_are_one_line(few_digits, tmp_path, extra, message):
     result = run_in_process(STEP_9, few_digits, "--epochs", "1", *extra, cwd=tmp_path)

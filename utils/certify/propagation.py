@@ -115,8 +115,9 @@ class Net:
         shape, layers = tuple(input_shape), []
         if mean is not None:
             layers.append(normalization_linear(mean, std, shape))
+        device = next(net.parameters()).device
         for module in flat_modules(net):
-            layer, shape = module_layer(module, shape)
+            layer, shape = module_layer(module, shape, device)
             if layer is not None:
                 layers.append(layer)
         return cls(layers, int(np.prod(input_shape)))
@@ -188,7 +189,7 @@ def flat_modules(net):
     return [net]
 
 
-def module_layer(module, shape):
+def module_layer(module, shape, device):
     """(the layer of one module, or None for a reshape, the output shape)."""
     size = int(np.prod(shape))
     if isinstance(module, nn.ReLU):
@@ -198,7 +199,7 @@ def module_layer(module, shape):
     if isinstance(module, nn.MaxPool2d):
         windows, out_shape = pool_windows(shape, module.kernel_size, module.stride or module.kernel_size,
                                           module.padding, module.dilation, module.ceil_mode)
-        return MaxPool(torch.as_tensor(windows), size), out_shape
+        return MaxPool(torch.as_tensor(windows, device=device), size), out_shape
     if isinstance(module, nn.Linear):
         return Linear(lambda x: F.linear(x, module.weight, module.bias), lambda rows: rows @ module.weight,
                       lambda r: r @ module.weight.abs().T, lambda: module.bias, module.in_features,
