@@ -246,3 +246,15 @@ def test_an_image_certified_in_training_is_not_fooled_by_pgd():
     fooled = make_attack("pgd", model, epsilon=6, steps=30, targeted=False, random_start=True, seed=0)(
         pixels, targets).success
     assert not (fooled & proved).any()
+
+
+def test_sparse_rows_give_the_dense_rows_bounds(monkeypatch):
+    """CROWN by local patches (scipy CSR rows, float64 on the CPU) against the dense vjp rows, every neuron."""
+    network = extract_layers(random_classifier(3), (3, SIDE, SIDE))
+    net = Net.from_layers(network)
+    box = Box.from_balls([dense.make_ball(random_image(3), "Linf", 10)])
+    assert propagation.sparse_rows_apply(net.layers, box)
+    sparse_bounds = layer_bounds(net, box, "crown", neurons="all")
+    monkeypatch.setattr(propagation, "sparse_rows_apply", lambda layers, box: False)
+    for (low, high), (dense_low, dense_high) in zip(sparse_bounds, layer_bounds(net, box, "crown", neurons="all")):
+        assert torch.allclose(low, dense_low, atol=1e-11) and torch.allclose(high, dense_high, atol=1e-11)

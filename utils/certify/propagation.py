@@ -56,9 +56,10 @@ ALPHA_ITERATIONS, ALPHA_LR = 20, 0.1
 class Linear:
     """An affine layer x -> W x + b on flat vectors (batch, in_size)."""
 
-    def __init__(self, forward, transpose, magnitude, bias, in_size, out_size):
+    def __init__(self, forward, transpose, magnitude, bias, in_size, out_size, matrix=None):
         self._forward, self._transpose, self._magnitude, self._bias = forward, transpose, magnitude, bias
         self.in_size, self.out_size = in_size, out_size
+        self.matrix = matrix  # the graph's sparse W (scipy CSR, float64), for sparse rows (crown_neurons)
 
     def forward(self, x):
         return self._forward(x)
@@ -156,7 +157,7 @@ def graph_linear(affine, in_size, dtype, device):
                                            torch.as_tensor(magnitude_matrix.data, dtype=dtype),
                                            size=magnitude_matrix.shape, check_invariants=False).to(device)
     return Linear(forward, linear_transpose(forward, in_size, dtype, device), lambda r: (absolute @ r.T).T, bias,
-                  in_size, affine.weight.shape[0])
+                  in_size, affine.weight.shape[0], affine.weight)
 
 
 def linear_transpose(forward, in_size, dtype, device):
@@ -266,6 +267,11 @@ class Box:
         budget = torch.as_tensor([ball.budget for ball in balls], dtype=dtype, device=device)
         return cls(stack("lower"), stack("upper"), stack("center"), budget)
 
+    def pick(self, index):
+        """The set of image `index` alone (a batch of one)."""
+        one = lambda value: None if value is None else value[index:index + 1]
+        return Box(one(self.lower), one(self.upper), one(self.center), one(self.budget))
+
     def repeat(self, counts):
         """Each image's set repeated counts[i] times (branch and bound's sub-problems of one image)."""
         pick = lambda value: None if value is None else value.repeat_interleave(counts, dim=0)
@@ -363,10 +369,18 @@ def widest(layers):
 
 def crown_neurons(layers, bounds, box, mask):
     """CROWN's (lower, upper) (B, width) of the output of layers[-1] (a Linear) at the neurons of `mask` (B, width);
-    +-inf elsewhere. The rows of one pass are cut so that a block holds at most BLOCK elements."""
+    +-inf elsewhere. In float64 on the CPU with the graph's sparse matrices the rows stay sparse (`sparse_crown`);
+    else dense rows, cut so that a block holds at most BLOCK elements."""
     batch, width = mask.shape
     lower = torch.full(mask.shape, -torch.inf, dtype=box.lower.dtype, device=mask.device)
     upper = torch.full(mask.shape, torch.inf, dtype=box.lower.dtype, device=mask.device)
+    if sparse_rows_apply(layers, box):
+        for image in range(batch):
+            picked = torch.nonzero(mask[image])[:, 0]
+            low, high = sparse_crown(layers, [(lo[image], hi[image]) for lo, hi in bounds[:len(layers)]],
+                                     box.pick(image), picked.numpy())
+            lower[image, picked], upper[image, picked] = torch.from_numpy(low), torch.from_numpy(high)
+        return lower, upper
     counts = mask.sum(dim=1)
     most = int(counts.max()) if batch else 0
     if most == 0:
@@ -384,6 +398,55 @@ def crown_neurons(layers, bounds, box, mask):
         lower.scatter_(1, picked, torch.where(real, low, lower.gather(1, picked)))
         upper.scatter_(1, picked, torch.where(real, high, upper.gather(1, picked)))
     return lower, upper
+
+
+def sparse_rows_apply(layers, box):
+    return box.lower.dtype == torch.float64 and box.lower.device.type == "cpu" and box.budget is None and \
+        all(layer.matrix is not None for layer in layers if isinstance(layer, Linear))
+
+
+def sparse_crown(layers, bounds, box, picked):
+    """CROWN's (lower, upper) of the neurons `picked` of layers[-1]'s output, one image, L-infinity: the rows as
+    scipy CSR matrices, passed back through each layer's sparse W and the relaxations. A neuron of a convolution
+    depends on a patch of the input, so its row stays about as sparse as that patch: this is CROWN by local patches,
+    the work of each row proportional to its receptive field instead of the layer's width. Peak memory: the rows'
+    nonzeros, at most (2 x picked) x the largest receptive field (no dense block)."""
+    import scipy.sparse as sparse
+    numpy_bounds = [(lower.numpy(), upper.numpy()) for lower, upper in bounds]
+    count = len(picked)
+    top = layers[-1]
+    rows = sparse.vstack([top.matrix[picked], -top.matrix[picked]]).tocsr()
+    bias = top.bias.numpy()[picked]
+    const = np.concatenate([bias, -bias])
+    for index in reversed(range(len(layers) - 1)):
+        layer, (lower, upper) = layers[index], numpy_bounds[index]
+        owner = np.repeat(np.arange(rows.shape[0]), np.diff(rows.indptr))
+        if isinstance(layer, Linear):
+            const = const + rows @ layer.bias.numpy()
+            rows = (rows @ layer.matrix).tocsr()
+            continue
+        values, columns = rows.data, rows.indices
+        negative = values < 0
+        if isinstance(layer, ReLU):
+            low, up, intercept, _ = (part.numpy() for part in relu_relaxation(torch.from_numpy(lower),
+                                                                              torch.from_numpy(upper)))
+            const = const + np.bincount(owner, np.where(negative, values * intercept[columns], 0), len(const))
+            rows = sparse.csr_matrix((np.where(negative, values * up[columns], values * low[columns]), columns,
+                                      rows.indptr), shape=rows.shape)
+        else:
+            chosen, exact, ceiling = (part[0].numpy() for part in pool_relaxation(
+                layer.windows, torch.from_numpy(lower)[None], torch.from_numpy(upper)[None]))
+            moved = negative & ~exact[columns]
+            const = const + np.bincount(owner, np.where(moved, values * ceiling[columns], 0), len(const))
+            rows = sparse.csr_matrix((np.where(moved, 0.0, values), chosen[columns], rows.indptr),
+                                     shape=(rows.shape[0], layer.in_size))
+            rows.sum_duplicates()
+        rows.eliminate_zeros()
+    lower, upper = box.lower.numpy()[0], box.upper.numpy()[0]
+    owner = np.repeat(np.arange(rows.shape[0]), np.diff(rows.indptr))
+    ends = np.where(rows.data > 0, lower[rows.indices], upper[rows.indices])
+    both = const + np.bincount(owner, rows.data * ends, len(const))
+    return both[:count], -both[count:]
 
 
 def interval_linear(layer, lower, upper):
