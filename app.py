@@ -39,7 +39,7 @@ from utils.attacks import ATTACKS, NORMS, perturbation_size  # noqa: E402
 from utils.certify.smoothing import PAGE_N, page_certificate  # noqa: E402
 from utils.cli import ArgumentParser, UsageError, number_in, run  # noqa: E402
 from utils.defenses import DEFENSES, describe  # noqa: E402
-from utils.figures import break_defense_figure, comparison_figure, short  # noqa: E402
+from utils.figures import comparison_figure, defense_figure, short  # noqa: E402
 from utils.files import save_figure  # noqa: E402
 from utils.flags import (DEFAULT_EPSILON, add_break_defense_arguments, add_model_arguments, attack_options,  # noqa: E402
                          check_budget, model_from_args, resolve_threat)
@@ -218,7 +218,7 @@ def answer(upload, sample, target, epsilon, steps, method, defense, model_spec, 
     comparison = save_figure(comparison_figure(image, plain, label(old), label(plain_before)), out / "comparison.png")
     rows = [("plain attack", plain, label(plain_before), result.defended[0], label(plain_after)),
             ("adaptive attack (BPDA)", adaptive, label(adaptive_before), result.defended[1], label(adaptive_after))]
-    through = save_figure(break_defense_figure(rows), out / "break_defense.png")
+    through = save_figure(defense_figure(rows), out / "break_defense.png")
     verdict = (f"**New prediction:** {label(plain_before)}  \n"
                f"{'Fooled' if plain_before == goal else 'Not fooled'}: target {label(goal)}, {plain_steps} "
                f"{args.method} steps, {size}; judged on the PNG below, read back.")

@@ -4,11 +4,12 @@
                                    [--method sgd|fgsm|pgd|mifgsm|cw|apgd|apgd-t|square] [--loss ce|dlr]
                                    [--target-classes 9] [--queries N] [--model resnet18] [--seed 0]
                                    [--norm Linf|L2|L1]
-                                   [--output-dir outputs] [--precision fp32|bf16|fp16]
+                                   [--output-dir outputs] [--precision fp32|bf16|fp16] [--no-figure]
 
 One image: prints "Target class: ...", a "Loss: ... / Class: ..." line every 5 steps as the tutorial does (every 100
 queries for square, which reports "Queries used" instead of "Steps used"), then "Old prediction" and "New prediction"
-(on the saved PNG read back from disk), and writes adversarial_r.npy, adversarial.png and comparison.png into the
+(on the saved PNG read back from disk), and writes adversarial_r.npy, adversarial.png and comparison.png (the
+original, the adversarial image and the perturbation magnified, with both predictions; not with --no-figure) into the
 output dir. Several images or a folder: attacks them in batches (--batch-size) and writes NAME.png and NAME_r.npy per
 input. Exit status 0 when every saved PNG is classified as the target (untargeted: as anything but its clean class), 1
 when the attack did not get there.
@@ -36,8 +37,9 @@ from utils.attacks import ATTACKS, budget_unit, goal_reached, perturbation_size,
 from utils.cli import ArgumentParser, print_loss_every, run
 from utils.figures import comparison_figure
 from utils.files import remove_killed_writes_of, save_array, save_figure, save_image
-from utils.flags import (DEFAULT_EPSILON, add_attack_arguments, add_common_arguments, add_speed_arguments,
-                         attack_options, check_budget, chosen_target, prepared_model, resolve_threat)
+from utils.flags import (DEFAULT_EPSILON, add_attack_arguments, add_common_arguments, add_figure_argument,
+                         add_speed_arguments, attack_options, check_budget, chosen_target, prepared_model,
+                         resolve_threat)
 from utils.threat import check_methods
 from utils.images import list_images, output_names
 from utils.perturbations import perturbation_from_images
@@ -89,7 +91,8 @@ def attack_one(model, path, args):
     saved = save_learned(model, image, adversarial, out / "adversarial.png", out / "adversarial_r.npy")
     old, new = predict_images(model, [image, prepare_image(saved, model)])  # the file, read back
     old_label, new_label = get_label(old, model.classes), get_label(new, model.classes)
-    save_figure(comparison_figure(image, adversarial, old_label, new_label), out / "comparison.png")
+    if args.figure:
+        save_figure(comparison_figure(image, adversarial, old_label, new_label), out / "comparison.png")
     linf, l2 = perturbation_size(to_tensor(adversarial), to_tensor(image))
     print(f"Old prediction: {old_label}")
     print(f"New prediction: {new_label}")
@@ -166,6 +169,7 @@ def get_args_parser():
     add_common_arguments(parser)
     add_attack_arguments(parser)
     add_speed_arguments(parser, compile=False)
+    add_figure_argument(parser, "comparison.png (one photo: original, adversarial, the perturbation magnified)")
     return parser
 
 

@@ -2,19 +2,23 @@
 
     python step_6_defend.py IMAGE [--defense jpeg|bits|median|blur|resize|random] [--quality 75] [--bits 3]
                                   [--size 3] [--sigma 1.0] [--scale 0.5] [--seed 0] [--report [--clean PHOTO]]
-                                  [--model resnet18] [--output outputs/adversarial.jpg]
+                                  [--model resnet18] [--output outputs/adversarial.jpg] [--no-figure]
 
 prints "Old prediction" on the image as given and "New prediction" on the defended image read back from disk: the
 JPEG file itself for jpeg, a lossless PNG for the others. With --report, also the defense's cost on a clean photo
-(--clean, default IMAGE itself): does the clean prediction survive the defense?
+(--clean, default IMAGE itself): does the clean prediction survive the defense? The figure defense.png, beside the
+output, shows the image before and after the defense with the two predictions.
 """
 from pathlib import Path
 
 from step_2_pretrained import add_model_arguments, get_device, get_label, model_from_args, predict_images, prepare_image
 from utils.cli import ArgumentParser, UsageError, run
 from utils.defenses import defense_parameters, describe, jpeg_bytes, make_defense
-from utils.files import atomic_path, remove_killed_writes_of, save_image
-from utils.flags import add_defense_arguments, add_device_argument, defense_settings
+from utils.figures import defense_figure
+from utils.files import atomic_path, remove_killed_writes_of, save_figure, save_image
+from utils.flags import add_defense_arguments, add_device_argument, add_figure_argument, defense_settings
+
+FIGURE = "defense.png"
 
 
 def output_path(args):
@@ -48,13 +52,18 @@ def report_clean_cost(model, clean_path, args):
 def main(args):
     name = describe(args.defense, **defense_settings(args))  # checks the defense and its parameters
     path = output_path(args)
-    remove_killed_writes_of([path])
+    figure = path.parent / FIGURE
+    remove_killed_writes_of([path, figure])
     model = model_from_args(args, get_device(args.device))
     image = prepare_image(args.image, model)
     saved = save_defended(image, args, path)
-    print(f"Old prediction: {get_label(predict_images(model, image)[0], model.classes)}")
-    print(f"New prediction: {get_label(predict_images(model, prepare_image(saved, model))[0], model.classes)}")  # the file, read back
+    defended = prepare_image(saved, model)  # the file, read back
+    old, new = (get_label(predict_images(model, picture)[0], model.classes) for picture in (image, defended))
+    print(f"Old prediction: {old}")
+    print(f"New prediction: {new}")
     print(f"Defense: {name}, applied to the image and written to {saved}")
+    if args.figure:
+        print(f"Figure: {save_figure(defense_figure([('the image', image, old, defended, new)], name), figure)}")
     if args.report:
         report_clean_cost(model, args.clean or args.image, args)
 
@@ -70,6 +79,7 @@ def get_args_parser():
     add_device_argument(parser)
     parser.add_argument("--output", help="where to write the defended image (default: outputs/adversarial.jpg for jpeg, "
                                          "outputs/defended_DEFENSE.png otherwise)")
+    add_figure_argument(parser, f"{FIGURE} beside --output (the image before and after the defense)")
     return parser
 
 

@@ -2,14 +2,14 @@
 
     python step_7_break_defense.py IMAGE [--defense jpeg] [--target goldfish] [--epsilon 10] [--steps 100] [--eot 1]
                                          [--method pgd] [--norm Linf|L2|L1] [--model resnet18] [--output-dir outputs]
-                                         [--precision fp32|bf16|fp16]
+                                         [--precision fp32|bf16|fp16] [--no-figure]
 
 The forward pass runs the real defense (the 8-bit image re-compressed, filtered, ...); the backward pass treats it as
 the identity (BPDA, Athalye, Carlini and Wagner 2018, "Obfuscated Gradients Give a False Sense of Security"); with
 --eot N each step averages N random draws of a randomized defense (Expectation over Transformation). Success is judged
 only by the truth: the saved PNG read back from disk, put through the real defense, classified as the target.
 Writes plain.png, adaptive.png and break_defense.png (the plain step-5 attack and the adaptive one, before and after
-the defense). The experiment itself is utils.adaptive.break_defense, which the page calls too.
+the defense, with their predictions; not with --no-figure). The experiment itself is utils.adaptive.break_defense, which the page calls too.
 """
 import functools
 from pathlib import Path
@@ -21,10 +21,10 @@ from utils.adaptive import FILES, break_defense
 from utils.attacks import budget_unit, perturbation_size
 from utils.cli import ArgumentParser, UsageError, print_loss_every, run
 from utils.defenses import describe
-from utils.figures import break_defense_figure
+from utils.figures import defense_figure
 from utils.files import remove_killed_writes_of, save_figure
-from utils.flags import (DEFAULT_EPSILON, add_break_defense_arguments, attack_options, check_budget, chosen_target,
-                         defense_settings, prepared_model, resolve_threat)
+from utils.flags import (DEFAULT_EPSILON, add_break_defense_arguments, add_figure_argument, attack_options,
+                         check_budget, chosen_target, defense_settings, prepared_model, resolve_threat)
 from utils.images import to_tensor
 from utils.threat import UNITS, check_methods
 
@@ -69,7 +69,8 @@ def main(args):
           f"({result.steps[1]} {budget_unit(args.method)}{sizes(model, image, result.files, args)})")
     rows = [("plain attack (step 5)", result.images[0], label(plain_before), result.defended[0], label(plain_after)),
             ("adaptive attack (step 7)", result.images[1], label(adaptive_before), result.defended[1], label(new))]
-    save_figure(break_defense_figure(rows), out / "break_defense.png")
+    if args.figure:
+        save_figure(defense_figure(rows, name), out / "break_defense.png")
     if new != target:
         print(f"The adaptive attack did not get through: after the defense {result.files[1]} is {label(new)}; "
               f"try more --steps, a larger --epsilon or more --eot")
@@ -81,6 +82,7 @@ def get_args_parser():
     parser = ArgumentParser(description="Craft an adversarial image that survives a defense (BPDA + EOT).")
     parser.add_argument("image", help="path to the photo")
     add_break_defense_arguments(parser)
+    add_figure_argument(parser, "break_defense.png (both attacks' images before and after the defense)")
     return parser
 
 

@@ -156,6 +156,7 @@ def test_step6_writes_the_defended_file_and_predicts_on_it_read_back(defense, op
     assert lines == [f"Old prediction: {get_label(before, model.classes)}",
                      f"New prediction: {get_label(after, model.classes)}",
                      f"Defense: {name}, applied to the image and written to {output}",
+                     f"Figure: {tmp_path / 'defense.png'}",
                      f"Clean photo {photo}: {get_label(before, model.classes)} -> "
                      f"{get_label(defended, model.classes)} after the defense "
                      f"({'kept' if defended == before else 'LOST'})"]

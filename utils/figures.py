@@ -1,4 +1,5 @@
-"""Figures: images side by side with the model's predictions, and the evaluation's rates as grouped bars."""
+"""Figures: images side by side with the model's predictions (one per tutorial step), and the evaluation's rates as
+grouped bars."""
 import matplotlib
 
 matplotlib.use("Agg")
@@ -45,14 +46,42 @@ def comparison_figure(original_u8, adversarial_u8, old_label, new_label):
                        (difference, f"perturbation (max {linf} levels)\nmagnified x{magnification:.0f}")])
 
 
-def break_defense_figure(rows):
-    """Step 7's figure: per row (name, image before the defense, its prediction, image after, its prediction), the two
-    images side by side."""
+def defense_figure(rows, defense="the defense"):
+    """Per row (name, image before the defense, its prediction, image after, its prediction), the two images side by
+    side: step 6's one image, step 7's plain and adaptive attacks. `defense` names it in the titles."""
     panels = []
     for name, before, before_label, after, after_label in rows:
         panels += [(before, f"{name}\npredicted: {short(before_label)}"),
-                   (after, f"{name} after the defense\npredicted: {short(after_label)}")]
+                   (after, f"{name} after {defense}\npredicted: {short(after_label)}")]
     return image_grid(panels, columns=2)
+
+
+# the most classes predictions_figure draws: a bar each, the figure grows with them
+MOST_BARS = 20
+
+
+def predictions_figure(image_u8, labels, probabilities):
+    """Step 2's figure: the photo as the model sees it, and beside it its top classes (best first, at most MOST_BARS)
+    as horizontal bars, each labelled with its probability."""
+    labels, probabilities = list(labels)[:MOST_BARS], 100 * np.asarray(probabilities, dtype=float)[:MOST_BARS]
+    figure = Figure(figsize=(7.6, max(3.4, 0.32 * len(labels) + 1.2)))
+    photo, bars_axis = figure.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.35]})
+    photo.imshow(image_u8, interpolation="nearest")
+    photo.axis("off")
+    photo.set_title(f"{image_u8.shape[1]} x {image_u8.shape[0]}, as the model sees it\n"
+                    f"predicted: {short(labels[0])}", fontsize=9)
+    rows = np.arange(len(labels))
+    bars = bars_axis.barh(rows, probabilities, color=["C1"] + ["C0"] * (len(labels) - 1))
+    bars_axis.bar_label(bars, [f"{value:.2f}%" for value in probabilities], padding=3, fontsize=8)
+    bars_axis.set_yticks(rows, [short(label) for label in labels], fontsize=9)
+    bars_axis.invert_yaxis()  # the best class on top, as the lines printed
+    bars_axis.set_xlim(0, 122)  # room for the largest bar's label
+    bars_axis.set_xticks(range(0, 101, 25))
+    bars_axis.set_xlabel("probability (%)", fontsize=9)
+    bars_axis.set_title(f"top {len(labels)} classes", fontsize=9)
+    bars_axis.spines[["top", "right"]].set_visible(False)
+    figure.tight_layout()
+    return figure
 
 
 def grouped_bars_figure(panels, groups, series, ylabel, title):

@@ -15,6 +15,14 @@ from utils.models.load import DEFAULT_MODEL
 DEFAULT_TARGET = "1"  # ImageNet's goldfish, the tutorial's target
 
 
+# ---- the step's figure ----------------------------------------------------------------------------------------
+
+def add_figure_argument(parser, figure):
+    """--no-figure: the step skips its picture (`figure`, the file's name and what it shows, for the help)."""
+    parser.add_argument("--no-figure", dest="figure", action="store_false",
+                        help=f"do not draw the figure {figure} (drawn by default)")
+
+
 # ---- the model and the device ---------------------------------------------------------------------------------
 
 def add_model_arguments(parser, default=DEFAULT_MODEL):
