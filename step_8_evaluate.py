@@ -65,8 +65,8 @@ from utils.evaluation import distributed
 from utils.certify import CERTIFIERS
 from utils.evaluation.engine import check_readable, run_evaluation
 from utils.evaluation.interval import check_certify, interval_certifiers, make_certifiers
-from utils.evaluation.plan import (CLEAN, UNBOUNDED, Job, Plan, Settings, defense_method, iterative_methods,
-                                   stage_steps, standard_ensemble)
+from utils.evaluation.plan import (CLEAN, UNBOUNDED, Job, Plan, Settings, check_ensemble, defense_method,
+                                   ensemble_jobs, iterative_methods, standard_ensemble)
 from utils.flags import (DEFAULT_TARGET, add_device_argument, add_norm_argument, add_photos_arguments,
                          add_speed_arguments, add_threads_argument, check_budget, chosen_target, positive_number,
                          resolve_threat)
@@ -99,10 +99,7 @@ def grid_jobs(methods, args):
 def check_attacks(args):
     """Every attack asked for exists and has a version in --norm: checked before the model loads or a file is
     written."""
-    unknown = [method for method in args.ensemble or [] if method not in ATTACKS]
-    if unknown:
-        raise UsageError(f"--ensemble: unknown attack {unknown[0]!r}; choose from {', '.join(ATTACKS)}")
-    check_methods(args.ensemble or [], args.norm, "--ensemble:")
+    check_ensemble(args.ensemble or [], args.norm)
     check_methods(args.methods or [], args.norm, "--methods:")
 
 
@@ -127,8 +124,7 @@ def make_plan(args, labelled, classes=None):
     target = None if untargeted else find_class(target_text or DEFAULT_TARGET, classes)
     jobs = [CLEAN] if labelled else []
     jobs += grid_jobs(methods, args) if grid else []
-    jobs += [Job(method, epsilon, stage_steps(method, args), attack="ensemble")
-             for epsilon in args.epsilons for method in ensemble]
+    jobs += ensemble_jobs(ensemble, args.epsilons, args)
     return Plan(methods, ensemble, target, list(dict.fromkeys(jobs)), classes)
 
 

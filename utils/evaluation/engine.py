@@ -90,10 +90,10 @@ def attack_batch(model, plan, job, batch, todo, settings):
     return adversarial, steps_used, distance[0] if distance else None
 
 
-def judge_batch(model, plan, job, batch, todo, files, settings):
-    """Classify the saved PNGs read back (and through the real defense, with the judge's own seed): a dict of
-    columns per photo."""
-    back = [prepare_image(path, model) for path in files]  # the file read back, as a receiver would
+def judge_batch(model, plan, job, batch, todo, back, settings):
+    """Classify the 8-bit images `back` of the photos `todo` (step 8: its saved PNGs read back; the library call:
+    the attack's images on the same 8-bit lattice, the same pixels) and through the real defense, with the judge's
+    own seed: a dict of columns per photo."""
     originals = [batch.originals[i] for i in todo]
     final = predict_images(model, back)
     linf, l2 = perturbation_size(to_tensor(back), to_tensor(originals))
@@ -126,7 +126,8 @@ def run_job(model, photos, plan, job, batch, todo, done, out, settings):
     distances = distances or [None] * len(todo)
     seconds = (time.perf_counter() - started) / len(todo) if job.makes_images and job.attack != "clean" else 0.0
     rows = []
-    judged = judge_batch(model, plan, job, batch, todo, files, settings)
+    back = [prepare_image(path, model) for path in files]  # the file read back, as a receiver would
+    judged = judge_batch(model, plan, job, batch, todo, back, settings)
     for i, path, steps, distance, columns in zip(todo, files, steps_used, distances, judged):
         label = photos.labels[i] if photos.labels else ""
         row = dict(zip(KEY, job.key(photos.names[i])), target="" if plan.target is None else plan.target,

@@ -5,6 +5,8 @@ The small rules here say which budget a method's headline number and an ensemble
 from dataclasses import dataclass
 
 from utils.attacks import ATTACKS
+from utils.cli import UsageError
+from utils.threat import check_methods
 
 UNBOUNDED = 255.0
 
@@ -112,6 +114,22 @@ L1_SETTINGS = {"apgd": {"restarts": 5}, "apgd-t": {"target_classes": 5}}
 def standard_ensemble(norm):
     """The default ensemble in `norm`: AutoAttack's standard attacks that have a version in that norm, in order."""
     return [method for method in STANDARD_ENSEMBLE if norm in ATTACKS[method].norms]
+
+
+def check_ensemble(ensemble, norm, flag="--ensemble"):
+    """Every attack of `ensemble` exists and has a version in `norm` (UsageError naming the first that does not):
+    checked before a model loads or a file is written, by step 8 (`flag` --ensemble) and the library call."""
+    unknown = [method for method in ensemble if method not in ATTACKS]
+    if unknown:
+        raise UsageError(f"{flag}: unknown attack {unknown[0]!r}; choose from {', '.join(ATTACKS)}")
+    check_methods(ensemble, norm, f"{flag}:")
+
+
+def ensemble_jobs(ensemble, epsilons, settings):
+    """The ensemble's stages, per epsilon in the order given, each at its budget (`stage_steps`): the jobs that
+    measure robust accuracy, in step 8's plan and in the library call alike."""
+    return [Job(method, epsilon, stage_steps(method, settings), attack="ensemble")
+            for epsilon in epsilons for method in ensemble]
 
 
 def stage_options(method, settings):

@@ -40,21 +40,28 @@ def proved_share(certified, epsilon, images):
     return max(certified_counts(rows, epsilon)[0] for rows in certified.values()) / images
 
 
-def robust_accuracy(rows, plan, settings, certified=None):
-    """robust_accuracy.csv's rows: per epsilon, the accuracy after the ensemble's attacks 1..k (cumulative, as
-    AutoAttack prints it), then the worst case over all of them. A photo misclassified when clean is not robust.
-    With `certified` ({certifier: its rows}), every row also gives the certified accuracy at its epsilon."""
+def robust_counts(rows, plan, epsilons):
+    """(photos, photos correct when clean, [(epsilon, attack, photos still robust)]): per epsilon, the count after the
+    ensemble's attacks 1..k, then "worst-case" after all of them; robust_accuracy.csv's numbers and the library
+    call's (utils/evaluation/robust.py), counted once."""
     correct = {row["image"]: row["clean_correct"] == "1" for row in rows if job_of(row) == CLEAN}
-    images = len(correct)
     fooled = {(job_of(row), row["image"]) for row in rows if row["attack"] == "ensemble" and row["success"] == "1"}
     table = []
-    for epsilon in settings.epsilons:
+    for epsilon in epsilons:
         robust = {name for name, ok in correct.items() if ok}
         for stage in plan.stages_at(epsilon):
             robust = {name for name in robust if (stage, name) not in fooled}
             table.append((epsilon, stage.method, len(robust)))
         table.append((epsilon, "worst-case", len(robust)))
-    clean = sum(correct.values()) / images
+    return len(correct), sum(correct.values()), table
+
+
+def robust_accuracy(rows, plan, settings, certified=None):
+    """robust_accuracy.csv's rows: per epsilon, the accuracy after the ensemble's attacks 1..k (cumulative, as
+    AutoAttack prints it), then the worst case over all of them. A photo misclassified when clean is not robust.
+    With `certified` ({certifier: its rows}), every row also gives the certified accuracy at its epsilon."""
+    images, correct, table = robust_counts(rows, plan, settings.epsilons)
+    clean = correct / images
     found = [dict(zip(ACCURACY_COLUMNS, (settings.norm, f"{epsilon:g}", attack, images, f"{clean:.6g}",
                                          f"{robust / images:.6g}")))
              for epsilon, attack, robust in table]
