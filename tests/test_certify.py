@@ -245,7 +245,7 @@ def test_step_10_writes_verdicts_counterexamples_and_a_summary(digits_setup, tmp
     assert result.returncode == 0, result.stderr
     rows = read_csv(out / "certified.csv")
     assert list(rows[0]) == ["image", "label", "epsilon", "verdict", "prediction", "seconds", "found_by",
-                             "margin_bound", "binaries", "constraints", "file"]
+                             "margin_bound", "domains", "binaries", "constraints", "file"]
     assert len(rows) == 8 and [row["epsilon"] for row in rows[:2]] == ["1", "4"]
     assert {row["verdict"] for row in rows} <= {"robust", "not robust", "unknown", "misclassified"}
     model_file = digits_setup / "mlp.pt2"

@@ -7,7 +7,10 @@ Per image and epsilon (ascending), in order of cost:
    (found_by "attack"); once not robust at one epsilon, the same counterexample is within every larger budget.
 3. alpha-CROWN's margin bounds (utils.certify.propagation, on tensors) all above zero: "robust" (found_by
    "bounds").
-4. the MILP (utils.certify.milp) for the classes the bounds left open: infeasible is "robust" (found_by "milp");
+4. branch and bound over ReLU splits with beta-CROWN's bounds (utils.certify.branch), for half the time limit:
+   every sub-problem proved is "robust" (found_by "bab"); a bound's minimizing input that the model classifies
+   wrong is "not robust" (found_by "bab"). The domains column counts the sub-problems it bounded.
+5. the MILP (utils.certify.milp) for the classes the bounds left open: infeasible is "robust" (found_by "milp");
    a point found is a counterexample only when the model's own forward on its 8-bit image classifies it wrong and it
    is within the budget (the solver's tolerances are not trusted); with the lattice (the default) the continuous
    program runs first (infeasible there proves the lattice too, and its point rounded often is one), then the
@@ -33,6 +36,7 @@ from utils.cli import number_in
 
 THRESHOLD = 1e-4  # the program looks for margins <= this: a point at 0 up to HiGHS's tolerances is still caught
 ATTACK_STEPS = 50
+BRANCH_SHARE = 0.5  # of --time-limit for branch and bound; the MILP gets what is left
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class ExactSettings(Settings):
     time_limit: float = 60.0
     seed: int = 0
     alpha_iterations: int = ALPHA_ITERATIONS
+    batch_size: int = 1000
 
 
 def within_budget(candidate_u8, image_u8, norm, epsilon):
@@ -60,7 +65,7 @@ def as_image(levels, shape):
 class ExactCertifier(Certifier):
     name = "exact"
     norms = ("Linf", "L1")
-    columns = ("found_by", "margin_bound", "binaries", "constraints")
+    columns = ("found_by", "margin_bound", "domains", "binaries", "constraints")
     description = "exact verification (MILP, HiGHS)"
 
     @classmethod
@@ -73,7 +78,8 @@ class ExactCertifier(Certifier):
 
     @classmethod
     def settings(cls, args):
-        return ExactSettings(args.norm, not args.continuous, args.time_limit, args.seed, args.alpha_iterations)
+        return ExactSettings(args.norm, not args.continuous, args.time_limit, args.seed, args.alpha_iterations,
+                             args.batch_size)
 
     def __init__(self, model, settings, device="cpu", image_shape=None):
         super().__init__(model, settings, device)
@@ -98,10 +104,10 @@ class ExactCertifier(Certifier):
         for epsilon in epsilons:
             started = time.perf_counter()
             if prediction != label:
-                row = dict(verdict=MISCLASSIFIED, found_by="", margin_bound="", binaries="", constraints="")
+                row = dict(verdict=MISCLASSIFIED, found_by="", margin_bound="", domains="", binaries="", constraints="")
             elif found is not None and self.misclassified(found[0], image_u8, label, epsilon):
-                row = dict(verdict=NOT_ROBUST, found_by=found[1], margin_bound="", binaries="", constraints="",
-                           counterexample=found[0])
+                row = dict(verdict=NOT_ROBUST, found_by=found[1], margin_bound="", domains="", binaries="",
+                           constraints="", counterexample=found[0])
             else:
                 row = self.decide(image_u8, label, epsilon)
                 if row.get("counterexample") is not None:
@@ -114,24 +120,48 @@ class ExactCertifier(Certifier):
         config = self.config
         attacked = self.attack(image_u8, label, epsilon)  # a counterexample needs no search
         if attacked is not None:
-            return dict(verdict=NOT_ROBUST, found_by="attack", margin_bound="", binaries="", constraints="",
-                        counterexample=attacked)
-        found, margins, tensor_bounds, _ = bound_ladder(self.net, self.dtype, self.device, image_u8, label,
-                                                        config.norm, epsilon, config.lattice, "alpha-crown",
-                                                        config.alpha_iterations)
+            return dict(verdict=NOT_ROBUST, found_by="attack", margin_bound="", domains="", binaries="",
+                        constraints="", counterexample=attacked)
+        started = time.perf_counter()
+        found, margins, tensor_bounds, box = bound_ladder(self.net, self.dtype, self.device, image_u8, label,
+                                                          config.norm, epsilon, config.lattice, "alpha-crown",
+                                                          config.alpha_iterations)
         bound = found["alpha-crown"]
         if bound > 0:
-            return dict(verdict=ROBUST, found_by="bounds", margin_bound=bound, binaries=0, constraints=0)
+            return dict(verdict=ROBUST, found_by="bounds", margin_bound=bound, domains=0, binaries=0, constraints=0)
+        searched, domains = self.branch(image_u8, label, epsilon, tensor_bounds, box, started)
+        if searched is not None:
+            return searched
         # the program's big-Ms from CROWN's layer bounds; the classes to ask about from alpha-CROWN's margin bounds
         bounds = [(lower[0].cpu().double().numpy(), upper[0].cpu().double().numpy()) for lower, upper in tensor_bounds]
         ball = make_ball(image_u8, config.norm, epsilon, config.lattice)
-        return self.solve(image_u8, label, epsilon, ball, bounds, margins)
+        return self.solve(image_u8, label, epsilon, ball, bounds, margins, domains)
 
-    def solve(self, image_u8, label, epsilon, ball, bounds, margins):
+    def branch(self, image_u8, label, epsilon, bounds, box, started):
+        """Branch and bound (utils.certify.branch) for BRANCH_SHARE of the time limit: (its row when it decides, else
+        None: the MILP gets the rest of the time; the sub-problems it bounded)."""
+        from utils.certify.branch import branch_and_bound
+        shape = self.network.input_shape
+
+        def is_counterexample(pixels):
+            return self.misclassified(as_image(pixels.cpu().double().numpy() * 255, shape), image_u8, label, epsilon)
+
+        outcome = branch_and_bound(self.net, bounds, box, label, is_counterexample,
+                                   started + BRANCH_SHARE * self.config.time_limit, self.config.batch_size,
+                                   self.config.alpha_iterations)
+        if outcome.verdict == ROBUST:
+            return dict(verdict=ROBUST, found_by="bab", margin_bound="", domains=outcome.domains, binaries=0,
+                        constraints=0), outcome.domains
+        if outcome.verdict == NOT_ROBUST:
+            return dict(verdict=NOT_ROBUST, found_by="bab", margin_bound="", domains=outcome.domains, binaries="",
+                        constraints="", counterexample=as_image(outcome.candidate * 255, shape)), outcome.domains
+        return None, outcome.domains
+
+    def solve(self, image_u8, label, epsilon, ball, bounds, margins, domains):
         from utils.certify.milp import MarginProgram
-        deadline = time.perf_counter() + self.config.time_limit
+        deadline = time.perf_counter() + self.config.time_limit * (1 - BRANCH_SHARE)
         targets = np.flatnonzero(margins <= 0)
-        size = dict(margin_bound=float(margins.min()))
+        size = dict(margin_bound=float(margins.min()), domains=domains)
         for lattice in ([False, True] if self.config.lattice else [False]):
             program = MarginProgram(self.network, ball, bounds, lattice=lattice)
             size.update(binaries=program.binaries, constraints=program.constraint_count)

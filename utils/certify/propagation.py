@@ -324,12 +324,14 @@ def pool_interval(windows, lower, upper):
 
 # ---- CROWN's backward pass ------------------------------------------------------------------------------------
 
-def backward(layers, bounds, rows, const, alphas=None, betas=None):
+def backward(layers, bounds, rows, const, alphas=None, betas=None, record=None):
     """(rows', const') with rows @ v + const >= rows' @ pixels + const' for every point of the set, v the output of
     `layers`; rows (B, R, width), const (B, R); bounds[i] the (lower, upper) of layers[i]'s input. `alphas`: {layer
     index: lower slopes (B, R, width) of that ReLU's unstable neurons} (alpha-CROWN); `betas`: {layer index: (B, R,
-    width)}, the split constraints' multipliers of branch and bound (each split neuron's signed value, weighted by
-    beta >= 0, is subtracted: below the bound on its sub-problem)."""
+    width)}, the split constraints' signed multipliers of branch and bound (beta_j s_j: each split neuron's value
+    z_j, with s_j z_j >= 0 on the sub-problem, weighted by beta_j >= 0 and subtracted, so the bound stays below on
+    the sub-problem; Wang et al. 2021, beta-CROWN). `record`: a dict that gets each ReLU's rows at its output (the
+    coefficients branch and bound scores its splits by)."""
     batch, count = rows.shape[:2]
     for index in reversed(range(len(layers))):
         layer, (lower, upper) = layers[index], bounds[index]
@@ -338,6 +340,8 @@ def backward(layers, bounds, rows, const, alphas=None, betas=None):
                 const = const + rows @ layer.bias
             rows = layer.transpose(rows.reshape(batch * count, -1)).reshape(batch, count, -1)
         elif isinstance(layer, ReLU):
+            if record is not None:
+                record[index] = rows
             low_slope, up_slope, up_intercept, unstable = relu_relaxation(lower, upper)
             low_slope = low_slope[:, None]
             if alphas is not None and index in alphas:
@@ -558,21 +562,24 @@ def initial_alphas(net, bounds, count):
     return alphas
 
 
-def optimized_bound(net, bounds, box, rows, start, iterations, lr, betas=None):
+def optimized_bound(net, bounds, box, rows, start, iterations, lr, splits=None, record=None):
     """alpha-CROWN: the lower slopes of the unstable ReLUs (any value in [0, 1] gives a sound bound) moved by Adam
     to raise the bound of every row, from CROWN's slopes; the best bound each row reached (never below `start`).
-    With `betas` (branch and bound), the split multipliers are optimized with them (kept >= 0)."""
+    `splits` (branch and bound): {layer index: (B, width) signs, +1 for a neuron split active, -1 inactive, 0 not
+    split}: their multipliers beta >= 0 are optimized with the slopes (beta-CROWN). `record`: a dict that gets the
+    last pass's rows at each ReLU and, under "input", at the pixels."""
     bounds = [(lower.detach(), upper.detach()) for lower, upper in bounds]  # fixed: only the slopes move
     alphas = initial_alphas(net, bounds[:-1], rows.shape[1])
-    variables = list(alphas.values()) + (list(betas.values()) if betas else [])
+    raw = {index: rows.new_zeros(rows.shape[:2] + sign.shape[1:]).requires_grad_(True)
+           for index, sign in (splits or {}).items()}
+    signed = lambda: {index: beta * splits[index][:, None] for index, beta in raw.items()}
+    variables = list(alphas.values()) + list(raw.values())
     best = start.detach().clone()
-    if not variables:
-        return best
-    optimizer = torch.optim.Adam(variables, lr=lr)
-    for _ in range(iterations):
+    optimizer = torch.optim.Adam(variables, lr=lr) if variables else None
+    for _ in range(iterations if variables else 0):
         with torch.enable_grad():
             bound = lower_bound(net.layers, bounds[:-1], rows, rows.new_zeros(rows.shape[:2]), box, alphas=alphas,
-                                betas=betas)
+                                betas=signed())
             bound = outward(bound, bound)[0]
             best = torch.maximum(best, bound.detach())
             # gradients for the slopes alone (a training network's weights keep theirs)
@@ -582,9 +589,12 @@ def optimized_bound(net, bounds, box, rows, start, iterations, lr, betas=None):
         with torch.no_grad():
             for alpha in alphas.values():
                 alpha.clamp_(0, 1)
-            for beta in (betas or {}).values():
+            for beta in raw.values():
                 beta.clamp_(min=0)
     with torch.no_grad():  # the last step's variables, not yet evaluated
-        bound = lower_bound(net.layers, bounds[:-1], rows, rows.new_zeros(rows.shape[:2]), box, alphas=alphas,
-                            betas=betas)
+        back, const = backward(net.layers, bounds[:-1], rows, rows.new_zeros(rows.shape[:2]), alphas=alphas,
+                               betas=signed(), record=record)
+        bound = minimum(back, const, box)
+    if record is not None:
+        record["input"] = back
     return torch.maximum(best, outward(bound, bound)[0])

@@ -302,7 +302,8 @@ class Smoothing(Certifier):
                  help="smoothing: the certificate fails with probability at most alpha, in (0, 0.5) "
                       "(default: %(default)s)")
         add_once(parser, "--batch-size", type=number_in(1, 10**6, int, name="--batch-size"), default=1000,
-                 help="noisy copies per forward pass (default: %(default)s)")
+                 help="smoothing: noisy copies per forward pass; exact: branch and bound's sub-problems per pass "
+                      "(at most what fits its memory block) (default: %(default)s)")
 
     @classmethod
     def settings(cls, args):
