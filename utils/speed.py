@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from utils.cli import UsageError
+from utils.errors import UsageError
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
