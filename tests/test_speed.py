@@ -325,7 +325,7 @@ def test_compile_on_the_tiny_model_matches_eager(tiny_images):
 @pytest.mark.smoke
 def test_the_benchmark_prints_every_configuration_and_one_summary_line(tmp_path):
     process = run_script("bench/attack_speed.py", "--models", OFFLINE, "--batch-sizes", "1", "--steps", "1",
-                         "--repeats", "1", "--threads", "1", cwd=tmp_path)
+                         "--queries", "4", "--repeats", "1", "--threads", "1", cwd=tmp_path)
     assert process.returncode == 0, process.stderr[-2000:]
     out = process.stdout
     for run in ("fwd+bwd (the floor)", "torchattacks PGD", "ours fp32 [rule: channels_last]",
@@ -344,6 +344,25 @@ def test_the_benchmark_prints_every_configuration_and_one_summary_line(tmp_path)
     assert re.search(rf"^{OFFLINE} batch 1 \(norms\): step/fwd\+bwd <= 1\.1: (all meet|misses: .+)$", out, re.M), out
     assert re.fullmatch(rf"{OFFLINE} batch 1: ours/fwd\+bwd \d+\.\d{{3}} \(ours = [\w-]+\), "
                         r"ours/torchattacks \d+\.\d{3} \((meets|misses) <= 1\)", summary[0]), summary[0]
+    # ours inside and outside the network, a clocked run per attack and norm: inside + outside = the run's total
+    clocked = {attack: (int(forward), int(backward), float(inside), float(outside), float(total), ratio)
+               for attack, forward, backward, inside, outside, total, ratio in re.findall(
+                   rf"^{OFFLINE} +1 (\w+ \w+(?: \w+)?) +(\d+)\+(\d+) +(\d+\.\d\d) +(-?\d+\.\d\d) +(\d+\.\d\d) +"
+                   r"(\d+\.\d{3}|-)$", out, re.M)}
+    assert set(clocked) == {"pgd Linf fp32", "pgd Linf contiguous", "pgd Linf bf16", "apgd Linf", "square Linf",
+                            "square L2", "pgd L2", "apgd L2", "apgd L1", "fab Linf", "fab L2", "fab L1"}, out
+    for attack, (forward, backward, inside, outside, total, ratio) in clocked.items():
+        assert inside + outside == pytest.approx(total, abs=0.011), attack  # each rounded to 0.005 ms
+        assert forward > 0 and inside > 0 and outside >= 0, attack
+        # outside/inside from the unrounded times, here from the printed ones (each off by up to 0.005 ms)
+        assert float(ratio) == pytest.approx(outside / inside, abs=0.001 + 0.01 * (1 + outside / inside) / inside)
+        if attack.startswith("square"):
+            assert backward == 0 and forward >= 4, "gradient-free: a forward per query, no backward"
+        else:
+            assert backward > 0, attack
+    for config in ("fp32", "contiguous", "bf16"):  # 1 step: its forward and backward, then the final image judged
+        assert clocked[f"pgd Linf {config}"][:2] == (2, 1), clocked
+    assert clocked["pgd L2"][:2] == (3, 2), "the norms table's clocked run is 2 steps"
 
 
 FAULTS_PER_PASS = """
