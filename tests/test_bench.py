@@ -8,6 +8,7 @@ import csv
 import math
 import re
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -93,14 +94,20 @@ class Step8InProcess:
     (conftest's run_main) and answers as a finished process would (exit status, stdout, stderr)."""
 
     def __init__(self):
-        self.commands = []
+        self.commands, self.seconds = [], []
 
     def run(self, command, capture_output=True, text=True):
         assert command[:2] == [sys.executable, str(REPO / "step_8_evaluate.py")], command
         self.commands.append(command[2:])
-        return run_main(step_8_evaluate, *command[2:])
+        started = time.perf_counter()
+        try:
+            return run_main(step_8_evaluate, *command[2:])
+        finally:
+            self.seconds.append(time.perf_counter() - started)
 
 
+SPLIT = re.compile(r"^\| (\w+) \| (ours|reference) \| ([\w-]+) \| (\d+)\+(\d+) \| ([\d.]+) \| (-?[\d.]+) \| ([\d.]+) \| "
+                   r"([\d.]+|-) \|$", re.M)
 ROW = re.compile(r"^\| (\w+) \| ([\d.]+) \| (\d+) \| ([\d.]+)% \((\d+)\) \| ([\d.]+)% \((\d+)\) \| ([+-]\d+) \| "
                  r"([\d.]+) \| ([\d.]+) \| x([\d.]+|inf) \| ([\d.]+) \| x([\d.]+|inf) \|$", re.M)
 
@@ -112,10 +119,16 @@ def test_robust_accuracy_puts_step_8_beside_the_reference_one_row_per_norm(digit
     the model gets right."""
     step_8 = Step8InProcess()
     monkeypatch.setattr(robust_accuracy, "subprocess", step_8)
-    batches, clocks = [], []
+    batches, clocks, reference_seconds = [], [], []
     real_reference = robust_accuracy.reference_autoattack
-    monkeypatch.setattr(robust_accuracy, "reference_autoattack", lambda *args, batch_size, **kwargs: (
-        batches.append(batch_size), real_reference(*args, batch_size=batch_size, **kwargs))[1])
+
+    def reference(*args, batch_size, **kwargs):
+        batches.append(batch_size)
+        started = time.perf_counter()
+        found = real_reference(*args, batch_size=batch_size, **kwargs)
+        reference_seconds.append(time.perf_counter() - started)
+        return found
+    monkeypatch.setattr(robust_accuracy, "reference_autoattack", reference)
     monkeypatch.setattr(robust_accuracy, "NetworkClock", lambda net: clocks.append(speed.NetworkClock(net)) or clocks[-1])
     robust_accuracy.main(parse(robust_accuracy, "--model", digits.model_file, "--folder", digits.folder,
                                "--norm", "Linf,L2", "--epsilons", "32,4", "--batch-size", "3"))
@@ -123,25 +136,54 @@ def test_robust_accuracy_puts_step_8_beside_the_reference_one_row_per_norm(digit
     assert [command[command.index("--norm") + 1:command.index("--norm") + 6] for command in step_8.commands] == \
         [["Linf", "--epsilons", "32", "--batch-size", "3"], ["L2", "--epsilons", "4", "--batch-size", "3"]]
     assert batches == [3, 3]  # the reference on the same batches as ours
-    # its network clocked: every digit forwarded, the gradient attacks' backward passes through it
-    assert len(clocks) == 2 and all(clock.images["forward"] >= 4 and clock.images["backward"] > 0 for clock in clocks)
+    # per norm two clocked networks, ours (step 8 once more, in process) then the reference's: every digit forwarded,
+    # the gradient attacks' backward passes through it
+    assert len(clocks) == 4 and all(clock.images["forward"] >= 4 and clock.images["backward"] > 0 for clock in clocks)
     # and with its iterations: step 8's ensemble runs as many steps as its largest --steps (50 by default)
     assert all(command[command.index("--steps") + 1] == "100" for command in step_8.commands)
     assert out.startswith(f"{digits.folder}, model {Path(digits.model_file).name}, batches of 3, 100 iterations per gradient attack, 1 thread(s);")
     rows = ROW.findall(out)
     assert [(norm, epsilon, images) for norm, epsilon, images, *_ in rows] == [("Linf", "32", "4"), ("L2", "4", "4")]
-    for _, _, images, ours_share, ours, reference_share, reference, difference, ours_s, reference_s, _, network_s, \
-            floor in rows:
+    for (_, _, images, ours_share, ours, reference_share, reference, difference, ours_s, reference_s, _, network_s,
+         floor), step_8_seconds, reference_took in zip(rows, step_8.seconds, reference_seconds):
         ours, reference = int(ours), int(reference)
         assert 0 <= ours <= digits.right and 0 <= reference <= digits.right
         assert float(ours_share) == pytest.approx(100 * ours / 4, abs=0.05)
         assert float(reference_share) == pytest.approx(100 * reference / 4, abs=0.05)
         assert int(difference) == ours - reference
-        assert float(ours_s) >= 0 and float(reference_s) >= 0
+        # each time as this test's own clock read it around the call (the bench's clock encloses that call alone)
+        assert float(ours_s) == pytest.approx(step_8_seconds, abs=0.06)
+        assert float(reference_s) == pytest.approx(reference_took, abs=0.06)
         # the reference's network passes, clocked inside its run: a part of it, and the floor is that share
         assert 0 <= float(network_s) <= float(reference_s)
         assert float(floor) == pytest.approx(float(network_s) / float(reference_s), abs=0.01 + 0.1 / float(reference_s))
     assert "\nTarget: ours at most the reference plus one image, in at most half its time (x0.5).\nFloor: " in out
+    # inside and outside the network: per norm ours per attack that ran and in all, then the reference in all
+    splits = SPLIT.findall(out)
+    for (norm, *_), ours_clock, reference_clock in zip(rows, clocks[0::2], clocks[1::2]):
+        found = {(who, attack): (int(forward), int(backward), float(inside), float(outside), float(total), ratio)
+                 for row_norm, who, attack, forward, backward, inside, outside, total, ratio in splits if row_norm == norm}
+        attacks = [attack for who, attack in found if who == "ours" and attack != "all"]
+        assert attacks and attacks[0] == "apgd" and set(attacks) <= {"apgd", "apgd-t", "fab", "square"}, found
+        for key, (forward, backward, inside, outside, total, ratio) in found.items():
+            assert inside + outside == pytest.approx(total, abs=0.0016), key  # each rounded to 0.0005 s
+            assert forward > 0 and inside > 0 and outside >= 0, key
+            if ratio != "-":
+                assert float(ratio) == pytest.approx(outside / inside, abs=0.001 + 0.001 * (1 + outside / inside) / inside)
+            if key[1] != "square":
+                assert backward > 0, key
+        # "all" is the clock's whole reading, and holds each attack's passes and time
+        assert found["ours", "all"][:2] == (ours_clock.passes["forward"], ours_clock.passes["backward"])
+        assert found["ours", "all"][2] == pytest.approx(ours_clock.inside(), abs=0.0005)
+        for index in range(3):
+            assert sum(found["ours", attack][index] for attack in attacks) <= found["ours", "all"][index] + 0.001
+        assert found["reference", "all"][:2] == (reference_clock.passes["forward"], reference_clock.passes["backward"])
+        assert found["reference", "all"][2] == pytest.approx(reference_clock.inside(), abs=0.0005)
+    table = dict(zip([row[0] for row in rows], rows))
+    for norm, row in table.items():  # the reference's total and time inside, as in the first table
+        reference_all = next(split for split in splits if split[0] == norm and split[1:3] == ("reference", "all"))
+        assert float(reference_all[7]) == pytest.approx(float(row[9]), abs=0.051)
+        assert float(reference_all[5]) == pytest.approx(float(row[11]), abs=0.051)
 
 
 def test_robust_accuracy_on_several_processes_gives_both_the_same_cores(digits, monkeypatch, capsys):
