@@ -5,7 +5,6 @@ start step 8 in a fresh process run step 8 here instead, by step 8's own command
 replaced by known rates, so that only their table is checked. bench/attack_speed.py has its run in
 tests/test_speed.py."""
 import csv
-import math
 import re
 import sys
 import time
@@ -59,11 +58,23 @@ def parse(module, *argv):
 
 # ---- bench/certify.py ---------------------------------------------------------------------------------------------
 
-def test_certify_counts_each_verdict_once_and_orders_bounds_exact_and_reference(digits, capsys):
+def test_certify_counts_each_verdict_once_and_orders_bounds_exact_and_reference(digits, monkeypatch, capsys):
     """At 32 levels (every correctly classified digit falls, so the reference AutoAttack costs milliseconds, not the
     seconds per image it spends on a robust one): the exact verdicts add up to the images, the misclassified ones are
     those the model gets wrong, and what the bounds prove <= what the exact verifier proves <= what the reference
-    leaves robust."""
+    leaves robust; the exact verifier's seconds per image and its ratio to the reference's are those this test's own
+    clock reads around the two calls."""
+    took = {}
+
+    def clocked(name, function):
+        def call(*args, **kwargs):
+            started = time.perf_counter()
+            found = function(*args, **kwargs)
+            took.setdefault(name, time.perf_counter() - started)  # the first call of `timed` is the exact verifier's
+            return found
+        return call
+    monkeypatch.setattr(bench_certify, "timed", clocked("exact", bench_certify.timed))
+    monkeypatch.setattr(bench_certify, "reference_autoattack", clocked("reference", bench_certify.reference_autoattack))
     bench_certify.main(parse(bench_certify, "--model", digits.model_file, "--folder", digits.folder, "--images", 4,
                              "--epsilon", 32, "--time-limit", 5))
     out = capsys.readouterr().out
@@ -78,7 +89,8 @@ def test_certify_counts_each_verdict_once_and_orders_bounds_exact_and_reference(
     reference = int(re.search(r"reference AutoAttack \(standard\): +[\d.]+ s per image; robust (\d+)", out)[1])
     assert bounds <= robust <= reference <= digits.right
     ratio = float(re.search(r"exact / AutoAttack: time x([\d.]+) \(target: at most x1\)", out)[1])
-    assert math.isfinite(ratio) and ratio >= 0 and seconds >= 0
+    assert seconds == pytest.approx(took["exact"] / 4, abs=0.006)  # printed to 0.01 s
+    assert ratio == pytest.approx(took["exact"] / took["reference"], rel=0.05, abs=0.006)
 
 
 def test_certify_refuses_a_folder_without_labels(digits):
@@ -235,10 +247,17 @@ def test_evaluate_scaling_memory_run_is_step_8_on_every_photo_with_its_peak(tmp_
     written = sorted(photos.iterdir())
     assert [path.name for path in written] == ["00000.png", "00001.png", "00002.png"]
     assert {Image.open(path).size for path in written} == {(256, 256)}
+    started = time.perf_counter()
     evaluate_scaling.main(parse(evaluate_scaling, "--memory-child", photos, tmp_path / "out"))
+    took = time.perf_counter() - started
     out = capsys.readouterr().out
     found = evaluate_scaling.TIMER.search(out)
-    assert found and int(found[1]) == 3 and float(found[2]) > 0, out
+    assert found and int(found[1]) == 3, out
+    # the attacks' seconds: within this test's own reading of the whole run, and the rate beside them follows from them
+    seconds = float(found[2])
+    assert 0 < seconds <= took + 0.005, (seconds, took)
+    rate = float(re.search(r"Evaluated 3 photos in [\d.]+ s \(([\d.]+) photos/s\)", out)[1])
+    assert rate == pytest.approx(3 / seconds, rel=0.005 / seconds + 0.001), (rate, seconds)
     with open(tmp_path / "out" / "results.csv", newline="") as handle:
         assert {row["image"] for row in csv.DictReader(handle)} == {path.name for path in written}
     peak = int(re.search(r"^peak_rss_kib (\d+)$", out, re.M)[1])
@@ -340,7 +359,12 @@ def test_smoothing_speed_times_each_batch_size_and_names_the_fastest(digits, cap
                        r"at n = 200; x([\d.]+) of n forward passes$", out, re.M)
     assert [int(line[0]) for line in lines] == [50, 100], out
     ratios = {int(batch): float(ratio) for batch, *_, ratio in lines}
-    assert all(math.isfinite(ratio) and ratio > 0 for ratio in ratios.values())
+    for batch, forward, samples, images, ratio in lines:  # each figure follows from the two times measured
+        forward, samples, images, ratio = float(forward), float(samples), float(images), float(ratio)
+        # forward = n / plain, samples = n / smoothed, images = 1 / smoothed, ratio = smoothed / plain; printed to 0.1
+        # (rates), 0.0001 and 0.001
+        assert ratio == pytest.approx(forward / samples, rel=0.05 / forward + 0.05 / samples, abs=0.0005), batch
+        assert images == pytest.approx(samples / 200, rel=0.05 / samples, abs=0.00005), batch
     fastest = re.search(r"^fastest: batch (\d+), x([\d.]+) of n forward passes \((within|over) the x1\.1 target\)",
                         out, re.M)
     assert fastest, out
