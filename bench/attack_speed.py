@@ -27,6 +27,11 @@ target class), each against fwd+bwd and against torchattacks' counterpart where 
 step's time is a run of --steps steps less a run of one, over --steps - 1: what a call spends outside its steps (FAB-T
 ranks its targets and judges its last image) counts once per call, not once per step; the call's own ratio is printed
 beside it.
+After each of the three tables, ours inside and outside the network: one more run of each attack of the table (at
+--steps steps, --queries for Square; the norms table's at its longer run), its network clocked
+(utils.speed.NetworkClock) by the wall clock: the forward and backward passes through the network, the time inside
+them, the time outside them (the run's wall time less the time inside: the attack's own arithmetic, the input's
+layout, the judging) and outside/inside, the overhead an implementation making the same passes could remove.
 """
 import argparse
 import copy
@@ -100,6 +105,17 @@ def timed(function, device, now):
     result = function()
     speed.synchronize(device)
     return now() - start, result
+
+
+def clocked(model, call):
+    """One run of call(twin), `twin` being `model` with its network clocked (utils.speed.NetworkClock), by the wall
+    clock (the one the network's clock reads): {"forward": passes, "backward": passes, "inside": seconds inside them,
+    "total": seconds in all}."""
+    clock = speed.NetworkClock(model.net)
+    twin = model.with_net(clock)
+    total, _ = timed(lambda: call(twin), model.mean.device, time.perf_counter)
+    forward, backward, inside = clock.reading()
+    return {"forward": forward, "backward": backward, "inside": inside, "total": total}
 
 
 def get_clock(name, device):
@@ -201,7 +217,10 @@ def measure(name, batch_size, device, args, progress):
             elapsed, outputs[key] = timed(lambda: function(args.steps), device, args.now)
             seconds[key].append(elapsed / (1 if key == "fwd" else args.steps))
         progress.update(1)
-    return {"model": name, "batch": batch_size, "random": name in RANDOM_WEIGHTS, "seconds": summarized(seconds, args),
+    inside = {f"pgd Linf {label.split(' ')[0]}": clocked(model, lambda twin, precision=precision: ours(
+        twin, images, labels, args.steps, args.epsilon, args.alpha, precision)) for label, (model, precision) in configs.items()}
+    return {"model": name, "batch": batch_size, "random": name in RANDOM_WEIGHTS, "clocked": inside,
+            "seconds": summarized(seconds, args),
             "verdicts": {key: verdicts(plain, output, labels) for key, output in outputs.items() if output is not None},
             "formats": {key: chosen_format(model, images) for key, (model, _) in configs.items()},
             "ours": list(configs)}
@@ -294,11 +313,17 @@ def main(args):
         args.alpha = ATTACKS["pgd"](None, epsilon=args.epsilon, steps=args.steps).alpha * 255
     args.now, args.clock_name = get_clock(args.clock, device)
     print_header(args, device)
-    print_table(bench_each(args, device, measure, "pgd"))
+    rows = bench_each(args, device, measure, "pgd")
+    print_table(rows)
+    print_clocked_table(rows, f"targeted PGD, {args.steps} steps")
     if args.queries:
-        print_apgd_square_table(bench_each(args, device, measure_apgd_square, "apgd, square"), args)
+        rows = bench_each(args, device, measure_apgd_square, "apgd, square")
+        print_apgd_square_table(rows, args)
+        print_clocked_table(rows, f"APGD, {args.steps} steps; Square, {args.queries} queries")
     if args.norms:
-        print_norms_table(bench_each(args, device, measure_norms, "norms"), args)
+        rows = bench_each(args, device, measure_norms, "norms")
+        print_norms_table(rows, args)
+        print_clocked_table(rows, f"the L2 and L1 attacks and FAB-T, {rows[0]['steps']} steps")
 
 
 def get_args_parser():
@@ -394,7 +419,11 @@ def measure_apgd_square(name, batch_size, device, args, progress):
             elapsed, _ = timed(lambda: function(count), device, args.now)
             seconds[key].append(elapsed / count)
         progress.update(1)
-    return dict(model=name, batch=batch_size, random=name in RANDOM_WEIGHTS, **summarized(seconds, args))
+    inside = {"apgd Linf": clocked(model, lambda twin: apgd_ours(twin, images, clean, args.steps, args.epsilon)),
+              "square Linf": clocked(model, lambda twin: square_ours(twin, images, clean, args.queries, args.epsilon)),
+              "square L2": clocked(model, lambda twin: square_ours(twin, images, clean, args.queries, args.l2_epsilon,
+                                                                   "L2"))}
+    return dict(model=name, batch=batch_size, random=name in RANDOM_WEIGHTS, clocked=inside, **summarized(seconds, args))
 
 
 def print_apgd_square_table(rows, args):
@@ -420,6 +449,24 @@ def print_apgd_square_table(rows, args):
               f"square/fwd {square:.3f} ({'meets' if square <= SQUARE_TARGET_RATIO else 'misses'} "
               f"<= {SQUARE_TARGET_RATIO}), square L2/fwd {l2:.3f} "
               f"({'meets' if l2 <= SQUARE_TARGET_RATIO else 'misses'} <= {SQUARE_TARGET_RATIO})")
+
+
+def print_clocked_table(rows, what):
+    """Ours inside and outside the network, per attack and norm: the rows' one clocked run each (see `clocked`)."""
+    print(f"\nours inside and outside the network ({what}): one more run of each, its network clocked "
+          "(utils.speed.NetworkClock), by the wall clock")
+    header = (f"{'model':<19} {'batch':>5} {'attack':<22} {'passes':>9} {'in network ms':>13} {'outside ms':>10} "
+              f"{'total ms':>9} {'outside/inside':>14}")
+    print_header_line(header)
+    for row in rows:
+        for key, run in row["clocked"].items():
+            outside = run["total"] - run["inside"]
+            ratio = f"{outside / run['inside']:.3f}" if run["inside"] > 0 else "-"
+            print(f"{row['model'] + ('*' if row['random'] else ' '):<19} {row['batch']:>5} {key:<22} "
+                  f"{run['forward']:>5}+{run['backward']:<3} {1000 * run['inside']:>13.2f} {1000 * outside:>10.2f} "
+                  f"{1000 * run['total']:>9.2f} {ratio:>14}")
+    print("passes: forward + backward passes through the network; outside: the run's wall time less its time inside "
+          "them (the attack's own arithmetic, the input's layout, the judging)")
 
 
 def bench_each(args, device, measure, what):
@@ -497,7 +544,11 @@ def measure_norms(name, batch_size, device, args, progress):
                 seconds[key, count].append(elapsed)
         progress.update(1)
     took = summarized(seconds, args)
-    return dict(model=name, batch=batch_size, random=name in RANDOM_WEIGHTS, steps=many,
+    inside = {}
+    for key, (method, norm, epsilon, options, _) in norm_attacks(args).items():
+        inside[key] = clocked(model, lambda twin, method=method, norm=norm, epsilon=epsilon, options=options: make_attack(
+            method, twin, norm=norm, epsilon=epsilon, steps=many, targeted=False, early_stop=False, **options)(images, clean))
+    return dict(model=name, batch=batch_size, random=name in RANDOM_WEIGHTS, steps=many, clocked=inside,
                 step={key: (took[key, many] - took[key, 1]) / (many - 1) for key in runs},
                 call={key: took[key, many] / many for key in runs})
 

@@ -15,17 +15,24 @@ reference's `run_standard_evaluation(..., bs)`; a score-based attack's cost per 
 the two are timed on the same batches); wall time of each. The target: ours at most the
 reference's robust accuracy plus one image, in at most half its time. The reference's network is clocked
 (utils.speed.NetworkClock): the seconds its forward and backward passes took, over its whole time, are the floor
-that ratio has for an implementation making the same passes. `make robust-demo` makes the default model and
+that ratio has for an implementation making the same passes. A second table splits each run's time between the
+network and the rest: ours, step 8 run once more on the same command line in this process (one process of --threads
+threads) with its model's network clocked, per attack of its ensemble and for the whole run; the reference's clocked
+run as a whole. Per row: the forward and backward passes through the network, the seconds inside them, the seconds
+outside them (the run's wall time less the time inside) and outside/inside. `make robust-demo` makes the default model and
 folder. Epsilon: levels out of 255 in Linf, the norm of the whole perturbation in [0, 1] units in L2 and L1.
 Both get the same cores: --threads each by default; with --processes N, ours runs as N torchrun ranks of --threads
 threads on this machine (whole batches dealt among them; its results are one process's), the reference, which has
 no such mode, in one process of N x --threads threads.
 """
+import contextlib
+import io
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -46,12 +53,17 @@ from utils.evaluation.reference import STANDARD_ITERATIONS, reference_autoattack
 DEFAULT_EPSILONS = {"Linf": 32.0, "L2": 2.0, "L1": 12.0}
 
 
+def step_8_arguments(args, norm, epsilon, out):
+    """Step 8's command line (after the program) for our run of the ensemble in `norm` at `epsilon`."""
+    return [str(args.folder), "--model", str(args.model), "--norm", norm, "--epsilons", f"{epsilon:g}", "--batch-size",
+            str(args.batch_size), "--steps", str(STANDARD_ITERATIONS), "--threads", str(args.threads), "--output-dir",
+            str(out)]
+
+
 def run_ours(args, norm, epsilon, out):
     """Step 8's ensemble in a fresh process (--processes > 1: as that many torchrun ranks, each --threads threads):
     (robust images, images, wall seconds)."""
-    command = [*launcher(args.processes), str(ROOT / "step_8_evaluate.py"), args.folder, "--model", args.model,
-               "--norm", norm, "--epsilons", f"{epsilon:g}", "--batch-size", str(args.batch_size),
-               "--steps", str(STANDARD_ITERATIONS), "--threads", str(args.threads), "--output-dir", str(out)]
+    command = [*launcher(args.processes), str(ROOT / "step_8_evaluate.py"), *step_8_arguments(args, norm, epsilon, out)]
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - started
@@ -60,10 +72,51 @@ def run_ours(args, norm, epsilon, out):
     return (*worst_case_robust(out, epsilon), seconds)
 
 
+def split(clock, before, seconds):
+    """What a run between the reading `before` and now did: {"forward": passes, "backward": passes, "inside": seconds
+    inside them, "total": the run's wall seconds}."""
+    forward, backward, inside = (now - then for now, then in zip(clock.reading(), before))
+    return {"forward": forward, "backward": backward, "inside": inside, "total": seconds}
+
+
+def run_ours_clocked(args, norm, epsilon, out):
+    """Step 8 on our command line once more, in this process (one process of --threads threads; what it prints is
+    dropped), its model's network clocked (NetworkClock, the wall clock): {attack: split} for each attack of its
+    ensemble in the order they ran, then "all" for the whole run (loading, the clean forward, the judging of the PNGs
+    read back and the report included). Step 8 stays as it is: its model loader and the engine's call of each attack
+    are wrapped for the run, and put back."""
+    import step_8_evaluate
+    from utils.evaluation import engine
+    clocks, runs = [], {}
+    load_model_, run_attack = step_8_evaluate.load_model, engine.run_attack
+
+    def load_clocked(*arguments, **options):
+        model = load_model_(*arguments, **options)
+        clocks.append(NetworkClock(model.net))
+        return model.with_net(clocks[-1])
+
+    def run_attack_clocked(model, method, *arguments, **options):
+        before, started = clocks[-1].reading(), time.perf_counter()
+        try:
+            return run_attack(model, method, *arguments, **options)
+        finally:
+            one = split(clocks[-1], before, time.perf_counter() - started)
+            runs[method] = {key: runs.get(method, {}).get(key, 0) + value for key, value in one.items()}
+    threads, started = torch.get_num_threads(), time.perf_counter()
+    try:
+        with mock.patch.object(step_8_evaluate, "load_model", load_clocked), \
+                mock.patch.object(engine, "run_attack", run_attack_clocked), contextlib.redirect_stdout(io.StringIO()):
+            step_8_evaluate.main(step_8_evaluate.get_args_parser().parse_args(step_8_arguments(args, norm, epsilon, out)))
+    finally:
+        torch.set_num_threads(threads)
+    runs["all"] = split(clocks[-1], (0, 0, 0.0), time.perf_counter() - started)
+    return runs
+
+
 def run_reference(args, norm, epsilon):
     """The reference AutoAttack on the same 8-bit images, in this process (its torch threads: the cores ours was
     given, --processes x --threads), its network clocked (utils.speed.NetworkClock): (robust images, images, wall
-    seconds, seconds inside the network's forward and backward passes)."""
+    seconds, its split: see `split`)."""
     model = load_model(args.model)
     paths, names = list_photos(args.folder)
     if not all("/" in name for name in names):
@@ -74,7 +127,8 @@ def run_reference(args, norm, epsilon):
     started = time.perf_counter()
     robust, _ = reference_autoattack(model.with_net(clocked), images, labels, epsilon, batch_size=args.batch_size,
                                      norm=norm)
-    return robust, len(paths), time.perf_counter() - started, sum(clocked.seconds.values())
+    seconds = time.perf_counter() - started
+    return robust, len(paths), seconds, split(clocked, (0, 0, 0.0), seconds)
 
 
 def main(args):
@@ -99,10 +153,15 @@ def main(args):
     print("| norm | epsilon | images | ours: robust accuracy | reference AutoAttack | ours - reference | ours (s) | "
           "reference (s) | time ratio | reference in its network (s) | floor |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    splits = []
     for norm, epsilon in zip(args.norm, epsilons):
         with tempfile.TemporaryDirectory() as out:
             ours, images, our_seconds = run_ours(args, norm, epsilon, Path(out))
-        reference, _, reference_seconds, network_seconds = run_reference(args, norm, epsilon)
+        with tempfile.TemporaryDirectory() as out:
+            splits += [(norm, "ours", attack, run) for attack, run in run_ours_clocked(args, norm, epsilon, out).items()]
+        reference, _, reference_seconds, reference_split = run_reference(args, norm, epsilon)
+        splits.append((norm, "reference", "all", reference_split))
+        network_seconds = reference_split["inside"]
         print(f"| {norm} | {epsilon:g} | {images} | {ours / images:.1%} ({ours}) | {reference / images:.1%} "
               f"({reference}) | {ours - reference:+d} | {our_seconds:.1f} | {reference_seconds:.1f} | "
               f"x{our_seconds / reference_seconds:.2f} | {network_seconds:.1f} | x{network_seconds / reference_seconds:.2f} |",
@@ -111,6 +170,19 @@ def main(args):
     print("Floor: the reference's time inside the network (its forward and backward passes, clocked in its run) over "
           "its whole time: the ratio an implementation making the same passes would reach if it spent nothing "
           "outside them.")
+    print("\nInside and outside the network: ours per attack of step 8's ensemble and in all (step 8 once more, in this "
+          "process, its network clocked), the reference in all (its run above):\n")
+    print("| norm | run | attack | passes (forward+backward) | in network (s) | outside (s) | total (s) | "
+          "outside/inside |")
+    print("|---|---|---|---|---|---|---|---|")
+    for norm, who, attack, run in splits:
+        outside = run["total"] - run["inside"]
+        ratio = f"{outside / run['inside']:.3f}" if run["inside"] > 0 else "-"
+        print(f"| {norm} | {who} | {attack} | {run['forward']}+{run['backward']} | {run['inside']:.3f} | {outside:.3f} | "
+              f"{run['total']:.3f} | {ratio} |")
+    print("\nOutside: the run's wall time less its time inside the network's passes (the attacks' own arithmetic, and "
+          "for \"all\" the loading, the judging and the report): what an implementation making the same passes could "
+          "save at most.")
 
 
 def get_args_parser():

@@ -1,4 +1,5 @@
 """Invariants every attack keeps, on a tiny model (milliseconds per step)."""
+import inspect
 import math
 import re
 import numpy as np
@@ -391,9 +392,20 @@ def test_square_schedule_and_side_are_the_references(queries):
         assert square_side(0.8, iteration, queries, 224, 224) == side, iteration
 
 
-def test_square_default_p_init_is_the_references(tiny_model):
-    assert make_attack("square", tiny_model, epsilon=2).p_init == 0.8
-    assert make_attack("square", tiny_model, epsilon=2, p_init=0.05).p_init == 0.05
+def test_square_default_p_init_is_the_references(tiny_model, tiny_images):
+    """Our default p_init is the one the reference's SquareAttack takes by default (read from its signature), and
+    it is the one the attack draws with: the default attack's images equal those of an attack given the reference's
+    value, and differ from those of another value."""
+    square = pytest.importorskip("pyautoattack.square")
+    reference = inspect.signature(square.SquareAttack).parameters["p_init"].default
+    labels = predict(tiny_model, tiny_images).argmax(dim=1)
+    options = dict(labels=labels, targeted=False, epsilon=2, queries=20, ids=[0, 1, 2, 3])
+    default = attack("square", tiny_model, tiny_images, **options)
+    assert not default.success.all(), "a failure runs every query: each query's square is drawn"
+    given = attack("square", tiny_model, tiny_images, p_init=reference, **options)
+    assert torch.equal(default.adversarial, given.adversarial) and torch.equal(default.steps_used, given.steps_used)
+    other = attack("square", tiny_model, tiny_images, p_init=reference / 16, **options)
+    assert not torch.equal(default.adversarial, other.adversarial), "p_init must change the squares drawn"
 
 
 def test_square_image_draws_the_same_alone_or_in_any_batch(tiny_model, tiny_images):

@@ -5,9 +5,9 @@ start step 8 in a fresh process run step 8 here instead, by step 8's own command
 replaced by known rates, so that only their table is checked. bench/attack_speed.py has its run in
 tests/test_speed.py."""
 import csv
-import math
 import re
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -58,11 +58,23 @@ def parse(module, *argv):
 
 # ---- bench/certify.py ---------------------------------------------------------------------------------------------
 
-def test_certify_counts_each_verdict_once_and_orders_bounds_exact_and_reference(digits, capsys):
+def test_certify_counts_each_verdict_once_and_orders_bounds_exact_and_reference(digits, monkeypatch, capsys):
     """At 32 levels (every correctly classified digit falls, so the reference AutoAttack costs milliseconds, not the
     seconds per image it spends on a robust one): the exact verdicts add up to the images, the misclassified ones are
     those the model gets wrong, and what the bounds prove <= what the exact verifier proves <= what the reference
-    leaves robust."""
+    leaves robust; the exact verifier's seconds per image and its ratio to the reference's are those this test's own
+    clock reads around the two calls."""
+    took = {}
+
+    def clocked(name, function):
+        def call(*args, **kwargs):
+            started = time.perf_counter()
+            found = function(*args, **kwargs)
+            took.setdefault(name, time.perf_counter() - started)  # the first call of `timed` is the exact verifier's
+            return found
+        return call
+    monkeypatch.setattr(bench_certify, "timed", clocked("exact", bench_certify.timed))
+    monkeypatch.setattr(bench_certify, "reference_autoattack", clocked("reference", bench_certify.reference_autoattack))
     bench_certify.main(parse(bench_certify, "--model", digits.model_file, "--folder", digits.folder, "--images", 4,
                              "--epsilon", 32, "--time-limit", 5))
     out = capsys.readouterr().out
@@ -77,7 +89,8 @@ def test_certify_counts_each_verdict_once_and_orders_bounds_exact_and_reference(
     reference = int(re.search(r"reference AutoAttack \(standard\): +[\d.]+ s per image; robust (\d+)", out)[1])
     assert bounds <= robust <= reference <= digits.right
     ratio = float(re.search(r"exact / AutoAttack: time x([\d.]+) \(target: at most x1\)", out)[1])
-    assert math.isfinite(ratio) and ratio >= 0 and seconds >= 0
+    assert seconds == pytest.approx(took["exact"] / 4, abs=0.006)  # printed to 0.01 s
+    assert ratio == pytest.approx(took["exact"] / took["reference"], rel=0.05, abs=0.006)
 
 
 def test_certify_refuses_a_folder_without_labels(digits):
@@ -93,14 +106,20 @@ class Step8InProcess:
     (conftest's run_main) and answers as a finished process would (exit status, stdout, stderr)."""
 
     def __init__(self):
-        self.commands = []
+        self.commands, self.seconds = [], []
 
     def run(self, command, capture_output=True, text=True):
         assert command[:2] == [sys.executable, str(REPO / "step_8_evaluate.py")], command
         self.commands.append(command[2:])
-        return run_main(step_8_evaluate, *command[2:])
+        started = time.perf_counter()
+        try:
+            return run_main(step_8_evaluate, *command[2:])
+        finally:
+            self.seconds.append(time.perf_counter() - started)
 
 
+SPLIT = re.compile(r"^\| (\w+) \| (ours|reference) \| ([\w-]+) \| (\d+)\+(\d+) \| ([\d.]+) \| (-?[\d.]+) \| ([\d.]+) \| "
+                   r"([\d.]+|-) \|$", re.M)
 ROW = re.compile(r"^\| (\w+) \| ([\d.]+) \| (\d+) \| ([\d.]+)% \((\d+)\) \| ([\d.]+)% \((\d+)\) \| ([+-]\d+) \| "
                  r"([\d.]+) \| ([\d.]+) \| x([\d.]+|inf) \| ([\d.]+) \| x([\d.]+|inf) \|$", re.M)
 
@@ -112,10 +131,16 @@ def test_robust_accuracy_puts_step_8_beside_the_reference_one_row_per_norm(digit
     the model gets right."""
     step_8 = Step8InProcess()
     monkeypatch.setattr(robust_accuracy, "subprocess", step_8)
-    batches, clocks = [], []
+    batches, clocks, reference_seconds = [], [], []
     real_reference = robust_accuracy.reference_autoattack
-    monkeypatch.setattr(robust_accuracy, "reference_autoattack", lambda *args, batch_size, **kwargs: (
-        batches.append(batch_size), real_reference(*args, batch_size=batch_size, **kwargs))[1])
+
+    def reference(*args, batch_size, **kwargs):
+        batches.append(batch_size)
+        started = time.perf_counter()
+        found = real_reference(*args, batch_size=batch_size, **kwargs)
+        reference_seconds.append(time.perf_counter() - started)
+        return found
+    monkeypatch.setattr(robust_accuracy, "reference_autoattack", reference)
     monkeypatch.setattr(robust_accuracy, "NetworkClock", lambda net: clocks.append(speed.NetworkClock(net)) or clocks[-1])
     robust_accuracy.main(parse(robust_accuracy, "--model", digits.model_file, "--folder", digits.folder,
                                "--norm", "Linf,L2", "--epsilons", "32,4", "--batch-size", "3"))
@@ -123,25 +148,54 @@ def test_robust_accuracy_puts_step_8_beside_the_reference_one_row_per_norm(digit
     assert [command[command.index("--norm") + 1:command.index("--norm") + 6] for command in step_8.commands] == \
         [["Linf", "--epsilons", "32", "--batch-size", "3"], ["L2", "--epsilons", "4", "--batch-size", "3"]]
     assert batches == [3, 3]  # the reference on the same batches as ours
-    # its network clocked: every digit forwarded, the gradient attacks' backward passes through it
-    assert len(clocks) == 2 and all(clock.images["forward"] >= 4 and clock.images["backward"] > 0 for clock in clocks)
+    # per norm two clocked networks, ours (step 8 once more, in process) then the reference's: every digit forwarded,
+    # the gradient attacks' backward passes through it
+    assert len(clocks) == 4 and all(clock.images["forward"] >= 4 and clock.images["backward"] > 0 for clock in clocks)
     # and with its iterations: step 8's ensemble runs as many steps as its largest --steps (50 by default)
     assert all(command[command.index("--steps") + 1] == "100" for command in step_8.commands)
     assert out.startswith(f"{digits.folder}, model {Path(digits.model_file).name}, batches of 3, 100 iterations per gradient attack, 1 thread(s);")
     rows = ROW.findall(out)
     assert [(norm, epsilon, images) for norm, epsilon, images, *_ in rows] == [("Linf", "32", "4"), ("L2", "4", "4")]
-    for _, _, images, ours_share, ours, reference_share, reference, difference, ours_s, reference_s, _, network_s, \
-            floor in rows:
+    for (_, _, images, ours_share, ours, reference_share, reference, difference, ours_s, reference_s, _, network_s,
+         floor), step_8_seconds, reference_took in zip(rows, step_8.seconds, reference_seconds):
         ours, reference = int(ours), int(reference)
         assert 0 <= ours <= digits.right and 0 <= reference <= digits.right
         assert float(ours_share) == pytest.approx(100 * ours / 4, abs=0.05)
         assert float(reference_share) == pytest.approx(100 * reference / 4, abs=0.05)
         assert int(difference) == ours - reference
-        assert float(ours_s) >= 0 and float(reference_s) >= 0
+        # each time as this test's own clock read it around the call (the bench's clock encloses that call alone)
+        assert float(ours_s) == pytest.approx(step_8_seconds, abs=0.06)
+        assert float(reference_s) == pytest.approx(reference_took, abs=0.06)
         # the reference's network passes, clocked inside its run: a part of it, and the floor is that share
         assert 0 <= float(network_s) <= float(reference_s)
         assert float(floor) == pytest.approx(float(network_s) / float(reference_s), abs=0.01 + 0.1 / float(reference_s))
     assert "\nTarget: ours at most the reference plus one image, in at most half its time (x0.5).\nFloor: " in out
+    # inside and outside the network: per norm ours per attack that ran and in all, then the reference in all
+    splits = SPLIT.findall(out)
+    for (norm, *_), ours_clock, reference_clock in zip(rows, clocks[0::2], clocks[1::2]):
+        found = {(who, attack): (int(forward), int(backward), float(inside), float(outside), float(total), ratio)
+                 for row_norm, who, attack, forward, backward, inside, outside, total, ratio in splits if row_norm == norm}
+        attacks = [attack for who, attack in found if who == "ours" and attack != "all"]
+        assert attacks and attacks[0] == "apgd" and set(attacks) <= {"apgd", "apgd-t", "fab", "square"}, found
+        for key, (forward, backward, inside, outside, total, ratio) in found.items():
+            assert inside + outside == pytest.approx(total, abs=0.0016), key  # each rounded to 0.0005 s
+            assert forward > 0 and inside > 0 and outside >= 0, key
+            if ratio != "-":
+                assert float(ratio) == pytest.approx(outside / inside, abs=0.001 + 0.001 * (1 + outside / inside) / inside)
+            if key[1] != "square":
+                assert backward > 0, key
+        # "all" is the clock's whole reading, and holds each attack's passes and time
+        assert found["ours", "all"][:2] == (ours_clock.passes["forward"], ours_clock.passes["backward"])
+        assert found["ours", "all"][2] == pytest.approx(ours_clock.inside(), abs=0.0005)
+        for index in range(3):
+            assert sum(found["ours", attack][index] for attack in attacks) <= found["ours", "all"][index] + 0.001
+        assert found["reference", "all"][:2] == (reference_clock.passes["forward"], reference_clock.passes["backward"])
+        assert found["reference", "all"][2] == pytest.approx(reference_clock.inside(), abs=0.0005)
+    table = dict(zip([row[0] for row in rows], rows))
+    for norm, row in table.items():  # the reference's total and time inside, as in the first table
+        reference_all = next(split for split in splits if split[0] == norm and split[1:3] == ("reference", "all"))
+        assert float(reference_all[7]) == pytest.approx(float(row[9]), abs=0.051)
+        assert float(reference_all[5]) == pytest.approx(float(row[11]), abs=0.051)
 
 
 def test_robust_accuracy_on_several_processes_gives_both_the_same_cores(digits, monkeypatch, capsys):
@@ -193,10 +247,17 @@ def test_evaluate_scaling_memory_run_is_step_8_on_every_photo_with_its_peak(tmp_
     written = sorted(photos.iterdir())
     assert [path.name for path in written] == ["00000.png", "00001.png", "00002.png"]
     assert {Image.open(path).size for path in written} == {(256, 256)}
+    started = time.perf_counter()
     evaluate_scaling.main(parse(evaluate_scaling, "--memory-child", photos, tmp_path / "out"))
+    took = time.perf_counter() - started
     out = capsys.readouterr().out
     found = evaluate_scaling.TIMER.search(out)
-    assert found and int(found[1]) == 3 and float(found[2]) > 0, out
+    assert found and int(found[1]) == 3, out
+    # the attacks' seconds: within this test's own reading of the whole run, and the rate beside them follows from them
+    seconds = float(found[2])
+    assert 0 < seconds <= took + 0.005, (seconds, took)
+    rate = float(re.search(r"Evaluated 3 photos in [\d.]+ s \(([\d.]+) photos/s\)", out)[1])
+    assert rate == pytest.approx(3 / seconds, rel=0.005 / seconds + 0.001), (rate, seconds)
     with open(tmp_path / "out" / "results.csv", newline="") as handle:
         assert {row["image"] for row in csv.DictReader(handle)} == {path.name for path in written}
     peak = int(re.search(r"^peak_rss_kib (\d+)$", out, re.M)[1])
@@ -298,7 +359,12 @@ def test_smoothing_speed_times_each_batch_size_and_names_the_fastest(digits, cap
                        r"at n = 200; x([\d.]+) of n forward passes$", out, re.M)
     assert [int(line[0]) for line in lines] == [50, 100], out
     ratios = {int(batch): float(ratio) for batch, *_, ratio in lines}
-    assert all(math.isfinite(ratio) and ratio > 0 for ratio in ratios.values())
+    for batch, forward, samples, images, ratio in lines:  # each figure follows from the two times measured
+        forward, samples, images, ratio = float(forward), float(samples), float(images), float(ratio)
+        # forward = n / plain, samples = n / smoothed, images = 1 / smoothed, ratio = smoothed / plain; printed to 0.1
+        # (rates), 0.0001 and 0.001
+        assert ratio == pytest.approx(forward / samples, rel=0.05 / forward + 0.05 / samples, abs=0.0005), batch
+        assert images == pytest.approx(samples / 200, rel=0.05 / samples, abs=0.00005), batch
     fastest = re.search(r"^fastest: batch (\d+), x([\d.]+) of n forward passes \((within|over) the x1\.1 target\)",
                         out, re.M)
     assert fastest, out

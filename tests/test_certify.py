@@ -223,10 +223,24 @@ def test_nothing_proved_robust_is_fooled_by_our_attacks():
 
 
 def test_the_registry_names_each_certifier_with_its_columns():
+    """Each certifier, made as step 10 makes it from its command line, in each norm it names, certifies a tiny case
+    with rows that hold exactly the columns it names, in their order, after the common ones, and verdicts it names."""
     assert set(CERTIFIERS) >= {"exact", "bounds", "smoothing"}
-    assert CERTIFIERS["smoothing"].columns == ("radius", "n_a", "n") and CERTIFIERS["smoothing"].norms == ("L2",)
+    model, image, label = tiny_cases()[0]
+    common = ["label", "epsilon", "verdict", "prediction", "seconds", "counterexample", "file"]
     for name, kind in CERTIFIERS.items():
-        assert kind.name == name and set(kind.norms) <= {"Linf", "L1", "L2"} and isinstance(kind.columns, tuple)
+        assert kind.name == name and kind.norms and set(kind.norms) <= {"Linf", "L1", "L2"}
+        for norm in kind.norms:
+            args = step_10_certify.get_args_parser().parse_args(
+                ["photos", "--method", name, "--norm", norm, "--sigma", "0.25", "--n0", "10", "--n", "100",
+                 "--batch-size", "100", "--time-limit", "30", "--device", "cpu"])
+            certifier = step_10_certify.make_certifier(args, model, (3, 2, 2))
+            epsilons = [1 if norm == "Linf" else 2 / 255] if kind.uses_epsilons else []
+            rows = certifier.certify(image, label, epsilons)
+            assert len(rows) == max(len(epsilons), 1), (name, norm)
+            for row in rows:
+                assert tuple(key for key in row if key not in common) == tuple(kind.columns), (name, norm, list(row))
+                assert row["verdict"] in kind.verdicts or (name == "smoothing" and row["verdict"] == "abstain"), row
 
 
 # ---- the command line -----------------------------------------------------------------------------------------

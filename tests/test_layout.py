@@ -61,3 +61,25 @@ def test_the_checker_sees_a_climbing_import(tmp_path):
     helper = tmp_path / "helper.py"
     helper.write_text("import os\nfrom step_7_break_defense import figure\nimport tools.make_readme\n")
     assert {"step_7_break_defense", "tools"} <= set(imported_modules(helper))
+
+
+def project_imports(path):
+    """The modules of utils/ that `path` imports anywhere in it (at the top or inside a function), full names."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.update(f"{node.module}.{alias.name}" if node.module == "utils" else node.module for alias in node.names)
+    return {name for name in names if name.startswith("utils.")}
+
+
+def test_errors_speed_and_cli_import_one_way():
+    """utils.errors imports nothing of the project's; utils.speed imports utils.errors and not utils.cli; utils.cli
+    (which re-exports UsageError) may import utils.speed: the arrow goes one way, no cycle."""
+    assert project_imports(REPO / "utils" / "errors.py") == set()
+    assert project_imports(REPO / "utils" / "speed.py") == {"utils.errors"}
+    assert project_imports(REPO / "utils" / "cli.py") == {"utils.errors", "utils.speed"}
+    from utils import cli, errors
+    assert cli.UsageError is errors.UsageError

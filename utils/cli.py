@@ -3,9 +3,7 @@ import argparse
 import os
 import sys
 
-
-class UsageError(Exception):
-    """Bad input from the user: reported as one line on stderr, exit status 2, no traceback."""
+from utils.errors import UsageError  # noqa: F401 (re-exported: `from utils.cli import UsageError` is the usual spelling)
 
 
 def speaks_for_all():
@@ -24,7 +22,8 @@ class ArgumentParser(argparse.ArgumentParser):
 def run(main, parser, argv=None):
     """Parse argv and call main(args); a UsageError becomes one line on stderr and exit status 2. The process keeps
     the memory it frees for reuse (utils.speed.keep_freed_memory)."""
-    from utils import speed  # here, not at the top: speed imports this module
+    from utils import speed  # here, not at the top: speed imports torch, which whatever imports this module for its
+    # errors alone (utils.files, and through it tools.create_idx_to_label) need not load. speed imports only utils.errors
     args = parser.parse_args(argv)
     speed.keep_freed_memory()
     try:

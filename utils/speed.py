@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from utils.cli import UsageError
+from utils.errors import UsageError
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -96,14 +96,24 @@ def clock(device):
 class NetworkClock(torch.nn.Module):
     """`net` with a stopwatch, its values and gradients untouched: `seconds` adds up the wall time of its forward
     passes and of the backward passes through it (from the gradient reaching its output to the gradient leaving its
-    input), `images` the batch rows each pass saw. What a run spends inside the network, which no attack on that
-    network can spend less on for the same passes. On CUDA each pass synchronizes, which slows a clocked run there."""
+    input), `passes` counts them, `images` the batch rows each pass saw. What a run spends inside the network, which
+    no attack on that network can spend less on for the same passes; a run's time less `inside()` is what it spends
+    outside them. On CUDA each pass synchronizes, which slows a clocked run there."""
 
     def __init__(self, net):
         super().__init__()
         self.net = net
         self.seconds = {"forward": 0.0, "backward": 0.0}
+        self.passes = {"forward": 0, "backward": 0}
         self.images = {"forward": 0, "backward": 0}
+
+    def inside(self):
+        """Seconds inside the network so far, forward and backward passes together."""
+        return self.seconds["forward"] + self.seconds["backward"]
+
+    def reading(self):
+        """(forward passes, backward passes, seconds inside): subtract two readings for what a run between them did."""
+        return self.passes["forward"], self.passes["backward"], self.inside()
 
     def forward(self, inputs):
         synchronize(inputs.device)
@@ -115,6 +125,7 @@ class NetworkClock(torch.nn.Module):
             outputs = _Stopwatch.apply(outputs, span, True)
         synchronize(inputs.device)
         self.seconds["forward"] += time.perf_counter() - started
+        self.passes["forward"] += 1
         self.images["forward"] += len(inputs)
         return outputs
 
@@ -136,6 +147,7 @@ class _Stopwatch(torch.autograd.Function):
             span["started"] = time.perf_counter()
         elif "started" in span:
             span["clock"].seconds["backward"] += time.perf_counter() - span.pop("started")
+            span["clock"].passes["backward"] += 1
             span["clock"].images["backward"] += span["rows"]
         return grad, None, None
 
