@@ -1,15 +1,20 @@
-"""What a proof costs: step 10's exact verifier and bound propagation, seconds per image, beside the reference
-AutoAttack's on the same images and model, with the size of the exact verifier's programs.
+"""What a proof costs: step 10's bounds (interval, CROWN, alpha-CROWN) and its exact verifier, seconds per image,
+peak memory and how many images each proves, beside the attacks' answer on the same images and model (step 8's
+default ensemble through utils.evaluation.robust_accuracy, and the reference AutoAttack).
 
     python bench/certify.py [--model outputs/certify-demo/mlp.pt2] [--folder digits/test] [--images 20]
-                            [--epsilon 16] [--time-limit 60] [--threads 1]
+                            [--epsilon 16] [--time-limit 60] [--device auto|cpu|cuda] [--threads 1]
 
-Exact: utils.certify's ExactCertifier on the 8-bit lattice (bounds, then an attack, then the MILP on HiGHS for the
-images left), per image; its programs' binaries (the ReLUs and max pool inputs the bounds could not decide) and
-constraints, over the images that reached the MILP. Bounds: CROWN alone. The reference: pyautoattack's standard
-version on the same images, one call (its time divided by the images). All in this process, on --threads threads.
-The goal to reach for: proving the exact answer costs no more than attacking with AutoAttack.
+Each method runs in a process of its own forked from this one, so its peak resident memory (the `ru_maxrss` the
+kernel keeps for that process, the model and PyTorch included) is its own; on CUDA, the device memory it allocated
+at most instead. Bounds: utils.certify's BoundsCertifier up to each --propagation; its columns give what it proves
+and the mean of the images' smallest margin bounds (misclassified images left out). Exact: the ExactCertifier on
+the 8-bit lattice (an attack, alpha-CROWN, branch and bound, then the MILP, within --time-limit per image), how
+many it decided by each, and its sub-problems and programs. The truth lies between what the exact verifier proves
+and what the attacks leave robust. The goal to reach for: the exact answer for no more time than AutoAttack takes.
 """
+import multiprocessing
+import resource
 import sys
 import time
 from pathlib import Path
@@ -23,10 +28,15 @@ sys.path.insert(0, str(ROOT))
 from step_2_pretrained import load_model, prepare_image, to_tensor  # noqa: E402
 from utils.certify.bounds_certifier import BoundSettings, BoundsCertifier  # noqa: E402
 from utils.certify.exact import ExactCertifier, ExactSettings  # noqa: E402
-from utils.flags import add_benchmark_arguments  # noqa: E402
+from utils.certify.propagation import METHODS  # noqa: E402
+from utils.evaluation import robust_accuracy  # noqa: E402
+from utils.flags import add_benchmark_arguments, add_device_argument  # noqa: E402
 from utils.cli import ArgumentParser, UsageError, number_in, run  # noqa: E402
 from utils.data import list_photos  # noqa: E402
 from utils.evaluation.reference import reference_autoattack  # noqa: E402
+from utils.speed import get_device  # noqa: E402
+
+NAMES = {"interval": "interval", "crown": "CROWN", "alpha-crown": "alpha-CROWN"}
 
 
 def the_images(args, model):
@@ -47,50 +57,92 @@ def timed(certifier, images, labels, epsilon):
     return (time.perf_counter() - started) / len(images), rows
 
 
+def peak_memory_mib(device):
+    if str(device) == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def in_own_process(function, device):
+    """(what `function()` returns, the peak memory of the process that ran it): a forked child runs it (a fork
+    shares the function and its model as they are: nothing is pickled on the way in)."""
+    context = multiprocessing.get_context("fork")
+    answers = context.SimpleQueue()
+    child = context.Process(target=measured, args=(function, device, answers))
+    child.start()
+    found = answers.get()
+    child.join()
+    return found
+
+
+def measured(function, device, answers):
+    if str(device) == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    found = function()
+    answers.put((found, peak_memory_mib(device)))
+
+
 def count(rows, verdict):
     return sum(row["verdict"] == verdict for row in rows)
+
+
+def mean_bound(rows):
+    values = [float(row["margin_bound"]) for row in rows if row["margin_bound"] != ""]
+    return f"{np.mean(values):.3f}" if values else "-"
 
 
 def main(args):
     if not Path(args.model).is_file():
         raise UsageError(f"{args.model}: no such model (make certify-demo trains it)")
     torch.set_num_threads(args.threads)
-    model = load_model(args.model)
+    device = get_device(args.device)
+    model = load_model(args.model).to(device)
     images, labels = the_images(args, model)
     shape = (3, *images[0].shape[:2])
     started = time.perf_counter()
-    exact = ExactCertifier(model, ExactSettings("Linf", True, args.time_limit, 0), image_shape=shape)
-    bounds = BoundsCertifier(model, BoundSettings("Linf"), image_shape=shape)
+    exact = ExactCertifier(model, ExactSettings("Linf", True, args.time_limit, 0), device, image_shape=shape)
     reading = time.perf_counter() - started
-    exact_seconds, exact_rows = timed(exact, images, labels, args.epsilon)
-    bound_seconds, bound_rows = timed(bounds, images, labels, args.epsilon)
+    print(f"{len(images)} images of {args.folder}, model {Path(args.model).name} ({exact.network.relus} ReLUs), "
+          f"epsilon {args.epsilon:g} levels, {args.threads} thread(s), {device}; reading the graph {reading:.1f} s:")
+    print()
+    print("| method | s per image | peak memory (MiB) | robust | not robust | unknown | misclassified | "
+          "mean margin bound |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for method in METHODS:
+        bounds = BoundsCertifier(model, BoundSettings("Linf", method), device, image_shape=shape)
+        (seconds, rows), memory = in_own_process(lambda: timed(bounds, images, labels, args.epsilon), device)
+        print(f"| bounds ({NAMES[method]}) | {seconds:.2f} | {memory:.0f} | {count(rows, 'robust')} | - | "
+              f"{count(rows, 'unknown')} | {count(rows, 'misclassified')} | {mean_bound(rows)} |")
+    (exact_seconds, rows), memory = in_own_process(lambda: timed(exact, images, labels, args.epsilon), device)
+    print(f"| exact (time limit {args.time_limit:g} s) | {exact_seconds:.2f} | {memory:.0f} | {count(rows, 'robust')} "
+          f"| {count(rows, 'not robust')} | {count(rows, 'unknown')} | {count(rows, 'misclassified')} | - |")
+    tensor = to_tensor(images).to(device)
     started = time.perf_counter()
-    reference, _ = reference_autoattack(model, to_tensor(images), torch.tensor(labels), args.epsilon)
+    ours = robust_accuracy(model, (tensor * 255).round().to(torch.uint8), torch.tensor(labels), norm="Linf",
+                           epsilon=args.epsilon, device=device)
+    ours_seconds = (time.perf_counter() - started) / len(images)
+    ours_robust = round(ours.robust_accuracy * len(images))
+    ours_clean = round(ours.clean_accuracy * len(images))
+    print(f"| step 8's ensemble (attacks) | {ours_seconds:.2f} | - | {ours_robust} (at most) | "
+          f"{ours_clean - ours_robust} | - | {len(images) - ours_clean} | - |")
+    started = time.perf_counter()
+    reference, _ = reference_autoattack(model, tensor, torch.tensor(labels), args.epsilon)
     reference_seconds = (time.perf_counter() - started) / len(images)
-    milp = [row for row in exact_rows if row["found_by"] == "milp" or row["verdict"] == "unknown"]
-    relus = exact.network.relus
-    print(f"{len(images)} images of {args.folder}, model {Path(args.model).name} ({relus} ReLUs), epsilon "
-          f"{args.epsilon:g} levels, {args.threads} thread(s); reading the graph {reading:.1f} s:")
-    print(f"  exact (MILP, time limit {args.time_limit:g} s): {exact_seconds:7.2f} s per image; robust "
-          f"{count(exact_rows, 'robust')}, not robust {count(exact_rows, 'not robust')}, unknown "
-          f"{count(exact_rows, 'unknown')}, misclassified {count(exact_rows, 'misclassified')}; decided by the bounds "
-          f"{sum(row['found_by'] == 'bounds' for row in exact_rows)}, an attack "
-          f"{sum(row['found_by'] == 'attack' for row in exact_rows)}, the MILP "
-          f"{sum(row['found_by'] == 'milp' for row in exact_rows)}")
-    if milp:
-        print(f"    MILP size over the {len(milp)} images that reached it: binaries mean "
-              f"{np.mean([row['binaries'] for row in milp]):.0f} (max {max(row['binaries'] for row in milp)}), "
-              f"constraints mean {np.mean([row['constraints'] for row in milp]):.0f}; seconds there mean "
-              f"{np.mean([row['seconds'] for row in milp]):.1f}")
-    print(f"  bounds (CROWN):                   {bound_seconds:7.2f} s per image; robust {count(bound_rows, 'robust')}")
-    print(f"  reference AutoAttack (standard):  {reference_seconds:7.2f} s per image; robust {reference}")
-    print(f"  exact / AutoAttack: time x{exact_seconds / reference_seconds:.2f} (target: at most x1)")
+    print(f"| reference AutoAttack (standard) | {reference_seconds:.2f} | - | {reference} (at most) | - | - | - | - |")
+    print()
+    decided = {way: sum(row["found_by"] == way for row in rows) for way in ("attack", "bounds", "bab", "milp")}
+    print(f"exact: decided by an attack {decided['attack']}, the bounds {decided['bounds']}, branch and bound "
+          f"{decided['bab']} ({sum(int(row['domains'] or 0) for row in rows)} sub-problems), the MILP "
+          f"{decided['milp']}")
+    print(f"the truth: between {count(rows, 'robust')} and {min(ours_robust, reference)} of {len(images)} robust")
+    print(f"exact / AutoAttack: time x{exact_seconds / reference_seconds:.2f} (target: at most x1)")
 
 
 def get_args_parser():
     parser = ArgumentParser(description="Seconds per image of step 10's exact verifier and bounds beside the "
                                         "reference AutoAttack's.")
     add_benchmark_arguments(parser, model="outputs/certify-demo/mlp.pt2", epsilon=16)
+    add_device_argument(parser)
     parser.add_argument("--images", type=number_in(1, 100000, int, name="--images"), default=20,
                         help="images, spread evenly over the folder (default: %(default)s)")
     parser.add_argument("--time-limit", type=number_in(0, 1e6, low_open=True, name="--time-limit"), default=60.0,

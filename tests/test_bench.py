@@ -59,38 +59,43 @@ def parse(module, *argv):
 # ---- bench/certify.py ---------------------------------------------------------------------------------------------
 
 def test_certify_counts_each_verdict_once_and_orders_bounds_exact_and_reference(digits, monkeypatch, capsys):
-    """At 32 levels (every correctly classified digit falls, so the reference AutoAttack costs milliseconds, not the
-    seconds per image it spends on a robust one): the exact verdicts add up to the images, the misclassified ones are
-    those the model gets wrong, and what the bounds prove <= what the exact verifier proves <= what the reference
-    leaves robust; the exact verifier's seconds per image and its ratio to the reference's are those this test's own
-    clock reads around the two calls."""
+    """At 32 levels (every correctly classified digit falls, so the attacks cost milliseconds): each method's
+    verdicts add up to the images, the misclassified ones are those the model gets wrong, interval <= CROWN <=
+    alpha-CROWN <= exact <= what the attacks leave robust, and the exact verifier's seconds per image and its ratio
+    to the reference's are those this test's own clock reads around the calls."""
     took = {}
 
     def clocked(name, function):
         def call(*args, **kwargs):
             started = time.perf_counter()
             found = function(*args, **kwargs)
-            took.setdefault(name, time.perf_counter() - started)  # the first call of `timed` is the exact verifier's
+            took.setdefault(name, []).append(time.perf_counter() - started)
             return found
         return call
-    monkeypatch.setattr(bench_certify, "timed", clocked("exact", bench_certify.timed))
+    monkeypatch.setattr(bench_certify, "timed", clocked("certifier", bench_certify.timed))
     monkeypatch.setattr(bench_certify, "reference_autoattack", clocked("reference", bench_certify.reference_autoattack))
     bench_certify.main(parse(bench_certify, "--model", digits.model_file, "--folder", digits.folder, "--images", 4,
-                             "--epsilon", 32, "--time-limit", 5))
+                             "--epsilon", 32, "--time-limit", 5, "--device", "cpu"))
     out = capsys.readouterr().out
-    assert re.search(r"^4 images of .*, model mlp\.pt2 \(16 ReLUs\), epsilon 32 levels, 1 thread\(s\)", out, re.M), out
-    exact = re.search(r"exact \(MILP, time limit 5 s\): +([\d.]+) s per image; robust (\d+), not robust (\d+), unknown "
-                      r"(\d+), misclassified (\d+); decided by the bounds (\d+), an attack (\d+), the MILP (\d+)", out)
-    assert exact, out
-    seconds, robust, fooled, unknown, misclassified, *decided = map(float, exact.groups())
-    assert robust + fooled + unknown + misclassified == 4 and misclassified == 4 - digits.right
-    assert sum(decided) == robust + fooled + unknown
-    bounds = int(re.search(r"bounds \(CROWN\): +[\d.]+ s per image; robust (\d+)", out)[1])
-    reference = int(re.search(r"reference AutoAttack \(standard\): +[\d.]+ s per image; robust (\d+)", out)[1])
-    assert bounds <= robust <= reference <= digits.right
+    assert re.search(r"^4 images of .*, model mlp\.pt2 \(16 ReLUs\), epsilon 32 levels, 1 thread\(s\), cpu", out, re.M), out
+    table = {row[0]: row[1:] for row in ([cell.strip() for cell in line.strip().strip("|").split("|")]
+                                         for line in out.splitlines()
+                                         if line.startswith("| ") and not line.startswith("| method"))}
+    proved = []
+    for method in ("bounds (interval)", "bounds (CROWN)", "bounds (alpha-CROWN)", "exact (time limit 5 s)"):
+        seconds, memory, robust, fooled, unknown, misclassified, _ = table[method]
+        assert float(memory) > 0 and misclassified == str(4 - digits.right)
+        counted = int(robust) + (0 if fooled == "-" else int(fooled)) + int(unknown) + int(misclassified)
+        assert counted == 4, (method, table[method])
+        proved.append(int(robust))
+    attacks = int(table["step 8's ensemble (attacks)"][2].split()[0])
+    reference = int(table["reference AutoAttack (standard)"][2].split()[0])
+    assert proved == sorted(proved) and proved[-1] <= min(attacks, reference) <= digits.right
+    exact_seconds, reference_seconds = (float(table[name][0]) for name in ("exact (time limit 5 s)",
+                                                                           "reference AutoAttack (standard)"))
+    assert reference_seconds == pytest.approx(took["reference"][0] / 4, abs=0.006)  # printed to 0.01 s
     ratio = float(re.search(r"exact / AutoAttack: time x([\d.]+) \(target: at most x1\)", out)[1])
-    assert seconds == pytest.approx(took["exact"] / 4, abs=0.006)  # printed to 0.01 s
-    assert ratio == pytest.approx(took["exact"] / took["reference"], rel=0.05, abs=0.006)
+    assert abs(ratio * reference_seconds - exact_seconds) <= 0.005 * (1 + ratio) + 0.001  # each printed to 0.01 s
 
 
 def test_certify_refuses_a_folder_without_labels(digits):
