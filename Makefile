@@ -80,7 +80,9 @@ robust-demo: $(VENV)/.installed
 # 100 test digits at two epsilons: step 8's ensemble (the attacks' upper bound), the reference AutoAttack, step 10's
 # exact verifier (the truth, up to its time limit) and its bounds alone (the fast lower bound), step 8 --certify
 # setting them side by side. Then randomized smoothing: a digits CNN trained under Gaussian noise and the PGD-trained
-# one of robust-demo, certified accuracy against the L2 radius for both, and the radius around Grace Hopper.
+# one of robust-demo, certified accuracy against the L2 radius for both, and the radius around Grace Hopper. Then the
+# convolutional networks (docs/certification.md): bench/certify.py's methods on robust-demo's PGD-trained small CNN
+# and on one trained with CROWN-IBP, at 8 levels on the 100 test digits.
 CERTIFY := outputs/certify-demo
 CERTIFY_EPSILONS := 8,16
 certify-demo: $(VENV)/.installed $(DEMO)/adversarial.pt2 samples
@@ -100,3 +102,9 @@ certify-demo: $(VENV)/.installed $(DEMO)/adversarial.pt2 samples
 		--output-dir $(CERTIFY)/smoothing
 	$(PYTHON) step_10_certify.py samples/grace_hopper.jpg --model efficientnet_lite0 --method smoothing --sigma 0.12 \
 		--n 1000 --batch-size 100 --output-dir $(CERTIFY)/grace_hopper
+	$(PYTHON) bench/certify.py --model $(DEMO)/adversarial.pt2 --images 100 --epsilon 8 --time-limit 10 \
+		> $(CERTIFY)/bench-pgd-8.md
+	$(PYTHON) step_9_adversarial_training.py digits/train --method crown-ibp --epsilon 8 --epochs 10 --threads 1 \
+		--output $(CERTIFY)/crown_ibp.pt2
+	$(PYTHON) bench/certify.py --model $(CERTIFY)/crown_ibp.pt2 --images 100 --epsilon 8 --time-limit 10 \
+		> $(CERTIFY)/bench-crown-ibp-8.md

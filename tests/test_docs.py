@@ -56,7 +56,7 @@ def test_every_command_block_is_one_the_generator_ran(template, document):
 
 
 def test_the_two_documents_quote_the_same_output_for_the_same_command():
-    (readme_template, readme), (tutorial_template, tutorial) = DOCUMENTS
+    (readme_template, readme), (tutorial_template, tutorial) = DOCUMENTS[:2]
     english, portuguese = run_outputs(readme_template, readme), run_outputs(tutorial_template, tutorial)
     shared = english.keys() & portuguese.keys()
     assert len(shared) >= 6, "the Portuguese tutorial should run the README's steps 2, 3, 5, 6 and 7"
@@ -113,7 +113,7 @@ def test_every_link_to_a_heading_or_a_file_leads_to_one(template, document):
 
 
 def test_each_document_links_to_the_other_at_its_top():
-    (_, readme), (_, tutorial) = DOCUMENTS
+    (_, readme), (_, tutorial) = DOCUMENTS[:2]
     assert "](docs/tutorial.pt-BR.md)" in "\n".join(read(readme).splitlines()[:5]), f"{readme} does not link it first"
     assert "](../README.md)" in "\n".join(read(tutorial).splitlines()[:5])
     start = prose(readme).split("\n## ")[1]

@@ -1,6 +1,6 @@
 """Generate the project's documents from their templates by running the commands they name, so every quoted output
-is real: README.md from docs/README.in.md and docs/tutorial.pt-BR.md (the tutorial's path in Portuguese) from
-docs/tutorial.pt-BR.in.md.
+is real: README.md from docs/README.in.md, docs/tutorial.pt-BR.md (the tutorial's path in Portuguese) from
+docs/tutorial.pt-BR.in.md, and each chapter page docs/NAME.md from docs/NAME.in.md.
 
 Directives in a template (each on a line of its own):
     <!-- run: python SCRIPT ARGS -->       run it from the repository root; paste the command and what it printed
@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 from utils.cli import ArgumentParser, UsageError, run
 from utils.files import save_text
 
-DOCUMENTS = (("docs/README.in.md", "README.md"), ("docs/tutorial.pt-BR.in.md", "docs/tutorial.pt-BR.md"))
+DOCUMENTS = (("docs/README.in.md", "README.md"), ("docs/tutorial.pt-BR.in.md", "docs/tutorial.pt-BR.md"),
+             ("docs/certification.in.md", "docs/certification.md"))
 DIRECTIVE = re.compile(r"<!-- (run|cmd|include|figure|quote): (.*) -->|<!-- (toc) -->")
 HEADING = re.compile(r"(#{1,6}) +(.+?) *#* *$")
 FENCE = re.compile(r"^ {0,3}(```|~~~)")
