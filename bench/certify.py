@@ -5,8 +5,8 @@ default ensemble through utils.evaluation.robust_accuracy, and the reference Aut
     python bench/certify.py [--model outputs/certify-demo/mlp.pt2] [--folder digits/test] [--images 20]
                             [--epsilon 16] [--time-limit 60] [--device auto|cpu|cuda] [--threads 1]
 
-Each method runs in a process of its own forked from this one, so its peak resident memory (the `ru_maxrss` the
-kernel keeps for that process, the model and PyTorch included) is its own; on CUDA, the device memory it allocated
+Each method runs in a fresh process of its own, so its peak resident memory (the `ru_maxrss` the kernel keeps for
+that process, the model and PyTorch included) is its own; on CUDA, the device memory it allocated
 at most instead. Bounds: utils.certify's BoundsCertifier up to each --propagation; its columns give what it proves
 and the mean of the images' smallest margin bounds (misclassified images left out). Exact: the ExactCertifier on
 the 8-bit lattice (an attack, alpha-CROWN, branch and bound, then the MILP, within --time-limit per image), how
@@ -63,23 +63,23 @@ def peak_memory_mib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def in_own_process(function, device):
-    """(what `function()` returns, the peak memory of the process that ran it): a forked child runs it (a fork
-    shares the function and its model as they are: nothing is pickled on the way in)."""
-    context = multiprocessing.get_context("fork")
-    answers = context.SimpleQueue()
-    child = context.Process(target=measured, args=(function, device, answers))
-    child.start()
-    found = answers.get()
-    child.join()
-    return found
+def in_own_process(model_path, kind, settings, images, labels, epsilon, device, threads):
+    """(seconds per image, rows, peak memory) of one certifier, run in a fresh process (spawned, not forked: a fork
+    of a process whose PyTorch threads have started can abort) that loads the model and reads its graph itself,
+    outside the clock."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        return pool.apply(certify_alone, (model_path, kind, settings, images, labels, epsilon, device, threads))
 
 
-def measured(function, device, answers):
+def certify_alone(model_path, kind, settings, images, labels, epsilon, device, threads):
+    torch.set_num_threads(threads)
     if str(device) == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    found = function()
-    answers.put((found, peak_memory_mib(device)))
+    model = load_model(model_path).to(device)
+    certifier = kind(model, settings, device, image_shape=(3, *images[0].shape[:2]))
+    seconds, rows = timed(certifier, images, labels, epsilon)
+    return seconds, rows, peak_memory_mib(device)
 
 
 def count(rows, verdict):
@@ -100,20 +100,21 @@ def main(args):
     images, labels = the_images(args, model)
     shape = (3, *images[0].shape[:2])
     started = time.perf_counter()
-    exact = ExactCertifier(model, ExactSettings("Linf", True, args.time_limit, 0), device, image_shape=shape)
+    relus = ExactCertifier(model, ExactSettings("Linf"), device, image_shape=shape).network.relus
     reading = time.perf_counter() - started
-    print(f"{len(images)} images of {args.folder}, model {Path(args.model).name} ({exact.network.relus} ReLUs), "
+    print(f"{len(images)} images of {args.folder}, model {Path(args.model).name} ({relus} ReLUs), "
           f"epsilon {args.epsilon:g} levels, {args.threads} thread(s), {device}; reading the graph {reading:.1f} s:")
     print()
     print("| method | s per image | peak memory (MiB) | robust | not robust | unknown | misclassified | "
           "mean margin bound |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    alone = lambda kind, settings: in_own_process(args.model, kind, settings, images, labels, args.epsilon,
+                                                  str(device), args.threads)
     for method in METHODS:
-        bounds = BoundsCertifier(model, BoundSettings("Linf", method), device, image_shape=shape)
-        (seconds, rows), memory = in_own_process(lambda: timed(bounds, images, labels, args.epsilon), device)
+        seconds, rows, memory = alone(BoundsCertifier, BoundSettings("Linf", method))
         print(f"| bounds ({NAMES[method]}) | {seconds:.2f} | {memory:.0f} | {count(rows, 'robust')} | - | "
               f"{count(rows, 'unknown')} | {count(rows, 'misclassified')} | {mean_bound(rows)} |")
-    (exact_seconds, rows), memory = in_own_process(lambda: timed(exact, images, labels, args.epsilon), device)
+    exact_seconds, rows, memory = alone(ExactCertifier, ExactSettings("Linf", True, args.time_limit, 0))
     print(f"| exact (time limit {args.time_limit:g} s) | {exact_seconds:.2f} | {memory:.0f} | {count(rows, 'robust')} "
           f"| {count(rows, 'not robust')} | {count(rows, 'unknown')} | {count(rows, 'misclassified')} | - |")
     tensor = to_tensor(images).to(device)
