@@ -4,7 +4,11 @@ beside the attacks' upper bound on robust accuracy.
 This package owns the verifiers and their report:
 - network.py: a model (a .pt2 program's graph, or a Classifier's network exported here) as the affine, ReLU and max
   pool layers a verifier encodes; any other operation is refused in one line naming it.
-- bounds.py: interval and CROWN linear bounds (Zhang et al. 2018) over L-infinity and L1 balls in [0, 1].
+- bounds.py: the input ball (L-infinity and L1 in [0, 1], on the 8-bit lattice or continuous), and a dense NumPy CROWN
+  the tests check the tensor bounds against.
+- propagation.py: interval, CROWN (Zhang et al. 2018) and alpha-CROWN bounds on tensors, batched, any device; also the
+  bound step 9's certified training differentiates.
+- branch.py: branch and bound over ReLU splits with beta-CROWN's bounds (complete, given the time).
 - milp.py: the exact mixed-integer program (Tjeng, Xiao and Tedrake 2019), solved by HiGHS (scipy.optimize.milp).
 - base.py, bounds_certifier.py, exact.py: the certifiers behind `--method`, registered in CERTIFIERS.
 - smoothing.py: randomized smoothing (Cohen et al. 2019), an L2 certificate for any model; report_smoothing.py its

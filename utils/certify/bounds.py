@@ -1,6 +1,8 @@
-"""Sound bounds on a piecewise-linear network's values over an input ball: interval bound propagation, and CROWN's
+"""The input ball (`make_ball`) every certifier starts from, and a dense NumPy CROWN: the reference the tensor bounds
+of utils.certify.propagation (what the certifiers run) are tested against. Interval bound propagation, and CROWN's
 linear bounds (Zhang, Weng, Chen, Hsieh and Daniel 2018, "Efficient Neural Network Robustness Certification with
-General Activation Functions").
+General Activation Functions"), each layer a dense float64 matrix and CROWN for every neuron: exact arithmetic to
+compare with, too slow for a convolutional network.
 
 The input set (`Ball`): the pixels (flat, in [0, 1]) within `epsilon` of an image in L-infinity or L1, intersected
 with [0, 1]; on the 8-bit lattice the L-infinity box is cut to whole levels and the L1 budget to a whole number of
