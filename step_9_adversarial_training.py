@@ -45,95 +45,28 @@ starts and noise are seeded per epoch and batch, not drawn from a shared stream)
 """
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from step_2_pretrained import Classifier, Preprocessing, get_device, get_image_transform, load_image
+from step_2_pretrained import Classifier, Preprocessing, get_device
 from utils.attacks import make_attack
 from utils.attacks import ATTACKS, NORMS
 from utils.cli import ArgumentParser, UsageError, number_in, one_of, run
-from utils.data import PhotoDataset, csv_labels, cut, list_photos, photo_batches
 from utils.files import display_path, remove_killed_writes_of
 from utils.flags import add_device_argument
-from utils.models import classes_path, export_program, load_program
+from utils.models import classes_path
 from utils.threat import check_epsilon
-from utils.training import (CERTIFIED_METHODS, MLP, SMALL_CNN, Ramp, build_net, certified_accuracy, certified_loss,
-                            load_checkpoint, save_checkpoint)
+from utils.training import (CERTIFIED_METHODS, MLP, SMALL_CNN, Ramp, best_epoch, build_net, catastrophic_overfitting,
+                            certified_accuracy, certified_loss, checkpoint_path, copy_state, export_checked,
+                            resume_from, run_settings, save_epoch, watched_for_overfitting)
+from utils.training_data import channel_statistics, load_data
 
 METHODS = ("pgd", "fgsm-rs", "noise", "none") + CERTIFIED_METHODS
 DEFAULT_EPSILON = 32.0  # levels out of 255, L-infinity
 FGSM_RS_STEP = 1.25  # Wong et al. 2020: alpha = 1.25 epsilon from a uniform start in the ball
-
-
-# ---- the data -------------------------------------------------------------------------------------------------
-
-@dataclass
-class Data:
-    """Every image as 8-bit (N, 3, S, S), its class index, the class names, and the train/validation split."""
-    images: torch.Tensor
-    targets: torch.Tensor
-    classes: list
-    train: torch.Tensor
-    val: torch.Tensor
-
-
-def class_names(names):
-    """ImageFolder: the subfolder names, in numeric order when they are all numbers (0, 1, ..., 10), else sorted."""
-    folders = {name.split("/")[0] for name in names}
-    return sorted(folders, key=lambda folder: (int(folder), folder) if folder.isdigit() else (math.inf, folder))
-
-
-def read_targets(folder, labels, names):
-    """(class names, class index per photo) from the ImageFolder tree or a labels CSV (labels are class names)."""
-    if labels is not None:
-        listed = csv_labels(labels, names, find_class=str).classes
-        classes = class_names([f"{label}/" for label in listed])
-        return classes, [classes.index(str(label)) for label in listed]
-    if not all("/" in name for name in names):
-        raise UsageError(f"{folder}: training needs labels: an ImageFolder tree (one subfolder per class) or --labels")
-    classes = class_names(names)
-    return classes, [classes.index(name.split("/")[0]) for name in names]
-
-
-def read_images(paths, size, workers=0):
-    """Every photo resized and centre-cropped to size x size, as one 8-bit tensor; an unreadable file is an error
-    (a training set with holes would silently train on less)."""
-    transform = get_image_transform(Preprocessing(size, (0.0,) * 3, (1.0,) * 3))
-    images = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
-    for batch in photo_batches(PhotoDataset(paths, load_image, transform), cut(len(paths), 256), workers):
-        for index, image, reason in batch:
-            if image is None:
-                raise UsageError(f"{paths[index]}: {reason}")
-            images[index] = torch.from_numpy(image).permute(2, 0, 1)
-    return images
-
-
-def split(count, val_fraction, seed):
-    """(train indices, validation indices): a seeded permutation, its first val_fraction held out, each part sorted."""
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
-    held_out = round(count * val_fraction)
-    if held_out and count - held_out < 1:
-        raise UsageError(f"--val-fraction {val_fraction} leaves no training image out of {count}")
-    return order[held_out:].sort().values, order[:held_out].sort().values
-
-
-def load_data(args):
-    paths, names = list_photos(args.folder)
-    classes, targets = read_targets(args.folder, args.labels, names)
-    if len(classes) < 2:
-        raise UsageError(f"{args.folder}: training needs at least 2 classes, found {len(classes)}")
-    train, val = split(len(paths), args.val_fraction, args.seed)
-    return Data(read_images(paths, args.image_size, args.workers), torch.tensor(targets), classes, train, val)
-
-
-def channel_statistics(images):
-    """Per-channel mean and standard deviation of 8-bit images, in [0, 1] units: the model's normalization."""
-    pixels = images.float().div(255).transpose(0, 1).flatten(1)
-    return tuple(pixels.mean(dim=1).tolist()), tuple(pixels.std(dim=1).clamp_min(1e-3).tolist())
 
 
 # ---- the model and the attack ---------------------------------------------------------------------------------
@@ -244,102 +177,6 @@ def validate_certified(model, data, args, device):
     return certified_accuracy(model, images, targets, args.epsilon)
 
 
-# ---- catastrophic overfitting ---------------------------------------------------------------------------------
-
-COLLAPSE = 0.5   # held-out PGD accuracy below half its best so far ...
-FGSM_GAP = 0.2   # ... while FGSM accuracy stays this far above it: the model has learnt to mask FGSM's gradient
-
-
-def best_epoch(history):
-    """The epoch with the best held-out PGD accuracy (the earliest among ties), or None without held-out images."""
-    scored = [row for row in history if row.get("robust") is not None]
-    return max(scored, key=lambda row: (row["robust"], -row["epoch"]))["epoch"] if scored else None
-
-
-def watched_for_overfitting(method):
-    """Whether a run is watched for catastrophic overfitting: fast (one-step) adversarial training, where it happens.
-    Plain and noise training have next to no PGD accuracy to lose, and their noise around it can fit the rule; PGD
-    training's multi-step attack does not overfit this way (Wong et al. 2020)."""
-    return method == "fgsm-rs"
-
-
-def catastrophic_overfitting(history):
-    """Wong, Rice and Kolter 2020 ("Fast is better than free"): fast adversarial training can suddenly overfit to
-    its one-step attack, held-out PGD accuracy collapsing within an epoch while FGSM accuracy stays high. True when
-    the last epoch shows it: its PGD accuracy below COLLAPSE times the best of the epochs before, and its FGSM
-    accuracy at least FGSM_GAP above its PGD accuracy."""
-    *before, last = history
-    best = max((row["robust"] for row in before if row.get("robust") is not None), default=None)
-    if best is None or last.get("robust") is None or last.get("fgsm") is None:
-        return False
-    return last["robust"] < COLLAPSE * best and last["fgsm"] >= last["robust"] + FGSM_GAP
-
-
-# ---- checkpoints ----------------------------------------------------------------------------------------------
-
-SETTINGS = ("arch", "method", "norm", "epsilon", "steps", "alpha", "sigma", "batch_size", "lr", "val_fraction",
-            "image_size", "seed", "epochs")
-SAVED_DEFAULTS = {"norm": "Linf"}  # a checkpoint from before --norm was trained in L-infinity
-
-
-def checkpoint_path(args):
-    return Path(args.output).with_suffix(".ckpt")
-
-
-def settings(args):
-    return {name: getattr(args, name) for name in SETTINGS}
-
-
-def resume_from(model, optimizer, args):
-    """The first epoch still to run and the history so far: 1 and [] unless --resume finds a checkpoint made with
-    the same settings (--epochs may grow: more epochs continue the same run)."""
-    path = checkpoint_path(args)
-    if not args.resume or not path.exists():
-        return 1, [], None
-    state = load_checkpoint(path)
-    saved = dict(state.get("settings", {}))
-    saved = {**SAVED_DEFAULTS, **saved}
-    changed = [name for name in SETTINGS if name != "epochs" and saved.get(name) != getattr(args, name)]
-    if changed:
-        name = changed[0]
-        raise UsageError(f"{path}: made with --{name.replace('_', '-')} {saved.get(name)}, not {getattr(args, name)}; "
-                         "resume with the same settings or remove the checkpoint")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    print(f"Resuming after epoch {state['epoch']} from {display_path(path)}")
-    return state["epoch"] + 1, list(state["history"]), state.get("best")
-
-
-def save_epoch(model, optimizer, epoch, history, args, best):
-    """The checkpoint: this epoch's model and optimizer, the history, and the weights of the best held-out PGD
-    epoch so far (what is written after catastrophic overfitting)."""
-    save_checkpoint({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "history": history, "settings": settings(args), "best": best}, checkpoint_path(args))
-
-
-def copy_state(model):
-    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-
-
-# ---- export ---------------------------------------------------------------------------------------------------
-
-def export(model, data, args, device):
-    """Write the .pt2 and its classes file, then check the saved program against the trained module: the same
-    logits (batch 1 and a full batch) and an input gradient (what every attack needs)."""
-    model.eval()
-    examples = as_pixels(data.images[:16]).to(device)
-    export_program(model, args.output, data.classes, args.image_size)
-    program = load_program(args.output)
-    for batch in (examples[:1], examples):
-        with torch.no_grad():
-            if not torch.allclose(program(batch), model(batch), atol=1e-5, rtol=1e-4):
-                raise RuntimeError(f"{args.output}: the exported program's logits differ from the trained model's")
-    probe = examples[:2].clone().requires_grad_(True)
-    program(probe).sum().backward()
-    if not probe.grad.abs().sum() > 0:
-        raise RuntimeError(f"{args.output}: the exported program gives no input gradient")
-
-
 # ---- main -----------------------------------------------------------------------------------------------------
 
 def budget_text(norm, epsilon):
@@ -381,14 +218,16 @@ def main(args):
     if (args.method == "noise") != (args.sigma is not None):
         raise UsageError("--sigma goes with --method noise, and --method noise needs it (e.g. --sigma 0.25)")
     check_threat(args)
-    remove_killed_writes_of([args.output, classes_path(args.output), checkpoint_path(args)])
+    checkpoint = checkpoint_path(args.output)
+    remove_killed_writes_of([args.output, classes_path(args.output), checkpoint])
     if args.threads:
         torch.set_num_threads(args.threads)
     device = get_device(args.device)
-    data = load_data(args)
+    data = load_data(args.folder, args.labels, args.image_size, args.val_fraction, args.seed, args.workers)
     model = make_model(data, args).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    first, history, best = resume_from(model, optimizer, args)
+    settings = run_settings(vars(args))
+    first, history, best = resume_from(model, optimizer, checkpoint, settings, args.resume)
     budget = f"sigma {args.sigma:g}" if args.method == "noise" else f"epsilon {budget_text(args.norm, args.epsilon)}"
     print(f"Training {args.arch} ({args.method}, {budget}) on {len(data.train)} images of "
           f"{len(data.classes)} classes, {len(data.val)} held out; {torch.get_num_threads()} thread(s), {device}")
@@ -406,13 +245,13 @@ def main(args):
             print(f"epoch {epoch}: catastrophic overfitting (Wong et al. 2020): held-out PGD accuracy fell to "
                   f"{robust:.1%} while FGSM's is {fgsm:.1%}; the model written will be epoch {best['epoch']}'s, the "
                   f"best held-out PGD epoch (--keep-last writes the last)", flush=True)
-        save_epoch(model, optimizer, epoch, history, args, best)
+        save_epoch(model, optimizer, epoch, history, settings, best, checkpoint)
     if any(row.get("overfit") for row in history) and not args.keep_last and best["epoch"] != history[-1]["epoch"]:
         model.load_state_dict(best["model"])
         kept = history[best["epoch"] - 1]["robust"]
         print(f"Writing epoch {best['epoch']}'s model (held-out PGD accuracy {kept:.1%}) instead of epoch "
               f"{history[-1]['epoch']}'s, after catastrophic overfitting")
-    export(model, data, args, device)
+    export_checked(model, args.output, data.classes, args.image_size, as_pixels(data.images[:16]).to(device))
     more = ", ..." if len(data.classes) > 10 else ""
     print(f"Wrote {display_path(args.output)} and {display_path(classes_path(args.output))} "
           f"({len(data.classes)} classes: {', '.join(data.classes[:10])}{more})")

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from utils.models import Classifier, Preprocessing
-from step_9_adversarial_training import best_epoch, catastrophic_overfitting, watched_for_overfitting
 from tests.conftest import run_script, run_tool
 from utils.models import load_program
-from utils.training import SMALL_CNN, build_net, load_checkpoint
+from utils.training import (SMALL_CNN, best_epoch, build_net, catastrophic_overfitting, load_checkpoint,
+                            watched_for_overfitting)
 
 
 def epochs(*pairs):

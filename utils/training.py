@@ -1,5 +1,6 @@
-"""The pieces of step 9 that are not the training loop: the architectures and the checkpoint (the export is
-utils.models.export_program's).
+"""The pieces of step 9 that are not the training loop: the architectures, the catastrophic-overfitting guard, the
+checkpoint and the resume from it, the checked export (the export itself is utils.models.export_program's) and
+certified training's loss (the training images are utils.training_data's).
 
 - `build_net`: "small-cnn" (a few conv layers, for small images such as the 32x32 digits), "mlp" (a small fully
   connected ReLU network, small enough for step 10's exact verifier), or any torchvision or timm architecture name,
@@ -10,14 +11,15 @@ utils.models.export_program's).
 import pickle
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
 from utils.cli import UsageError
-from utils.files import atomic_path
-from utils.models import torchvision_classifiers
+from utils.files import atomic_path, display_path
+from utils.models import export_program, load_program, torchvision_classifiers
 
 SMALL_CNN = "small-cnn"
 MLP = "mlp"
@@ -86,6 +88,104 @@ def load_checkpoint(path):
     except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"{path}: not a readable step 9 checkpoint ({reason})")
+
+
+SETTINGS = ("arch", "method", "norm", "epsilon", "steps", "alpha", "sigma", "batch_size", "lr", "val_fraction",
+            "image_size", "seed", "epochs")
+SAVED_DEFAULTS = {"norm": "Linf"}  # a checkpoint from before --norm was trained in L-infinity
+
+
+def checkpoint_path(output):
+    """The checkpoint beside the model file `output`: NAME.ckpt."""
+    return Path(output).with_suffix(".ckpt")
+
+
+def run_settings(options):
+    """The settings a checkpoint records (SETTINGS), taken from the mapping `options` (name: value): a resume
+    continues only a run made with the same ones."""
+    return {name: options[name] for name in SETTINGS}
+
+
+def resume_from(model, optimizer, path, settings, resume=True):
+    """(the first epoch still to run, the history so far, the best epoch's {"epoch", "model"} or None): 1, [] and
+    None unless `resume` and the checkpoint at `path` was made with the same `settings` (run_settings; "epochs" may
+    grow: more epochs continue the same run), whose model and optimizer states are then loaded."""
+    path = Path(path)
+    if not resume or not path.exists():
+        return 1, [], None
+    state = load_checkpoint(path)
+    saved = dict(state.get("settings", {}))
+    saved = {**SAVED_DEFAULTS, **saved}
+    changed = [name for name in SETTINGS if name != "epochs" and saved.get(name) != settings[name]]
+    if changed:
+        name = changed[0]
+        raise UsageError(f"{path}: made with --{name.replace('_', '-')} {saved.get(name)}, not {settings[name]}; "
+                         "resume with the same settings or remove the checkpoint")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    print(f"Resuming after epoch {state['epoch']} from {display_path(path)}")
+    return state["epoch"] + 1, list(state["history"]), state.get("best")
+
+
+def save_epoch(model, optimizer, epoch, history, settings, best, path):
+    """The checkpoint at `path`: this epoch's model and optimizer, the history, the run's `settings` and the
+    weights of the best held-out PGD epoch so far (what is written after catastrophic overfitting)."""
+    save_checkpoint({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "history": history, "settings": settings, "best": best}, path)
+
+
+def copy_state(model):
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+# ---- catastrophic overfitting ---------------------------------------------------------------------------------
+
+COLLAPSE = 0.5   # held-out PGD accuracy below half its best so far ...
+FGSM_GAP = 0.2   # ... while FGSM accuracy stays this far above it: the model has learnt to mask FGSM's gradient
+
+
+def best_epoch(history):
+    """The epoch with the best held-out PGD accuracy (the earliest among ties), or None without held-out images."""
+    scored = [row for row in history if row.get("robust") is not None]
+    return max(scored, key=lambda row: (row["robust"], -row["epoch"]))["epoch"] if scored else None
+
+
+def watched_for_overfitting(method):
+    """Whether a run is watched for catastrophic overfitting: fast (one-step) adversarial training, where it happens.
+    Plain and noise training have next to no PGD accuracy to lose, and their noise around it can fit the rule; PGD
+    training's multi-step attack does not overfit this way (Wong et al. 2020)."""
+    return method == "fgsm-rs"
+
+
+def catastrophic_overfitting(history):
+    """Wong, Rice and Kolter 2020 ("Fast is better than free"): fast adversarial training can suddenly overfit to
+    its one-step attack, held-out PGD accuracy collapsing within an epoch while FGSM accuracy stays high. True when
+    the last epoch shows it: its PGD accuracy below COLLAPSE times the best of the epochs before, and its FGSM
+    accuracy at least FGSM_GAP above its PGD accuracy."""
+    *before, last = history
+    best = max((row["robust"] for row in before if row.get("robust") is not None), default=None)
+    if best is None or last.get("robust") is None or last.get("fgsm") is None:
+        return False
+    return last["robust"] < COLLAPSE * best and last["fgsm"] >= last["robust"] + FGSM_GAP
+
+
+# ---- export ---------------------------------------------------------------------------------------------------
+
+def export_checked(model, output, classes, image_size, examples):
+    """Write the .pt2 `output` and its classes file, then check the saved program against the trained module on
+    `examples` (pixels in [0, 1] on the model's device; 16 are enough): the same logits (batch 1 and the whole
+    batch) and an input gradient (what every attack needs)."""
+    model.eval()
+    export_program(model, output, classes, image_size)
+    program = load_program(output)
+    for batch in (examples[:1], examples):
+        with torch.no_grad():
+            if not torch.allclose(program(batch), model(batch), atol=1e-5, rtol=1e-4):
+                raise RuntimeError(f"{output}: the exported program's logits differ from the trained model's")
+    probe = examples[:2].clone().requires_grad_(True)
+    program(probe).sum().backward()
+    if not probe.grad.abs().sum() > 0:
+        raise RuntimeError(f"{output}: the exported program gives no input gradient")
 
 
 # ---- certified training ---------------------------------------------------------------------------------------
