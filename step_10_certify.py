@@ -46,8 +46,8 @@ from step_2_pretrained import find_class, get_device, model_from_args, prepare_i
 from utils.certify import CERTIFIERS
 from utils.certify.report_smoothing import default_radii, write_smoothing_report
 from utils.certify.smoothing import largest_radius, levels_per_value
-from utils.certify.run import (certify_images, csv_columns, finished, read_certified, start_certified,
-                               write_certified, write_certify_report)
+from utils.certify.run import (certify_images, check_epsilons, csv_columns, finished, sort_certified,
+                               start_certified, write_certify_report)
 from utils.cli import ArgumentParser, UsageError, listed, number_in, run
 from utils.data import find_photos
 from utils.flags import add_photos_arguments
@@ -55,14 +55,6 @@ from utils.files import display_path
 
 DEFAULT_EPSILONS = {"Linf": [2.0, 4.0, 8.0], "L1": [0.5, 1.0, 2.0]}
 NORMS = ("Linf", "L1", "L2")
-
-
-def check_epsilons(epsilons, norm):
-    high = 255 if norm == "Linf" else float("inf")
-    bad = [epsilon for epsilon in epsilons if not 0 <= epsilon <= high]
-    if bad:
-        raise UsageError(f"--epsilons {bad[0]:g}: a {norm} budget must be in [0, {high:g}]")
-    return sorted(epsilons)
 
 
 def check_norm(args):
@@ -111,17 +103,12 @@ def main(args):
     kept = start_certified(out, csv_columns(certifier), args.resume, certifier.recorded_settings())
     epsilon_texts = {f"{epsilon:g}" for epsilon in epsilons} if certifier.uses_epsilons else {""}
     done = finished(kept, photos.names, epsilon_texts)
-    kept = [row for row in kept if row["image"] in done and row["epsilon"] in epsilon_texts]
     print(f"Certifying {len(photos.names) - len(done)} of {len(photos.names)} images of {args.folder} with "
           f"{args.method} ({certifier.description}), {args.norm}"
           f"{', epsilons ' + ', '.join(f'{e:g}' for e in epsilons) if epsilons else ''}; "
           f"{torch.get_num_threads()} thread(s)", file=sys.stderr)
     certify_images(certifier, images, photos.labels, epsilons, photos.names, photos.stems, out, done, args.norm)
-    rows = read_certified(out / "certified.csv", csv_columns(certifier))
-    order = {name: i for i, name in enumerate(photos.names)}
-    rows = sorted((row for row in rows if row["image"] in order),
-                  key=lambda row: (order[row["image"]], float(row["epsilon"] or 0)))
-    write_certified(out / "certified.csv", rows, csv_columns(certifier))
+    rows = sort_certified(out, csv_columns(certifier), photos.names)
     if certifier.uses_epsilons:
         report_per_epsilon(args, rows, out, epsilons, model)
     else:

@@ -3,7 +3,9 @@ as each image finishes, so --resume keeps them), the counterexamples as PNGs (ea
 classifies the file wrong and it is within the budget), summary.md (certified accuracy per epsilon) and a figure.
 
 Library entry points (step 8 calls them too): `certify_images(certifier, images_u8, labels, epsilons, ...)` -> rows,
-`write_certify_report(rows, out, ...)`, `start_certified(out, columns, resume, settings)` -> the rows kept.
+`write_certify_report(rows, out, ...)`, `start_certified(out, columns, resume, settings)` -> the rows kept,
+`sort_certified(out, columns, names)` -> the rows in the images' order, `check_epsilons(epsilons, norm)` -> them
+sorted.
 """
 import csv
 from pathlib import Path
@@ -74,12 +76,33 @@ def start_certified(out, columns, resume, settings):
     return kept
 
 
+def check_epsilons(epsilons, norm, flag="--epsilons"):
+    """`epsilons` ascending, once each is a budget of `norm`: in [0, 255] levels in L-infinity, at least 0 in L1 and
+    L2 (UsageError naming the first that is not, as `flag` gives it; 0 certifies the image itself)."""
+    high = 255 if norm == "Linf" else float("inf")
+    bad = [epsilon for epsilon in epsilons if not 0 <= epsilon <= high]
+    if bad:
+        raise UsageError(f"{flag} {bad[0]:g}: a {norm} budget must be in [0, {high:g}]")
+    return sorted(epsilons)
+
+
 def finished(kept, names, wanted):
     """The images of `names` an earlier run finished: its kept rows cover every epsilon (as text) of `wanted`."""
     covered = {}
     for row in kept:
         covered.setdefault(row["image"], set()).add(row["epsilon"])
     return {name for name in names if covered.get(name, set()) >= set(wanted)}
+
+
+def sort_certified(out, columns, names):
+    """certified.csv under `out` rewritten in the order of `names` (each image's rows by ascending epsilon), the rows
+    of images not among them left out (an earlier run's, on another folder); returns the rows."""
+    path = out / CSV_NAME
+    order = {name: i for i, name in enumerate(names)}
+    rows = sorted((row for row in read_certified(path, columns) if row["image"] in order),
+                  key=lambda row: (order[row["image"]], float(row["epsilon"] or 0)))
+    write_certified(path, rows, columns)
+    return rows
 
 
 def epsilon_text(epsilon):
