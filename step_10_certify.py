@@ -50,7 +50,7 @@ from utils.certify.run import (certify_images, check_epsilons, csv_columns, fini
                                start_certified, write_certify_report)
 from utils.cli import ArgumentParser, UsageError, listed, number_in, run
 from utils.data import find_photos
-from utils.flags import add_photos_arguments
+from utils.flags import add_device_argument, add_photos_arguments, add_threads_argument
 from utils.files import display_path
 
 DEFAULT_EPSILONS = {"Linf": [2.0, 4.0, 8.0], "L1": [0.5, 1.0, 2.0]}
@@ -171,9 +171,8 @@ def get_args_parser():
         kind.add_arguments(parser)
     parser.add_argument("--output-dir", default="outputs/certify", help="(default: %(default)s)")
     parser.add_argument("--resume", action="store_true", help="keep the images an earlier run finished")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--threads", type=number_in(1, 1024, int, name="--threads"), default=None,
-                        help="torch threads (default: torch's)")
+    add_device_argument(parser)
+    add_threads_argument(parser, why="default: torch's")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 

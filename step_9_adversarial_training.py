@@ -56,7 +56,7 @@ from utils.attacks import make_attack
 from utils.attacks import ATTACKS, NORMS
 from utils.cli import ArgumentParser, UsageError, number_in, one_of, run
 from utils.files import display_path, remove_killed_writes_of
-from utils.flags import add_device_argument
+from utils.flags import add_device_argument, add_threads_argument
 from utils.models import classes_path
 from utils.threat import check_epsilon
 from utils.training import (CERTIFIED_METHODS, MLP, SMALL_CNN, Ramp, best_epoch, build_net, catastrophic_overfitting,
@@ -291,8 +291,7 @@ def get_args_parser():
     parser.add_argument("--image-size", type=number_in(8, 1024, int, name="--image-size"), default=32,
                         help="images are resized and centre-cropped to this square (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=number_in(1, 1024, int, name="--threads"), default=None,
-                        help="torch threads (default: torch's; a resumed run needs the same number for the same bytes)")
+    add_threads_argument(parser, why="default: torch's; a resumed run needs the same number for the same bytes")
     parser.add_argument("--workers", type=number_in(0, 64, int, name="--workers"), default=0,
                         help="DataLoader processes decoding the images (default: %(default)s)")
     add_device_argument(parser)
