@@ -38,10 +38,10 @@ per epsilon (with a sixth sanity check: no photo is both proved robust and foole
 certified_accuracy column and robust_interval.png the band between them; the certifiers' rows are in
 OUTPUT_DIR/certified/NAME/certified.csv.
 
-This file is the plan, main and the parser; the loop is utils/evaluation/engine.py's (run_evaluation). Under
-torchrun, batch k runs on rank k % world size. The results files (results.csv, the shards, --resume) are
-utils/evaluation/results.py's; summary.md, robust_accuracy.csv and the figures are utils/evaluation/report.py's, the
-sanity checks utils/evaluation/checks.py's.
+This file is main and the parser; the plan is utils/evaluation/plan.py's (make_plan), the loop
+utils/evaluation/engine.py's (run_evaluation). Under torchrun, batch k runs on rank k % world size. The results files
+(results.csv, the shards, --resume) are utils/evaluation/results.py's; summary.md, robust_accuracy.csv and the
+figures are utils/evaluation/report.py's, the sanity checks utils/evaluation/checks.py's.
 Unreadable files are named on stderr, listed in summary.md and left out of every rate; --strict makes the first one
 an error.
 
@@ -65,67 +65,12 @@ from utils.evaluation import distributed
 from utils.certify import CERTIFIERS
 from utils.evaluation.engine import check_readable, run_evaluation
 from utils.evaluation.interval import check_certify, interval_certifiers, make_certifiers
-from utils.evaluation.plan import (CLEAN, UNBOUNDED, Job, Plan, Settings, check_ensemble, defense_method,
-                                   ensemble_jobs, iterative_methods, standard_ensemble)
-from utils.flags import (DEFAULT_TARGET, add_device_argument, add_norm_argument, add_photos_arguments,
-                         add_speed_arguments, add_threads_argument, check_budget, chosen_target, positive_number,
-                         resolve_threat)
-from utils.threat import check_methods
+from utils.evaluation.plan import DEFAULT_METHODS, Settings, check_attacks, make_plan, standard_ensemble
+from utils.flags import (add_device_argument, add_norm_argument, add_photos_arguments, add_speed_arguments,
+                         add_threads_argument, check_budget, chosen_target, positive_number, resolve_threat)
 
-# the grid's default methods per norm: the tutorial's three in L-infinity, the gradient attacks that have the norm else
-DEFAULT_METHODS = {"Linf": ("fgsm", "pgd", "mifgsm"), "L2": ("pgd", "apgd"), "L1": ("apgd",)}
 DEFAULT_EPSILONS = (1.0, 2.0, 4.0, 8.0, 16.0)  # levels out of 255, L-infinity
 DEFAULT_ENSEMBLE = tuple(standard_ensemble("Linf"))
-
-
-# ---- the plan -------------------------------------------------------------------------------------------------
-
-def grid_jobs(methods, args):
-    """The grid, the sanity checks' extra runs, then the defense evaluation."""
-    largest_epsilon, largest_steps = max(args.epsilons), max(args.steps)
-    jobs = [Job(method, epsilon, steps) for method in methods for epsilon in args.epsilons
-            for steps in (args.steps if ATTACKS[method].iterative else [1])]
-    jobs += [Job(method, largest_epsilon, 2 * largest_steps) for method in iterative_methods(methods)]
-    if args.norm == "Linf":  # the unbounded sanity run: L-infinity's 255 levels (see checks.check_unbounded)
-        jobs.append(Job("pgd", UNBOUNDED, largest_steps))
-    method, attacks = defense_method(methods), ("plain", "adaptive") if args.adaptive else ("plain",)
-    for defense in args.defenses:  # the plain attack's PNGs first, then judged through each defense
-        jobs += [Job(method, epsilon, largest_steps) for epsilon in args.epsilons]
-        jobs += [Job(method, epsilon, largest_steps, defense, attack)
-                 for epsilon in args.epsilons for attack in attacks]
-    return jobs
-
-
-def check_attacks(args):
-    """Every attack asked for exists and has a version in --norm: checked before the model loads or a file is
-    written."""
-    check_ensemble(args.ensemble or [], args.norm)
-    check_methods(args.methods or [], args.norm, "--methods:")
-
-
-def make_plan(args, labelled, classes=None):
-    """Decide what runs. With labels and no --methods (nor --defenses) only the ensemble runs; the grid runs when
-    --methods is given, without labels, or for --defenses."""
-    if args.norm is None or args.epsilons is None:  # called as a library on parsed arguments: main has not resolved them
-        resolve_threat(args, DEFAULT_EPSILONS, "--epsilons")
-    target_text = chosen_target(args, default=None)
-    if args.adaptive and not args.defenses:
-        raise UsageError("--adaptive attacks through a defense: give --defenses too")
-    if args.ensemble and not labelled:
-        raise UsageError("--ensemble measures robust accuracy: it needs true labels (an ImageFolder tree or --labels)")
-    if args.ensemble and args.target is not None:
-        raise UsageError("--ensemble measures untargeted robustness: it excludes --target")
-    ensemble = args.ensemble if args.ensemble is not None else (
-        standard_ensemble(args.norm) if labelled and args.target is None else [])
-    check_attacks(args)
-    grid = args.methods is not None or not labelled or bool(args.defenses)
-    methods = (args.methods or list(DEFAULT_METHODS[args.norm])) if grid else []
-    untargeted = args.untargeted or (labelled and args.target is None)
-    target = None if untargeted else find_class(target_text or DEFAULT_TARGET, classes)
-    jobs = [CLEAN] if labelled else []
-    jobs += grid_jobs(methods, args) if grid else []
-    jobs += ensemble_jobs(ensemble, args.epsilons, args)
-    return Plan(methods, ensemble, target, list(dict.fromkeys(jobs)), classes)
 
 
 # ---- inputs ---------------------------------------------------------------------------------------------------
@@ -157,11 +102,14 @@ def main(args):
         torch.manual_seed(args.seed)
         resolve_threat(args, DEFAULT_EPSILONS, "--epsilons")
         args.epsilons = sorted(args.epsilons)
-        check_attacks(args)
+        check_attacks(args.ensemble, args.methods, args.norm)
         model = prepare_model(args, context.device)  # first: the labels and the target are names of its classes
         check_budget(args, (3, model.preprocessing.crop_size, model.preprocessing.crop_size), "--epsilons")
         photos = find_photos(args.folder, args.labels, functools.partial(find_class, classes=model.classes))
-        plan = make_plan(args, photos.labels is not None, model.classes)
+        plan = make_plan(photos.labels is not None, args.epsilons, args.steps, args.norm, model.classes,
+                         methods=args.methods, ensemble=args.ensemble, target=chosen_target(args, default=None),
+                         untargeted=args.untargeted, defenses=args.defenses, adaptive=args.adaptive,
+                         queries=args.queries)
         check_certify(args.certify, photos.labels is not None, plan.ensemble, args.norm)
         certifiers = make_certifiers(args.certify, model, args)  # a model it cannot read: refused before any output
         if args.strict:

@@ -14,9 +14,9 @@ from PIL import Image
 import step_8_evaluate
 from utils import files
 from utils.models import find_class, predict_images, prepare_image
-from step_8_evaluate import DEFAULT_ENSEMBLE, get_args_parser, main, make_plan
+from step_8_evaluate import DEFAULT_ENSEMBLE, get_args_parser, main
 from utils.evaluation import engine
-from utils.evaluation.plan import CLEAN
+from utils.evaluation.plan import CLEAN, make_plan
 from utils.evaluation.results import COLUMNS
 from tests.conftest import GRACE_HOPPER, OFFLINE, REPO, make_tiny_model, run_main, run_script, run_tool
 from tests.test_tutorial_units import tiny_png_header, truncated_jpeg
@@ -457,32 +457,29 @@ def test_bad_labels_are_one_line_and_write_nothing(layout, extra, message, tiny,
 
 
 def test_with_labels_and_no_methods_only_the_default_ensemble_runs():
-    args = get_args_parser().parse_args(["photos", "--epsilons", "2,8", "--steps", "10,50", "--queries", "300"])
-    plan = make_plan(args, labelled=True)
+    plan = make_plan(True, [2.0, 8.0], [10, 50], "Linf", queries=300)
     assert plan.target is None and plan.methods == [] and plan.ensemble == list(DEFAULT_ENSEMBLE)
     stages = [(job.method, job.epsilon, job.steps) for job in plan.jobs if job.attack == "ensemble"]
     assert stages == [("apgd", 2, 50), ("apgd-t", 2, 50), ("fab", 2, 50), ("square", 2, 300),
                       ("apgd", 8, 50), ("apgd-t", 8, 50), ("fab", 8, 50), ("square", 8, 300)], \
         "AutoAttack's standard version: APGD-CE, APGD-T, FAB-T, Square"
     assert plan.jobs[0] == CLEAN and len(plan.jobs) == 9
-    with_grid = make_plan(get_args_parser().parse_args(["photos", "--methods", "pgd"]), labelled=True)
+    with_grid = make_plan(True, [2.0], [10], "Linf", methods=["pgd"])
     assert with_grid.target is None and with_grid.methods == ["pgd"], "with labels the grid is untargeted"
-    assert make_plan(get_args_parser().parse_args(["photos"]), labelled=False).ensemble == []
+    assert make_plan(False, [2.0], [10], "Linf").ensemble == []
 
 
 def test_a_batch_recorded_in_part_runs_again_whole():
     """The rule behind an exact --resume: a job's rows for a batch count only when every photo it runs on has one; else
     it runs on the whole batch again (never on the lone photo: another batch composition gives other floats on CPU)."""
-    plan = make_plan(get_args_parser().parse_args(["photos", "--methods", "pgd", "--epsilons", "2", "--steps", "2"]),
-                     labelled=False)
+    plan = make_plan(False, [2.0], [2], "Linf", methods=["pgd"])
     job, photos = plan.jobs[0], SimpleNamespace(names=["a.png", "b.png", "c.png"])
     row = {"success": "0"}
     assert engine.still_to_run(job, [0, 1, 2], photos, plan, {}) == [0, 1, 2]
     assert engine.still_to_run(job, [0, 1, 2], photos, plan, {job.key("b.png"): row}) == [0, 1, 2]
     whole = {job.key(name): row for name in photos.names}
     assert engine.still_to_run(job, [0, 1, 2], photos, plan, whole) == []
-    ensemble = make_plan(get_args_parser().parse_args(["photos", "--ensemble", "apgd,square", "--epsilons", "2"]),
-                         labelled=True)
+    ensemble = make_plan(True, [2.0], [1, 5, 10, 20, 50], "Linf", ensemble=["apgd", "square"])
     clean = {CLEAN.key(name): {"clean_correct": correct} for name, correct in zip(photos.names, "110")}
     apgd, square = ensemble.stages_at(2)
     fooled_a = {apgd.key("a.png"): {"success": "1"}, apgd.key("b.png"): {"success": "0"}}

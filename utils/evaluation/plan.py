@@ -1,11 +1,14 @@
 """The vocabulary of an evaluation: a Job (one attack setting run on the photos that need it), the Plan (the jobs of
-a run, in order) and the Settings (how the run computes, besides what it runs), shared by step 8, which decides the
+a run, in order) and the Settings (how the run computes, besides what it runs), shared by step 8, which asks for the
 plan, by the engine, which runs it, and by the results files and the report, which record and summarize its rows.
-The small rules here say which budget a method's headline number and an ensemble stage use."""
+The small rules here say which budget a method's headline number and an ensemble stage use, and `make_plan` decides
+what a run does (the grid, its sanity checks' extra runs, the defenses, the ensemble) from explicit parameters."""
 from dataclasses import dataclass
 
 from utils.attacks import ATTACKS
 from utils.cli import UsageError
+from utils.flags import DEFAULT_TARGET
+from utils.models import find_class
 from utils.threat import check_methods
 
 UNBOUNDED = 255.0
@@ -98,9 +101,15 @@ def top_steps(method, settings):
     return max(settings.steps) if ATTACKS[method].iterative else 1
 
 
+def stage_budget(method, steps, queries):
+    """An ensemble stage's budget: the largest of `steps`, or `queries` for a gradient-free attack."""
+    return queries if ATTACKS[method].gradient_free else max(steps)
+
+
 def stage_steps(method, settings):
-    """An ensemble stage's budget: the largest --steps, or --queries for a gradient-free attack."""
-    return settings.queries if ATTACKS[method].gradient_free else max(settings.steps)
+    """An ensemble stage's budget in a run of `settings`: the largest --steps, or --queries for a gradient-free
+    attack."""
+    return stage_budget(method, settings.steps, settings.queries)
 
 
 # AutoAttack's standard version (Croce and Hein 2020; pyautoattack's autoattack.py, version "standard"): in every norm
@@ -125,10 +134,10 @@ def check_ensemble(ensemble, norm, flag="--ensemble"):
     check_methods(ensemble, norm, f"{flag}:")
 
 
-def ensemble_jobs(ensemble, epsilons, settings):
-    """The ensemble's stages, per epsilon in the order given, each at its budget (`stage_steps`): the jobs that
-    measure robust accuracy, in step 8's plan and in the library call alike."""
-    return [Job(method, epsilon, stage_steps(method, settings), attack="ensemble")
+def ensemble_jobs(ensemble, epsilons, steps, queries):
+    """The ensemble's stages, per epsilon in the order given, each at its budget (`stage_budget` of `steps` and
+    `queries`): the jobs that measure robust accuracy, in step 8's plan and in the library call alike."""
+    return [Job(method, epsilon, stage_budget(method, steps, queries), attack="ensemble")
             for epsilon in epsilons for method in ensemble]
 
 
@@ -139,3 +148,59 @@ def stage_options(method, settings):
     if settings.target_classes is not None:
         options["target_classes"] = settings.target_classes
     return options
+
+
+# ---- the plan -------------------------------------------------------------------------------------------------
+
+# the grid's default methods per norm: the tutorial's three in L-infinity, the gradient attacks that have the norm else
+DEFAULT_METHODS = {"Linf": ("fgsm", "pgd", "mifgsm"), "L2": ("pgd", "apgd"), "L1": ("apgd",)}
+
+
+def grid_jobs(methods, epsilons, steps, norm, defenses=(), adaptive=False):
+    """The grid (every method x epsilon x steps; a one-step method once per epsilon), the sanity checks' extra runs
+    (twice the largest steps at the largest epsilon; in L-infinity pgd unbounded), then the defense evaluation: the
+    plain attack's PNGs, judged through each of `defenses` (and with `adaptive` attacked through it)."""
+    largest_epsilon, largest_steps = max(epsilons), max(steps)
+    jobs = [Job(method, epsilon, count) for method in methods for epsilon in epsilons
+            for count in (steps if ATTACKS[method].iterative else [1])]
+    jobs += [Job(method, largest_epsilon, 2 * largest_steps) for method in iterative_methods(methods)]
+    if norm == "Linf":  # the unbounded sanity run: L-infinity's 255 levels (see checks.check_unbounded)
+        jobs.append(Job("pgd", UNBOUNDED, largest_steps))
+    method, attacks = defense_method(methods), ("plain", "adaptive") if adaptive else ("plain",)
+    for defense in defenses:  # the plain attack's PNGs first, then judged through each defense
+        jobs += [Job(method, epsilon, largest_steps) for epsilon in epsilons]
+        jobs += [Job(method, epsilon, largest_steps, defense, attack) for epsilon in epsilons for attack in attacks]
+    return jobs
+
+
+def check_attacks(ensemble, methods, norm):
+    """Every attack asked for (the `ensemble`'s and the grid's `methods`; None: none) exists and has a version in
+    `norm`: checked before the model loads or a file is written."""
+    check_ensemble(ensemble or [], norm)
+    check_methods(methods or [], norm, "--methods:")
+
+
+def make_plan(labelled, epsilons, steps, norm, classes=None, methods=None, ensemble=None, target=None,
+              untargeted=False, defenses=(), adaptive=False, queries=5000):
+    """Decide what runs on photos with true labels (`labelled`) or without, at `epsilons` (in `norm`'s units) and
+    `steps`. With labels and no `methods` (nor `defenses`) only the ensemble runs (None: AutoAttack's standard one
+    in `norm`; [] none), its gradient-free stages at `queries`; the grid runs when `methods` is given (None: the
+    norm's DEFAULT_METHODS), without labels, or for `defenses`. The grid aims at `target` (a class index or name
+    among `classes`, None: DEFAULT_TARGET) unless `untargeted` or labelled without a target."""
+    if adaptive and not defenses:
+        raise UsageError("--adaptive attacks through a defense: give --defenses too")
+    if ensemble and not labelled:
+        raise UsageError("--ensemble measures robust accuracy: it needs true labels (an ImageFolder tree or --labels)")
+    if ensemble and target is not None:
+        raise UsageError("--ensemble measures untargeted robustness: it excludes --target")
+    ensemble = ensemble if ensemble is not None else (
+        standard_ensemble(norm) if labelled and target is None else [])
+    check_attacks(ensemble, methods, norm)
+    grid = methods is not None or not labelled or bool(defenses)
+    grid_methods = (methods or list(DEFAULT_METHODS[norm])) if grid else []
+    untargeted = untargeted or (labelled and target is None)
+    goal = None if untargeted else find_class(target or DEFAULT_TARGET, classes)
+    jobs = [CLEAN] if labelled else []
+    jobs += grid_jobs(grid_methods, epsilons, steps, norm, defenses, adaptive) if grid else []
+    jobs += ensemble_jobs(ensemble, epsilons, steps, queries)
+    return Plan(grid_methods, ensemble, goal, list(dict.fromkeys(jobs)), classes)

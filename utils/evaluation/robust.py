@@ -107,7 +107,7 @@ def robust_accuracy(model, images, labels, *, norm="Linf", epsilon=8, attacks=No
     settings = Settings(model="model", folder="", epsilons=(float(epsilon),), steps=(steps,), queries=queries,
                         target_classes=target_classes, seed=seed, early_stop=early_stop, batch_size=batch_size,
                         norm=norm)
-    plan = Plan([], ensemble, None, [CLEAN, *ensemble_jobs(ensemble, settings.epsilons, settings)])
+    plan = Plan([], ensemble, None, [CLEAN, *ensemble_jobs(ensemble, settings.epsilons, (steps,), queries)])
     with evaluated(model, images_u8, device) as classifier:
         check_label_range(labels, len(classifier.classes))
         arrays = list(images_u8.permute(0, 2, 3, 1).numpy())  # HxWx3, as step 8 decodes a photo
