@@ -80,7 +80,7 @@ def chosen_epsilons(args):
 def make_certifier(args, model, image_shape):
     """The certifier of --method; the model's graph is read here, before anything is written."""
     kind = CERTIFIERS[args.method]
-    return kind(model, kind.settings(args), args.device, image_shape=image_shape)
+    return kind(model, kind.from_options(**vars(args)), args.device, image_shape=image_shape)
 
 
 def main(args):

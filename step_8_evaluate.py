@@ -111,7 +111,7 @@ def main(args):
                          untargeted=args.untargeted, defenses=args.defenses, adaptive=args.adaptive,
                          queries=args.queries)
         check_certify(args.certify, photos.labels is not None, plan.ensemble, args.norm)
-        certifiers = make_certifiers(args.certify, model, args)  # a model it cannot read: refused before any output
+        certifiers = make_certifiers(args.certify, model, vars(args))  # a model it cannot read: refused before output
         if args.strict:
             check_readable(photos.paths, distributed.deal(cut(len(photos.paths), args.batch_size), context), context)
         result = run_evaluation(model, photos, plan, settings_of(args, model, context.device), args.output_dir, context,

@@ -16,7 +16,7 @@ ROBUST, NOT_ROBUST, UNKNOWN, MISCLASSIFIED = "robust", "not robust", "unknown", 
 
 @dataclass(frozen=True)
 class Settings:
-    """A certifier's settings, made from the command line by its `settings` classmethod (subclass it)."""
+    """A certifier's settings, made by its `from_options` classmethod (subclass it)."""
 
 
 class Certifier:
@@ -33,8 +33,9 @@ class Certifier:
         """Add this certifier's own flags (their defaults must not clash with another certifier's)."""
 
     @classmethod
-    def settings(cls, args):
-        """Its Settings from the parsed command line; bad values raise UsageError."""
+    def from_options(cls, **options):
+        """Its Settings from keyword options named as its flags' destinations (norm, seed, alpha_iterations, ...;
+        one it does not take is ignored, one not given is its flag's default); bad values raise UsageError."""
         return Settings()
 
     def __init__(self, model, settings, device="cpu", image_shape=None):

@@ -82,8 +82,9 @@ class BoundsCertifier(Certifier):
                             help="bounds, exact: gradient steps of alpha-CROWN's slopes (default: %(default)s)")
 
     @classmethod
-    def settings(cls, args):
-        return BoundSettings(args.norm, args.propagation, not args.continuous, args.alpha_iterations)
+    def from_options(cls, norm="Linf", propagation="alpha-crown", continuous=False, alpha_iterations=ALPHA_ITERATIONS,
+                     **_):
+        return BoundSettings(norm, propagation, not continuous, alpha_iterations)
 
     def __init__(self, model, settings, device="cpu", image_shape=None):
         super().__init__(model, settings, device)

@@ -77,9 +77,9 @@ class ExactCertifier(Certifier):
                                  "(default: %(default)s)")
 
     @classmethod
-    def settings(cls, args):
-        return ExactSettings(args.norm, not args.continuous, args.time_limit, args.seed, args.alpha_iterations,
-                             args.batch_size)
+    def from_options(cls, norm="Linf", continuous=False, time_limit=60.0, seed=0, alpha_iterations=ALPHA_ITERATIONS,
+                     batch_size=1000, **_):
+        return ExactSettings(norm, not continuous, time_limit, seed, alpha_iterations, batch_size)
 
     def __init__(self, model, settings, device="cpu", image_shape=None):
         super().__init__(model, settings, device)

@@ -306,10 +306,10 @@ class Smoothing(Certifier):
                       "(at most what fits its memory block) (default: %(default)s)")
 
     @classmethod
-    def settings(cls, args):
-        if args.sigma is None:
+    def from_options(cls, sigma=None, n0=N0, n=N, alpha=ALPHA, batch_size=1000, seed=0, **_):
+        if sigma is None:
             raise UsageError("--method smoothing needs --sigma (the noise's standard deviation, e.g. 0.25)")
-        found = SmoothingSettings(args.sigma, args.n0, args.n, args.alpha, args.batch_size, getattr(args, "seed", 0))
+        found = SmoothingSettings(sigma, n0, n, alpha, batch_size, seed)
         check_settings(found.sigma, found.n0, found.n, found.alpha, found.batch_size)
         return found
 

@@ -5,7 +5,7 @@ bound), and flag any photo that is both proved robust and fooled (one of the two
 Each certifier's rows go to OUTPUT/certified/NAME/certified.csv (step 10's columns, counterexamples beside it as
 PNGs, each read back and checked), appended per photo, so --resume keeps the photos it finished.
 """
-from argparse import ArgumentParser, Namespace
+from argparse import ArgumentParser
 
 from utils.certify import CERTIFIERS, ROBUST, UNKNOWN
 from utils.certify.run import (certify_images, csv_columns, epsilon_text, finished, read_certified,
@@ -21,22 +21,23 @@ def interval_certifiers():
     return [name for name, kind in CERTIFIERS.items() if kind.uses_epsilons]
 
 
-def make_certifiers(names, model, args, image_shape=None):
-    """{name: certifier} for --certify, from step 8's parsed arguments (each certifier's own flags among them);
-    a model a certifier cannot read is refused here, before anything is written. `image_shape` (3, H, W): the size
-    of the images to come, for a model that takes images as they are (None: the model's own size)."""
-    options = Namespace(**vars(args))
-    return {name: CERTIFIERS[name](model, CERTIFIERS[name].settings(options), str(model.mean.device), image_shape)
+def make_certifiers(names, model, options, image_shape=None):
+    """{name: certifier} for --certify, each made with the mapping `options` (Certifier.from_options: each
+    certifier's own flags' values by destination name, norm and seed among them); a model a certifier cannot read is
+    refused here, before anything is written. `image_shape` (3, H, W): the size of the images to come, for a model
+    that takes images as they are (None: the model's own size)."""
+    return {name: CERTIFIERS[name](model, CERTIFIERS[name].from_options(**options), str(model.mean.device), image_shape)
             for name in names}
 
 
 def default_certifier_options(norm, seed):
     """The options step 8's --certify gives the certifiers when none of their flags is on the command line (each
-    certifier's own defaults, from its add_arguments), for `norm` and `seed`: what the library call certifies with."""
+    certifier's own defaults, from its add_arguments), for `norm` and `seed`, as a dict: what the library call
+    certifies with."""
     parser = ArgumentParser(add_help=False)
     for name in interval_certifiers():
         CERTIFIERS[name].add_arguments(parser)
-    return Namespace(**vars(parser.parse_args([])), norm=norm, seed=seed)
+    return {**vars(parser.parse_args([])), "norm": norm, "seed": seed}
 
 
 def check_certify(names, labelled, ensemble, norm):
