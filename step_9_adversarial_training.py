@@ -42,6 +42,9 @@ size) and OUTPUT's classes file (NAME.classes.txt, one class name per line), whi
 --model OUTPUT. A checkpoint (NAME.ckpt) is written after every epoch; --resume continues from it after a kill and
 ends with the same bytes an uninterrupted run gives (same seed and --threads: the data order and the attacks' random
 starts and noise are seeded per epoch and batch, not drawn from a shared stream).
+
+This file is the training loop, main and the parser; the images and the split are utils/training_data.py's
+(load_data), the architectures, the overfitting guard, the checkpoint and the checked export utils/training.py's.
 """
 import math
 import time
