@@ -87,7 +87,7 @@ def settings(target, epsilon, steps, method, defense, model_name, classes=None, 
                               f"--steps={as_typed(steps)}", f"--method={method}", f"--defense={defense}",
                               f"--model={model_name}", f"--norm={norm or 'Linf'}", *model_options])
     try:
-        resolve_threat(args, DEFAULT_EPSILON)
+        args.norm, args.epsilon = resolve_threat(args.model, args.norm, args.epsilon, DEFAULT_EPSILON)
         check_methods([args.method], args.norm)
     except UsageError as error:
         raise as_page_text(error) from None
@@ -200,7 +200,7 @@ def answer(upload, sample, target, epsilon, steps, method, defense, model_spec, 
     label = functools.partial(get_label, classes=model.classes)
     image = load_photo(upload, sample, model)
     try:
-        check_budget(args, (3, *image.shape[:2]))
+        check_budget(args.epsilon, args.norm, (3, *image.shape[:2]))
     except UsageError as error:
         raise as_page_text(error) from None
     result = break_defense(model, image, goal, args.method, attack_options(args), args.defense, {}, out,

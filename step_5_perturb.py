@@ -82,7 +82,7 @@ def describe_goal(model, image, args):
 def attack_one(model, path, args):
     """The tutorial's story on one photo."""
     image = prepare_image(path, model)
-    check_budget(args, (3, *image.shape[:2]))
+    check_budget(args.epsilon, args.norm, (3, *image.shape[:2]))
     print(describe_goal(model, image, args))
     labels = goal_labels(model, [image], args)
     period = 100 if ATTACKS[args.method].gradient_free else 5  # a query is far cheaper than a gradient step
@@ -120,7 +120,7 @@ def attack_many(model, paths, args):
     """Attack a set of photos in batches; one line per photo, judged on the PNG read back."""
     images = prepare_images(paths, model)
     for image in images:
-        check_budget(args, (3, *image.shape[:2]))
+        check_budget(args.epsilon, args.norm, (3, *image.shape[:2]))
     labels = goal_labels(model, images, args)
     print(describe_goal(model, images[0], args) if not args.untargeted else "Untargeted: any class but each image's own")
     adversarial, steps_used = attack_images(model, images, labels, args)
@@ -144,7 +144,7 @@ def attack_many(model, paths, args):
 def main(args):
     torch.manual_seed(args.seed)
     args.target = chosen_target(args)
-    resolve_threat(args, DEFAULT_EPSILON)
+    args.norm, args.epsilon = resolve_threat(args.model, args.norm, args.epsilon, DEFAULT_EPSILON)
     check_methods([args.method], args.norm)
     device = get_device(args.device)
     paths = list_images(args.images)

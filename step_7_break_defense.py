@@ -43,7 +43,7 @@ def main(args):
     torch.manual_seed(args.seed)
     if args.untargeted:
         raise UsageError("step 7 is a targeted attack: drop --untargeted")
-    resolve_threat(args, DEFAULT_EPSILON)
+    args.norm, args.epsilon = resolve_threat(args.model, args.norm, args.epsilon, DEFAULT_EPSILON)
     check_methods([args.method], args.norm)
     settings = defense_settings(args)
     name = describe(args.defense, **settings)
@@ -51,7 +51,7 @@ def main(args):
     model = prepared_model(args, device, 1)
     target = find_class(chosen_target(args), model.classes)
     image = prepare_image(args.image, model)
-    check_budget(args, (3, *image.shape[:2]))
+    check_budget(args.epsilon, args.norm, (3, *image.shape[:2]))
     out = Path(args.output_dir)
     remove_killed_writes_of([out / name for name in (*FILES, "break_defense.png")])
     label = functools.partial(get_label, classes=model.classes)

@@ -100,11 +100,12 @@ def main(args):
     try:
         torch.set_num_threads(distributed.thread_share(args.threads, context))
         torch.manual_seed(args.seed)
-        resolve_threat(args, DEFAULT_EPSILONS, "--epsilons")
+        args.norm, args.epsilons = resolve_threat(args.model, args.norm, args.epsilons, DEFAULT_EPSILONS, "--epsilons")
         args.epsilons = sorted(args.epsilons)
         check_attacks(args.ensemble, args.methods, args.norm)
         model = prepare_model(args, context.device)  # first: the labels and the target are names of its classes
-        check_budget(args, (3, model.preprocessing.crop_size, model.preprocessing.crop_size), "--epsilons")
+        check_budget(args.epsilons, args.norm, (3, model.preprocessing.crop_size, model.preprocessing.crop_size),
+                     "--epsilons")
         photos = find_photos(args.folder, args.labels, functools.partial(find_class, classes=model.classes))
         plan = make_plan(photos.labels is not None, args.epsilons, args.steps, args.norm, model.classes,
                          methods=args.methods, ensemble=args.ensemble, target=chosen_target(args, default=None),

@@ -1,6 +1,5 @@
 """--norm Linf|L2|L1 on the command line: steps 5, 7, 8 and 9 judged on the files they write and read back, the
 budget's range per norm, the RobustBench default, and bad input (one line, exit 2, nothing written)."""
-import argparse
 import csv
 import re
 from pathlib import Path
@@ -192,8 +191,7 @@ def test_robustbench_names_bring_their_threat_model():
 
 
 def test_the_default_is_said_in_one_line(capsys):
-    args = argparse.Namespace(model="robustbench:cifar10/L2/Rice2020Overfitting", norm=None, epsilon=None)
-    assert resolve_threat(args, 10.0) == "L2" and args.epsilon == 0.5
+    assert resolve_threat("robustbench:cifar10/L2/Rice2020Overfitting", None, None, 10.0) == ("L2", 0.5)
     assert capsys.readouterr().out.count("\n") == 1
 
 

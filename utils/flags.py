@@ -124,26 +124,24 @@ def add_norm_argument(parser):
                              "(default: a robustbench: model's own threat model, else Linf)")
 
 
-def resolve_threat(args, default, flag="--epsilon"):
-    """Set args.norm and the budget (--epsilon: one number; --epsilons: a list) from --norm, the budget given and a
-    RobustBench model's threat model (utils.threat.resolve), printing the one line that says when the model's
-    defaults were taken; `default` is the L-infinity budget when none is given. Returns the norm."""
-    attribute, single = flag.removeprefix("--"), flag == "--epsilon"
-    value = getattr(args, attribute)
-    given = None if value is None else ([value] if single else list(value))
-    args.norm, epsilons, note = threat.resolve(getattr(args, "model", None), args.norm, given,
-                                               [default] if single else list(default), flag)
-    setattr(args, attribute, epsilons[0] if single else epsilons)
+def resolve_threat(model, norm, budget, default, flag="--epsilon"):
+    """(norm, budget) from --norm (`norm`, None if not given), the budget given (`budget`: --epsilon's one number or
+    --epsilons' list, None if not given) and a RobustBench `model`'s threat model (utils.threat.resolve), printing
+    the one line that says when the model's defaults were taken; `default` is the L-infinity budget when none is
+    given. The budget comes back as it was given: one number for --epsilon, a list for --epsilons."""
+    single = flag == "--epsilon"
+    given = None if budget is None else ([budget] if single else list(budget))
+    norm, epsilons, note = threat.resolve(model, norm, given, [default] if single else list(default), flag)
     if note:
         print(note, flush=True)
-    return args.norm
+    return norm, epsilons[0] if single else epsilons
 
 
-def check_budget(args, shape, flag="--epsilon"):
-    """The budget(s) within the largest distance an image of `shape` (C, H, W) can take in args.norm."""
-    values = getattr(args, flag.removeprefix("--"))
-    for value in values if isinstance(values, list) else [values]:
-        threat.check_epsilon(value, args.norm, tuple(shape), flag)
+def check_budget(budget, norm, shape, flag="--epsilon"):
+    """The budget (one number or a list) within the largest distance an image of `shape` (C, H, W) can take in
+    `norm`."""
+    for value in budget if isinstance(budget, list) else [budget]:
+        threat.check_epsilon(value, norm, tuple(shape), flag)
 
 
 def add_common_arguments(parser, steps=30):
