@@ -57,6 +57,11 @@ def split_bounds(bounds, splits):
     return out
 
 
+def row_of(rows, worst):
+    """Each sub-problem's row `worst` of rows (B, R, width): (B, width)."""
+    return rows.gather(1, worst[:, None, None].expand(-1, 1, rows.shape[2]))[:, 0]
+
+
 def scores(net, bounds, record, worst):
     """(B, width) per ReLU layer: BaBSR's score of each unstable, unsplit neuron for the row `worst` of each
     sub-problem (-inf for the others)."""
@@ -66,7 +71,7 @@ def scores(net, bounds, record, worst):
             continue
         lower, upper = bounds[index]
         _, _, intercept, unstable = relu_relaxation(lower, upper)
-        rows = record[index].gather(1, worst[:, None, None].expand(-1, 1, record[index].shape[2]))[:, 0]
+        rows = row_of(record[index], worst)
         score = rows.clamp(max=0).abs() * intercept
         out[index] = torch.where(unstable, score, torch.full_like(score, -torch.inf))
     return out
@@ -90,7 +95,7 @@ def choose_splits(net, bounds, record, worst):
 
 def minimizers(record, worst, box):
     """The input that minimizes each sub-problem's worst row's linear bound over the box (L-infinity)."""
-    rows = record["input"].gather(1, worst[:, None, None].expand(-1, 1, record["input"].shape[2]))[:, 0]
+    rows = row_of(record["input"], worst)
     return torch.where(rows > 0, box.lower, box.upper)
 
 
@@ -117,7 +122,7 @@ def branch_and_bound(net, bounds, box, label, is_counterexample, deadline, batch
         margins = optimized_bound(net, sub_bounds, sub_box, rows.expand(len(picked), -1, -1),
                                   torch.full((len(picked), classes - 1), -torch.inf, dtype=box.lower.dtype,
                                              device=box.lower.device), iterations, LR,
-                                  splits={index: sign for index, sign in splits.items()}, record=record)
+                                  splits=splits, record=record)
         explored += len(picked)
         worst_value, worst = margins.min(dim=1)
         candidates = minimizers(record, worst, sub_box) if box.budget is None else [None] * len(picked)
@@ -137,5 +142,5 @@ def branch_and_bound(net, bounds, box, label, is_counterexample, deadline, batch
                 child[index][neuron] = sign
                 heapq.heappush(queue, Domain(float(worst_value[domain]), counter, child))
                 counter += 1
-        lowest = min((domain.bound for domain in queue), default=np.inf)
+        lowest = queue[0].bound if queue else np.inf  # the heap's first is its lowest bound
     return Outcome("robust" if not queue else "unknown", None, float(lowest), explored)
