@@ -5,6 +5,7 @@ budget."""
 import time
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -16,7 +17,7 @@ from utils.certify.network import extract_layers
 from utils.certify.propagation import Box, Net, layer_bounds, margin_bounds
 
 
-def search(model, image, label, norm, epsilon, seconds=30):
+def search(model, image, label, norm, epsilon, seconds=30, refine=None):
     """(branch and bound's Outcome, alpha-CROWN's margin bound at the root) for one image."""
     side = image.shape[0]
     net = Net.from_layers(extract_layers(model, (3, side, side)))
@@ -28,16 +29,18 @@ def search(model, image, label, norm, epsilon, seconds=30):
         with torch.no_grad():
             return int(model(torch.from_numpy(levels)[None].float() / 255).argmax()) != label
 
-    outcome = branch_and_bound(net, bounds, box, label, fools, time.perf_counter() + seconds, batch_size=64)
+    outcome = branch_and_bound(net, bounds, box, label, fools, time.perf_counter() + seconds, batch_size=64,
+                               refine=refine)
     return outcome, float(margin_bounds(net, box, [label], bounds, "alpha-crown").min())
 
 
-def test_branch_and_bound_proves_every_robust_image_and_no_fooled_one():
+@pytest.mark.parametrize("refine", ["crown", "interval"])
+def test_branch_and_bound_proves_every_robust_image_and_no_fooled_one(refine):
     verdicts = []
     for norm, levels, epsilon in (("Linf", 1, 1), ("L1", 2, 2 / 255)):
         for model, image, label in tiny_cases():
             truth = brute_force_robust(model, image, label, norm, levels)
-            outcome, _ = search(model, image, label, norm, epsilon)
+            outcome, _ = search(model, image, label, norm, epsilon, refine=refine)
             assert (outcome.verdict == "robust") == truth, (norm, outcome)
             if outcome.verdict == "not robust":
                 change = np.round(outcome.candidate * 255) - image.transpose(2, 0, 1).reshape(-1)

@@ -258,3 +258,50 @@ def test_sparse_rows_give_the_dense_rows_bounds(monkeypatch):
     monkeypatch.setattr(propagation, "sparse_rows_apply", lambda layers, box: False)
     for (low, high), (dense_low, dense_high) in zip(sparse_bounds, layer_bounds(net, box, "crown", neurons="all")):
         assert torch.allclose(low, dense_low, atol=1e-11) and torch.allclose(high, dense_high, atol=1e-11)
+
+
+@pytest.mark.parametrize("method", ["interval", "crown"])
+def test_a_sub_problems_bounds_hold_on_its_points_and_lie_within_the_roots(method):
+    """Branch and bound's refinement: with some unstable ReLUs split, every sampled point of the box that meets the
+    splits stays within the recomputed bounds, which lie within the root's (cut at the splits); an unsplit layer
+    before the first split keeps the root's bounds exactly."""
+    checked = 0
+    for seed in range(4):
+        model = random_classifier(seed)
+        network = extract_layers(model, (3, SIDE, SIDE))
+        net = Net.from_layers(network)
+        ball = dense.make_ball(random_image(seed), "Linf", 20.0)
+        box = Box.from_balls([ball])
+        root = layer_bounds(net, box, "crown")
+        relus = [index for index, layer in enumerate(net.layers) if isinstance(layer, propagation.ReLU)]
+        rng = np.random.default_rng(seed)
+        splits = {}
+        for index in relus:
+            lower, upper = root[index]
+            signs = torch.zeros(2, lower.shape[1], dtype=torch.float64)
+            unstable = torch.nonzero((lower[0] < 0) & (upper[0] > 0))[:, 0]
+            if index != relus[0] and len(unstable):  # the first ReLU layer unsplit: its bounds must stay the root's
+                picked = unstable[torch.as_tensor(rng.permutation(len(unstable))[:1])]
+                signs[0, picked], signs[1, picked] = 1.0, -1.0
+            splits[index] = signs
+        sub_box = box.repeat(torch.tensor([2]))
+        refined = layer_bounds(net, sub_box, method, prior=root, splits=splits)
+        assert torch.equal(refined[relus[0]][0], root[relus[0]][0].expand(2, -1))
+        points = torch.as_tensor(points_in(ball, 1000, seed))
+        values, inputs = points, []
+        for layer in net.layers:
+            inputs.append(values)
+            values = propagation.apply(layer, values)
+        inputs.append(values)
+        for problem in range(2):
+            meets = torch.ones(len(points), dtype=torch.bool)
+            for index in relus:
+                sign = splits[index][problem]
+                meets &= ((inputs[index] * sign) >= 0).all(dim=1)
+            for position, (lower, upper) in enumerate(refined[1:], start=1):
+                low, high = root[position]
+                assert (lower[problem] >= low[0] - 1e-12).all() and (upper[problem] <= high[0] + 1e-12).all()
+                inside = inputs[position][meets]
+                assert (inside >= lower[problem] - 1e-9).all() and (inside <= upper[problem] + 1e-9).all()
+            checked += int(meets.sum())
+    assert checked > 100, "too few sampled points met the splits to test the refined bounds"

@@ -4,8 +4,9 @@ Hsieh and Kolter 2021, "Beta-CROWN: Efficient Bound Propagation with Per-neuron 
 A sub-problem is the input set with some unstable ReLUs fixed: active (z >= 0, so relu(z) = z) or inactive (z <= 0,
 relu(z) = 0). Its margins are bounded by alpha-CROWN with the split neurons' relaxations made exact and each split
 constraint s_j z_j >= 0 added to the bound with a multiplier beta_j >= 0 (utils.certify.propagation's
-optimized_bound); the intermediate bounds are the root's, tightened at the split neurons (sound: they held on the
-whole set). A sub-problem whose every margin bound is above zero is proved; the rest are split again on the neuron of
+optimized_bound); its intermediate bounds are recomputed below the splits, within the root's (which hold on the whole
+set): the split neurons' bounds cut at zero, then the later layers' bounds from those tighter relaxations (CROWN's on
+small networks, interval bounds on large ones: `refinement`). A sub-problem whose every margin bound is above zero is proved; the rest are split again on the neuron of
 largest score (BaBSR's, Bunel et al. 2020: the share of the bound the neuron's upper relaxation costs, |coefficient|
 x u l / (u - l) for a negative coefficient at its output), many sub-problems a pass. Each bound's minimizing input,
 rounded to the 8-bit lattice, is tried on the model itself (L-infinity: a corner of the box): a counterexample ends
@@ -21,10 +22,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from utils.certify.propagation import BLOCK, ReLU, margin_rows, optimized_bound, relu_relaxation, widest
+from utils.certify.propagation import BLOCK, Net, ReLU, layer_bounds, margin_rows, optimized_bound, relu_relaxation, \
+    widest
 
 ITERATIONS = 10  # alpha/beta steps per sub-problem
 LR = 0.1
+REFINE_RELUS = 2048
 
 
 @dataclass
@@ -42,19 +45,12 @@ class Domain:
     splits: dict  # {ReLU layer index: (width,) int8 signs}
 
 
-def split_bounds(bounds, splits):
-    """The root's layer bounds (B = 1) for a batch of sub-problems: each ReLU input's bounds tightened at its splits
-    (active: lower >= 0, inactive: upper <= 0)."""
-    count = len(next(iter(splits.values())))
-    out = []
-    for index, (lower, upper) in enumerate(bounds):
-        lower, upper = lower.expand(count, -1), upper.expand(count, -1)
-        if index in splits:
-            sign = splits[index]
-            lower = torch.where(sign > 0, lower.clamp(min=0), lower)
-            upper = torch.where(sign < 0, upper.clamp(max=0), upper)
-        out.append((lower, upper))
-    return out
+def refinement(net):
+    """CROWN's intermediate bounds for each sub-problem on networks of at most REFINE_RELUS ReLUs, where they cost
+    about one margin bound; interval bounds (from the root's, cut at the splits) on larger ones, where CROWN for
+    every sub-problem's unstable neurons would cost a root's bounds per sub-problem."""
+    relus = sum(layer.out_size for layer in net.layers if isinstance(layer, ReLU))
+    return "crown" if relus <= REFINE_RELUS else "interval"
 
 
 def row_of(rows, worst):
@@ -99,12 +95,16 @@ def minimizers(record, worst, box):
     return torch.where(rows > 0, box.lower, box.upper)
 
 
-def branch_and_bound(net, bounds, box, label, is_counterexample, deadline, batch_size=256, iterations=ITERATIONS):
+def branch_and_bound(net, bounds, box, label, is_counterexample, deadline, batch_size=256, iterations=ITERATIONS,
+                     refine=None):
     """Split until every sub-problem is proved (robust), a bound's minimizing input is a counterexample (not
     robust) or the clock reaches `deadline` (unknown). `bounds`: the root's layer bounds (layer_bounds, one image);
     `is_counterexample(pixels)`: the model's own verdict on flat pixels (the caller rounds them to the lattice and
     checks the budget). `batch_size`: sub-problems bounded in one pass (capped so a pass keeps about BLOCK
-    elements a block)."""
+    elements a block). `refine`: how a sub-problem's intermediate bounds are recomputed below its splits, "crown"
+    or "interval" (default: `refinement`'s rule)."""
+    refine = refine or refinement(net)
+    body = Net(net.layers[:-1], net.input_size)  # a margin's rows need the logits' inputs' bounds, not the logits'
     classes = bounds[-1][0].shape[1]
     rows = margin_rows([label], classes, box.lower.dtype, box.lower.device)[0]
     per_pass = max(1, min(batch_size, BLOCK // (2 * (classes - 1) * widest(net.layers))))
@@ -116,8 +116,8 @@ def branch_and_bound(net, bounds, box, label, is_counterexample, deadline, batch
         picked = [heapq.heappop(queue) for _ in range(min(per_pass, len(queue)))]
         splits = {index: torch.stack([domain.splits[index] for domain in picked]).to(box.lower.dtype)
                   for index in relus}
-        sub_bounds = split_bounds(bounds[:-1], splits) + [bounds[-1]]
         sub_box = box.repeat(torch.tensor([len(picked)], device=box.lower.device))
+        sub_bounds = layer_bounds(body, sub_box, refine, prior=bounds, splits=splits) + [bounds[-1]]
         record = {}
         margins = optimized_bound(net, sub_bounds, sub_box, rows.expand(len(picked), -1, -1),
                                   torch.full((len(picked), classes - 1), -torch.inf, dtype=box.lower.dtype,

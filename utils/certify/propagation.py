@@ -46,6 +46,7 @@ from utils.certify.network import Affine, MaxPool as GraphMaxPool, ReLU as Graph
 from utils.cli import UsageError
 
 BLOCK = 2 ** 25  # elements of one block of backward rows
+DENSE_SHARE = 0.25  # a graph layer whose W has at least this share of nonzeros transposes by its dense matrix
 FLOAT32_SLACK = 1e-4  # outward margin of float32 bounds, relative to (1 + |bound|)
 METHODS = ("interval", "crown", "alpha-crown")
 ALPHA_ITERATIONS, ALPHA_LR = 20, 0.1
@@ -156,8 +157,13 @@ def graph_linear(affine, in_size, dtype, device):
                                            torch.as_tensor(magnitude_matrix.indices, dtype=torch.int64),
                                            torch.as_tensor(magnitude_matrix.data, dtype=dtype),
                                            size=magnitude_matrix.shape, check_invariants=False).to(device)
-    return Linear(forward, linear_transpose(forward, in_size, dtype, device), lambda r: (absolute @ r.T).T, bias,
-                  in_size, affine.weight.shape[0], affine.weight)
+    weight = affine.weight
+    if weight.nnz >= DENSE_SHARE * np.prod(weight.shape) and np.prod(weight.shape) <= BLOCK:
+        dense = torch.as_tensor(weight.toarray(), dtype=dtype, device=device)  # a fully connected layer is its matrix
+        transpose = lambda rows: rows @ dense
+    else:
+        transpose = linear_transpose(forward, in_size, dtype, device)
+    return Linear(forward, transpose, lambda r: (absolute @ r.T).T, bias, in_size, weight.shape[0], weight)
 
 
 def linear_transpose(forward, in_size, dtype, device):
@@ -378,7 +384,7 @@ def crown_neurons(layers, bounds, box, mask):
     batch, width = mask.shape
     lower = torch.full(mask.shape, -torch.inf, dtype=box.lower.dtype, device=mask.device)
     upper = torch.full(mask.shape, torch.inf, dtype=box.lower.dtype, device=mask.device)
-    if sparse_rows_apply(layers, box):
+    if batch == 1 and sparse_rows_apply(layers, box):
         for image in range(batch):
             picked = torch.nonzero(mask[image])[:, 0]
             low, high = sparse_crown(layers, [(lo[image], hi[image]) for lo, hi in bounds[:len(layers)]],
@@ -490,12 +496,23 @@ def outward(lower, upper):
     return lower - FLOAT32_SLACK * (1 + lower.abs()), upper + FLOAT32_SLACK * (1 + upper.abs())
 
 
-def layer_bounds(net, box, method="crown", neurons="needed"):
+def split_limits(low, high, signs):
+    """Bounds (B, width) of a ReLU's input on sub-problems whose split neurons are fixed: active (+1) at or above
+    zero, inactive (-1) at or below (signs (B, width), 0 for a neuron not split)."""
+    return torch.where(signs > 0, low.clamp(min=0), low), torch.where(signs < 0, high.clamp(max=0), high)
+
+
+def layer_bounds(net, box, method="crown", neurons="needed", prior=None, splits=None):
     """[(lower, upper)] (B, width) of v_0 (the pixels), v_1, ..., v_L (the logits), v_{i+1} the output of
     net.layers[i]. `method` "interval" or "crown" (alpha-CROWN's intermediate bounds are CROWN's); `neurons`
-    "needed" (CROWN where a relaxation depends on it) or "all"."""
+    "needed" (CROWN where a relaxation depends on it) or "all". Branch and bound's sub-problems: `prior`, bounds
+    that hold on the whole set (the root's, broadcast over B), each layer's kept within them; `splits` {ReLU layer
+    index: (B, width) signs}, the split neurons' bounds cut at zero before the layers after them are bounded, so
+    those see the sub-problem's tighter relaxations (a neuron stable within these limits is not bounded again; the
+    layers before the first split are the prior's)."""
     bounds = [(box.lower, box.upper)]
     last = len(net.layers) - 1  # the logits: CROWN for all (a few neurons), the exact verifier's objective bounds
+    split = min((index for index, signs in (splits or {}).items() if bool(signs.any())), default=len(net.layers))
     for index, layer in enumerate(net.layers):
         lower, upper = bounds[-1]
         if isinstance(layer, ReLU):
@@ -504,9 +521,16 @@ def layer_bounds(net, box, method="crown", neurons="needed"):
         if isinstance(layer, MaxPool):
             bounds.append(pool_interval(layer.windows, lower, upper))
             continue
-        low, high = interval_linear(layer, lower, upper)  # exact for the first layer in L-infinity
+        if prior is not None and index < split:  # no relaxation before this output changed
+            low, high = (limit.expand(len(lower), -1) for limit in prior[index + 1])
+        else:
+            low, high = interval_linear(layer, lower, upper)  # exact for the first layer in L-infinity
+            if prior is not None:
+                low, high = torch.maximum(low, prior[index + 1][0]), torch.minimum(high, prior[index + 1][1])
+        if splits is not None and index + 1 in splits:
+            low, high = split_limits(low, high, splits[index + 1])
         first_l1 = index == 0 and box.budget is not None
-        if method != "interval" and (index > 0 or first_l1):
+        if method != "interval" and (index > 0 or first_l1) and (prior is None or index >= split):
             mask = torch.ones_like(low, dtype=torch.bool) if neurons == "all" or first_l1 or index == last else \
                 neurons_that_matter(net.layers, index, low, high)
             crown_low, crown_high = crown_neurons(net.layers[:index + 1], bounds, box, mask)
