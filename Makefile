@@ -82,13 +82,13 @@ robust-demo: $(VENV)/.installed
 # setting them side by side. Then randomized smoothing: a digits CNN trained under Gaussian noise and the PGD-trained
 # one of robust-demo, certified accuracy against the L2 radius for both, and the radius around Grace Hopper. Then the
 # convolutional networks (docs/certification.md): bench/certify.py's methods on robust-demo's PGD-trained small CNN
-# and on one trained with CROWN-IBP, at 8 levels on the 100 test digits.
+# and on one trained with CROWN-IBP, at 2 and 8 levels on the 100 test digits.
 CERTIFY := outputs/certify-demo
 CERTIFY_EPSILONS := 8,16
 certify-demo: $(VENV)/.installed $(DEMO)/adversarial.pt2 samples
 	$(PYTHON) -m tools.sample_images --digits digits --test-per-class 10
 	$(PYTHON) step_9_adversarial_training.py digits/train --arch mlp --method pgd --epsilon 16 --steps 5 --epochs 10 \
-		--output $(CERTIFY)/mlp.pt2
+		--threads 1 --output $(CERTIFY)/mlp.pt2
 	$(PYTHON) step_8_evaluate.py digits/test --model $(CERTIFY)/mlp.pt2 --epsilons $(CERTIFY_EPSILONS) \
 		--steps 50 --queries 1000 --batch-size 100 --certify exact,bounds --time-limit 20 --output-dir $(CERTIFY)/eval
 	$(PYTHON) bench/robust_accuracy.py --model $(CERTIFY)/mlp.pt2 --folder digits/test --norm Linf \
@@ -102,9 +102,13 @@ certify-demo: $(VENV)/.installed $(DEMO)/adversarial.pt2 samples
 		--output-dir $(CERTIFY)/smoothing
 	$(PYTHON) step_10_certify.py samples/grace_hopper.jpg --model efficientnet_lite0 --method smoothing --sigma 0.12 \
 		--n 1000 --batch-size 100 --output-dir $(CERTIFY)/grace_hopper
+	$(PYTHON) bench/certify.py --model $(DEMO)/adversarial.pt2 --images 100 --epsilon 2 --time-limit 60 \
+		> $(CERTIFY)/bench-pgd-2.md
 	$(PYTHON) bench/certify.py --model $(DEMO)/adversarial.pt2 --images 100 --epsilon 8 --time-limit 10 \
 		> $(CERTIFY)/bench-pgd-8.md
 	$(PYTHON) step_9_adversarial_training.py digits/train --method crown-ibp --epsilon 8 --epochs 10 --threads 1 \
 		--output $(CERTIFY)/crown_ibp.pt2
+	$(PYTHON) bench/certify.py --model $(CERTIFY)/crown_ibp.pt2 --images 100 --epsilon 2 --time-limit 60 \
+		> $(CERTIFY)/bench-crown-ibp-2.md
 	$(PYTHON) bench/certify.py --model $(CERTIFY)/crown_ibp.pt2 --images 100 --epsilon 8 --time-limit 10 \
 		> $(CERTIFY)/bench-crown-ibp-8.md
