@@ -113,7 +113,15 @@ class APGD(Attack):
         better = loss < state["best_loss"]
         state["best_loss"] = torch.where(better, loss, state["best_loss"])
         state["best_delta"] = torch.where(better.view(-1, 1, 1, 1), delta, state["best_delta"])
-        state["best_grad"] = torch.where(better.view(-1, 1, 1, 1), grad, state["best_grad"])
+        if grad is not None:
+            state["best_grad"] = torch.where(better.view(-1, 1, 1, 1), grad, state["best_grad"])
+
+    def conclude(self, delta, loss, state):
+        """A growing-epsilon stage's last iterate counts for its best point, the next stage's start: the reference
+        judges each stage's n steps' n iterates, the last included (its best gradient is not needed: the next stage
+        starts afresh)."""
+        if self.norm == "L1" and state.get("step"):
+            self.track_best(delta, None, state, loss)
 
     def sparse_update(self, delta, grad, state, loss):
         step = state["step"]
