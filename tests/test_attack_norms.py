@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from scipy.optimize import linprog, minimize
 
-from utils.attacks import ATTACKS, NORMS, hyperplane_step, make_attack, norms, perturbation_size
+from utils.attacks import ATTACKS, NORMS, Attack, hyperplane_step, make_attack, norms, perturbation_size
 from utils.cli import UsageError
 from utils.files import save_image
 
@@ -456,15 +456,34 @@ def test_perturbation_size_keeps_its_old_pair():
     assert perturbation_size(adversarial, original, "L1").item() == pytest.approx(7 / 255)
 
 
-def test_l1_apgds_stages_judge_only_their_last_image(tiny_model, tiny_images):
-    """l1-APGD's growing epsilon runs three stages; the first two only find the next one's start, so the image they
-    end on is never judged: one forward per gradient step and one for the returned image, no more."""
-    calls = []
-    counted = lambda images: calls.append(torch.is_grad_enabled()) or tiny_model(images)  # noqa: E731
+def test_l1_apgds_stages_judge_their_last_iterate(tiny_model, tiny_images):
+    """l1-APGD's growing epsilon runs three stages; the first two only find the next one's start, their best point.
+    As in the reference (each of its stages judges all its iterates), a stage's last iterate is judged too, without a
+    gradient, and can be that best point: one forward per gradient step, one without a gradient at the end of each
+    stage, the returned image's included, no more. A stage's best loss is the least of all it judged."""
+    calls, losses = [], []
+
+    def counted(images):
+        calls.append(torch.is_grad_enabled())
+        logits = tiny_model(images)
+        losses.append(-torch.nn.functional.cross_entropy(logits.detach(), labels, reduction="none"))
+        return logits
+
     labels = tiny_model(tiny_images).argmax(dim=1)
     make_attack("apgd", tiny_model, norm="L1", epsilon=6.0, steps=10, targeted=False, early_stop=False,
                 forward=counted)(tiny_images, labels)
-    assert (calls.count(True), calls.count(False)) == (10, 1), calls
+    assert calls == [True] * 3 + [False] + [True] * 3 + [False] + [True] * 4 + [False], calls
+    # the first stage alone (3 steps at 3 * epsilon from the Gaussian start): its best is the least of its 4 losses
+    attack = make_attack("apgd", tiny_model, norm="L1", epsilon=6.0, steps=10, targeted=False, forward=counted)
+    attack.set_budget(18.0, 3)
+    attack.early_stop, attack.from_start = False, True
+    calls.clear(), losses.clear()
+    start = torch.randn(tiny_images.shape[1:], generator=torch.Generator().manual_seed(0)).expand_as(tiny_images)
+    Attack.run(attack, tiny_images, labels, 0, None, start=start, final=False)  # the shared loop: a stage
+    judged = torch.stack(losses)
+    assert len(judged) == 4
+    assert (judged[-1] < judged[:-1].amin(dim=0)).any(), "some image's best is its last iterate: the check means more"
+    assert torch.equal(attack.state["best_loss"], judged.amin(dim=0))
 
 
 @pytest.mark.parametrize("random_start", [False, True], ids=["from the input", "from a random start"])
