@@ -486,6 +486,31 @@ def test_l1_apgds_stages_judge_their_last_iterate(tiny_model, tiny_images):
     assert torch.equal(attack.state["best_loss"], judged.amin(dim=0))
 
 
+def test_l1_apgds_every_stage_takes_its_share_from_its_start(tiny_model, tiny_images):
+    """Each growing-epsilon stage, the first too (from the Gaussian start projected onto the 3 * epsilon ball), starts
+    as the reference's does from any x_init: its first step moves the largest-gradient share sparsity / 1.5 of the
+    coordinates, and its last sparsity is the start's (not 0.2 and every coordinate, the rule from no start)."""
+    labels = tiny_model(tiny_images).argmax(dim=1)
+    attack = make_attack("apgd", tiny_model, norm="L1", epsilon=6.0, steps=10, targeted=False, early_stop=False)
+    seen, init_state = [], attack.init_state
+    attack.init_state = lambda delta: seen.append(attack.from_start) or init_state(delta)  # noqa: E731
+    attack(tiny_images, labels)
+    assert seen == [True, True, True]
+    assert not attack.from_start, "a run from no start (growing_epsilon off, or restarts) takes the share 0.2"
+    features = tiny_images[0].numel()
+    delta = torch.zeros_like(tiny_images)
+    delta.flatten(1)[:, :300] = 0.01  # a start 300 coordinates sparse
+    grad = torch.randn(tiny_images.shape, generator=torch.Generator().manual_seed(1))
+    for from_start, share in ((True, 300 / features / 1.5), (False, 0.2)):
+        attack.from_start = from_start
+        state = attack.init_state(delta)
+        moved = attack.sparse_update(delta, grad, state, torch.zeros(len(delta)))
+        last = torch.full((4,), 300.0 if from_start else features, dtype=torch.float64)
+        assert torch.equal(state["last_sparsity"], last)
+        expected = features - int((1 - share) * features)
+        assert ((moved - delta).flatten(1) != 0).sum(dim=1).tolist() == [expected] * 4
+
+
 @pytest.mark.parametrize("random_start", [False, True], ids=["from the input", "from a random start"])
 def test_fab_judges_nothing_twice_and_reports_the_returned_images_predictions(random_start, tiny_model, tiny_images):
     """FAB-T's forwards: one to rank its targets, one per gradient step, one to judge its last point; from the input
