@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from scipy.optimize import linprog, minimize
 
-from utils.attacks import ATTACKS, NORMS, hyperplane_step, make_attack, norms, perturbation_size
+from utils.attacks import ATTACKS, NORMS, Attack, hyperplane_step, make_attack, norms, perturbation_size
 from utils.cli import UsageError
 from utils.files import save_image
 
@@ -456,15 +456,59 @@ def test_perturbation_size_keeps_its_old_pair():
     assert perturbation_size(adversarial, original, "L1").item() == pytest.approx(7 / 255)
 
 
-def test_l1_apgds_stages_judge_only_their_last_image(tiny_model, tiny_images):
-    """l1-APGD's growing epsilon runs three stages; the first two only find the next one's start, so the image they
-    end on is never judged: one forward per gradient step and one for the returned image, no more."""
-    calls = []
-    counted = lambda images: calls.append(torch.is_grad_enabled()) or tiny_model(images)  # noqa: E731
+def test_l1_apgds_stages_judge_their_last_iterate(tiny_model, tiny_images):
+    """l1-APGD's growing epsilon runs three stages; the first two only find the next one's start, their best point.
+    As in the reference (each of its stages judges all its iterates), a stage's last iterate is judged too, without a
+    gradient, and can be that best point: one forward per gradient step, one without a gradient at the end of each
+    stage, the returned image's included, no more. A stage's best loss is the least of all it judged."""
+    calls, losses = [], []
+
+    def counted(images):
+        calls.append(torch.is_grad_enabled())
+        logits = tiny_model(images)
+        losses.append(-torch.nn.functional.cross_entropy(logits.detach(), labels, reduction="none"))
+        return logits
+
     labels = tiny_model(tiny_images).argmax(dim=1)
     make_attack("apgd", tiny_model, norm="L1", epsilon=6.0, steps=10, targeted=False, early_stop=False,
                 forward=counted)(tiny_images, labels)
-    assert (calls.count(True), calls.count(False)) == (10, 1), calls
+    assert calls == [True] * 3 + [False] + [True] * 3 + [False] + [True] * 4 + [False], calls
+    # the first stage alone (3 steps at 3 * epsilon from the Gaussian start): its best is the least of its 4 losses
+    attack = make_attack("apgd", tiny_model, norm="L1", epsilon=6.0, steps=10, targeted=False, forward=counted)
+    attack.set_budget(18.0, 3)
+    attack.early_stop, attack.from_start = False, True
+    calls.clear(), losses.clear()
+    start = torch.randn(tiny_images.shape[1:], generator=torch.Generator().manual_seed(0)).expand_as(tiny_images)
+    Attack.run(attack, tiny_images, labels, 0, None, start=start, final=False)  # the shared loop: a stage
+    judged = torch.stack(losses)
+    assert len(judged) == 4
+    assert (judged[-1] < judged[:-1].amin(dim=0)).any(), "some image's best is its last iterate: the check means more"
+    assert torch.equal(attack.state["best_loss"], judged.amin(dim=0))
+
+
+def test_l1_apgds_every_stage_takes_its_share_from_its_start(tiny_model, tiny_images):
+    """Each growing-epsilon stage, the first too (from the Gaussian start projected onto the 3 * epsilon ball), starts
+    as the reference's does from any x_init: its first step moves the largest-gradient share sparsity / 1.5 of the
+    coordinates, and its last sparsity is the start's (not 0.2 and every coordinate, the rule from no start)."""
+    labels = tiny_model(tiny_images).argmax(dim=1)
+    attack = make_attack("apgd", tiny_model, norm="L1", epsilon=6.0, steps=10, targeted=False, early_stop=False)
+    seen, init_state = [], attack.init_state
+    attack.init_state = lambda delta: seen.append(attack.from_start) or init_state(delta)  # noqa: E731
+    attack(tiny_images, labels)
+    assert seen == [True, True, True]
+    assert not attack.from_start, "a run from no start (growing_epsilon off, or restarts) takes the share 0.2"
+    features = tiny_images[0].numel()
+    delta = torch.zeros_like(tiny_images)
+    delta.flatten(1)[:, :300] = 0.01  # a start 300 coordinates sparse
+    grad = torch.randn(tiny_images.shape, generator=torch.Generator().manual_seed(1))
+    for from_start, share in ((True, 300 / features / 1.5), (False, 0.2)):
+        attack.from_start = from_start
+        state = attack.init_state(delta)
+        moved = attack.sparse_update(delta, grad, state, torch.zeros(len(delta)))
+        last = torch.full((4,), 300.0 if from_start else features, dtype=torch.float64)
+        assert torch.equal(state["last_sparsity"], last)
+        expected = features - int((1 - share) * features)
+        assert ((moved - delta).flatten(1) != 0).sum(dim=1).tolist() == [expected] * 4
 
 
 @pytest.mark.parametrize("random_start", [False, True], ids=["from the input", "from a random start"])

@@ -26,13 +26,14 @@ class APGD(Attack):
     gradient there).
     In L1 it is l1-APGD (Croce and Hein 2021, "Mind the box: l1-APGD for sparse adversarial attacks on image
     classifiers"), with AutoAttack's L1 settings: each step moves by eta in L1 along the signs of the gradient's
-    largest coordinates (a share `topk` of them, first 0.2), spread evenly, then the exact projection onto the L1
-    ball intersected with [0, 1]; no momentum; every max(1, int(0.04 * steps)) steps the share becomes the
+    largest coordinates (a share `topk` of them, first 0.2, or, from a given start as in each growing-epsilon stage,
+    the start's sparsity / 1.5), spread evenly, then the exact projection onto the L1 ball intersected with [0, 1];
+    no momentum; every max(1, int(0.04 * steps)) steps the share becomes the
     sparsity of the best point / 1.5 and, where that sparsity fell under 0.95 of the last check's, eta goes back to
     epsilon and the sample to its best point, elsewhere eta is divided by 1.5 (within [epsilon / 10, epsilon]).
     `growing_epsilon` (default on, for L1 only, at least 3 steps) runs 30% of the steps at 3 * epsilon from a
-    Gaussian start, 30% at 2 * epsilon, each continuing from the best point of the last, and the rest at epsilon:
-    only the last stage's images count.
+    Gaussian start, 30% at 2 * epsilon, each continuing from the best point of the last (its last iterate judged
+    too), and the rest at epsilon: only the last stage's images count.
     Distance: `norm`, "Linf" (default), "L2" or "L1". Arguments: loss "ce" (cross-entropy, default) or "dlr"
     (Difference of Logits Ratio; targeted: the margin of the target over the strongest other class, divided as in
     `dlr`'s targeted version), growing_epsilon (bool, L1), plus the shared ones (alpha unused)."""
@@ -45,7 +46,7 @@ class APGD(Attack):
         kwargs.update(alpha=None)
         super().__init__(model, **kwargs)
         self.growing_epsilon = bool(growing_epsilon) and self.norm == "L1" and self.steps >= 3
-        self.chained = False
+        self.from_start = False  # a growing-epsilon stage: the share and sparsity start from the start's sparsity
         if loss not in ("ce", "dlr"):
             raise ValueError(f"loss must be 'ce' or 'dlr', got {loss!r}")
         self.objective = loss
@@ -113,7 +114,15 @@ class APGD(Attack):
         better = loss < state["best_loss"]
         state["best_loss"] = torch.where(better, loss, state["best_loss"])
         state["best_delta"] = torch.where(better.view(-1, 1, 1, 1), delta, state["best_delta"])
-        state["best_grad"] = torch.where(better.view(-1, 1, 1, 1), grad, state["best_grad"])
+        if grad is not None:
+            state["best_grad"] = torch.where(better.view(-1, 1, 1, 1), grad, state["best_grad"])
+
+    def conclude(self, delta, loss, state):
+        """A growing-epsilon stage's last iterate counts for its best point, the next stage's start: the reference
+        judges each stage's n steps' n iterates, the last included (its best gradient is not needed: the next stage
+        starts afresh)."""
+        if self.norm == "L1" and state.get("step"):
+            self.track_best(delta, None, state, loss)
 
     def sparse_update(self, delta, grad, state, loss):
         step = state["step"]
@@ -123,8 +132,8 @@ class APGD(Attack):
             sparsity = nonzero_counts(delta)
             state.update(eta=torch.full_like(loss, self.alpha).view(-1, 1, 1, 1), best_loss=loss, best_delta=delta,
                          best_grad=grad, every=max(int(0.04 * self.steps), 1),
-                         share=sparsity / features / 1.5 if self.chained else torch.full_like(sparsity, 0.2),
-                         last_sparsity=sparsity if self.chained else torch.full_like(sparsity, features))
+                         share=sparsity / features / 1.5 if self.from_start else torch.full_like(sparsity, 0.2),
+                         last_sparsity=sparsity if self.from_start else torch.full_like(sparsity, features))
         else:
             self.track_best(delta, grad, state, loss)
             if step % state["every"] == 0:
@@ -157,16 +166,19 @@ class APGD(Attack):
         delta = torch.randn(original.shape[1:], generator=generator).to(original.device).expand_as(original)
         try:
             self.early_stop = False  # a success beyond the budget is no success: these stages only find a start
+            # every stage, the first too, starts from a given point, as the reference's do (x_init, its Gaussian start
+            # first): its share of coordinates and last sparsity come from that point's sparsity, not 0.2 and all
+            self.from_start = True
             for factor, count in zip((3, 2), stages):
                 self.set_budget(factor * epsilon, count)
                 super().run(original, labels, restart, ids, start=delta, final=False)
-                delta, self.chained = self.state["best_delta"], True
+                delta = self.state["best_delta"]
             self.early_stop = early_stop
             self.set_budget(epsilon, steps - sum(stages))
             result = super().run(original, labels, restart, ids, start=delta)
         finally:
             self.set_budget(epsilon, steps)
-            self.early_stop, self.chained = early_stop, False
+            self.early_stop, self.from_start = early_stop, False
         result.steps_used += sum(stages)
         return result
 

@@ -146,6 +146,10 @@ class Attack:
         """The next delta from the current one, its gradient and its per-sample `loss` (APGD's step control)."""
         raise NotImplementedError
 
+    def conclude(self, delta, loss, state):
+        """A run with final=False ends here with its last iterate `delta` and its per-sample `loss`, which no update
+        sees: for attacks that chain runs (APGD's growing epsilon keeps the stage's best point)."""
+
     # -- the shared loop -----------------------------------------------------------------------------------------
     def reached(self, logits, labels):
         hit = logits.argmax(dim=-1) == labels
@@ -222,8 +226,8 @@ class Attack:
     def run(self, original, labels, restart, ids, start=None, final=True):
         """One try on a batch, from a random start (or from `start`, a delta); the state of `update` is kept as
         `self.state` for attacks that chain runs. `final=False`: a run wanted only for that state (a stage that finds
-        the next one's start), which stops after its last update, without the forward that judges the last iterate,
-        and returns None."""
+        the next one's start), which ends with the loss of its last iterate given to `conclude` (a forward without a
+        gradient) and returns None."""
         self.original = original
         original_levels = (original * 255).round()
         delta = self.random_delta(original, restart) if start is None else self.project(start.clone(), original)
@@ -236,6 +240,10 @@ class Attack:
         for step in range(self.steps + 1):
             last = step == self.steps
             if last and not final:
+                # the last iterate judged too (no gradient): a stage's best point may be where it ended
+                with torch.no_grad():
+                    loss = self.judge(self.on_lattice(original_levels, delta), labels)[0]
+                self.conclude(delta, loss, state)
                 return None
             lattice = self.on_lattice(original_levels, delta)
             # straight-through rounding: the model sees exactly the 8-bit image, and its gradient with respect to that
