@@ -31,15 +31,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from step_2_pretrained import find_class, get_device, get_label, predict_images, prepare_image, prepare_images, to_tensor
+from step_2_pretrained import (attack_options, chosen_target, find_class, get_device, get_label, predict_images,
+                               prepare_image, prepare_images, prepared_model, to_tensor)
 from step_3_adversarial import get_adversarial_example
 from utils.attacks import ATTACKS, budget_unit, goal_reached, perturbation_size, run_attack
 from utils.cli import ArgumentParser, print_loss_every, run
 from utils.figures import comparison_figure
 from utils.files import remove_killed_writes_of, save_array, save_figure, save_image
 from utils.flags import (DEFAULT_EPSILON, add_attack_arguments, add_common_arguments, add_figure_argument,
-                         add_speed_arguments, attack_options, check_budget, chosen_target, prepared_model,
-                         resolve_threat)
+                         add_speed_arguments, check_budget, resolve_threat)
 from utils.threat import check_methods
 from utils.images import list_images, output_names
 from utils.perturbations import perturbation_from_images
