@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 from step_2_pretrained import (OFFLINE_MODEL, find_class, get_device, get_label, load_model,  # noqa: E402
-                               model_from_args, predict, predict_images, prepare_image, to_tensor)
+                               model_from_args, predict_images, prepare_image, to_tensor, top_k)
 from utils.adaptive import break_defense  # noqa: E402
 from utils.attacks import ATTACKS, NORMS, perturbation_size  # noqa: E402
 from utils.certify.smoothing import PAGE_N, page_certificate  # noqa: E402
@@ -45,7 +45,7 @@ from utils.figures import comparison_figure, defense_figure, short  # noqa: E402
 from utils.files import save_figure  # noqa: E402
 from utils.flags import (DEFAULT_EPSILON, add_model_arguments, check_budget, positive_number,  # noqa: E402
                          resolve_threat)
-from utils.threat import NAMES, UNITS, check_methods  # noqa: E402
+from utils.threat import NAMES, UNITS, check_methods, size_text  # noqa: E402
 from utils.models import PROBE_SIZE  # noqa: E402
 from utils.samples import sample_paths  # noqa: E402
 
@@ -191,9 +191,8 @@ def photo_path(upload, sample):
 
 
 def top_classes(model, image, k=5):
-    probabilities = predict(model, to_tensor(image))[0].topk(min(k, len(model.classes)))
-    return {get_label(index, model.classes): value
-            for value, index in zip(probabilities.values.tolist(), probabilities.indices.tolist())}
+    """{class name: probability} of step 2's top `k` (step_2_pretrained.top_k), as gr.Label shows them."""
+    return {get_label(index, model.classes): value for index, value in top_k(model, image, k)}
 
 
 def show_progress(progress, what, total, classes):
@@ -233,9 +232,9 @@ def answer(upload, sample, target, epsilon, steps, method, defense, model_spec, 
     (plain_before, adaptive_before), (plain_after, adaptive_after) = result.before, result.after
     old = predict_images(model, [image])[0]
 
-    linf = perturbation_size(to_tensor(plain), to_tensor(image))[0].item()
-    size = f"at most {linf:.0f} of 255 levels changed" if args.norm == "Linf" else \
-        (f"{NAMES[args.norm]} size {perturbation_size(to_tensor(plain), to_tensor(image), args.norm).item():.3f} "
+    size = size_text(perturbation_size(to_tensor(plain), to_tensor(image), args.norm).item(), args.norm)
+    size = f"at most {size} of 255 levels changed" if args.norm == "Linf" else \
+        (f"{NAMES[args.norm]} size {size} "
          f"of {args.epsilon:g} ({UNITS[args.norm]})")
     comparison = save_figure(comparison_figure(image, plain, label(old), label(plain_before)), out / "comparison.png")
     rows = [("plain attack", plain, label(plain_before), result.defended[0], label(plain_after)),

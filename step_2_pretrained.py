@@ -37,7 +37,7 @@ FIGURE = "predictions.png"
 __all__ = ["DEFAULT_MODEL", "LABELS_PATH", "OFFLINE_MODEL", "Classifier", "Preprocessing", "add_model_arguments",
            "find_class", "freeze", "get_device", "get_idx_to_label", "get_image_transform", "get_label",
            "load_efficientnet_lite0", "load_image", "load_model", "load_torchvision", "model_from_args", "predict",
-           "prepared_model", "chosen_target", "attack_options", "defense_settings",
+           "prepared_model", "chosen_target", "attack_options", "defense_settings", "top_k",
            "predict_images", "prepare_image", "prepare_images", "to_rgb", "to_tensor", "to_uint8",
            "torchvision_classifiers"]
 
@@ -45,14 +45,20 @@ __all__ = ["DEFAULT_MODEL", "LABELS_PATH", "OFFLINE_MODEL", "Classifier", "Prepr
 def main(args):
     model = model_from_args(args, get_device(args.device))
     image = prepare_image(args.image, model)
-    probabilities = predict(model, to_tensor(image))[0]
-    top = probabilities.topk(min(args.top_k, len(model.classes)))
-    print(f"Prediction: {get_label(top.indices[0], model.classes)}")
-    for rank, (probability, index) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
+    top = top_k(model, image, args.top_k)
+    print(f"Prediction: {get_label(top[0][0], model.classes)}")
+    for rank, (index, probability) in enumerate(top, 1):
         print(f"{rank:>3}. {probability:6.2%}  {get_label(index, model.classes)} ({index})")
     if args.figure:
-        draw_predictions(image, [get_label(index, model.classes) for index in top.indices.tolist()], top.values.tolist(),
-                         Path(args.output_dir) / FIGURE)
+        draw_predictions(image, [get_label(index, model.classes) for index, _ in top],
+                         [probability for _, probability in top], Path(args.output_dir) / FIGURE)
+
+
+def top_k(model, image, k):
+    """The model's `k` most probable classes for the 8-bit HxWx3 `image` (all of them if it has fewer), most probable
+    first: [(class index, probability)]. Step 2 prints and draws them; the page shows them."""
+    top = predict(model, to_tensor(image))[0].topk(min(k, len(model.classes)))
+    return list(zip(top.indices.tolist(), top.values.tolist()))
 
 
 def draw_predictions(image, labels, probabilities, path):

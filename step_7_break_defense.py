@@ -26,7 +26,7 @@ from utils.figures import defense_figure
 from utils.files import remove_killed_writes_of, save_figure
 from utils.flags import DEFAULT_EPSILON, add_break_defense_arguments, add_figure_argument, check_budget, resolve_threat
 from utils.images import to_tensor
-from utils.threat import UNITS, check_methods
+from utils.threat import UNITS, check_methods, size_text
 
 
 def sizes(model, image, files, args):
@@ -36,7 +36,8 @@ def sizes(model, image, files, args):
         return ""
     size = [perturbation_size(to_tensor([prepare_image(path, model)]), to_tensor([image]), args.norm).item()
             for path in files]
-    return f"; {args.norm} of the files: plain {size[0]:.3f}, adaptive {size[1]:.3f}, budget {args.epsilon:g}"
+    return (f"; {args.norm} of the files: plain {size_text(size[0], args.norm)}, adaptive "
+            f"{size_text(size[1], args.norm)}, budget {args.epsilon:g}")
 
 
 def main(args):

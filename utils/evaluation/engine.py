@@ -31,6 +31,7 @@ from utils.evaluation.results import (COLUMNS, KEY, append_rows, drop_empty_outp
 from utils.files import save_image
 from utils.images import load_image, to_tensor, to_uint8
 from utils.models import get_image_transform, predict_images, prepare_image, weights_digest
+from utils.threat import size_text
 
 
 @dataclass
@@ -110,7 +111,7 @@ def judge_batch(model, plan, job, batch, todo, back, settings):
     columns = [{"final_label": final[k], "defended_label": defended[k], "clean_defended_label": clean_defended[k],
                 "success": int(goal_reached(verdict[k], batch.goals[i], untargeted)),
                 "linf": int(linf[k]), "l2": f"{l2[k]:.4f}", "norm": settings.norm,
-                "size": f"{size[k]:.0f}" if settings.norm == "Linf" else f"{size[k]:.4f}"} for k, i in enumerate(todo)]
+                "size": size_text(size[k], settings.norm, 4)} for k, i in enumerate(todo)]
     return columns, size
 
 
@@ -218,7 +219,7 @@ def format_distance(distance, norm):
     distance = float(distance)
     if distance == float("inf"):
         return "inf"
-    return f"{distance:.0f}" if norm == "Linf" else f"{distance:.4f}"
+    return size_text(distance, norm, 4)
 
 
 def runs_on(job, name, plan, done):
