@@ -20,7 +20,7 @@ differs from the resized and cropped original by at most epsilon levels in every
 convention; at most the image's largest distance), and the output lines give that size too. A robustbench: model
 named with its threat model defaults to that norm and RobustBench's epsilon, and says so.
 
-Speed (utils/speed.py): the model runs in the memory format of a fixed rule (channels-last for 2-D convolutions on
+Speed (utils/speed/): the model runs in the memory format of a fixed rule (channels-last for 2-D convolutions on
 CPU and CUDA; --memory-format overrides it), never chosen by a clock;
 --precision bf16 (or fp16 on CUDA) computes the gradients under autocast, and a success still counts only when an fp32
 forward of the 8-bit image confirms it.
@@ -95,9 +95,8 @@ def attack_one(model, path, args):
     linf, l2 = perturbation_size(to_tensor(adversarial), to_tensor(image))
     print(f"Old prediction: {old_label}")
     print(f"New prediction: {new_label}")
-    print(f"{budget_unit(args.method).capitalize()} used: {steps} / L-inf: {size_text(linf.item(), 'Linf')} levels of 255 "
-          f"/ L2: {size_text(l2.item(), 'L2')}"
-          + norm_size(adversarial, image, args))
+    print(f"{budget_unit(args.method).capitalize()} used: {steps} / L-inf: {size_text(linf.item(), 'Linf')} levels "
+          f"of 255 / L2: {size_text(l2.item(), 'L2')}" + norm_size(adversarial, image, args))
     if not goal_reached(new, labels[0], args.untargeted):
         print(f"The attack did not get there: {saved} is still classified as {new_label}; "
               f"try more --steps, a larger --epsilon or --method pgd")
