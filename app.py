@@ -38,7 +38,7 @@ from step_2_pretrained import (OFFLINE_MODEL, find_class, get_device, get_label,
                                model_from_args, predict_images, prepare_image, to_tensor, top_k)
 from utils.adaptive import break_defense  # noqa: E402
 from utils.attacks import ATTACKS, NORMS, perturbation_size  # noqa: E402
-from utils.certify.smoothing import PAGE_N, page_certificate  # noqa: E402
+from utils.certify.smoothing_page import PAGE_N, page_certificate  # noqa: E402
 from utils.cli import ArgumentParser, UsageError, number_in, one_of, run  # noqa: E402
 from utils.defenses import DEFENSES, describe  # noqa: E402
 from utils.figures import comparison_figure, defense_figure, short  # noqa: E402
