@@ -4,8 +4,8 @@ defense does to it, and the adaptive attack that gets through that defense.
     python app.py [--model efficientnet_lite0] [--port 7860] [--host 127.0.0.1] [--workers 2] [--max-queue 8]
                                                                                     (or: make app)
 
-The page is a form over step 7's command line: its flags, defaults and range checks judge the numbers, and the same
-functions run (step 2 to classify, step 7's experiment utils.adaptive.break_defense, utils.figures). As in the
+The page is a form over step 7's command line: its defaults and range checks judge the numbers (Choices; no command
+line is built), and the same functions run (step 2 to classify, step 7's experiment utils.adaptive.break_defense, utils.figures). As in the
 scripts, every prediction shown after an attack is of the PNG written and read back, the file offered for download.
 Bad input gets one clear message on the page. It runs offline on EfficientNet-Lite0 by default; Gradio's telemetry is
 off.
@@ -17,6 +17,7 @@ answer's files live in a folder of their own, removed as soon as Gradio has copi
 prunes hourly), so the page's own temporary folder holds only the files of the requests being answered. An upload
 over MAX_MEGAPIXELS (or over MAX_UPLOAD) is refused with a message before it is decoded.
 """
+import argparse
 import contextlib
 import functools
 import os
@@ -24,6 +25,7 @@ import re
 import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: it reads this once, at import
@@ -32,18 +34,18 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
-from step_2_pretrained import (OFFLINE_MODEL, find_class, get_device, get_label, load_model, predict,  # noqa: E402
-                               predict_images, prepare_image, to_tensor)
+from step_2_pretrained import (OFFLINE_MODEL, find_class, get_device, get_label, load_model,  # noqa: E402
+                               model_from_args, predict_images, prepare_image, to_tensor, top_k)
 from utils.adaptive import break_defense  # noqa: E402
 from utils.attacks import ATTACKS, NORMS, perturbation_size  # noqa: E402
-from utils.certify.smoothing import PAGE_N, page_certificate  # noqa: E402
-from utils.cli import ArgumentParser, UsageError, number_in, run  # noqa: E402
+from utils.certify.smoothing_page import PAGE_N, page_certificate  # noqa: E402
+from utils.cli import ArgumentParser, UsageError, number_in, one_of, run  # noqa: E402
 from utils.defenses import DEFENSES, describe  # noqa: E402
 from utils.figures import comparison_figure, defense_figure, short  # noqa: E402
 from utils.files import save_figure  # noqa: E402
-from utils.flags import (DEFAULT_EPSILON, add_break_defense_arguments, add_model_arguments, attack_options,  # noqa: E402
-                         check_budget, model_from_args, resolve_threat)
-from utils.threat import NAMES, UNITS, check_methods  # noqa: E402
+from utils.flags import (DEFAULT_EPSILON, add_model_arguments, check_budget, positive_number,  # noqa: E402
+                         resolve_threat)
+from utils.threat import NAMES, UNITS, check_methods, size_text  # noqa: E402
 from utils.models import PROBE_SIZE  # noqa: E402
 from utils.samples import sample_paths  # noqa: E402
 
@@ -54,13 +56,6 @@ MAX_MEGAPIXELS = 40
 MAX_UPLOAD = "50mb"  # Gradio refuses a larger file before it is stored
 SAMPLES = {path.name: path for path in sample_paths()}
 WORK = tempfile.TemporaryDirectory(prefix="tnn-app-")  # the answers' folders; removed when the server stops
-
-
-def refuse(message):
-    """argparse's "argument --steps: --steps must be ..." as a page says it: "steps must be ..."."""
-    flag, _, problem = message.removeprefix("argument ").partition(": ")
-    problem = problem if problem.startswith(flag) else f"{flag}: {problem}"
-    raise UsageError(re.sub(r"--(\w)", r"\1", problem))
 
 
 def as_typed(value):
@@ -75,28 +70,55 @@ def as_page_text(error):
     return UsageError(re.sub(r"--(\w)", r"\1", str(error)))
 
 
-def settings(target, epsilon, steps, method, defense, model_name, classes=None, input_size=None, norm="Linf"):
-    """The page's choices as step 7 would take them on its command line: same defaults, same checks (the norm and
-    its epsilon's range too: utils.flags.resolve_threat)."""
-    parser = ArgumentParser()
-    parser.add_argument("photo")
-    add_break_defense_arguments(parser)
-    parser.error = refuse  # a bad value is a message on the page, not an exit
-    model_options = [f"--classes={classes}"] * bool(classes) + [f"--input-size={input_size}"] * bool(input_size)
-    args = parser.parse_args(["photo", f"--target={as_typed(target)}", f"--epsilon={as_typed(epsilon)}",
-                              f"--steps={as_typed(steps)}", f"--method={method}", f"--defense={defense}",
-                              f"--model={model_name}", f"--norm={norm or 'Linf'}", *model_options])
+@dataclass(frozen=True)
+class Choices:
+    """The page's choices, checked, as the library's parameters: step 7's defaults for everything the page does not
+    ask (untargeted no, early stop, one restart, seed 0, fp32)."""
+    target: str
+    epsilon: float
+    steps: int
+    method: str
+    defense: str
+    model: str
+    classes: str = None
+    input_size: int = None
+    norm: str = "Linf"
+
+    def attack_options(self):
+        """utils.attacks.make_attack's keyword arguments, as step 7 builds them from its default flags."""
+        return dict(epsilon=self.epsilon, steps=self.steps, targeted=True, early_stop=True, random_start=False,
+                    restarts=1, seed=0, precision="fp32", norm=self.norm)
+
+
+def checked(value, parse):
+    """A form value through the check the command line gives it (utils.cli.number_in, one_of, ...), typed as it
+    would be typed there; its complaint as a page says it."""
     try:
-        args.norm, args.epsilon = resolve_threat(args.model, args.norm, args.epsilon, DEFAULT_EPSILON)
-        check_methods([args.method], args.norm)
+        return parse(as_typed(value))
+    except argparse.ArgumentTypeError as error:
+        raise as_page_text(error) from None
+
+
+def settings(target, epsilon, steps, method, defense, model_name, classes=None, input_size=None, norm="Linf"):
+    """The page's choices as Choices, checked as step 7 checks its flags: the same ranges and messages (the norm and
+    its epsilon's range too: utils.flags.resolve_threat)."""
+    epsilon = checked(epsilon, positive_number("epsilon"))
+    steps = checked(steps, number_in(1, 100000, int, name="steps"))
+    method = checked(method, one_of(sorted(ATTACKS), "method"))
+    norm = checked(norm or "Linf", one_of(NORMS, "norm"))
+    input_size = checked(input_size, number_in(8, 4096, int, name="input-size")) if input_size else None
+    try:
+        norm, epsilon = resolve_threat(model_name, norm, epsilon, DEFAULT_EPSILON)
+        check_methods([method], norm)
     except UsageError as error:
         raise as_page_text(error) from None
-    if not args.target:
+    target = as_typed(target)
+    if not target:
         raise UsageError("type a target class, e.g. goldfish (or its index, 1)")
-    if args.steps > MAX_STEPS:
-        raise UsageError(f"steps must be at most {MAX_STEPS} on this page, got {args.steps}")
-    describe(args.defense)  # an unknown defense is named before any work
-    return args
+    if steps > MAX_STEPS:
+        raise UsageError(f"steps must be at most {MAX_STEPS} on this page, got {steps}")
+    describe(defense)  # an unknown defense is named before any work
+    return Choices(target, epsilon, steps, method, defense, model_name, classes or None, input_size, norm)
 
 
 def load_photo(upload, sample, model):
@@ -169,9 +191,8 @@ def photo_path(upload, sample):
 
 
 def top_classes(model, image, k=5):
-    probabilities = predict(model, to_tensor(image))[0].topk(min(k, len(model.classes)))
-    return {get_label(index, model.classes): value
-            for value, index in zip(probabilities.values.tolist(), probabilities.indices.tolist())}
+    """{class name: probability} of step 2's top `k` (step_2_pretrained.top_k), as gr.Label shows them."""
+    return {get_label(index, model.classes): value for index, value in top_k(model, image, k)}
 
 
 def show_progress(progress, what, total, classes):
@@ -195,7 +216,7 @@ def answer(upload, sample, target, epsilon, steps, method, defense, model_spec, 
            certify=False):
     """The page's outputs, its files written into the folder `out`; model_spec: (--model, --classes, --input-size)."""
     args = settings(target, epsilon, steps, method, defense, *model_spec, norm=norm)
-    model = model_from_args(args, get_device(args.device))
+    model = load_model(args.model, get_device("auto"), classes=args.classes, input_size=args.input_size)
     goal = find_class(args.target, model.classes)
     label = functools.partial(get_label, classes=model.classes)
     image = load_photo(upload, sample, model)
@@ -203,7 +224,7 @@ def answer(upload, sample, target, epsilon, steps, method, defense, model_spec, 
         check_budget(args.epsilon, args.norm, (3, *image.shape[:2]))
     except UsageError as error:
         raise as_page_text(error) from None
-    result = break_defense(model, image, goal, args.method, attack_options(args), args.defense, {}, out,
+    result = break_defense(model, image, goal, args.method, args.attack_options(), args.defense, {}, out,
                            on_plain_step=show_progress(progress, f"{args.method} attack", args.steps, model.classes),
                            on_adaptive_step=show_progress(progress, "adaptive attack", args.steps, model.classes),
                            names=("adversarial.png", "adaptive.png"))
@@ -211,9 +232,9 @@ def answer(upload, sample, target, epsilon, steps, method, defense, model_spec, 
     (plain_before, adaptive_before), (plain_after, adaptive_after) = result.before, result.after
     old = predict_images(model, [image])[0]
 
-    linf = perturbation_size(to_tensor(plain), to_tensor(image))[0].item()
-    size = f"at most {linf:.0f} of 255 levels changed" if args.norm == "Linf" else \
-        (f"{NAMES[args.norm]} size {perturbation_size(to_tensor(plain), to_tensor(image), args.norm).item():.3f} "
+    size = size_text(perturbation_size(to_tensor(plain), to_tensor(image), args.norm).item(), args.norm)
+    size = f"at most {size} of 255 levels changed" if args.norm == "Linf" else \
+        (f"{NAMES[args.norm]} size {size} "
          f"of {args.epsilon:g} ({UNITS[args.norm]})")
     comparison = save_figure(comparison_figure(image, plain, label(old), label(plain_before)), out / "comparison.png")
     rows = [("plain attack", plain, label(plain_before), result.defended[0], label(plain_after)),

@@ -20,27 +20,26 @@ differs from the resized and cropped original by at most epsilon levels in every
 convention; at most the image's largest distance), and the output lines give that size too. A robustbench: model
 named with its threat model defaults to that norm and RobustBench's epsilon, and says so.
 
-Speed (utils/speed.py): the model runs in the memory format of a fixed rule (channels-last for 2-D convolutions on
+Speed (utils/speed/): the model runs in the memory format of a fixed rule (channels-last for 2-D convolutions on
 CPU and CUDA; --memory-format overrides it), never chosen by a clock;
 --precision bf16 (or fp16 on CUDA) computes the gradients under autocast, and a success still counts only when an fp32
 forward of the 8-bit image confirms it.
 """
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from step_2_pretrained import find_class, get_device, get_label, predict_images, prepare_image, prepare_images, to_tensor
+from step_2_pretrained import (attack_options, chosen_target, find_class, get_device, get_label, predict_images,
+                               prepare_image, prepare_images, prepared_model, to_tensor)
 from step_3_adversarial import get_adversarial_example
 from utils.attacks import ATTACKS, budget_unit, goal_reached, perturbation_size, run_attack
 from utils.cli import ArgumentParser, print_loss_every, run
 from utils.figures import comparison_figure
 from utils.files import remove_killed_writes_of, save_array, save_figure, save_image
 from utils.flags import (DEFAULT_EPSILON, add_attack_arguments, add_common_arguments, add_figure_argument,
-                         add_speed_arguments, attack_options, check_budget, chosen_target, prepared_model,
-                         resolve_threat)
-from utils.threat import check_methods
+                         add_speed_arguments, check_budget, resolve_threat)
+from utils.threat import check_methods, size_text
 from utils.images import list_images, output_names
 from utils.perturbations import perturbation_from_images
 
@@ -96,8 +95,8 @@ def attack_one(model, path, args):
     linf, l2 = perturbation_size(to_tensor(adversarial), to_tensor(image))
     print(f"Old prediction: {old_label}")
     print(f"New prediction: {new_label}")
-    print(f"{budget_unit(args.method).capitalize()} used: {steps} / L-inf: {linf.item():.0f} levels of 255 / L2: {l2.item():.3f}"
-          + norm_size(adversarial, image, args))
+    print(f"{budget_unit(args.method).capitalize()} used: {steps} / L-inf: {size_text(linf.item(), 'Linf')} levels "
+          f"of 255 / L2: {size_text(l2.item(), 'L2')}" + norm_size(adversarial, image, args))
     if not goal_reached(new, labels[0], args.untargeted):
         print(f"The attack did not get there: {saved} is still classified as {new_label}; "
               f"try more --steps, a larger --epsilon or --method pgd")
@@ -113,7 +112,7 @@ def norm_size(adversarial, image, args):
     if args.norm == "L2":  # already on the line: only the budget
         return f" of {args.epsilon:g}"
     size = perturbation_size(to_tensor(adversarial), to_tensor(image), args.norm).item()
-    return f" / {args.norm}: {size:.3f} of {args.epsilon:g}"
+    return f" / {args.norm}: {size_text(size, args.norm)} of {args.epsilon:g}"
 
 
 def attack_many(model, paths, args):
@@ -130,9 +129,8 @@ def attack_many(model, paths, args):
         old, new = predict_images(model, [image, prepare_image(saved, model)])  # the file, read back
         ok = goal_reached(new, label, args.untargeted)
         failures += not ok
-        linf = int(np.abs(adv.astype(int) - image.astype(int)).max())
-        size = f"L-inf {linf}" if args.norm == "Linf" else \
-            f"{args.norm} {perturbation_size(to_tensor(adv), to_tensor(image), args.norm).item():.3f} of {args.epsilon:g}"
+        size = size_text(perturbation_size(to_tensor(adv), to_tensor(image), args.norm).item(), args.norm)
+        size = f"L-inf {size}" if args.norm == "Linf" else f"{args.norm} {size} of {args.epsilon:g}"
         print(f"{path}: {get_label(old, model.classes)} -> {get_label(new, model.classes)} "
               f"({'fooled' if ok else 'NOT fooled'}, {steps} "
               f"{budget_unit(args.method)}, "

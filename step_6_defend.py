@@ -11,12 +11,13 @@ output, shows the image before and after the defense with the two predictions.
 """
 from pathlib import Path
 
-from step_2_pretrained import add_model_arguments, get_device, get_label, model_from_args, predict_images, prepare_image
+from step_2_pretrained import (add_model_arguments, defense_settings, get_device, get_label, model_from_args,
+                               predict_images, prepare_image)
 from utils.cli import ArgumentParser, UsageError, run
 from utils.defenses import defense_parameters, describe, jpeg_bytes, make_defense
 from utils.figures import defense_figure
 from utils.files import atomic_path, remove_killed_writes_of, save_figure, save_image
-from utils.flags import add_defense_arguments, add_device_argument, add_figure_argument, defense_settings
+from utils.flags import add_defense_arguments, add_device_argument, add_figure_argument
 
 FIGURE = "defense.png"
 

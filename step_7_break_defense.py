@@ -16,17 +16,17 @@ from pathlib import Path
 
 import torch
 
-from step_2_pretrained import find_class, get_device, get_label, predict_images, prepare_image
+from step_2_pretrained import (attack_options, chosen_target, defense_settings, find_class, get_device, get_label,
+                               predict_images, prepare_image, prepared_model)
 from utils.adaptive import FILES, break_defense
 from utils.attacks import budget_unit, perturbation_size
 from utils.cli import ArgumentParser, UsageError, print_loss_every, run
 from utils.defenses import describe
 from utils.figures import defense_figure
 from utils.files import remove_killed_writes_of, save_figure
-from utils.flags import (DEFAULT_EPSILON, add_break_defense_arguments, add_figure_argument, attack_options,
-                         check_budget, chosen_target, defense_settings, prepared_model, resolve_threat)
+from utils.flags import DEFAULT_EPSILON, add_break_defense_arguments, add_figure_argument, check_budget, resolve_threat
 from utils.images import to_tensor
-from utils.threat import UNITS, check_methods
+from utils.threat import UNITS, check_methods, size_text
 
 
 def sizes(model, image, files, args):
@@ -36,7 +36,8 @@ def sizes(model, image, files, args):
         return ""
     size = [perturbation_size(to_tensor([prepare_image(path, model)]), to_tensor([image]), args.norm).item()
             for path in files]
-    return f"; {args.norm} of the files: plain {size[0]:.3f}, adaptive {size[1]:.3f}, budget {args.epsilon:g}"
+    return (f"; {args.norm} of the files: plain {size_text(size[0], args.norm)}, adaptive "
+            f"{size_text(size[1], args.norm)}, budget {args.epsilon:g}")
 
 
 def main(args):

@@ -55,7 +55,7 @@ from pathlib import Path
 
 import torch
 
-from step_2_pretrained import find_class, get_device, load_model
+from step_2_pretrained import chosen_target, find_class, get_device, load_model
 from utils import speed
 from utils.attacks import ATTACKS
 from utils.cli import ArgumentParser, UsageError, listed, number_in, one_of, run
@@ -67,7 +67,7 @@ from utils.evaluation.engine import check_readable, run_evaluation
 from utils.evaluation.interval import check_certify, interval_certifiers, make_certifiers
 from utils.evaluation.plan import DEFAULT_METHODS, Settings, check_attacks, make_plan, standard_ensemble
 from utils.flags import (add_device_argument, add_norm_argument, add_photos_arguments, add_speed_arguments,
-                         add_threads_argument, check_budget, chosen_target, positive_number, resolve_threat)
+                         add_threads_argument, check_budget, positive_number, resolve_threat)
 
 DEFAULT_EPSILONS = (1.0, 2.0, 4.0, 8.0, 16.0)  # levels out of 255, L-infinity
 DEFAULT_ENSEMBLE = tuple(standard_ensemble("Linf"))

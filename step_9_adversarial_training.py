@@ -18,7 +18,7 @@ Methods: `pgd` (Madry et al.: PGD with a random start, `--steps` sign steps of `
 plain training), `ibp` and `crown-ibp` (certified training, Gowal et al. 2018 and Zhang et al. 2020: the loss
 mixes the images' cross-entropy with that of the worst logits that interval bounds, and for crown-ibp CROWN's bound
 on the margins from them, allow within epsilon; epsilon and the weights ramp over the first half of the epochs;
-utils.training's Ramp; held-out certified accuracy is printed after each epoch), `noise` (Gaussian data augmentation, as Cohen, Rosenfeld and Kolter 2019 train the base model of
+utils.certified_training's Ramp; held-out certified accuracy is printed after each epoch), `noise` (Gaussian data augmentation, as Cohen, Rosenfeld and Kolter 2019 train the base model of
 randomized smoothing: every training batch gets N(0, sigma^2) noise, --sigma in [0, 1] pixel units, not clipped) or
 `none` (plain training, the baseline). Epsilon is in levels out of 255, as everywhere else; the
 attack sees the 8-bit image (utils.attacks), so the model trains on images a PNG can hold. With --norm L2 the
@@ -44,7 +44,8 @@ ends with the same bytes an uninterrupted run gives (same seed and --threads: th
 starts and noise are seeded per epoch and batch, not drawn from a shared stream).
 
 This file is the training loop, main and the parser; the images and the split are utils/training_data.py's
-(load_data), the architectures, the overfitting guard, the checkpoint and the checked export utils/training.py's.
+(load_data), the architectures, the overfitting guard, the checkpoint and the checked export utils/training.py's;
+certified training's loss utils/certified_training.py's.
 """
 import math
 import time
@@ -62,9 +63,9 @@ from utils.files import display_path, remove_killed_writes_of
 from utils.flags import add_device_argument, add_threads_argument
 from utils.models import classes_path
 from utils.threat import check_epsilon
-from utils.training import (CERTIFIED_METHODS, MLP, SMALL_CNN, Ramp, best_epoch, build_net, catastrophic_overfitting,
-                            certified_accuracy, certified_loss, checkpoint_path, copy_state, export_checked,
-                            resume_from, run_settings, save_epoch, watched_for_overfitting)
+from utils.certified_training import CERTIFIED_METHODS, Ramp, certified_accuracy, certified_loss
+from utils.training import (MLP, SMALL_CNN, best_epoch, build_net, catastrophic_overfitting, checkpoint_path, copy_state,
+                            export_checked, resume_from, run_settings, save_epoch, watched_for_overfitting)
 from utils.training_data import channel_statistics, load_data
 
 METHODS = ("pgd", "fgsm-rs", "noise", "none") + CERTIFIED_METHODS

@@ -10,7 +10,7 @@ For each model and batch size, on the same device and the same images, it times 
 - torchattacks: torchattacks.PGD on that same default model (it leaves the model as it is given), with the same eps,
   step size and steps, no random start, targeted by label;
 - ours, in each configuration: fp32 (the default: batch norms folded into the convolutions, and the memory format
-  of utils/speed.py's fixed rule), the other memory format forced, bf16 autocast (fp16 too on CUDA) with
+  of utils/speed/memory_format.py's fixed rule), the other memory format forced, bf16 autocast (fp16 too on CUDA) with
   fp32-confirmed successes, and with --compile, torch.compile (its compile time printed). All targeted, early stop
   off, no random start. The "memory format" line per model and batch gives the rule's format and its measured time
   against the other's: the measurement the rule stands on, made here and never at run time.
@@ -278,7 +278,7 @@ def summary_line(row):
 
 
 def format_line(row):
-    """The rule's memory format against the other, measured: what the rule in utils/speed.py stands on."""
+    """The rule's memory format against the other, measured: what the rule in utils/speed/memory_format.py stands on."""
     other = next(key for key in row["ours"] if key in speed.MEMORY_FORMATS)
     ratio = row["seconds"][REFERENCE] / row["seconds"][other]
     return (f"memory format, {row['model']} batch {row['batch']}: {row['formats'][REFERENCE].removeprefix('rule: ')} "

@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT))
 
 from step_2_pretrained import load_model, prepare_image  # noqa: E402
 from utils.certify.report_smoothing import certified_accuracy_figure, certified_accuracy_table  # noqa: E402
-from utils.certify.smoothing import ALPHA, N0, Smoothing, SmoothingSettings, largest_radius, open_interval  # noqa: E402
+from utils.certify.smoothing import ALPHA, N0, largest_radius  # noqa: E402
+from utils.certify.smoothing_method import Smoothing, SmoothingSettings, open_interval  # noqa: E402
 from utils.cli import ArgumentParser, UsageError, comma_list, listed, number_in, run  # noqa: E402
 from utils.data import list_photos  # noqa: E402
 from utils.figures import plt  # noqa: E402

@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from step_2_pretrained import load_model, prepare_image, to_tensor  # noqa: E402
-from utils.certify.smoothing import (ALPHA, N0, certify_image, largest_radius, levels_per_value,  # noqa: E402
-                                     open_interval)
+from utils.certify.smoothing import ALPHA, N0, certify_image, largest_radius, levels_per_value  # noqa: E402
+from utils.certify.smoothing_method import open_interval  # noqa: E402
 from utils.cli import ArgumentParser, number_in, run  # noqa: E402
 from utils.figures import short  # noqa: E402
 from utils.samples import sample_paths  # noqa: E402

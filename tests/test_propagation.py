@@ -203,7 +203,7 @@ def test_a_layer_the_bounds_cannot_cover_is_refused_by_name():
 # ---- certified training (step 9's ibp and crown-ibp) ----------------------------------------------------------
 
 def test_the_ramp_moves_epsilon_and_the_weights_over_its_length():
-    from utils.training import Ramp
+    from utils.certified_training import Ramp
     assert Ramp.at("crown-ibp", 8, 0.0) == Ramp(0.0, 1.0, 1.0)
     assert Ramp.at("crown-ibp", 8, 0.25) == Ramp(2.0, 0.75, 0.875)
     assert Ramp.at("crown-ibp", 8, 3.0) == Ramp(8.0, 0.0, 0.5)
@@ -211,7 +211,7 @@ def test_the_ramp_moves_epsilon_and_the_weights_over_its_length():
 
 
 def test_the_certified_loss_gradient_is_the_finite_difference():
-    from utils.training import Ramp, certified_loss
+    from utils.certified_training import Ramp, certified_loss
     torch.manual_seed(1)
     net = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 3))
     model = Classifier(net, Preprocessing(4, torch.tensor([0.5, 0.5, 0.5]), torch.tensor([0.3, 0.3, 0.3])),
@@ -233,7 +233,7 @@ def test_the_certified_loss_gradient_is_the_finite_difference():
 
 def test_an_image_certified_in_training_is_not_fooled_by_pgd():
     from utils.attacks import make_attack
-    from utils.training import certified_accuracy, margin_floor
+    from utils.certified_training import certified_accuracy, margin_floor
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.ReLU(), nn.Linear(16, 3))
     model = Classifier(net, Preprocessing(4, torch.tensor([0.5] * 3), torch.tensor([0.5] * 3)), "tiny").eval()

@@ -12,9 +12,10 @@ from torch import nn
 
 from utils.models import Classifier, freeze, Preprocessing
 from utils.certify import smoothing
-from utils.certify.smoothing import (ABSTAIN, Smoothing, SmoothingSettings, certify, certify_image,
-                                     lower_confidence_bound, noise_batches, page_certificate, predict, sample_counts,
-                                     smooth_adv)
+from utils.certify.smoothing import (ABSTAIN, certify, certify_image, lower_confidence_bound, noise_batches, predict,
+                                     sample_counts, smooth_adv)
+from utils.certify.smoothing_method import Smoothing, SmoothingSettings
+from utils.certify.smoothing_page import page_certificate
 from utils.cli import ArgumentParser, UsageError
 
 SIGMA = 0.25

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from utils.flags import model_from_args
+from step_2_pretrained import model_from_args
 from utils.images import to_tensor
 from utils.models import Classifier, freeze, load_model, predict, prepare_image, Preprocessing
 from tests.conftest import OFFLINE, REPO, make_tiny_model, run_in_process, run_script
@@ -159,10 +159,10 @@ def clock_favouring(memory_format, models):
 def step_5_bytes(tmp_path, name, monkeypatch, favour=None):
     """Every file step 5 writes for two sample photos in one batch of 2, on a fresh copy of EfficientNet-Lite0, with
     time.perf_counter and time.process_time favouring the memory format `favour`, or real."""
+    import step_2_pretrained
     import step_5_perturb
-    from utils import flags
     models = []
-    monkeypatch.setattr(flags, "model_from_args",
+    monkeypatch.setattr(step_2_pretrained, "model_from_args",
                         lambda *args: models.append(copy.deepcopy(model_from_args(*args))) or models[-1])
     with monkeypatch.context() as patched:
         if favour is not None:

@@ -22,10 +22,11 @@ def test_export_model_writes_a_program_that_gives_the_models_logits_and_classes(
     from utils.models import classes_path, load_model, predict
     model = make_tiny_model()
     asked = []
-    monkeypatch.setattr(export_model, "model_from_args", lambda args, device: asked.append((args.model, device)) or model)
+    monkeypatch.setattr(export_model, "load_model",
+                        lambda name, device, **options: asked.append((name, device, options)) or model)
     output = tmp_path / "tiny.pt2"
     export_model.main(export_model.get_args_parser().parse_args(["--model", "tiny", "--output", str(output)]))
-    assert asked == [("tiny", "cpu")]
+    assert asked == [("tiny", "cpu", {"classes": None, "input_size": None})]
     assert capsys.readouterr().out == f"Wrote {output} (1000 classes, 32 x 32 RGB in [0, 1]) and {classes_path(output)}\n"
     loaded = load_model(str(output))
     assert loaded.classes == model.classes and loaded.preprocessing.crop_size == 32

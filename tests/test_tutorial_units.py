@@ -242,3 +242,22 @@ def test_written_files_get_the_permissions_a_plain_open_gives(tmp_path):
     plain = tmp_path / "plain.txt"
     plain.write_text("hello\n")
     assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o666 & ~UMASK
+
+
+def test_top_k_is_the_k_most_probable_classes_in_order(tiny_model, tiny_images):
+    """step 2's top_k (which step 2 prints and the page shows) against a sort of the model's own probabilities."""
+    from step_2_pretrained import predict, top_k
+    image = (tiny_images[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    probabilities = predict(tiny_model, tiny_images[:1])[0].tolist()
+    expected = sorted(range(len(probabilities)), key=lambda index: -probabilities[index])[:3]
+    found = top_k(tiny_model, image, 3)
+    assert [index for index, _ in found] == expected
+    assert [probability for _, probability in found] == pytest.approx([probabilities[i] for i in expected])
+    assert len(top_k(tiny_model, image, 5000)) == len(tiny_model.classes), "k past the classes: all of them"
+
+
+def test_size_text_writes_levels_whole_and_pixel_units_with_decimals():
+    from utils.threat import size_text
+    assert size_text(12.0, "Linf") == "12" and size_text(11.6, "Linf") == "12"
+    assert size_text(0.51234, "L2") == "0.512" and size_text(3.14159, "L1") == "3.142"
+    assert size_text(0.51234, "L2", 4) == "0.5123", "results.csv's four decimals"

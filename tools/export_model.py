@@ -9,15 +9,15 @@ It is the README's recipe for "Your own model", run on a model that works offlin
 from pathlib import Path
 
 from utils.cli import ArgumentParser, UsageError, run
-from utils.flags import add_model_arguments, model_from_args
-from utils.models import OFFLINE_MODEL, classes_path, export_program, normalized
+from utils.flags import add_model_arguments
+from utils.models import OFFLINE_MODEL, classes_path, export_program, load_model, normalized
 
 
 def main(args):
     output = Path(args.output or f"outputs/{Path(args.model).stem}.pt2")
     if output.suffix != ".pt2":
         raise UsageError(f"--output must end in .pt2, got {output.name}")
-    model = model_from_args(args, "cpu")
+    model = load_model(args.model, "cpu", classes=args.classes, input_size=args.input_size)
     export_program(normalized(model), output, model.classes, model.preprocessing.crop_size)
     print(f"Wrote {output} ({len(model.classes)} classes, {model.preprocessing.crop_size} x "
           f"{model.preprocessing.crop_size} RGB in [0, 1]) and {classes_path(output)}")

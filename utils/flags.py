@@ -1,7 +1,8 @@
 """The command-line flags the scripts share, declared once: the model, the device, the goal (--target or
---untargeted), the attack, the defense, and the speed settings; and the small functions that turn those flags into
-the explicit parameters the library takes (`model_from_args`, `chosen_target`, `attack_options`, `defense_settings`).
-A script adds the groups it needs; its own flags stay in its parser."""
+--untargeted), the attack, the defense, and the speed settings. A script adds the groups it needs; its own flags stay
+in its parser. Nothing here reads a parsed Namespace: the chapters turn their flags into the library's explicit
+parameters (step_2_pretrained.py: model_from_args, chosen_target, attack_options, defense_settings,
+prepared_model)."""
 import argparse
 import math
 
@@ -9,10 +10,8 @@ from utils import speed, threat
 from utils.attacks import ATTACKS, NORMS
 from utils.cli import UsageError, number_in, one_of
 from utils.defenses import DEFENSES
-from utils.models import OFFLINE_MODEL, load_model
+from utils.models import DEFAULT_TARGET, OFFLINE_MODEL
 from utils.models.load import DEFAULT_MODEL
-
-DEFAULT_TARGET = "1"  # ImageNet's goldfish, the tutorial's target
 
 
 # ---- the step's figure ----------------------------------------------------------------------------------------
@@ -36,11 +35,6 @@ def add_model_arguments(parser, default=DEFAULT_MODEL):
     parser.add_argument("--input-size", type=number_in(8, 4096, int, name="--input-size"),
                         help="short side resized to N, centre crop N (default: the model's own; a model file: the "
                              "image as it is)")
-
-
-def model_from_args(args, device):
-    """load_model with the command line's --model, --classes and --input-size."""
-    return load_model(args.model, device, classes=getattr(args, "classes", None), input_size=getattr(args, "input_size", None))
 
 
 def add_threads_argument(parser, default=None, why="default: torch's own choice"):
@@ -85,16 +79,6 @@ def add_target_arguments(parser, target_help=None):
     parser.add_argument("--target", help=target_help or "class index or name to reach, among the model's classes "
                                                         f"(default: {DEFAULT_TARGET}, ImageNet's goldfish)")
     parser.add_argument("--untargeted", action="store_true", help="any class but the clean prediction")
-
-
-def chosen_target(args, default=DEFAULT_TARGET):
-    """The class text to reach: --target, else `default` (None: no target unless one is given); None when
-    --untargeted. --target and --untargeted together are refused."""
-    if args.untargeted and args.target is not None:
-        raise UsageError("--target and --untargeted exclude each other")
-    if args.untargeted:
-        return None
-    return default if args.target is None else args.target
 
 
 # ---- the attack -----------------------------------------------------------------------------------------------
@@ -186,16 +170,6 @@ def add_attack_arguments(parser):
     parser.add_argument("--batch-size", type=number_in(1, 4096, int, name="--batch-size"), default=16)
 
 
-def attack_options(args, **extra):
-    """The attack's keyword arguments (utils.attacks.make_attack) from the command line."""
-    options = dict(epsilon=args.epsilon, steps=args.steps, alpha=args.alpha, targeted=not args.untargeted,
-                   early_stop=not args.no_early_stop, random_start=args.random_start, restarts=args.restarts,
-                   seed=args.seed, c=args.c, decay=args.decay, loss=args.loss, target_classes=args.target_classes,
-                   queries=args.queries, precision=args.precision, norm=getattr(args, "norm", None) or "Linf")
-    options.update(extra)
-    return options
-
-
 # ---- the defense ----------------------------------------------------------------------------------------------
 
 def add_defense_arguments(parser):
@@ -206,11 +180,6 @@ def add_defense_arguments(parser):
     parser.add_argument("--size", type=float, help="median: odd window size 3..15 (default 3)")
     parser.add_argument("--sigma", type=float, help="blur: Gaussian sigma in pixels, (0, 10] (default 1.0)")
     parser.add_argument("--scale", type=float, help="resize: down-scale factor, (0, 1] (default 0.5)")
-
-
-def defense_settings(args):
-    """The defense's parameters (utils.defenses.make_defense) from the command line."""
-    return {"quality": args.quality, "bits": args.bits, "size": args.size, "sigma": args.sigma, "scale": args.scale}
 
 
 def add_break_defense_arguments(parser):
@@ -237,11 +206,3 @@ def add_speed_arguments(parser, compile=True):
     if compile:
         parser.add_argument("--compile", action="store_true",
                             help="torch.compile the model: slow to start, worth it on long runs")
-
-
-def prepared_model(args, device, batch_size):
-    """The --model loaded and set up by --precision, --memory-format and --compile (utils.speed.prepare_model). A
-    precision the device cannot run is refused before the model is loaded: the load can take long, or fail offline."""
-    speed.check_precision(args.precision, device)
-    return speed.prepare_model(model_from_args(args, device), args.precision, args.memory_format, batch_size, device,
-                               compile=getattr(args, "compile", False))

@@ -25,6 +25,12 @@ def describe(norm):
     return f"{NAMES[norm]} ({UNITS[norm]})"
 
 
+def size_text(size, norm, digits=3):
+    """A perturbation's size (or a budget's) as every output writes it: whole levels in L-infinity ("12"), `digits`
+    decimals of [0, 1] pixel units in L2 and L1 ("0.512"; results.csv keeps 4)."""
+    return f"{size:.0f}" if norm == "Linf" else f"{size:.{digits}f}"
+
+
 def largest_distance(norm, shape):
     """The largest perturbation an image of `shape` (C, H, W) in [0, 1] can take, in the norm's units."""
     count = math.prod(shape)

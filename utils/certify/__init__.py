@@ -11,8 +11,9 @@ This package owns the verifiers and their report:
 - branch.py: branch and bound over ReLU splits with beta-CROWN's bounds (complete, given the time).
 - milp.py: the exact mixed-integer program (Tjeng, Xiao and Tedrake 2019), solved by HiGHS (scipy.optimize.milp).
 - base.py, bounds_certifier.py, exact.py: the certifiers behind `--method`, registered in CERTIFIERS.
-- smoothing.py: randomized smoothing (Cohen et al. 2019), an L2 certificate for any model; report_smoothing.py its
-  certified accuracy against the radius.
+- smoothing.py: randomized smoothing (Cohen et al. 2019), an L2 certificate for any model; smoothing_method.py step
+  10's `--method smoothing` (its flags and rows); smoothing_page.py the page's line; report_smoothing.py its certified
+  accuracy against the radius.
 - run.py: certifying a list of images, certified.csv, the counterexample PNGs, summary.md and the figure.
 
 A new certifier is a subclass of base.Certifier (its name, norms, flags, settings and columns) and one more entry in
@@ -25,7 +26,7 @@ certifiers, with --certify or without.
 from utils.certify.base import MISCLASSIFIED, NOT_ROBUST, ROBUST, UNKNOWN, Certifier
 from utils.certify.bounds_certifier import BoundsCertifier
 from utils.certify.exact import ExactCertifier
-from utils.certify.smoothing import Smoothing
+from utils.certify.smoothing_method import Smoothing
 
 CERTIFIERS = {certifier.name: certifier for certifier in (ExactCertifier, BoundsCertifier, Smoothing)}
 

@@ -20,11 +20,11 @@ values, so an image gets the same noise in any run, shard or resume. Same seed, 
 - `certify`: Cohen et al.'s CERTIFY (n0 samples pick the class, n fresh ones bound its probability).
 - `predict`: Cohen et al.'s PREDICT (the two-sided binomial test between the top two classes).
 - `smooth_adv`: an L2 attack on the smoothed classifier (Salman et al. 2019), to test the certificate against.
-- `Smoothing`: step 10's `--method smoothing`.
+
+Step 10's `--method smoothing` (its flags and rows) is smoothing_method.py's Smoothing; the page's line is
+smoothing_page.py's page_certificate.
 """
-import argparse
 import math
-import time
 import zlib
 from dataclasses import dataclass
 
@@ -33,8 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils.certify.base import Certifier
-from utils.cli import UsageError, number_in
+from utils.cli import UsageError
 from utils.images import to_tensor
 # scipy is imported where it is used (utils/certify/__init__.py says why)
 
@@ -241,114 +240,3 @@ def smooth_adv(model, image, label, radius, sigma, steps=20, draws=16, seed=0):
 def levels_per_value(radius, shape):
     """An L2 radius ([0, 1] units) spread evenly over every value of an image of `shape`: levels out of 255 each."""
     return radius * 255 / math.sqrt(math.prod(shape))
-
-
-# ---- step 10's --method smoothing ---------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class SmoothingSettings:
-    sigma: float
-    n0: int
-    n: int
-    alpha: float
-    batch_size: int
-    seed: int
-
-
-def open_interval(low, high, name):
-    """An argparse type: a number strictly between low and high."""
-    def parse(text):
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}")
-        if not low < value < high:
-            raise argparse.ArgumentTypeError(f"{name} must be in ({low:g}, {high:g}), got {text}")
-        return value
-    parse.__name__ = name
-    return parse
-
-
-def add_once(parser, *flags, **options):
-    """Add an argument unless step 10 already has it (a shared flag such as --batch-size)."""
-    try:
-        parser.add_argument(*flags, **options)
-    except argparse.ArgumentError as error:
-        if "conflicting option" not in str(error):
-            raise
-
-
-class Smoothing(Certifier):
-    """Randomized smoothing (Cohen et al. 2019) for any model: one row per image, L2, no epsilons. The verdict is
-    `robust` when the smoothed classifier certifies the label (or, with no label, its own class) with `radius`,
-    `misclassified` when it certifies another class, `abstain` when it cannot decide. `prediction` is the class the
-    n0 samples picked (on abstention too, so that `n_a`, its count among the n samples, has a class)."""
-    name = "smoothing"
-    norms = ("L2",)
-    uses_epsilons = False
-    columns = ("radius", "n_a", "n")
-    description = "randomized smoothing, Cohen et al. 2019"
-    free_settings = ("batch_size",)  # the noise is drawn per image and sample, not per batch: the same counts
-
-    @classmethod
-    def add_arguments(cls, parser):
-        add_once(parser, "--sigma", type=number_in(0, 100, low_open=True, name="--sigma"), default=None,
-                 help="smoothing: the noise's standard deviation in [0, 1] pixel units (required)")
-        add_once(parser, "--n0", type=number_in(1, 10**9, int, name="--n0"), default=N0,
-                 help="smoothing: noise samples that pick the class (default: %(default)s)")
-        add_once(parser, "--n", type=number_in(1, 10**9, int, name="--n"), default=N,
-                 help="smoothing: noise samples that bound its probability (default: %(default)s)")
-        add_once(parser, "--alpha", type=open_interval(0, 0.5, "--alpha"), default=ALPHA,
-                 help="smoothing: the certificate fails with probability at most alpha, in (0, 0.5) "
-                      "(default: %(default)s)")
-        add_once(parser, "--batch-size", type=number_in(1, 10**6, int, name="--batch-size"), default=1000,
-                 help="smoothing: noisy copies per forward pass; exact: branch and bound's sub-problems per pass "
-                      "(at most what fits its memory block) (default: %(default)s)")
-
-    @classmethod
-    def from_options(cls, sigma=None, n0=N0, n=N, alpha=ALPHA, batch_size=1000, seed=0, **_):
-        if sigma is None:
-            raise UsageError("--method smoothing needs --sigma (the noise's standard deviation, e.g. 0.25)")
-        found = SmoothingSettings(sigma, n0, n, alpha, batch_size, seed)
-        check_settings(found.sigma, found.n0, found.n, found.alpha, found.batch_size)
-        return found
-
-    def certify(self, image_u8, label, epsilons=()):
-        settings = self.config  # the base class keeps a certifier's settings as config
-        started = time.perf_counter()
-        found = certify_image(self.model, to_tensor(image_u8), settings.sigma, settings.n0, settings.n, settings.alpha,
-                              settings.batch_size, settings.seed)
-        return [{"label": "" if label is None else int(label), "epsilon": "", "verdict": verdict(found, label),
-                 "prediction": found.candidate, "seconds": round(time.perf_counter() - started, 3), "file": "",
-                 "radius": "" if found.abstain else found.radius, "n_a": found.n_a, "n": found.n}]
-
-
-def verdict(found, label):
-    if found.abstain:
-        return "abstain"
-    return "robust" if label is None or found.candidate == int(label) else "misclassified"
-
-
-# ---- the page -----------------------------------------------------------------------------------------------------
-
-PAGE_SIGMA, PAGE_N0, PAGE_N, PAGE_ALPHA = 0.12, 20, 200, 0.001  # a page answers in seconds, not hours
-
-
-def page_certificate(model, image_u8, adversarial_u8, sigma=PAGE_SIGMA, n0=PAGE_N0, n=PAGE_N, alpha=PAGE_ALPHA,
-                     batch_size=50, seed=0):
-    """One markdown line for the page: the smoothed model's certified L2 radius around the photo (n noisy copies, so a
-    small n caps the radius) beside the L2 size of the attack's change. image_u8, adversarial_u8: 8-bit HxWx3."""
-    found = certify_image(model, to_tensor(image_u8), sigma, n0, n, alpha, batch_size, seed)
-    change = float(np.linalg.norm((adversarial_u8.astype(np.float64) - image_u8.astype(np.float64)) / 255))
-    shape = image_u8.shape
-    cap = largest_radius(n, alpha, sigma)
-    head = (f"**Randomized smoothing** (sigma {sigma:g}, n = {n} noisy copies, alpha {alpha:g}; a small n for a page: "
-            f"it cannot certify more than {cap:.2f}): ")
-    attack = (f"the attack changed the photo by L2 {change:.2f} "
-              f"({levels_per_value(change, shape):.2f} levels per value if spread evenly).")
-    if found.abstain:
-        return head + (f"the smoothed model abstains (its top class in {found.n_a} of {n} copies proves nothing); "
-                       + attack)
-    name = model.classes[found.candidate] if hasattr(model, "classes") else str(found.candidate)
-    return head + (f"it says {name} for any change of L2 size below {found.radius:.3f} "
-                   f"({levels_per_value(found.radius, shape):.3f} levels per value if spread evenly); ") + attack

@@ -6,6 +6,8 @@ as each job finishes a batch; under torchrun batch k runs on rank k % world size
 and rank 0 merges every shard into results.csv and writes the report.
 
 `run_evaluation(model, photos, plan, settings, out)` is the entry point; step 8, the benchmarks and the tests call it.
+The loop over a batch's jobs (run_batch) is the one utils.evaluation.robust_accuracy runs too, with its images kept in
+memory (MemoryStore) where step 8 writes PNGs (PngStore).
 """
 import sys
 import time
@@ -29,6 +31,7 @@ from utils.evaluation.results import (COLUMNS, KEY, append_rows, drop_empty_outp
 from utils.files import save_image
 from utils.images import load_image, to_tensor, to_uint8
 from utils.models import get_image_transform, predict_images, prepare_image, weights_digest
+from utils.threat import size_text
 
 
 @dataclass
@@ -93,7 +96,7 @@ def attack_batch(model, plan, job, batch, todo, settings):
 def judge_batch(model, plan, job, batch, todo, back, settings):
     """Classify the 8-bit images `back` of the photos `todo` (step 8: its saved PNGs read back; the library call:
     the attack's images on the same 8-bit lattice, the same pixels) and through the real defense, with the judge's
-    own seed: a dict of columns per photo."""
+    own seed: a dict of columns per photo, and each image's size in the norm's units (float64, unrounded)."""
     originals = [batch.originals[i] for i in todo]
     final = predict_images(model, back)
     linf, l2 = perturbation_size(to_tensor(back), to_tensor(originals))
@@ -105,38 +108,107 @@ def judge_batch(model, plan, job, batch, todo, back, settings):
         clean_defended = predict_images(model, [judge(image) for image in originals])
     verdict = final if job.defense == "none" else defended
     untargeted = plan.target is None or job.attack == "ensemble"
-    return [{"final_label": final[k], "defended_label": defended[k], "clean_defended_label": clean_defended[k],
-             "success": int(goal_reached(verdict[k], batch.goals[i], untargeted)),
-             "linf": int(linf[k]), "l2": f"{l2[k]:.4f}", "norm": settings.norm,
-             "size": f"{size[k]:.0f}" if settings.norm == "Linf" else f"{size[k]:.4f}"} for k, i in enumerate(todo)]
+    columns = [{"final_label": final[k], "defended_label": defended[k], "clean_defended_label": clean_defended[k],
+                "success": int(goal_reached(verdict[k], batch.goals[i], untargeted)),
+                "linf": int(linf[k]), "l2": f"{l2[k]:.4f}", "norm": settings.norm,
+                "size": size_text(size[k], settings.norm, 4)} for k, i in enumerate(todo)]
+    return columns, size
 
 
-def run_job(model, photos, plan, job, batch, todo, done, out, settings):
-    """The finished rows of `job` for the photos `todo` of `batch`."""
+class PngStore:
+    """Step 8's images: each saved as OUT/JOB_FOLDER/STEM.png and judged on that file read back, as a receiver would
+    (resized and cropped as the model reads a photo, which leaves an image of the model's size as it is)."""
+
+    def __init__(self, out, photos, model):
+        self.out, self.photos, self.model = Path(out), photos, model
+
+    def path(self, job, index):
+        return self.out / job.folder / f"{self.photos.stems[index]}.png"
+
+    def save(self, job, todo, images):
+        for index, image in zip(todo, images):
+            save_image(image, self.path(job, index))
+
+    def read(self, job, todo):
+        return [prepare_image(self.path(job, index), self.model) for index in todo]
+
+    def file(self, job, index):
+        """results.csv's file column: the PNG's path inside OUT."""
+        return self.path(job, index).relative_to(self.out).as_posix()
+
+
+class MemoryStore:
+    """The library call's images: kept in memory and judged as they are (a PNG holds the same 8 bits); no files."""
+
+    def __init__(self):
+        self.images = {}
+
+    def save(self, job, todo, images):
+        self.images.update(((job.folder, index), image) for index, image in zip(todo, images))
+
+    def read(self, job, todo):
+        return [self.images[job.folder, index] for index in todo]
+
+    def file(self, job, index):
+        return ""
+
+
+@dataclass
+class Stage:
+    """One job run on the photos `todo` of a batch: the 8-bit images judged (one per photo), each one's size in the
+    norm's units (float64), its distance (FAB's smallest adversarial perturbation; None for an attack that reports
+    none) and whether it reached the goal."""
+    job: Job
+    todo: list
+    images: list
+    sizes: torch.Tensor
+    distances: list
+    success: list
+
+
+def run_job(model, photos, plan, job, batch, todo, done, settings, store):
+    """`job` on the photos `todo` of `batch`: attacked (attack_batch), kept and read back by `store` (PngStore,
+    MemoryStore), judged (judge_batch). Returns the Stage and its rows, results.csv's columns as strings. A defense's
+    plain job attacks nothing: it judges the plain attack's images, already judged bare, through the defense."""
     started = time.perf_counter()
-    files = [out / job.folder / f"{photos.stems[i]}.png" for i in todo]
     if job.makes_images:
         adversarial, steps_used, distances = attack_batch(model, plan, job, batch, todo, settings)
-        for image, path in zip(adversarial, files):
-            save_image(image, path)
-    else:  # the plain attack's PNGs, already judged bare: now through the defense
+        store.save(job, todo, adversarial)
+    else:
         bare = Job(job.method, job.epsilon, job.steps)
         steps_used = [done[bare.key(photos.names[i])]["steps_used"] for i in todo]
         distances = [done[bare.key(photos.names[i])]["distance"] or None for i in todo]
     distances = distances or [None] * len(todo)
     seconds = (time.perf_counter() - started) / len(todo) if job.makes_images and job.attack != "clean" else 0.0
+    back = store.read(job, todo)
+    judged, sizes = judge_batch(model, plan, job, batch, todo, back, settings)
     rows = []
-    back = [prepare_image(path, model) for path in files]  # the file read back, as a receiver would
-    judged = judge_batch(model, plan, job, batch, todo, back, settings)
-    for i, path, steps, distance, columns in zip(todo, files, steps_used, distances, judged):
+    for i, steps, distance, columns in zip(todo, steps_used, distances, judged):
         label = photos.labels[i] if photos.labels else ""
         row = dict(zip(KEY, job.key(photos.names[i])), target="" if plan.target is None else plan.target,
                    label=label, clean_label=batch.clean[i],
                    clean_correct="" if label == "" else int(batch.clean[i] == label), steps_used=steps,
-                   seconds=f"{seconds:.3f}", file=path.relative_to(out).as_posix(),
+                   seconds=f"{seconds:.3f}", file=store.file(job, i),
                    distance=format_distance(distance, settings.norm), **columns)
         rows.append({column: str(row[column]) for column in COLUMNS})
-    return rows
+    stage = Stage(job, todo, back, sizes, [None if d is None else float(d) for d in distances],
+                  [columns["success"] == 1 for columns in judged])
+    return stage, rows
+
+
+def run_batch(model, photos, plan, batch, done, settings, store, starting=None):
+    """The one loop of an evaluation, step 8's and the library call's (utils/evaluation/robust.py): every job of
+    `plan`, in order, on the photos of `batch` it still runs on (still_to_run), as run_job runs it; each job's rows
+    go into `done` before the next job asks which photos it runs on. `starting(job)`, if given, is told before each
+    job runs. Yields (Stage, rows) per job that ran."""
+    for job in plan.jobs:
+        todo = still_to_run(job, batch.members, photos, plan, done)
+        if todo:
+            if starting:
+                starting(job)
+            stage, rows = run_job(model, photos, plan, job, batch, todo, done, settings, store)
+            done.update((row_key(row), row) for row in rows)
+            yield stage, rows
 
 
 def format_distance(distance, norm):
@@ -147,7 +219,7 @@ def format_distance(distance, norm):
     distance = float(distance)
     if distance == float("inf"):
         return "inf"
-    return f"{distance:.0f}" if norm == "Linf" else f"{distance:.4f}"
+    return size_text(distance, norm, 4)
 
 
 def runs_on(job, name, plan, done):
@@ -183,23 +255,21 @@ def evaluate(model, photos, plan, batches, done, out, settings, context):
     dataset = PhotoDataset(photos.paths, load_image, get_image_transform(model.preprocessing))
     shard = shard_path(out, context.rank)
     skipped = []
+    store = PngStore(out, photos, model)
     desc = "evaluating" + (f" (rank {context.rank})" if context.world_size > 1 else "")
     with tqdm(total=sum(map(len, pending)), unit="image", desc=desc, position=context.local_rank) as bar:
+        def announce(job):
+            bar.set_postfix_str(f"{job.folder.removeprefix('images/')} {job.defense} {job.attack}")
+
         for items in photo_batches(dataset, pending, settings.workers):
             batch, unreadable = decode_batch(model, photos, plan, items)
             for name, reason in unreadable:
                 tqdm.write(f"skipped {name}: {reason}", file=sys.stderr)
             skipped += unreadable
-            for job in plan.jobs:
-                todo = still_to_run(job, batch.members, photos, plan, done)
-                if todo:
-                    bar.set_postfix_str(f"{job.folder.removeprefix('images/')} {job.defense} {job.attack}")
-                    rows = run_job(model, photos, plan, job, batch, todo, done, out, settings)
-                    append_rows(shard, rows)
-                    done.update((row_key(row), row) for row in rows)
+            for _, rows in run_batch(model, photos, plan, batch, done, settings, store, announce):
+                append_rows(shard, rows)
             bar.update(len(items))
     return skipped, sum(map(len, pending))
-
 
 
 def check_readable(paths, batches, context):

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 
 from utils.attacks import ATTACKS
 from utils.cli import UsageError
-from utils.flags import DEFAULT_TARGET
-from utils.models import find_class
+from utils.models import DEFAULT_TARGET, find_class
 from utils.threat import check_methods
 
 UNBOUNDED = 255.0

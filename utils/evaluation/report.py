@@ -9,6 +9,7 @@ interval table, a sixth sanity check and robust_interval.png.
 """
 import csv
 import platform
+from dataclasses import dataclass
 
 import torch
 import torchvision
@@ -218,7 +219,28 @@ def epsilon_sentence(norm):
             "(AutoAttack's and RobustBench's convention), measured on the PNG read back.")
 
 
-def summary_markdown(rows, rate, kept, accuracy, photos, plan, skipped, settings, context, certified=None):
+@dataclass
+class Report:
+    """What summary.md is written from: the plan's `rows` (results.csv's, this plan's photos and jobs), their success
+    `rate` and the share each defense `kept` ({job: mean}), robust_accuracy.csv's rows (`accuracy`, empty without an
+    ensemble), the `photos`, the `plan`, the `skipped` files (name, reason), the run's `settings` and process
+    `context`, and with --certify `certified` ({certifier: its rows})."""
+    rows: list
+    rate: dict
+    kept: dict
+    accuracy: list
+    photos: object
+    plan: object
+    skipped: list
+    settings: object
+    context: object
+    certified: dict = None
+
+
+def summary_markdown(report):
+    """summary.md's text for a Report."""
+    rows, rate, kept, accuracy, certified = report.rows, report.rate, report.kept, report.accuracy, report.certified
+    photos, plan, skipped, settings = report.photos, report.plan, report.skipped, report.settings
     goal = f"targeted ({get_label(plan.target, plan.classes)})" if plan.target is not None else "untargeted"
     labels = (f"Labels: {photos.label_source}." if photos.labels else
               "No labels were given: the clean predictions stood in for them (untargeted success means leaving the "
@@ -227,7 +249,7 @@ def summary_markdown(rows, rate, kept, accuracy, photos, plan, skipped, settings
     grid = f"Goal of the --methods grid: {goal}. " if plan.methods else ""
     lines = [f"# Evaluation of {settings.model} on {readable} photos from {settings.folder}", "",
              f"{grid}Success is judged on each saved PNG read back from disk. "
-             f"{epsilon_sentence(settings.norm)} {labels}", "", run_facts(photos, settings, context), ""]
+             f"{epsilon_sentence(settings.norm)} {labels}", "", run_facts(photos, settings, report.context), ""]
     if skipped:
         lines += [f"{len(skipped)} unreadable files, left out of every rate:", ""]
         lines += [f"- skipped: {name} ({reason})" for name, reason in skipped] + [""]
@@ -341,8 +363,8 @@ def write_report(rows, photos, plan, skipped, out, settings, context, certified=
             writer = csv.DictWriter(handle, columns, lineterminator="\n")
             writer.writeheader()
             writer.writerows(accuracy)
-    summary = save_text(summary_markdown(rows, rate, kept, accuracy, photos, plan, skipped, settings, context,
-                                         certified), out / "summary.md")
+    report = Report(rows, rate, kept, accuracy, photos, plan, skipped, settings, context, certified)
+    summary = save_text(summary_markdown(report), out / "summary.md")
     drawn = figures(rate, kept, plan, settings, rows, accuracy)
     if certified and accuracy:
         drawn["robust_interval.png"] = interval_figure(accuracy, certified, settings)

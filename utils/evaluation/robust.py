@@ -7,9 +7,9 @@
 It runs what step 8 runs for a labelled folder and one epsilon: the plan (utils/evaluation/plan.py: the clean job,
 then AutoAttack's standard ensemble in the norm, or `attacks`), the same batches of `batch_size` in order, each stage
 only on the images correct when clean that every earlier stage failed to fool, with the same attack options, seeds
-and image ids (utils/evaluation/engine.py: decode_batch, attack_batch, runs_on), judged on the 8-bit image as step 8
-judges its PNG read back (engine.judge_batch: a PNG holds the same 8 bits), and counted as robust_accuracy.csv counts
-(report.robust_counts). So the same images, settings and device give step 8's verdicts; step 8 is this evaluation
+and image ids: step 8's own loop (utils/evaluation/engine.py: run_batch), judged on the 8-bit image kept in memory
+where step 8 judges its PNG read back (engine.MemoryStore: a PNG holds the same 8 bits), and counted as
+robust_accuracy.csv counts (report.robust_counts). So the same images, settings and device give step 8's verdicts; step 8 is this evaluation
 plus its files (PNGs, results.csv, --resume, the report, several processes). With `certify`, step 8's --certify
 certifiers (with their default flags) bound the robust accuracy from below.
 
@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from utils.attacks import NORMS, perturbation_size
+from utils.attacks import NORMS
 from utils.certify import CERTIFIERS
 from utils.certify.run import certify_images
 from utils.cli import UsageError
 from utils.data import cut
-from utils.evaluation.engine import attack_batch, decode_batch, judge_batch, runs_on
+from utils.evaluation.engine import MemoryStore, decode_batch, run_batch
 from utils.evaluation.interval import certified_counts, default_certifier_options, interval_certifiers, make_certifiers
 from utils.evaluation.plan import CLEAN, Plan, Settings, check_ensemble, ensemble_jobs, standard_ensemble
 from utils.evaluation.report import robust_counts
@@ -111,9 +111,9 @@ def robust_accuracy(model, images, labels, *, norm="Linf", epsilon=8, attacks=No
     with evaluated(model, images_u8, device) as classifier:
         check_label_range(labels, len(classifier.classes))
         arrays = list(images_u8.permute(0, 2, 3, 1).numpy())  # HxWx3, as step 8 decodes a photo
-        rows, adversarial = run_stages(classifier, arrays, labels, plan, settings)
+        rows, stages = run_stages(classifier, arrays, labels, plan, settings)
         certified = certify_all(classifier, certifier_names, arrays, labels, settings) if certifier_names else {}
-    return summarize(rows, adversarial, images_u8, plan, settings, certified)
+    return summarize(rows, stages, images_u8, plan, settings, certified)
 
 
 # ---- inputs -----------------------------------------------------------------------------------------------------
@@ -234,37 +234,19 @@ def evaluated(model, images_u8, device):
 # ---- the evaluation ---------------------------------------------------------------------------------------------
 
 def run_stages(model, arrays, labels, plan, settings):
-    """Step 8's loop without its files: per batch of `settings.batch_size` in order, every job of `plan` on the
-    images it runs on (engine.runs_on), judged on the 8-bit images (engine.judge_batch). Returns step 8's rows
-    (the columns the counts read, with each stage's distance and size as floats) and the fooling 8-bit images
-    ({index: HxWx3})."""
+    """Step 8's loop without its files: per batch of `settings.batch_size` in order, engine.run_batch (the loop step 8
+    runs) with the images kept in memory (engine.MemoryStore) instead of PNGs. Returns step 8's rows and the Stages
+    of the ensemble's jobs (each image's size and distance as floats, the fooling images)."""
     photos = SimpleNamespace(names=[str(index) for index in range(len(arrays))], labels=labels)
-    done, rows, adversarial = {}, [], {}
+    done, rows, stages = {}, [], []
+    store = MemoryStore()
     for members in cut(len(arrays), settings.batch_size):
         batch, _ = decode_batch(model, photos, plan, [(index, arrays[index], None) for index in members])
-        for job in plan.jobs:
-            todo = [index for index in batch.members if runs_on(job, photos.names[index], plan, done)]
-            if not todo:
-                continue
-            images, _, distances = attack_batch(model, plan, job, batch, todo, settings)
-            judged = judge_batch(model, plan, job, batch, todo, images, settings)
-            sizes = perturbation_size(to_floats(images), to_floats([arrays[i] for i in todo]), settings.norm)
-            for k, index in enumerate(todo):
-                row = {**dict(zip(("image", "method", "epsilon", "steps", "defense", "attack"),
-                                  job.key(photos.names[index]))),
-                       "clean_correct": str(int(batch.clean[index] == labels[index])),
-                       "success": str(judged[k]["success"]), "size": sizes[k].item(),
-                       "distance": float("inf") if distances is None or distances[k] is None else distances[k]}
-                done[job.key(photos.names[index])] = row
-                rows.append(row)
-                if job.attack == "ensemble" and row["success"] == "1":
-                    adversarial[index] = images[k]
-    return rows, adversarial
-
-
-def to_floats(arrays):
-    """8-bit HxWx3 arrays as a (B, 3, H, W) float batch in [0, 1] (utils.images.to_tensor's layout)."""
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(255)
+        for stage, found in run_batch(model, photos, plan, batch, done, settings, store):
+            rows += found
+            if stage.job.attack == "ensemble":
+                stages.append(stage)
+    return rows, stages
 
 
 def certify_all(model, names, arrays, labels, settings):
@@ -276,22 +258,23 @@ def certify_all(model, names, arrays, labels, settings):
             for name, certifier in certifiers.items()}
 
 
-def smallest_distances(rows, count):
+def smallest_distances(rows, stages, count):
     """Per image, the smallest adversarial perturbation found (step 8's report.smallest_distances, at full
     precision): the size of a fooling image or FAB's distance, the smaller; inf where none was found; 0 for an
     image misclassified when clean."""
     smallest = torch.full((count,), float("inf"), dtype=torch.float64)
     for row in rows:
-        index = int(row["image"])
         if row["attack"] == "clean" and row["clean_correct"] != "1":
-            smallest[index] = 0.0
-        elif row["attack"] == "ensemble":
-            found = [row["distance"], *([row["size"]] if row["success"] == "1" else [])]
+            smallest[int(row["image"])] = 0.0
+    for stage in stages:
+        for k, index in enumerate(stage.todo):
+            distance = float("inf") if stage.distances[k] is None else stage.distances[k]
+            found = [distance, *([stage.sizes[k].item()] if stage.success[k] else [])]
             smallest[index] = min(smallest[index].item(), *found)
     return smallest
 
 
-def summarize(rows, adversarial, images_u8, plan, settings, certified):
+def summarize(rows, stages, images_u8, plan, settings, certified):
     """The RobustAccuracy of the rows: the counts robust_accuracy.csv gives, the fooling images, the distances and,
     with `certified`, the interval."""
     count, correct, table = robust_counts(rows, plan, settings.epsilons)
@@ -299,11 +282,13 @@ def summarize(rows, adversarial, images_u8, plan, settings, certified):
     robust = table[-1][2] / count
     fooled = torch.zeros(count, dtype=torch.bool)
     result_images = images_u8.clone()
-    for index, image in adversarial.items():
-        fooled[index] = True
-        result_images[index] = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    for stage in stages:
+        for index, image, success in zip(stage.todo, stage.images, stage.success):
+            if success:
+                fooled[index] = True
+                result_images[index] = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
     result = RobustAccuracy(robust, correct / count, per_attack, fooled, result_images,
-                            smallest_distances(rows, count), settings.norm, settings.epsilons[0], list(plan.ensemble))
+                            smallest_distances(rows, stages, count), settings.norm, settings.epsilons[0], list(plan.ensemble))
     if certified:
         epsilon = settings.epsilons[0]
         result.certified_by = {name: certified_counts(found, epsilon)[0] / count for name, found in certified.items()}

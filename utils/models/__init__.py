@@ -15,7 +15,8 @@ model is written to a file.
 from utils.models.classifier import (Classifier, Preprocessing, freeze, get_image_transform, predict, predict_images,
                                      prepare_image, prepare_images, weights_digest)
 from utils.models.export import Normalized, export_program, normalized
-from utils.models.labels import (CIFAR10_CLASSES, IMAGENET_LABELS, classes_path, default_classes, find_class,
+from utils.models.labels import (CIFAR10_CLASSES, DEFAULT_TARGET, IMAGENET_LABELS, classes_path, default_classes,
+                                 find_class,
                                  get_idx_to_label, get_label, imagenet_classes, model_classes, read_classes)
 from utils.models.load import DEFAULT_MODEL, load_model, load_named
 from utils.models.model_files import PROBE_SIZE, is_model_file, load_program

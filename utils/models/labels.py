@@ -77,6 +77,9 @@ def get_idx_to_label():
     return dict(enumerate(imagenet_classes()))
 
 
+DEFAULT_TARGET = "1"  # ImageNet's goldfish, the tutorial's target: what an attack aims at unless told
+
+
 def find_class(text, classes=None):
     """A class index from an index ("1") or a name ("goldfish", "Carassius auratus") among `classes` (the model's
     names; default ImageNet's); any comma-separated synonym of a name matches, case-insensitively. Unknown or
