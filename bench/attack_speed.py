@@ -289,8 +289,8 @@ def print_table(rows):
     for row in rows:
         print_row_table(row)
     print("\nfwd: per call, not per step; ours also judges its final image with one more forward, which fwd+bwd and "
-          "torchattacks do not. [rule: ...] is the memory format utils/speed.py's fixed rule picks for that model "
-          "and device; the configuration named after the other format forces it.")
+          "torchattacks do not. [rule: ...] is the memory format utils/speed/memory_format.py's fixed rule picks for "
+          "that model and device; the configuration named after the other format forces it.")
     if any(row["random"] for row in rows):
         print("* random weights (no network to fetch ImageNet ones): timing only, its success rates say nothing about "
               "attacking an ImageNet classifier")

@@ -6,11 +6,11 @@ default ensemble through utils.evaluation.robust_accuracy, and the reference Aut
                             [--epsilon 16] [--time-limit 60] [--device auto|cpu|cuda] [--threads 1]
 
 Each method runs in a fresh process of its own, so its peak resident memory (the `ru_maxrss` the kernel keeps for
-that process, the model and PyTorch included) is its own; on CUDA, the device memory it allocated
-at most instead. Bounds: utils.certify's BoundsCertifier up to each --propagation; its columns give what it proves
-and the mean of the images' smallest margin bounds (misclassified images left out). Exact: the ExactCertifier on
-the 8-bit lattice (an attack, alpha-CROWN, branch and bound, then the MILP, within --time-limit per image), how
-many it decided by each, and its sub-problems and programs. The truth lies between what the exact verifier proves
+that process, the model and PyTorch included) is its own; on CUDA, the device memory it allocated at most instead.
+Bounds: utils.certify's BoundsCertifier up to each --propagation; its columns give what it proves and the mean of the
+images' smallest margin bounds (misclassified images left out). Exact: the ExactCertifier on the 8-bit lattice (an
+attack, the bounds up to alpha-CROWN, branch and bound, then the MILP, within --time-limit per image), how many it
+decided by each, and its sub-problems and programs. The truth lies between what the exact verifier proves
 and what the attacks leave robust. The goal to reach for: the exact answer for no more time than AutoAttack takes.
 """
 import multiprocessing
