@@ -90,7 +90,7 @@ certify-demo: $(VENV)/.installed $(DEMO)/adversarial.pt2 samples
 	$(PYTHON) step_9_adversarial_training.py digits/train --arch mlp --method pgd --epsilon 16 --steps 5 --epochs 10 \
 		--threads 1 --output $(CERTIFY)/mlp.pt2
 	$(PYTHON) step_8_evaluate.py digits/test --model $(CERTIFY)/mlp.pt2 --epsilons $(CERTIFY_EPSILONS) \
-		--steps 50 --queries 1000 --batch-size 100 --certify exact,bounds --time-limit 20 --output-dir $(CERTIFY)/eval
+		--steps 50 --queries 1000 --batch-size 100 --certify exact,bounds --time-limit 20 --threads 1 --output-dir $(CERTIFY)/eval
 	$(PYTHON) bench/robust_accuracy.py --model $(CERTIFY)/mlp.pt2 --folder digits/test --norm Linf \
 		--epsilons 8,16 > $(CERTIFY)/reference.md
 	$(PYTHON) step_10_certify.py digits/test --model $(CERTIFY)/mlp.pt2 --method bounds --epsilons $(CERTIFY_EPSILONS) \
