@@ -4,8 +4,8 @@ and bound's sub-problems) and the rows being bounded, on any device.
 
 A network here (`Net`) is a list of layers on flat vectors, from the pixels in [0, 1] to the logits:
 - `Linear`: an affine map with its own three operations: `forward` (W x + b), `transpose` (rows R -> R W: the
-  layer's backward operation, a convolution's transposed convolution, never a dense matrix of the layer) and
-  `magnitude` (|W| r, for intervals). Two makers: `Net.from_layers` (step 10's graph of a model file, each affine
+  layer's backward operation, a convolution's transposed convolution, never a dense matrix of the layer; a fully
+  connected layer's is its own dense W) and `magnitude` (|W| r, for intervals). Two makers: `Net.from_layers` (step 10's graph of a model file, each affine
   stretch run as the graph runs it and transposed by differentiating it, |W| from its sparse matrix) and
   `Net.from_module` (a training network's Conv2d, Linear, pooling and Flatten modules on their live parameters, so
   that a bound is differentiable in the weights: certified training).
@@ -17,10 +17,11 @@ point of the set: the minimum of a linear function over it is exact (a box takes
 box is a fractional knapsack, filled greedily) and each ReLU or max pool is replaced by linear functions below and
 above it on its input's interval.
 
-- `layer_bounds(net, box, method)`: the (lower, upper) of every layer's input and of the logits. Interval bounds for
-  every neuron; with method "crown", CROWN's tighter bounds where they change a relaxation: the inputs of ReLUs that
-  interval bounds leave unstable and every input (with a positive upper bound) of a max-pool window that interval
-  bounds leave undecided (`neurons="all"`: every neuron, as the NumPy bounds of utils.certify.bounds do).
+- `layer_bounds(net, box, method, prior=None, splits=None)`: the (lower, upper) of every layer's input and of the
+  logits. Interval bounds for every neuron; with method "crown", CROWN's tighter bounds where they change a
+  relaxation: the inputs of ReLUs that interval bounds leave unstable and every input (with a positive upper bound)
+  of a max-pool window that interval bounds leave undecided (`neurons="all"`: every neuron, as the NumPy bounds of
+  utils.certify.bounds do). Branch and bound's sub-problems: within the root's bounds, split neurons cut at zero.
 - `margin_bounds(net, box, labels, bounds, method)`: lower bounds on logit[label] - logit[t] for every class t
   (+inf at t = label); "interval", "crown" (at least the interval bound) or "alpha-crown" (at least CROWN's: the
   lower slopes of the unstable ReLUs optimized by gradient ascent on the bound, each iterate sound, the best kept).
