@@ -14,9 +14,9 @@ Directives in a template (each on a line of its own):
     <!-- quote: COMMAND | PREFIX -->       the one line starting with PREFIX that COMMAND printed in this generation
     <!-- toc -->                           links to the template's chapters (its ## and ### headings below this line)
 
-One generation renders its documents in order (DOCUMENTS), README.md first. Each command runs once, where it first appears:
-a command that two documents (or one document twice) show is quoted with that one run's output everywhere, and
-a command that reads what an earlier one wrote runs after it, in document order.
+One generation renders its documents in order (DOCUMENTS), README.md first. Each command runs once, where it first
+appears: a command that two documents (or one document twice) show is quoted with that one run's output everywhere,
+and a command that reads what an earlier one wrote runs after it, in document order.
 
     python -m tools.make_readme [--skip-cmd]                            every document
     python -m tools.make_readme --template TEMPLATE --output OUTPUT     one document
