@@ -75,7 +75,8 @@ def test_a_command_several_documents_show_has_one_output_in_all():
 def test_the_two_languages_run_the_same_commands():
     """The walkthrough runs the README's tutorial, and each command it runs beyond it (steps 8, 9 and 10) is shown, with
     the same output, on an English page: a command in one language is in the other."""
-    english = {value for template, _ in DOCUMENTS[:-1] for kind, value in directives(template) if kind in ("run", "cmd")}
+    english = {value for template, _ in DOCUMENTS[:-1]
+               for kind, value in directives(template) if kind in ("run", "cmd")}
     readme = [value for kind, value in directives(README[0]) if kind == "run"]
     portuguese = [value for kind, value in directives(TUTORIAL[0]) if kind in ("run", "cmd")]
     assert len(readme) >= 6, "the README should run the tutorial's steps 2, 3, 5, 6 and 7"
@@ -251,8 +252,8 @@ def test_commands_run_in_document_order_and_quotes_and_contents_are_filled_in(tm
 def test_an_included_report_nests_under_the_heading_it_is_included_at(tmp_path, monkeypatch):
     (tmp_path / "summary.md").write_text("# Results\n\ntext\n\n## Checks\n\n```\n# a comment\n```\n")
     (tmp_path / "table.txt").write_text("# a header line\nrow\n")
-    docs = generate(tmp_path, monkeypatch, {"page": f"# Page\n\n## Chapter\n\n<!-- include: {tmp_path / 'summary.md'} -->\n\n"
-                                                    f"## Next\n\n```text\n<!-- include: {tmp_path / 'table.txt'} -->\n```\n"})
+    report, table = (f"<!-- include: {tmp_path / name} -->" for name in ("summary.md", "table.txt"))
+    docs = generate(tmp_path, monkeypatch, {"page": f"# Page\n\n## Chapter\n\n{report}\n\n## Next\n\n```text\n{table}\n```\n"})
     assert [(level, title) for level, title, _ in headings(docs["page"])] == [
         (1, "Page"), (2, "Chapter"), (3, "Results"), (4, "Checks"), (2, "Next")]
     assert "```\n# a comment\n```" in docs["page"]  # code in the report is not a heading
