@@ -253,7 +253,8 @@ def test_an_included_report_nests_under_the_heading_it_is_included_at(tmp_path, 
     (tmp_path / "summary.md").write_text("# Results\n\ntext\n\n## Checks\n\n```\n# a comment\n```\n")
     (tmp_path / "table.txt").write_text("# a header line\nrow\n")
     report, table = (f"<!-- include: {tmp_path / name} -->" for name in ("summary.md", "table.txt"))
-    docs = generate(tmp_path, monkeypatch, {"page": f"# Page\n\n## Chapter\n\n{report}\n\n## Next\n\n```text\n{table}\n```\n"})
+    page = f"# Page\n\n## Chapter\n\n{report}\n\n## Next\n\n```text\n{table}\n```\n"
+    docs = generate(tmp_path, monkeypatch, {"page": page})
     assert [(level, title) for level, title, _ in headings(docs["page"])] == [
         (1, "Page"), (2, "Chapter"), (3, "Results"), (4, "Checks"), (2, "Next")]
     assert "```\n# a comment\n```" in docs["page"]  # code in the report is not a heading
