@@ -1,7 +1,9 @@
-"""The generated documents (README.md and the Portuguese tutorial, docs/tutorial.pt-BR.md) against their templates:
-every command block is one the generator ran, a command both show has one output in both, the quoted story lines are
-those outputs' lines, and every link to a heading or a file leads to one; then the generator itself on small
-templates: one run per command and generation, in document order, nothing written when a document fails."""
+"""The generated documents (README.md, a page per chapter in docs/ and the Portuguese tutorial, docs/tutorial.pt-BR.md)
+against their templates: every command block is one the generator ran, a command several show has one output in all,
+the two languages run the same tutorial, the quoted story lines are those outputs' lines, every link to a heading, a
+file or an image leads to one, the README stays short, each page opens with what it teaches and ends with where to go
+next, and no document has a second title; then the generator itself on small templates: one run per command and
+generation, in document order, nothing written when a document fails, an included report nested under its heading."""
 import re
 from argparse import Namespace
 from pathlib import Path
@@ -11,12 +13,15 @@ import pytest
 from tests.conftest import REPO
 from tools import make_readme
 from utils.cli import UsageError
-from tools.make_readme import DIRECTIVE, DOCUMENTS, headings, slug
+from tools.make_readme import DIRECTIVE, DOCUMENTS, headings, nested, slug
 
 CONSOLE = re.compile(r"^```console\n\$ (.*?)\n(.*?)^```$", re.M | re.S)
 CODE = re.compile(r"^```.*?^```$", re.M | re.S)
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 TOC_ITEM = re.compile(r"^ *- \[(.+)\]\(#([^)]+)\)$", re.M)
+README, TUTORIAL = DOCUMENTS[0], DOCUMENTS[-1]  # the front door and the Portuguese walkthrough
+CHAPTERS = DOCUMENTS[1:-1]  # one page per chapter
+README_LINES = 300
 
 
 def read(path):
@@ -49,21 +54,36 @@ def prose(document):
 def test_every_command_block_is_one_the_generator_ran(template, document):
     assert "```console" not in read(template), f"{template} has a command block written by hand"
     ran = [value for kind, value in directives(template) if kind in ("run", "cmd")]
-    assert ran, f"{template} runs nothing"
+    assert ran or (template, document) in CHAPTERS, f"{template} runs nothing"  # a page may be prose alone
     assert [command for command, _ in console_blocks(document)] == ran, \
         f"{document} is not what {template} generates: regenerate it with python -m {make_readme.__name__}"
     assert read(document).rstrip().endswith(f"from {template}: edit that, then regenerate. -->")
 
 
-def test_the_two_documents_quote_the_same_output_for_the_same_command():
-    (readme_template, readme), (tutorial_template, tutorial) = DOCUMENTS[:2]
-    english, portuguese = run_outputs(readme_template, readme), run_outputs(tutorial_template, tutorial)
-    shared = english.keys() & portuguese.keys()
-    assert len(shared) >= 6, "the Portuguese tutorial should run the README's steps 2, 3, 5, 6 and 7"
-    for command in shared:
-        assert portuguese[command] == english[command], command
+def test_a_command_several_documents_show_has_one_output_in_all():
+    seen = {}
+    for template, document in DOCUMENTS:
+        for command, printed in run_outputs(template, document).items():
+            first = seen.setdefault(command, (document, printed))
+            assert printed == first[1], f"{command}: {document} and {first[0]} show different outputs"
+    (tutorial_template, tutorial) = TUTORIAL
+    portuguese = run_outputs(tutorial_template, tutorial)
     for command, printed in console_blocks(tutorial):
         assert printed or command not in portuguese, f"{command} printed nothing"
+
+
+def test_the_two_languages_run_the_same_commands():
+    """The walkthrough runs the README's tutorial, and each command it runs beyond it (steps 8, 9 and 10) is shown, with
+    the same output, on an English page: a command in one language is in the other."""
+    english = {value for template, _ in DOCUMENTS[:-1]
+               for kind, value in directives(template) if kind in ("run", "cmd")}
+    readme = [value for kind, value in directives(README[0]) if kind == "run"]
+    portuguese = [value for kind, value in directives(TUTORIAL[0]) if kind in ("run", "cmd")]
+    assert len(readme) >= 6, "the README should run the tutorial's steps 2, 3, 5, 6 and 7"
+    assert [command for command in readme if command not in portuguese] == [], "the walkthrough skips a README step"
+    assert [command for command in portuguese if command not in english] == [], "no English page runs these"
+    for step in ("step_8_evaluate.py", "step_9_adversarial_training.py", "step_10_certify.py"):
+        assert any(command.startswith(f"python {step} ") for command in portuguese), f"the walkthrough skips {step}"
 
 
 def text_block_lines(document):
@@ -86,7 +106,8 @@ def test_each_quoted_line_is_a_line_its_command_printed_in_the_same_document(tem
         f"{document}: the quoted lines are not there (is it generated from the current {template}?)"
 
 
-@pytest.mark.parametrize("template, document", DOCUMENTS)
+@pytest.mark.parametrize("template, document", [(template, document) for template, document in DOCUMENTS
+                                                if "<!-- toc -->" in read(template).splitlines()])
 def test_the_contents_link_every_chapter_to_its_heading(template, document):
     lines = read(template).splitlines()
     after_toc = "\n".join(lines[lines.index("<!-- toc -->") + 1:])
@@ -113,11 +134,64 @@ def test_every_link_to_a_heading_or_a_file_leads_to_one(template, document):
 
 
 def test_each_document_links_to_the_other_at_its_top():
-    (_, readme), (_, tutorial) = DOCUMENTS[:2]
+    (_, readme), (_, tutorial) = README, TUTORIAL
     assert "](docs/tutorial.pt-BR.md)" in "\n".join(read(readme).splitlines()[:5]), f"{readme} does not link it first"
     assert "](../README.md)" in "\n".join(read(tutorial).splitlines()[:5])
-    start = prose(readme).split("\n## ")[1]
-    assert start.startswith("Start here") and "[Robust accuracy](#robust-accuracy)" in start
+    for _, page in CHAPTERS:
+        assert "[Back to the README](../README.md)" in "\n".join(read(page).splitlines()[:5]), page
+
+
+def test_the_readme_is_a_front_door():
+    """Short; the two commands first; the five steps with their pictures; every chapter one click away; no contents
+    longer than the chapter list."""
+    text = read(README[1])
+    assert len(text.splitlines()) <= README_LINES, f"{README[1]} has {len(text.splitlines())} lines"
+    titles = [title for level, title, _ in headings(text)]
+    assert titles[1:3] == ["Start here", "The tutorial, step by step"], "the two commands, then the five steps"
+    start = text.split("\n## Start here\n")[1].split("\n## ")[0]
+    assert "\nmake demo " in start and "\nmake test " in start
+    steps = prose(README[1]).split("## The tutorial, step by step")[1].split("\n## ")[0]
+    for step in (2, 5, 3, 6, 7):
+        section = steps.split(f"### Step {step}:")[1].split("\n### ")[0]
+        assert re.search(r"!\[[^\]]*\]\(docs/[^)]+\.png\)", section), f"step {step} has no picture"
+    linked = set(LINK.findall(prose(README[1])))
+    for _, page in CHAPTERS:
+        assert page in linked, f"{README[1]} does not link {page}"
+    assert "<!-- toc -->" not in read(README[0]), "the chapter list is the README's only contents"
+
+
+def test_every_page_in_docs_is_generated():
+    pages = {str(path.relative_to(REPO)) for path in (REPO / "docs").glob("*.md") if not path.name.endswith(".in.md")}
+    assert pages == {document for _, document in DOCUMENTS[1:]}
+
+
+def paragraphs(document):
+    """The document's paragraphs outside code blocks, without the generator's closing comment."""
+    return [part.strip() for part in prose(document).split("\n\n") if part.strip() and
+            not part.strip().startswith("<!--")]
+
+
+@pytest.mark.parametrize("template, document", CHAPTERS + (TUTORIAL,))
+def test_each_page_opens_with_what_you_will_learn_and_ends_with_where_to_go_next(template, document):
+    learn, next_ = ("O que você vai aprender", "Para onde ir depois") if (template, document) == TUTORIAL else \
+        ("What you will learn", "Where to go next")
+    opening = [part for part in paragraphs(document)[1:] if not part.startswith(("[", "English:"))][0]
+    assert opening.lstrip("*").startswith(learn), f"{document} does not open with {learn!r}: {opening[:80]!r}"
+    found = headings(read(document))
+    assert found[-1][:2] == (2, next_), f"{document} does not end with a {next_!r} chapter"
+    last = prose(document).split(f"## {next_}\n")[-1]
+    assert LINK.search(last), f"{document}: {next_!r} links nowhere"
+
+
+@pytest.mark.parametrize("template, document", DOCUMENTS)
+def test_no_document_has_a_second_title(template, document):
+    titles = [title for level, title, _ in headings(read(document)) if level == 1]
+    assert len(titles) == 1, f"{document} has top-level headings {titles}"
+
+
+def test_the_page_is_linked_from_both_languages_with_its_screenshot():
+    assert "](docs/app.md)" in prose(README[1]) and "](app.md)" in prose(TUTORIAL[1])
+    assert "](app.png)" in prose("docs/app.md") and (REPO / "docs/app.png").is_file()
 
 
 @pytest.mark.parametrize("heading, anchor", [
@@ -173,6 +247,25 @@ def test_commands_run_in_document_order_and_quotes_and_contents_are_filled_in(tm
     assert "```text\nMade: one note\n```" in docs["first"]
     assert "- [One](#one)\n  - [Detail](#detail)\n- [Two](#two)" in docs["first"]
     assert "read: made" in docs["second"]
+
+
+def test_an_included_report_nests_under_the_heading_it_is_included_at(tmp_path, monkeypatch):
+    (tmp_path / "summary.md").write_text("# Results\n\ntext\n\n## Checks\n\n```\n# a comment\n```\n")
+    (tmp_path / "table.txt").write_text("# a header line\nrow\n")
+    report, table = (f"<!-- include: {tmp_path / name} -->" for name in ("summary.md", "table.txt"))
+    page = f"# Page\n\n## Chapter\n\n{report}\n\n## Next\n\n```text\n{table}\n```\n"
+    docs = generate(tmp_path, monkeypatch, {"page": page})
+    assert [(level, title) for level, title, _ in headings(docs["page"])] == [
+        (1, "Page"), (2, "Chapter"), (3, "Results"), (4, "Checks"), (2, "Next")]
+    assert "```\n# a comment\n```" in docs["page"]  # code in the report is not a heading
+    assert "```text\n# a header line\nrow\n```" in docs["page"]  # pasted into a code block as it is
+
+
+def test_nesting_moves_headings_down_never_up_and_never_past_six():
+    assert nested("## A\n#### B", 1) == "## A\n#### B"  # already below a level-1 heading
+    assert nested("# A\n## B", 3) == "#### A\n##### B"
+    assert nested("# A\n###### B", 2) == "### A\n###### B"
+    assert nested("no heading", 2) == "no heading"
 
 
 def test_a_failing_document_writes_no_document(tmp_path, monkeypatch):

@@ -1,19 +1,22 @@
 """Generate the project's documents from their templates by running the commands they name, so every quoted output
-is real: README.md from docs/README.in.md, docs/tutorial.pt-BR.md (the tutorial's path in Portuguese) from
-docs/tutorial.pt-BR.in.md, and each chapter page docs/NAME.md from docs/NAME.in.md.
+is real: README.md (the front door: the story and the tutorial's five steps) from docs/README.in.md, each chapter
+page docs/NAME.md from docs/NAME.in.md, and docs/tutorial.pt-BR.md (the tutorial's path in Portuguese) from
+docs/tutorial.pt-BR.in.md.
 
 Directives in a template (each on a line of its own):
     <!-- run: python SCRIPT ARGS -->       run it from the repository root; paste the command and what it printed
     <!-- cmd: python SCRIPT ARGS -->       run it (long: a progress bar) and show only the command
     <!-- cmd: python SCRIPT ARGS > FILE --> the same, its standard output written to FILE (for an include: below)
-    <!-- include: PATH -->                 paste a file that an earlier command wrote (a table)
+    <!-- include: PATH -->                 paste a file that an earlier command wrote (a table); outside a code
+                                           block its headings move down to nest under the heading above the
+                                           directive (a report's `# Results` under a `## ` chapter becomes `### `)
     <!-- figure: SOURCE -> docs/NAME -->   copy a figure an earlier command wrote into docs/ (committed)
     <!-- quote: COMMAND | PREFIX -->       the one line starting with PREFIX that COMMAND printed in this generation
     <!-- toc -->                           links to the template's chapters (its ## and ### headings below this line)
 
-One generation renders its documents in order, README.md first. Each command runs once, where it first appears:
-a command that two documents (or one document twice) show is quoted with that one run's output everywhere, and
-a command that reads what an earlier one wrote runs after it, in document order.
+One generation renders its documents in order (DOCUMENTS), README.md first. Each command runs once, where it first
+appears: a command that two documents (or one document twice) show is quoted with that one run's output everywhere,
+and a command that reads what an earlier one wrote runs after it, in document order.
 
     python -m tools.make_readme [--skip-cmd]                            every document
     python -m tools.make_readme --template TEMPLATE --output OUTPUT     one document
@@ -32,8 +35,13 @@ REPO = Path(__file__).resolve().parent.parent
 from utils.cli import ArgumentParser, UsageError, run
 from utils.files import save_text
 
-DOCUMENTS = (("docs/README.in.md", "README.md"), ("docs/tutorial.pt-BR.in.md", "docs/tutorial.pt-BR.md"),
-             ("docs/certification.in.md", "docs/certification.md"))
+# README.md first, then one page per chapter, the Portuguese walkthrough last: in this order each command that reads
+# a file (a model, an evaluation's folder) comes after the one that writes it.
+CHAPTERS = ("tutorial-fixes", "attacks", "evaluation", "defenses", "adversarial-training", "certification", "speed",
+            "own-model", "bad-input", "app", "layout")
+DOCUMENTS = (("docs/README.in.md", "README.md"),
+             *((f"docs/{name}.in.md", f"docs/{name}.md") for name in CHAPTERS),
+             ("docs/tutorial.pt-BR.in.md", "docs/tutorial.pt-BR.md"))
 DIRECTIVE = re.compile(r"<!-- (run|cmd|include|figure|quote): (.*) -->|<!-- (toc) -->")
 HEADING = re.compile(r"(#{1,6}) +(.+?) *#* *$")
 FENCE = re.compile(r"^ {0,3}(```|~~~)")
@@ -97,6 +105,24 @@ def headings(text):
     return found
 
 
+def nested(text, level):
+    """`text` (an included file) with its headings moved down so that the highest is one level below `level`, the
+    heading above the include; never moved up, none past level 6, code blocks left as they are."""
+    levels = [found for found, _, _ in headings(text)]
+    shift = level + 1 - min(levels, default=level + 1)
+    if shift <= 0:
+        return text
+    lines, fenced = [], False
+    for line in text.splitlines():
+        if FENCE.match(line):
+            fenced = not fenced
+        elif not fenced and HEADING.fullmatch(line):
+            depth = len(line) - len(line.lstrip("#"))
+            line = "#" * min(6, depth + shift) + line[depth:]
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def table_of_contents(chapters, rendered):
     """A nested list of links to `chapters` ((level, title) of the template, in order), each to the anchor its heading
     has in the rendered document (where included files add headings of their own)."""
@@ -134,9 +160,10 @@ class Generation:
             raise SystemExit(f"quote: {command!r} printed {len(lines)} lines starting with {prefix!r}, not one")
         return lines[0]
 
-    def render_line(self, line):
+    def render_line(self, line, level=None):
         """The text for one template line: a string, or for a quote or the table of contents a function of the
-        generation (and the rendered document), filled in once every document's commands have run."""
+        generation (and the rendered document), filled in once every document's commands have run. `level`: the
+        level of the heading above the line, None inside a code block (where an include is pasted as it is)."""
         match = DIRECTIVE.fullmatch(line.strip())
         if not match:
             return line
@@ -148,7 +175,8 @@ class Generation:
                 self.output_of(value)
             return console_block(value)
         if kind == "include":
-            return (REPO / value).read_text().rstrip("\n")
+            text = (REPO / value).read_text().rstrip("\n")
+            return text if level is None else nested(text, level)
         if kind == "quote":
             return lambda rendered: self.quote(value)
         if kind == "toc":
@@ -162,7 +190,13 @@ class Generation:
     def render(self, template):
         """The template's lines, its commands run: strings and functions of the finished document."""
         lines = (REPO / template).read_text().splitlines()
-        parts = [self.render_line(line) for line in lines]
+        parts, level, fenced = [], 0, False
+        for line in lines:
+            parts.append(self.render_line(line, None if fenced else level))
+            if FENCE.match(line):
+                fenced = not fenced
+            elif not fenced and HEADING.fullmatch(line):
+                level = len(HEADING.fullmatch(line).group(1))
         if TOC in parts:
             start = parts.index(TOC)
             chapters = [(level, title) for level, title, _ in headings("\n".join(lines[start + 1:]))
@@ -195,8 +229,8 @@ def main(args):
 
 
 def get_args_parser():
-    parser = ArgumentParser(description="Generate README.md and docs/tutorial.pt-BR.md by running the commands they "
-                                        "quote.")
+    parser = ArgumentParser(description="Generate README.md, the chapter pages of docs/ and docs/tutorial.pt-BR.md by "
+                                        "running the commands they quote.")
     parser.add_argument("--template", help="one template to render (with --output), relative to the repository")
     parser.add_argument("--output", help="where to write it, relative to the repository")
     parser.add_argument("--skip-cmd", action="store_true", help="do not rerun the long `cmd` commands (their files exist)")
