@@ -175,7 +175,8 @@ def digits_setup(tmp_path_factory):
 
 # ---- the fast lane ------------------------------------------------------------------------------------------------
 
-STARTS_A_PROGRAM = ("run_script(", "run_tool(", "subprocess.")
+# a call, or the function handed on to a helper that calls it (check_bad_input(run_script, ...))
+STARTS_A_PROGRAM = ("run_script(", "run_script,", "run_tool(", "run_tool,", "subprocess.")
 
 
 def pytest_collection_modifyitems(items):

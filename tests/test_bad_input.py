@@ -66,8 +66,11 @@ CASES = {
 }
 
 
-# one case of each program whose bad input no other test runs in a fresh process (step 2's: below and test_models)
-FROM_THE_SHELL = ("step_3 pickle", "step_5 epsilon text", "step_6 bomb", "step_7 eot 0")
+# one case of each program whose bad input no other test runs in a fresh process (step 2's: below and test_models).
+# All are e2e (tests/conftest.py); steps 3 and 6 have no other smoke run, so theirs stay in make test-fast, while
+# steps 5 and 7 have theirs (tests/test_attacks.py) and their cases run in process above.
+FROM_THE_SHELL = (pytest.param("step_3 pickle", marks=pytest.mark.smoke), "step_5 epsilon text",
+                  pytest.param("step_6 bomb", marks=pytest.mark.smoke), "step_7 eot 0")
 
 
 def check_bad_input(run, name, files, tmp_path):

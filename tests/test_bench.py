@@ -74,6 +74,9 @@ def test_certify_counts_each_verdict_once_and_orders_bounds_exact_and_reference(
         return call
     monkeypatch.setattr(bench_certify, "timed", clocked("certifier", bench_certify.timed))
     monkeypatch.setattr(bench_certify, "reference_autoattack", clocked("reference", bench_certify.reference_autoattack))
+    # each certifier in this process (certify_alone, what the spawned process runs) instead of a fresh spawned one:
+    # four spawns cost about 4.5 s each here; test_certify_runs_each_certifier_in_a_spawned_process checks the spawn
+    monkeypatch.setattr(bench_certify, "in_own_process", lambda *args: bench_certify.certify_alone(*args))
     bench_certify.main(parse(bench_certify, "--model", digits.model_file, "--folder", digits.folder, "--images", 4,
                              "--epsilon", 32, "--time-limit", 5, "--device", "cpu"))
     out = capsys.readouterr().out
@@ -96,6 +99,20 @@ def test_certify_counts_each_verdict_once_and_orders_bounds_exact_and_reference(
     assert reference_seconds == pytest.approx(took["reference"][0] / 4, abs=0.006)  # printed to 0.01 s
     ratio = float(re.search(r"exact / AutoAttack: time x([\d.]+) \(target: at most x1\)", out)[1])
     assert abs(ratio * reference_seconds - exact_seconds) <= 0.005 * (1 + ratio) + 0.001  # each printed to 0.01 s
+
+
+def test_certify_runs_each_certifier_in_a_spawned_process(digits):
+    """in_own_process (a spawned process that loads the model itself) gives the verdicts certify_alone gives in this
+    process: the spawn the test above replaces, once, on the cheapest certifier."""
+    images, labels = bench_certify.the_images(parse(bench_certify, "--model", digits.model_file, "--folder",
+                                                    digits.folder, "--images", 4), digits.model)
+    args = (str(digits.model_file), bench_certify.BoundsCertifier, bench_certify.BoundSettings("Linf", "interval"),
+            images, labels, 2, "cpu", 1)
+    _, spawned, memory = bench_certify.in_own_process(*args)
+    _, here, _ = bench_certify.certify_alone(*args)
+    assert memory > 0 and len(spawned) == 4
+    assert [row["verdict"] for row in spawned] == [row["verdict"] for row in here]
+    assert [row["margin_bound"] for row in spawned] == [row["margin_bound"] for row in here]
 
 
 def test_certify_refuses_a_folder_without_labels(digits):
