@@ -324,57 +324,32 @@ def test_compile_on_the_tiny_model_matches_eager(tiny_images):
 
 # ---- the benchmark --------------------------------------------------------------------------------------------
 
-class BenchNet(nn.Module):
-    """A convolutional classifier over the 1000 ImageNet classes, at 128x128, with random weights and a batch norm
-    to fold: a forward and backward of about 7 ms on one core of the test machine (efficientnet_lite0's is about
-    33 ms), still far above the noise of the benchmark's one-repeat differences of step times, which must not come
-    out negative."""
-
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                                      nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
-                                      nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
-        self.classifier = nn.Linear(128, 1000)
-
-    def forward(self, x):
-        return self.classifier(self.features(x).flatten(1))
-
-
 @pytest.mark.smoke
 def test_the_benchmark_prints_every_configuration_and_one_summary_line(tmp_path):
-    """bench/attack_speed.py as a user runs it, on a model file (BenchNet): every table and line it prints. On the
-    offline efficientnet_lite0 the same run took 16 s here, on BenchNet 9 s; make bench runs the real models."""
-    from utils.models import export_program, normalized
-    torch.manual_seed(0)
-    model = freeze(Classifier(BenchNet(), Preprocessing(128, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "bench"))
-    export_program(normalized(model), tmp_path / "bench.pt2", model.classes, model.preprocessing.crop_size)
-    name = "bench.pt2"
-    quoted = re.escape(name)
-    process = run_script("bench/attack_speed.py", "--models", name, "--batch-sizes", "1", "--steps", "1",
+    process = run_script("bench/attack_speed.py", "--models", OFFLINE, "--batch-sizes", "1", "--steps", "1",
                          "--queries", "4", "--repeats", "1", "--threads", "1", cwd=tmp_path)
     assert process.returncode == 0, process.stderr[-2000:]
     out = process.stdout
     for run in ("fwd+bwd (the floor)", "torchattacks PGD", "ours fp32 [rule: channels_last]",
                 "ours contiguous [contiguous]", "ours bf16 [rule: channels_last]"):
         assert run in out, out
-    assert re.search(rf"^memory format, {quoted} batch 1: channels_last \(the rule\) takes \d+\.\d{{3}} of contiguous's "
+    assert re.search(rf"^memory format, {OFFLINE} batch 1: channels_last \(the rule\) takes \d+\.\d{{3}} of contiguous's "
                      r"time per step$", out, re.M), out
-    summary = [line for line in out.splitlines() if line.startswith(f"{name} batch 1: ")]
+    summary = [line for line in out.splitlines() if line.startswith(f"{OFFLINE} batch 1: ")]
     assert len(summary) == 1, out
-    assert re.search(rf"^{quoted} batch 1 \(apgd, square\): apgd/fwd\+bwd \d+\.\d{{3}} .*square/fwd \d+\.\d{{3}}", out, re.M), out
+    assert re.search(rf"^{OFFLINE} batch 1 \(apgd, square\): apgd/fwd\+bwd \d+\.\d{{3}} .*square/fwd \d+\.\d{{3}}", out, re.M), out
     # the norms table: each attack's step (a run of 2 steps less a run of one) and its call, and one verdict line
     for attack in ("pgd L2", "apgd L2", "apgd L1", "fab Linf", "fab L2", "fab L1"):
-        assert re.search(rf"^{quoted} +1 {attack} +(\d+\.\d +){{2}}(\d+\.\d|-) +\d+\.\d{{3}} +(\d+\.\d{{3}}|-) +"
+        assert re.search(rf"^{OFFLINE} +1 {attack} +(\d+\.\d +){{2}}(\d+\.\d|-) +\d+\.\d{{3}} +(\d+\.\d{{3}}|-) +"
                          r"\d+\.\d{3}$", out, re.M), (attack, out)
     assert "each run at 1 and at 2 steps" in out, out
-    assert re.search(rf"^{quoted} batch 1 \(norms\): step/fwd\+bwd <= 1\.1: (all meet|misses: .+)$", out, re.M), out
-    assert re.fullmatch(rf"{quoted} batch 1: ours/fwd\+bwd \d+\.\d{{3}} \(ours = [\w-]+\), "
+    assert re.search(rf"^{OFFLINE} batch 1 \(norms\): step/fwd\+bwd <= 1\.1: (all meet|misses: .+)$", out, re.M), out
+    assert re.fullmatch(rf"{OFFLINE} batch 1: ours/fwd\+bwd \d+\.\d{{3}} \(ours = [\w-]+\), "
                         r"ours/torchattacks \d+\.\d{3} \((meets|misses) <= 1\)", summary[0]), summary[0]
     # ours inside and outside the network, a clocked run per attack and norm: inside + outside = the run's total
     clocked = {attack: (int(forward), int(backward), float(inside), float(outside), float(total), ratio)
                for attack, forward, backward, inside, outside, total, ratio in re.findall(
-                   rf"^{quoted} +1 (\w+ \w+(?: \w+)?) +(\d+)\+(\d+) +(\d+\.\d\d) +(-?\d+\.\d\d) +(\d+\.\d\d) +"
+                   rf"^{OFFLINE} +1 (\w+ \w+(?: \w+)?) +(\d+)\+(\d+) +(\d+\.\d\d) +(-?\d+\.\d\d) +(\d+\.\d\d) +"
                    r"(\d+\.\d{3}|-)$", out, re.M)}
     assert set(clocked) == {"pgd Linf fp32", "pgd Linf contiguous", "pgd Linf bf16", "apgd Linf", "square Linf",
                             "square L2", "pgd L2", "apgd L2", "apgd L1", "fab Linf", "fab L2", "fab L1"}, out
