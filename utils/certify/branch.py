@@ -3,14 +3,14 @@ Hsieh and Kolter 2021, "Beta-CROWN: Efficient Bound Propagation with Per-neuron 
 
 A sub-problem is the input set with some unstable ReLUs fixed: active (z >= 0, so relu(z) = z) or inactive (z <= 0,
 relu(z) = 0). Its margins are bounded by alpha-CROWN with the split neurons' relaxations made exact and each split
-constraint s_j z_j >= 0 added to the bound with a multiplier beta_j >= 0 (utils.certify.propagation's
-optimized_bound); its intermediate bounds are recomputed below the splits, within the root's (which hold on the whole
-set): the split neurons' bounds cut at zero, then the later layers' bounds from those tighter relaxations (CROWN's on
-small networks, interval bounds on large ones: `refinement`). A sub-problem whose every margin bound is above zero is proved; the rest are split again on the neuron of
-largest score (BaBSR's, Bunel et al. 2020: the share of the bound the neuron's upper relaxation costs, |coefficient|
-x u l / (u - l) for a negative coefficient at its output), many sub-problems a pass. Each bound's minimizing input,
-rounded to the 8-bit lattice, is tried on the model itself (L-infinity: a corner of the box): a counterexample ends
-the search.
+constraint s_j z_j >= 0 added to the bound with a multiplier beta_j >= 0 (utils.certify.propagation's optimized_bound);
+its intermediate bounds are recomputed below the splits, within the root's (which hold on the whole set): the split
+neurons' bounds cut at zero, then the later layers' bounds from those tighter relaxations (CROWN's on small networks,
+interval bounds on large ones: `refinement`). A sub-problem whose every margin bound is above zero is proved; the rest
+are split again on the neuron of largest score (BaBSR's, Bunel et al. 2020: the share of the bound the neuron's upper
+relaxation costs, |coefficient| x u l / (u - l) for a negative coefficient at its output), many sub-problems a pass.
+Each bound's minimizing input, rounded to the 8-bit lattice, is tried on the model itself (L-infinity: a corner of the
+box): a counterexample ends the search.
 
 `branch_and_bound(net, bounds, box, label, ...)` -> Outcome("robust" | "not robust" | "unknown", the counterexample
 levels or None, the smallest margin bound left, the sub-problems bounded).

@@ -5,8 +5,9 @@ and bound's sub-problems) and the rows being bounded, on any device.
 A network here (`Net`) is a list of layers on flat vectors, from the pixels in [0, 1] to the logits:
 - `Linear`: an affine map with its own three operations: `forward` (W x + b), `transpose` (rows R -> R W: the
   layer's backward operation, a convolution's transposed convolution, never a dense matrix of the layer; a fully
-  connected layer's is its own dense W) and `magnitude` (|W| r, for intervals). Two makers: `Net.from_layers` (step 10's graph of a model file, each affine
-  stretch run as the graph runs it and transposed by differentiating it, |W| from its sparse matrix) and
+  connected layer's is its own dense W) and `magnitude` (|W| r, for intervals). Two makers: `Net.from_layers`
+  (step 10's graph of a model file, each affine stretch run as the graph runs it and transposed by differentiating
+  it, |W| from its sparse matrix) and
   `Net.from_module` (a training network's Conv2d, Linear, pooling and Flatten modules on their live parameters, so
   that a bound is differentiable in the weights: certified training).
 - `ReLU`, and `MaxPool` (each output's window of flat input indices, -1 for padding).
@@ -274,11 +275,6 @@ class Box:
         budget = torch.as_tensor([ball.budget for ball in balls], dtype=dtype, device=device)
         return cls(stack("lower"), stack("upper"), stack("center"), budget)
 
-    def pick(self, index):
-        """The set of image `index` alone (a batch of one)."""
-        one = lambda value: None if value is None else value[index:index + 1]
-        return Box(one(self.lower), one(self.upper), one(self.center), one(self.budget))
-
     def repeat(self, counts):
         """Each image's set repeated counts[i] times (branch and bound's sub-problems of one image)."""
         pick = lambda value: None if value is None else value.repeat_interleave(counts, dim=0)
@@ -380,17 +376,16 @@ def widest(layers):
 
 def crown_neurons(layers, bounds, box, mask):
     """CROWN's (lower, upper) (B, width) of the output of layers[-1] (a Linear) at the neurons of `mask` (B, width);
-    +-inf elsewhere. In float64 on the CPU with the graph's sparse matrices the rows stay sparse (`sparse_crown`);
-    else dense rows, cut so that a block holds at most BLOCK elements."""
+    +-inf elsewhere. For one image, in float64 on the CPU with the graph's sparse matrices, the rows stay sparse
+    (`sparse_crown`); else (a batch of branch and bound's sub-problems, too) dense rows, cut so that a block holds at
+    most BLOCK elements."""
     batch, width = mask.shape
     lower = torch.full(mask.shape, -torch.inf, dtype=box.lower.dtype, device=mask.device)
     upper = torch.full(mask.shape, torch.inf, dtype=box.lower.dtype, device=mask.device)
     if batch == 1 and sparse_rows_apply(layers, box):
-        for image in range(batch):
-            picked = torch.nonzero(mask[image])[:, 0]
-            low, high = sparse_crown(layers, [(lo[image], hi[image]) for lo, hi in bounds[:len(layers)]],
-                                     box.pick(image), picked.numpy())
-            lower[image, picked], upper[image, picked] = torch.from_numpy(low), torch.from_numpy(high)
+        picked = torch.nonzero(mask[0])[:, 0]
+        low, high = sparse_crown(layers, [(lo[0], hi[0]) for lo, hi in bounds[:len(layers)]], box, picked.numpy())
+        lower[0, picked], upper[0, picked] = torch.from_numpy(low), torch.from_numpy(high)
         return lower, upper
     counts = mask.sum(dim=1)
     most = int(counts.max()) if batch else 0
@@ -522,7 +517,8 @@ def layer_bounds(net, box, method="crown", neurons="needed", prior=None, splits=
         if isinstance(layer, MaxPool):
             bounds.append(pool_interval(layer.windows, lower, upper))
             continue
-        if prior is not None and index < split:  # no relaxation before this output changed
+        reused = prior is not None and index < split  # no relaxation before this output changed
+        if reused:
             low, high = (limit.expand(len(lower), -1) for limit in prior[index + 1])
         else:
             low, high = interval_linear(layer, lower, upper)  # exact for the first layer in L-infinity
@@ -531,7 +527,7 @@ def layer_bounds(net, box, method="crown", neurons="needed", prior=None, splits=
         if splits is not None and index + 1 in splits:
             low, high = split_limits(low, high, splits[index + 1])
         first_l1 = index == 0 and box.budget is not None
-        if method != "interval" and (index > 0 or first_l1) and (prior is None or index >= split):
+        if method != "interval" and (index > 0 or first_l1) and not reused:
             mask = torch.ones_like(low, dtype=torch.bool) if neurons == "all" or first_l1 or index == last else \
                 neurons_that_matter(net.layers, index, low, high)
             crown_low, crown_high = crown_neurons(net.layers[:index + 1], bounds, box, mask)
