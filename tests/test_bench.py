@@ -178,8 +178,9 @@ def test_robust_accuracy_puts_step_8_beside_the_reference_one_row_per_norm(digit
     assert out.startswith(f"{digits.folder}, model {Path(digits.model_file).name}, batches of 3, 100 iterations per gradient attack, 1 thread(s);")
     rows = ROW.findall(out)
     assert [(norm, epsilon, images) for norm, epsilon, images, *_ in rows] == [("Linf", "32", "4"), ("L2", "4", "4")]
-    for (_, _, images, ours_share, ours, reference_share, reference, difference, ours_s, reference_s, _, network_s,
-         floor), step_8_seconds, reference_took in zip(rows, step_8.seconds, reference_seconds):
+    for index, ((_, _, images, ours_share, ours, reference_share, reference, difference, ours_s, reference_s, _,
+                 network_s, floor), step_8_seconds, reference_took) in enumerate(zip(rows, step_8.seconds,
+                                                                                      reference_seconds)):
         ours, reference = int(ours), int(reference)
         assert 0 <= ours <= digits.right and 0 <= reference <= digits.right
         assert float(ours_share) == pytest.approx(100 * ours / 4, abs=0.05)
@@ -190,7 +191,10 @@ def test_robust_accuracy_puts_step_8_beside_the_reference_one_row_per_norm(digit
         assert float(reference_s) == pytest.approx(reference_took, abs=0.06)
         # the reference's network passes, clocked inside its run: a part of it, and the floor is that share
         assert 0 <= float(network_s) <= float(reference_s)
-        assert float(floor) == pytest.approx(float(network_s) / float(reference_s), abs=0.01 + 0.1 / float(reference_s))
+        # the reference's own network clock over this test's clock of its run (the bench prints both times to 0.1 s,
+        # 0.0 on a fast machine, and the floor to 0.01; its clock encloses the test's by one call's overhead)
+        inside = clocks[2 * index + 1].inside()  # per norm ours, then the reference's
+        assert float(floor) == pytest.approx(inside / reference_took, abs=0.006 + 0.002 / reference_took)
     assert "\nTarget: ours at most the reference plus one image, in at most half its time (x0.5).\nFloor: " in out
     # inside and outside the network: per norm ours per attack that ran and in all, then the reference in all
     splits = SPLIT.findall(out)
