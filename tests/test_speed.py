@@ -368,18 +368,21 @@ def test_the_benchmark_prints_every_configuration_and_one_summary_line(tmp_path)
 
 
 FAULTS_PER_PASS = """
-import resource, sys, torch
+import resource, statistics, sys, torch
 sys.path.insert(0, {repo!r})
 from utils import speed
 x, w = torch.rand(64, 3, 32, 32), torch.randn(16, 3, 3, 3)
 
 def faults_per_pass():
+    # the median pass: a burst the kernel or another thread causes in one pass (seen once in CI) is not the allocator's
     for _ in range(3):
         torch.conv2d(x, w, padding=1).relu().sum()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(20):
+    counts = []
+    for _ in range(21):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         torch.conv2d(x, w, padding=1).relu().sum()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return statistics.median(counts)
 
 default = faults_per_pass()
 assert speed.keep_freed_memory()
@@ -391,7 +394,8 @@ print(default, faults_per_pass())
 def test_kept_memory_spares_each_forward_its_page_faults():
     """A batch's 4 MB activations: by default glibc hands their pages back at every free and the next pass faults
     them in again (about 2,000 faults a pass); with keep_freed_memory, none after the first passes. One fresh
-    process measures both, glibc's default first (nothing has set malloc yet there), then kept."""
+    process measures both, glibc's default first (nothing has set malloc yet there), then kept; each as its median
+    pass, since CI once saw a mean of 51 kept faults a pass from a single pass's burst under load."""
     code = FAULTS_PER_PASS.format(repo=str(REPO))
     default, kept = map(float, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                               check=True).stdout.split())
