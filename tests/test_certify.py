@@ -213,6 +213,49 @@ def test_exact_agrees_with_every_lattice_point(norm, levels, epsilon):
     assert {"robust", "not robust"} <= set(verdicts), verdicts  # the cases test both answers
 
 
+def pooled_net(seed):
+    """A tiny conv net on 2x2x3 images whose 2x2 max pool, behind two convolutions, has several candidates per
+    window."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 5, 2, padding=1), nn.ReLU(), nn.Conv2d(5, 5, 2), nn.ReLU(),
+                        nn.MaxPool2d(2, stride=1), nn.Flatten(), nn.Linear(5, 10))
+    with torch.no_grad():
+        net[0].weight.mul_(40)
+    return classifier(net, 2)
+
+
+def test_the_milp_through_a_max_pool_agrees_with_every_lattice_point():
+    """The program alone (no attack, bounds or branch and bound before it), with the loose interval bounds so the
+    pool keeps binaries: a point with margin <= the threshold exists exactly when some lattice point has one. Each
+    case moves the runner-up's bias so that its margin's lowest point over the lattice sits on either side of zero."""
+    from utils.certify.exact import THRESHOLD
+    from utils.certify.milp import MarginProgram
+    rng = np.random.default_rng(3)
+    answers, binaries = [], 0
+    for seed in range(8):
+        model, image = pooled_net(seed), rng.integers(1, 255, (2, 2, 3)).astype(np.uint8)
+        pixels = torch.from_numpy(lattice_points(image, "Linf", 1)).float().reshape(-1, 3, 2, 2)
+        with torch.no_grad():
+            logits = model(pixels).double().numpy()
+            label, runner = torch.topk(model(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255)[0], 2)[1]
+            margin = logits[:, label] - logits[:, runner]
+            shift = margin.min() - (0.02 if seed % 2 else -0.02) * (margin.max() - margin.min())
+            model.net[-1].bias[runner] += shift  # the runner-up's margin now dips below zero for even seeds only
+            logits = model(pixels).double().numpy()
+            label = int(model(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255).argmax())
+        others = np.delete(np.arange(10), label)
+        truth = (logits[:, [label]] - logits[:, others]).min() <= THRESHOLD
+        network = extract_layers(model, (3, 2, 2))
+        ball = make_ball(image, "Linf", 1, lattice=True)
+        bounds = layer_bounds(network, ball, "interval")
+        program = MarginProgram(network, ball, bounds, lattice=True)
+        answer = program.solve(label, others, THRESHOLD, 30.0, bounds[-1])
+        assert answer.status == ("found" if truth else "infeasible"), (seed, answer.status, truth)
+        answers.append(answer.status)
+        binaries += program.binaries
+    assert set(answers) == {"found", "infeasible"} and binaries > 0, (answers, binaries)
+
+
 def test_nothing_proved_robust_is_fooled_by_our_attacks():
     for model, image, label in tiny_cases():
         rows = ExactCertifier(model, ExactSettings("Linf", True, 30.0, 0), image_shape=(3, 2, 2)).certify(

@@ -7,8 +7,8 @@ each pixel's increase and decrease, whose sum is the budget's), then every layer
 utils.certify.bounds proved. An affine layer is its equalities. A ReLU whose input bounds are both >= 0 is the
 identity and one whose bounds are both <= 0 is zero; one whose bounds straddle zero gets one binary delta (on or
 off) and the big-M constraints a >= 0, a >= z, a <= z - l (1 - delta), a <= u delta, exact for z in [l, u]. A max
-pool output m is the max of the inputs that can be the largest (upper bound at least the largest lower bound): with
-one candidate m equals it; else one binary per candidate, m >= z_j, m <= z_j + (u_max - l_j)(1 - delta_j) and one
+pool output m is the max of the inputs that can be the largest (upper bound above the largest lower bound, and the
+input with that lower bound): with one candidate m equals it; else one binary per candidate, m >= z_j, m <= z_j + (u_max - l_j)(1 - delta_j) and one
 delta set. The tighter the bounds, the fewer binaries and the smaller the big-Ms.
 
 `MarginProgram(network, ball, bounds, lattice).solve(label, target, threshold, time_limit)` asks whether some input
@@ -150,24 +150,40 @@ class MarginProgram:
         return outputs
 
     def max_pool(self, build, pool, inputs, input_bounds):
+        windows = pool.windows
+        exact_lo, exact_hi = (np.concatenate([bound, [-np.inf]])[windows] for bound in input_bounds)
+        # z_j can be the largest only if its upper bound beats every lower bound; the input with the largest lower
+        # bound always can. On the bounds as proved: widened, a dead input ([0, 0] after its ReLU) would pass the
+        # test and bring a big-M of 2e-6 that HiGHS fails on
+        first = exact_lo.argmax(axis=1)
+        candidate = (windows >= 0) & (exact_hi > exact_lo.max(axis=1, keepdims=True))
+        candidate[np.arange(len(windows)), first] = True
         lower, upper = widened(*input_bounds)
-        lo = np.concatenate([lower, [-np.inf]])[pool.windows]
-        hi = np.concatenate([upper, [-np.inf]])[pool.windows]
+        lo = np.concatenate([lower, [-np.inf]])[windows]
+        hi = np.concatenate([upper, [-np.inf]])[windows]
         floor = lo.max(axis=1)
         outputs = build.variables(floor, hi.max(axis=1))
-        for o, window in enumerate(pool.windows):
-            candidates = [j for j, k in zip(window, range(len(window))) if j >= 0 and hi[o, k] >= floor[o]]
-            if len(candidates) == 1:
-                build.entries([0, 0], [outputs[o], inputs[candidates[0]]], [1.0, -1.0], 0.0, 0.0)
-                continue
-            delta = build.variables(np.zeros(len(candidates)), np.ones(len(candidates)), integer=True)
-            self.binaries += len(candidates)
-            ceiling = upper[candidates].max()
-            for j, d in zip(candidates, delta):
-                build.entries([0, 0], [outputs[o], inputs[j]], [1.0, -1.0], 0.0, np.inf)      # m >= z_j
-                big = ceiling - lower[j]
-                build.entries([0, 0, 0], [outputs[o], inputs[j], d], [1.0, -1.0, big], -np.inf, big)
-            build.entries(np.zeros(len(delta), dtype=int), delta, np.ones(len(delta)), 1.0, 1.0)
+        single = candidate.sum(axis=1) == 1
+        alone = np.flatnonzero(single)
+        if len(alone):  # m = z_j
+            rows = np.arange(len(alone))
+            build.entries(np.concatenate([rows, rows]),
+                          np.concatenate([outputs[alone], inputs[windows[alone, candidate[alone].argmax(axis=1)]]]),
+                          np.concatenate([np.ones(len(alone)), -np.ones(len(alone))]), 0.0, 0.0)
+        window, slot = np.nonzero(candidate & ~single[:, None])  # grouped by window, in order
+        if len(window):
+            count = len(window)
+            delta = build.variables(np.zeros(count), np.ones(count), integer=True)
+            self.binaries += count
+            m, z = outputs[window], inputs[windows[window, slot]]
+            big = np.where(candidate, hi, -np.inf).max(axis=1)[window] - lower[windows[window, slot]]
+            rows, ones = np.arange(count), np.ones(count)
+            build.entries(np.concatenate([rows, rows]), np.concatenate([m, z]), np.concatenate([ones, -ones]),
+                          0.0, np.inf)                                                           # m >= z_j
+            build.entries(np.concatenate([rows, rows, rows]), np.concatenate([m, z, delta]),
+                          np.concatenate([ones, -ones, big]), -np.inf, big)    # m <= z_j + big (1 - d_j)
+            group = np.unique(window, return_inverse=True)[1]
+            build.entries(group, delta, ones, 1.0, 1.0)                           # one d_j set per window
         return outputs
 
     def solve(self, label, targets, threshold, time_limit, logit_bounds):
