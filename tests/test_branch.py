@@ -80,3 +80,20 @@ def test_the_exact_certifier_decides_by_branch_and_bound_before_the_milp():
     row = exact.ExactCertifier(model, exact.ExactSettings("Linf", True, 60.0, 0), image_shape=(3, 4, 4)).certify(
         image, label, [6])[0]
     assert row["verdict"] == "robust" and row["found_by"] == "bab" and row["domains"] > 1, row
+
+
+def test_a_program_too_large_for_the_milp_leaves_the_whole_time_to_branch_and_bound(monkeypatch):
+    """Above MILP_MAX_BINARIES the program is built (its size is reported) but never solved, and branch and bound
+    runs to the time limit instead of stopping at its share: with its share at zero it still decides."""
+    def no_solve(*args, **kwargs):
+        raise AssertionError("the MILP ran on a program above the size rule")
+
+    monkeypatch.setattr(exact, "BRANCH_SHARE", 0.0)
+    monkeypatch.setattr(exact, "MILP_MAX_BINARIES", 0)
+    monkeypatch.setattr("utils.certify.milp.MarginProgram.solve", no_solve)
+    model, image = random_mlp(11), np.random.default_rng(0).integers(1, 255, (12, 4, 4, 3)).astype(np.uint8)[11]
+    with torch.no_grad():
+        label = int(model(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255).argmax())
+    row = exact.ExactCertifier(model, exact.ExactSettings("Linf", True, 60.0, 0), image_shape=(3, 4, 4)).certify(
+        image, label, [6])[0]
+    assert row["verdict"] == "robust" and row["found_by"] == "bab" and row["domains"] > 1, row

@@ -29,19 +29,20 @@ def tensor_net(network, device):
 
 
 def bound_ladder(net, dtype, device, image_u8, label, norm, epsilon, lattice, propagation, iterations,
-                 until_proved=False):
+                 until_proved=False, deadline=None):
     """({method: its smallest margin bound} for interval, CROWN and alpha-CROWN up to `propagation`, each at least
     the one before; the last one's margin bounds per class (float64 NumPy); the layer bounds the last one used; the
     Box). The interval bound is IBP's alone (interval bounds for every layer); CROWN's and alpha-CROWN's use CROWN's
     intermediate bounds. `until_proved`: stop at the first method whose bound is above zero (a proof needs no
-    tighter one)."""
+    tighter one). `deadline`: alpha-CROWN's (optimized_bound)."""
     box = Box.from_balls([make_ball(image_u8, norm, epsilon, lattice)], dtype, device)
     bounds = layer_bounds(net, box, "interval")
     found, best = {}, -np.inf
     for method in METHODS[:METHODS.index(propagation) + 1]:
         if method == "crown":
             bounds = layer_bounds(net, box, "crown")
-        margins = margin_bounds(net, box, [label], bounds, method, iterations=iterations)[0].cpu().double().numpy()
+        margins = margin_bounds(net, box, [label], bounds, method, iterations=iterations,
+                                deadline=deadline)[0].cpu().double().numpy()
         best = found[method] = max(float(margins.min()), best)
         if until_proved and best > 0:
             break

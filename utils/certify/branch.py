@@ -122,7 +122,7 @@ def branch_and_bound(net, bounds, box, label, is_counterexample, deadline, batch
         margins = optimized_bound(net, sub_bounds, sub_box, rows.expand(len(picked), -1, -1),
                                   torch.full((len(picked), classes - 1), -torch.inf, dtype=box.lower.dtype,
                                              device=box.lower.device), iterations, LR,
-                                  splits=splits, record=record)
+                                  splits=splits, record=record, deadline=deadline)
         explored += len(picked)
         worst_value, worst = margins.min(dim=1)
         candidates = minimizers(record, worst, sub_box) if box.budget is None else [None] * len(picked)

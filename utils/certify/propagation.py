@@ -36,6 +36,7 @@ Floating point: in float64 (the default, on the CPU) rounding moves a bound by a
 the 1e-9-level margins the verdicts use; in float32 (CUDA) every bound is moved outward by FLOAT32_SLACK x (1 + |b|),
 a margin tests/test_propagation.py checks against the float64 bounds on random and trained networks.
 """
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -554,10 +555,10 @@ def spread(values, others, classes):
     return out.scatter(1, others, values)
 
 
-def margin_bounds(net, box, labels, bounds, method="crown", iterations=ALPHA_ITERATIONS, lr=ALPHA_LR):
+def margin_bounds(net, box, labels, bounds, method="crown", iterations=ALPHA_ITERATIONS, lr=ALPHA_LR, deadline=None):
     """Lower bounds (B, classes) on logit[label] - logit[t] over each image's set (+inf at t = label); bounds from
     layer_bounds. "crown" is at least the interval bound and "alpha-crown" at least CROWN's (all three are sound:
-    the best is kept)."""
+    the best is kept). `deadline`: optimized_bound's."""
     lower, upper = bounds[-1]
     classes = lower.shape[1]
     rows, others = margin_rows(labels, classes, lower.dtype, lower.device)
@@ -569,7 +570,7 @@ def margin_bounds(net, box, labels, bounds, method="crown", iterations=ALPHA_ITE
     crown = torch.maximum(interval, outward(crown, crown)[0])
     if method == "crown":
         return spread(crown, others, classes)
-    return spread(optimized_bound(net, bounds, box, rows, crown, iterations, lr), others, classes)
+    return spread(optimized_bound(net, bounds, box, rows, crown, iterations, lr, deadline=deadline), others, classes)
 
 
 def initial_alphas(net, bounds, count):
@@ -583,12 +584,14 @@ def initial_alphas(net, bounds, count):
     return alphas
 
 
-def optimized_bound(net, bounds, box, rows, start, iterations, lr, splits=None, record=None):
+def optimized_bound(net, bounds, box, rows, start, iterations, lr, splits=None, record=None, deadline=None):
     """alpha-CROWN: the lower slopes of the unstable ReLUs (any value in [0, 1] gives a sound bound) moved by Adam
     to raise the bound of every row, from CROWN's slopes; the best bound each row reached (never below `start`).
     `splits` (branch and bound): {layer index: (B, width) signs, +1 for a neuron split active, -1 inactive, 0 not
     split}: their multipliers beta >= 0 are optimized with the slopes (beta-CROWN). `record`: a dict that gets the
-    last pass's rows at each ReLU and, under "input", at the pixels."""
+    last pass's rows at each ReLU and, under "input", at the pixels. `deadline` (a time.perf_counter() reading, for
+    the exact verifier's time limit): no step starts after it (the slopes reached so far give a sound bound); without
+    one, the result does not depend on the clock."""
     bounds = [(lower.detach(), upper.detach()) for lower, upper in bounds]  # fixed: only the slopes move
     alphas = initial_alphas(net, bounds[:-1], rows.shape[1])
     raw = {index: rows.new_zeros(rows.shape[:2] + sign.shape[1:]).requires_grad_(True)
@@ -598,6 +601,8 @@ def optimized_bound(net, bounds, box, rows, start, iterations, lr, splits=None, 
     best = start.detach().clone()
     optimizer = torch.optim.Adam(variables, lr=lr) if variables else None
     for _ in range(iterations if variables else 0):
+        if deadline is not None and time.perf_counter() >= deadline:
+            break
         with torch.enable_grad():
             bound = lower_bound(net.layers, bounds[:-1], rows, rows.new_zeros(rows.shape[:2]), box, alphas=alphas,
                                 betas=signed())
