@@ -18,8 +18,8 @@ from PIL import Image
 
 import step_8_evaluate
 from bench import certify as bench_certify
-from bench import (evaluate_scaling, robust_accuracy, smoothing_demo, smoothing_photo, smoothing_speed,
-                   square_crosscheck)
+from bench import (evaluate_scaling, fast_ensemble, robust_accuracy, smoothing_demo, smoothing_photo,
+                   smoothing_speed, square_crosscheck)
 from tests.conftest import REPO, run_main
 from utils.certify.report_smoothing import certified_accuracy_at
 from utils.certify.smoothing import largest_radius, levels_per_value, lower_confidence_bound, radius_from_bound
@@ -144,6 +144,28 @@ SPLIT = re.compile(r"^\| (\w+) \| (ours|reference) \| ([\w-]+) \| (\d+)\+(\d+) \
                    r"([\d.]+|-) \|$", re.M)
 ROW = re.compile(r"^\| (\w+) \| ([\d.]+) \| (\d+) \| ([\d.]+)% \((\d+)\) \| ([\d.]+)% \((\d+)\) \| ([+-]\d+) \| "
                  r"([\d.]+) \| ([\d.]+) \| x([\d.]+|inf) \| ([\d.]+) \| x([\d.]+|inf) \|$", re.M)
+
+
+# ---- bench/fast_ensemble.py ----------------------------------------------------------------------------------------
+
+def test_fast_ensemble_rows_are_the_library_calls_counts(digits, capsys):
+    """A row per norm whose robust counts are the library call's for each ensemble on the same digits (recomputed
+    here), whose difference follows from them, and whose ratio is the two printed times'."""
+    from utils.evaluation import robust_accuracy as call
+    fast_ensemble.main(parse(fast_ensemble, "--model", digits.model_file, "--folder", digits.folder, "--norm",
+                             "Linf,L2", "--epsilons", "16,2", "--steps", "3", "--queries", "20", "--batch-size", "3"))
+    out = capsys.readouterr().out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("| Linf", "| L2"))]
+    images, labels = fast_ensemble.labelled_images(digits.folder, digits.model)
+    assert len(rows) == 2
+    for row, (norm, epsilon) in zip(rows, (("Linf", 16), ("L2", 2))):
+        counts = [round(call(digits.model, images, labels, norm=norm, epsilon=epsilon, attacks=name, steps=3,
+                             queries=20, batch_size=3).robust_accuracy * 4) for name in ("standard", "fast")]
+        assert [int(row[3]), int(row[4]), int(row[5])] == [*counts, counts[1] - counts[0]], (row, counts)
+        assert int(row[3]) <= digits.right
+        standard_s, fast_s, ratio = float(row[6]), float(row[7]), float(row[8].strip(" |x"))
+        # the ratio of the unrounded times, which the printed ones give to within their last digit
+        assert (fast_s - 0.005) / (standard_s + 0.005) - 0.005 <= ratio <= (fast_s + 0.005) / (standard_s - 0.005) + 0.005
 
 
 def test_robust_accuracy_puts_step_8_beside_the_reference_one_row_per_norm(digits, monkeypatch, capsys):

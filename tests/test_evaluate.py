@@ -469,6 +469,18 @@ def test_with_labels_and_no_methods_only_the_default_ensemble_runs():
     assert make_plan(False, [2.0], [10], "Linf").ensemble == []
 
 
+def test_ensemble_fast_runs_its_two_stages_towards_three_classes(tiny, tmp_path):
+    """--ensemble fast on the command line: summary.md's stages are APGD-CE's and APGD-T's alone, and
+    evaluation.json records the three target classes (so --resume refuses a run with others)."""
+    folder, extra, _ = labelled_folder(tmp_path, "index")
+    status, err = tiny(folder, *extra, "--ensemble", "fast", "--epsilons", "2", "--steps", "2",
+                       "--output-dir", tmp_path / "out")
+    assert status == 0, err
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| robust accuracy after apgd | robust accuracy after apgd-t | worst case |" in summary, summary
+    assert '"target_classes": 3' in (tmp_path / "out" / "evaluation.json").read_text()
+
+
 def test_a_batch_recorded_in_part_runs_again_whole():
     """The rule behind an exact --resume: a job's rows for a batch count only when every photo it runs on has one; else
     it runs on the whole batch again (never on the lone photo: another batch composition gives other floats on CPU)."""

@@ -104,6 +104,30 @@ def test_a_plain_module_is_taken_as_it_is_and_left_as_it_was(tiny_images):
     assert "robust_accuracy=" in repr(found) and "tensor" not in repr(found)
 
 
+def test_the_fast_ensemble_is_apgd_and_apgd_t_towards_three_classes(tiny_images):
+    """attacks="fast" is the same run as naming its stages and their target classes, in every norm (Square, FAB-T:
+    none); a caller's target_classes wins over its three; "standard" is the default's."""
+    from utils.evaluation.plan import named_ensemble
+    model, images = make_tiny_model(), (tiny_images * 255).round().to(torch.uint8)
+    labels = model(tiny_images).argmax(dim=1)
+    settings = dict(epsilon=4, steps=3, queries=20, batch_size=2)
+    fast = robust_accuracy(model, images, labels, attacks="fast", **settings)
+    named = robust_accuracy(model, images, labels, attacks=["apgd", "apgd-t"], target_classes=3, **settings)
+    # (one restart: AutoAttack's outside L1, where the fast ensemble keeps it too)
+    assert fast.attacks == ["apgd", "apgd-t"] and fast.per_attack == named.per_attack
+    assert torch.equal(fast.adversarial, named.adversarial) and fast.fooled.any()
+    assert robust_accuracy(model, images, labels, attacks="standard", **settings).attacks == \
+        robust_accuracy(model, images, labels, **settings).attacks == ["apgd", "apgd-t", "fab", "square"]
+    assert [named_ensemble("fast", norm) for norm in ("Linf", "L2", "L1")] == [(["apgd", "apgd-t"], 3, 1)] * 3
+    assert named_ensemble("fast", "L1", 5, 2) == (["apgd", "apgd-t"], 5, 2)
+    assert named_ensemble("standard", "L1") == (["apgd", "apgd-t", "fab"], None, None)
+    from utils.evaluation.plan import Settings, stage_options
+    l1 = dict(model="m", folder="f", epsilons=(1.0,), steps=(3,), norm="L1")
+    assert stage_options("apgd", Settings(**l1)) == {"restarts": 5}, "AutoAttack's L1 setting"
+    assert stage_options("apgd", Settings(**l1, target_classes=3, restarts=1)) == {"restarts": 1, "target_classes": 3}
+    assert stage_options("apgd-t", Settings(**l1, target_classes=3, restarts=1)) == {"target_classes": 3}
+
+
 GOOD = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
 
 

@@ -74,6 +74,7 @@ class Settings:
     steps: tuple
     queries: int = 5000
     target_classes: int = None  # apgd-t's and fab's: None for AutoAttack's (9; apgd-t 5 in L1)
+    restarts: int = None  # the ensemble's apgd's: None for AutoAttack's (1; 5 in L1)
     defenses: tuple = ()
     adaptive: bool = False
     eot: int = 1
@@ -124,6 +125,26 @@ def standard_ensemble(norm):
     return [method for method in STANDARD_ENSEMBLE if norm in ATTACKS[method].norms]
 
 
+# --ensemble fast: APGD-CE (one restart, in L1 too), then APGD-T towards the 3 classes the model ranks highest after
+# the true one (the standard version goes towards 9), without FAB-T and Square: the stages that fooled every image the
+# standard ensemble fooled on the digits models of `make robust-demo` and `make certify-demo` (bench/fast_ensemble.py,
+# docs/evaluation.md). It gives up the standard version's second opinions, a gradient-free attack (Square) and a
+# minimal-distance one (FAB-T), that catch a model whose gradients mislead: judge a new defense with the standard one.
+FAST_ENSEMBLE = ("apgd", "apgd-t")
+FAST_TARGET_CLASSES = 3
+FAST_RESTARTS = 1
+NAMED_ENSEMBLES = ("standard", "fast")
+
+
+def named_ensemble(name, norm, target_classes=None, restarts=None):
+    """(attacks, target classes, restarts) of the ensemble called `name` ("standard" or "fast") in `norm`; a
+    `target_classes` or `restarts` given wins over the fast ensemble's (None keeps each attack's default)."""
+    if name == "fast":
+        return ([method for method in FAST_ENSEMBLE if norm in ATTACKS[method].norms],
+                target_classes or FAST_TARGET_CLASSES, restarts or FAST_RESTARTS)
+    return standard_ensemble(norm), target_classes, restarts
+
+
 def check_ensemble(ensemble, norm, flag="--ensemble"):
     """Every attack of `ensemble` exists and has a version in `norm` (UsageError naming the first that does not):
     checked before a model loads or a file is written, by step 8 (`flag` --ensemble) and the library call."""
@@ -146,6 +167,8 @@ def stage_options(method, settings):
     options = dict(L1_SETTINGS.get(method, {})) if settings.norm == "L1" else {}
     if settings.target_classes is not None:
         options["target_classes"] = settings.target_classes
+    if settings.restarts is not None and method == "apgd":
+        options["restarts"] = settings.restarts
     return options
 
 

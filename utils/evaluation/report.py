@@ -140,7 +140,8 @@ def standard_note(plan, settings):
     missing = [m for m in STANDARD_ENSEMBLE if m not in plan.ensemble and settings.norm not in ATTACKS[m].norms]
     note = f" AutoAttack's standard {', '.join(missing)} is left out: no {settings.norm} version here." if missing else ""
     if settings.norm == "L1":
-        note += " In L1, as AutoAttack's standard version: apgd with 5 restarts, apgd-t towards 5 classes."
+        note += (f" In L1: apgd with {settings.restarts or 5} restarts, apgd-t towards {settings.target_classes or 5} "
+                 "classes (AutoAttack's standard version: 5 and 5).")
     return note
 
 

@@ -100,9 +100,10 @@ def recorded_settings(settings, model_digest):
     """What decides a row besides its key: the model (utils.models.weights_digest) and the settings an attack draws or
     stops by. The batching, threads and memory format only move floats (the README's reproducibility line), so a run
     may resume with others."""
+    restarts = {} if settings.restarts is None else {"restarts": settings.restarts}  # the files of older runs had none
     return {"model": model_digest, "norm": settings.norm, "seed": settings.seed, "queries": settings.queries,
             "target_classes": settings.target_classes, "eot": settings.eot, "early_stop": settings.early_stop,
-            "precision": settings.precision}
+            "precision": settings.precision, **restarts}
 
 
 def start_output(out, settings, context, model_digest):

@@ -31,7 +31,7 @@ from utils.cli import UsageError
 from utils.data import cut
 from utils.evaluation.engine import MemoryStore, decode_batch, run_batch
 from utils.evaluation.interval import certified_counts, default_certifier_options, interval_certifiers, make_certifiers
-from utils.evaluation.plan import CLEAN, Plan, Settings, check_ensemble, ensemble_jobs, standard_ensemble
+from utils.evaluation.plan import CLEAN, NAMED_ENSEMBLES, Plan, Settings, check_ensemble, ensemble_jobs, named_ensemble
 from utils.evaluation.report import robust_counts
 from utils.models import Classifier, Preprocessing, default_classes
 from utils.speed import get_device
@@ -83,8 +83,8 @@ def robust_accuracy(model, images, labels, *, norm="Linf", epsilon=8, attacks=No
     [0, 1] (N, 3, H, W) to logits (N, C), wrapped with no normalization and no resize. `images`: uint8 (N, 3, H, W), or
     float in [0, 1] on the 8-bit lattice (each value k / 255); `labels`: N class indices. `norm` "Linf", "L2" or "L1";
     `epsilon` in step 8's units: levels out of 255 in Linf, the norm of the whole perturbation in [0, 1] pixel units
-    in L2 and L1. `attacks`: step 8's --ensemble names in order (default: AutoAttack's standard version in the norm,
-    step 8's default); `steps` (step 8's largest --steps), `queries`, `target_classes`, `early_stop`, `batch_size` and
+    in L2 and L1. `attacks`: step 8's --ensemble names in order, or "standard" (AutoAttack's standard version in the
+    norm, step 8's default; None too) or "fast" (step 8's --ensemble fast); `steps` (step 8's largest --steps), `queries`, `target_classes`, `early_stop`, `batch_size` and
     `seed` as step 8's flags. `device`: "cpu", "cuda", "auto" (CUDA if any) or None (the model's own). `certify`: a
     name or list of names of step 8's --certify certifiers ("bounds", "exact").
 
@@ -98,14 +98,18 @@ def robust_accuracy(model, images, labels, *, norm="Linf", epsilon=8, attacks=No
     images_u8 = checked_images(images)
     labels = checked_labels(labels, len(images_u8))
     checked_norm(norm)
-    ensemble = standard_ensemble(norm) if attacks is None else checked_attacks(attacks)
+    restarts = None
+    if attacks is None or (isinstance(attacks, str) and attacks in NAMED_ENSEMBLES):
+        ensemble, target_classes, restarts = named_ensemble(attacks or "standard", norm, target_classes)
+    else:
+        ensemble = checked_attacks(attacks)
     check_ensemble(ensemble, norm, "attacks")
     for name, value in (("steps", steps), ("queries", queries), ("batch_size", batch_size)):
         check_count(name, value)
     check_epsilon(epsilon, norm, tuple(images_u8.shape[1:]), "epsilon")
     certifier_names = checked_certifiers(certify, norm)
     settings = Settings(model="model", folder="", epsilons=(float(epsilon),), steps=(steps,), queries=queries,
-                        target_classes=target_classes, seed=seed, early_stop=early_stop, batch_size=batch_size,
+                        target_classes=target_classes, restarts=restarts, seed=seed, early_stop=early_stop, batch_size=batch_size,
                         norm=norm)
     plan = Plan([], ensemble, None, [CLEAN, *ensemble_jobs(ensemble, settings.epsilons, (steps,), queries)])
     with evaluated(model, images_u8, device) as classifier:
