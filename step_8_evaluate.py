@@ -75,10 +75,12 @@ DEFAULT_ENSEMBLE = tuple(standard_ensemble("Linf"))
 
 # ---- inputs ---------------------------------------------------------------------------------------------------
 
-def prepare_model(args, device):
-    """The one place the model is made ready: --precision checked, --memory-format set, --compile applied."""
+def prepare_model(args, device, model=None):
+    """The one place the model is made ready: --model loaded (or `model`, a network given in its place), --precision
+    checked, --memory-format set, --compile applied."""
     speed.check_precision(args.precision, device)  # before the load, which can take long or fail offline
-    model = load_model(args.model, device, classes=args.classes, input_size=args.input_size)
+    if model is None:
+        model = load_model(args.model, device, classes=args.classes, input_size=args.input_size)
     if model.preprocessing.crop_size is None:
         raise UsageError(f"{args.model} takes images as they are, and step 8 batches photos of any size: pass "
                          "--input-size N to resize and crop them all to N x N")
@@ -95,7 +97,9 @@ def settings_of(args, model, device):
                     batch_size=args.batch_size, workers=args.workers, resume=args.resume, norm=args.norm)
 
 
-def main(args):
+def main(args, model=None):
+    """Step 8 on the command line's `args`. `model`: a Classifier to evaluate in place of loading --model (a
+    benchmark's own network); it is made ready by the same flags."""
     context = distributed.start(get_device(args.device))
     try:
         torch.set_num_threads(distributed.thread_share(args.threads, context))
@@ -103,7 +107,7 @@ def main(args):
         args.norm, args.epsilons = resolve_threat(args.model, args.norm, args.epsilons, DEFAULT_EPSILONS, "--epsilons")
         args.epsilons = sorted(args.epsilons)
         check_attacks(args.ensemble, args.methods, args.norm)
-        model = prepare_model(args, context.device)  # first: the labels and the target are names of its classes
+        model = prepare_model(args, context.device, model)  # first: the labels and the target are names of its classes
         check_budget(args.epsilons, args.norm, (3, model.preprocessing.crop_size, model.preprocessing.crop_size),
                      "--epsilons")
         photos = find_photos(args.folder, args.labels, functools.partial(find_class, classes=model.classes))
