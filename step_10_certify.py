@@ -46,8 +46,8 @@ from step_2_pretrained import find_class, get_device, model_from_args, prepare_i
 from utils.certify import CERTIFIERS
 from utils.certify.report_smoothing import default_radii, write_smoothing_report
 from utils.certify.smoothing import largest_radius, levels_per_value
-from utils.certify.run import (certify_images, check_epsilons, csv_columns, finished, sort_certified,
-                               start_certified, write_certify_report)
+from utils.certify.run import (certify_images, check_epsilons, csv_columns, finished_earlier, sort_certified,
+                               write_certify_report)
 from utils.cli import ArgumentParser, UsageError, listed, number_in, run
 from utils.data import find_photos
 from utils.flags import add_device_argument, add_photos_arguments, add_threads_argument
@@ -100,9 +100,7 @@ def main(args):
     height, width, _ = images[0].shape
     certifier = make_certifier(args, model, (3, height, width))
     out = Path(args.output_dir)
-    kept = start_certified(out, csv_columns(certifier), args.resume, certifier.recorded_settings())
-    epsilon_texts = {f"{epsilon:g}" for epsilon in epsilons} if certifier.uses_epsilons else {""}
-    done = finished(kept, photos.names, epsilon_texts)
+    done = finished_earlier(certifier, out, photos.names, epsilons, args.resume)
     print(f"Certifying {len(photos.names) - len(done)} of {len(photos.names)} images of {args.folder} with "
           f"{args.method} ({certifier.description}), {args.norm}"
           f"{', epsilons ' + ', '.join(f'{e:g}' for e in epsilons) if epsilons else ''}; "

@@ -57,7 +57,7 @@ from pathlib import Path
 
 import torch
 
-from step_2_pretrained import chosen_target, find_class, get_device, load_model
+from step_2_pretrained import chosen_target, find_class, get_device, model_from_args
 from utils import speed
 from utils.attacks import ATTACKS
 from utils.cli import ArgumentParser, UsageError, listed, number_in, one_of, run
@@ -78,10 +78,13 @@ DEFAULT_ENSEMBLE = tuple(standard_ensemble("Linf"))
 
 # ---- inputs ---------------------------------------------------------------------------------------------------
 
-def prepare_model(args, device):
-    """The one place the model is made ready: --precision checked, --memory-format set, --compile applied."""
+def evaluated_model(args, device, model=None):
+    """The model step 8 evaluates: --model loaded (step 2's model_from_args) or `model`, a network given in its place,
+    refused if it takes images of any size, then made ready by --precision, --memory-format and --compile
+    (utils.speed.prepare_model, the one place that does it: this only reads the flags)."""
     speed.check_precision(args.precision, device)  # before the load, which can take long or fail offline
-    model = load_model(args.model, device, classes=args.classes, input_size=args.input_size)
+    if model is None:
+        model = model_from_args(args, device)
     if model.preprocessing.crop_size is None:
         raise UsageError(f"{args.model} takes images as they are, and step 8 batches photos of any size: pass "
                          "--input-size N to resize and crop them all to N x N")
@@ -99,7 +102,9 @@ def settings_of(args, model, device, restarts=None):
                     batch_size=args.batch_size, workers=args.workers, resume=args.resume, norm=args.norm)
 
 
-def main(args):
+def main(args, model=None):
+    """Step 8 on the command line's `args`. `model`: a Classifier to evaluate in place of loading --model (a
+    benchmark's own network); it is made ready by the same flags."""
     context = distributed.start(get_device(args.device))
     try:
         torch.set_num_threads(distributed.thread_share(args.threads, context))
@@ -111,7 +116,7 @@ def main(args):
             args.ensemble, args.target_classes, restarts = named_ensemble(args.ensemble, args.norm,
                                                                           args.target_classes)
         check_attacks(args.ensemble, args.methods, args.norm)
-        model = prepare_model(args, context.device)  # first: the labels and the target are names of its classes
+        model = evaluated_model(args, context.device, model)  # first: the labels and the target name its classes
         check_budget(args.epsilons, args.norm, (3, model.preprocessing.crop_size, model.preprocessing.crop_size),
                      "--epsilons")
         photos = find_photos(args.folder, args.labels, functools.partial(find_class, classes=model.classes))

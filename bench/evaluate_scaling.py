@@ -76,11 +76,10 @@ def memory_child(folder, out):
     net = nn.Sequential(nn.Conv2d(3, 8, 7, stride=4, padding=3), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
                         nn.Linear(32, 1000))
     model = freeze(Classifier(net, Preprocessing(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), "small"))
-    step_8_evaluate.load_model = lambda name, device, **options: model
     parser = step_8_evaluate.get_args_parser()
     args = parser.parse_args([str(folder), "--output-dir", str(out), "--methods", "fgsm", "--epsilons", "2",
                               "--threads", "1", "--batch-size", "16", "--device", "cpu"])
-    step_8_evaluate.main(args)
+    step_8_evaluate.main(args, model=model)
     print(f"peak_rss_kib {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}")
 
 

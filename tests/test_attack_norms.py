@@ -12,7 +12,10 @@ import torch
 from PIL import Image
 from scipy.optimize import linprog, minimize
 
-from utils.attacks import ATTACKS, NORMS, Attack, hyperplane_step, make_attack, norms, perturbation_size
+from utils.attacks import (ATTACKS, NORMS, Attack, hyperplane_step, lattice, make_attack, norms, perturbation_size,
+                           projection)
+from utils.attacks.projection import solve_capped_few
+from utils.attacks.rows import whole_sums
 from utils.cli import UsageError
 from utils.files import save_image
 
@@ -42,7 +45,7 @@ def solve_projection(v, x, epsilon, norm):
 @pytest.mark.parametrize("norm", ["L2", "L1"])
 def test_the_ball_and_box_projection_is_exact(norm):
     rng = np.random.default_rng(1)
-    project = norms.project_l2 if norm == "L2" else norms.project_l1
+    project = projection.project_l2 if norm == "L2" else projection.project_l1
     for trial in range(40):
         n = int(rng.integers(2, 9))
         x, v = rng.random(n), rng.normal(size=n) * rng.choice([0.2, 1.0, 3.0])
@@ -69,7 +72,7 @@ def test_the_lattice_stays_inside_the_ball(norm):
         original = torch.randint(0, 256, shape, generator=generator).double()
         epsilon = float(torch.rand(1, generator=generator)) * (2.0 if norm == "L2" else 12.0) + 0.01
         delta = norms.project((torch.rand(shape, generator=generator) - 0.5) * 0.4, original / 255, epsilon, norm)
-        image = norms.lattice_within(original, delta, norm, epsilon * 255)
+        image = lattice.lattice_within(original, delta, norm, epsilon * 255)
         assert torch.equal(image, image.round()), "whole levels"
         assert image.min() >= 0 and image.max() <= 255
         steps = (image - original).flatten(1)
@@ -83,13 +86,13 @@ def test_the_lattice_stays_inside_the_ball(norm):
 def test_the_lattice_rounds_plainly_when_that_is_inside():
     original = torch.full((1, 3, 4, 4), 100.0)
     delta = torch.full((1, 3, 4, 4), 0.4 / 255)  # rounds to 0 everywhere
-    assert torch.equal(norms.lattice_within(original, delta, "L2", 1.0), original)
+    assert torch.equal(lattice.lattice_within(original, delta, "L2", 1.0), original)
 
 
 def test_the_lattice_pulls_back_a_rounding_that_goes_over():
     # 48 coordinates at 0.6 levels: L1 28.8 inside a budget of 30, but rounded up it would be 48
     original = torch.full((1, 3, 4, 4), 100.0)
-    image = norms.lattice_within(original, torch.full((1, 3, 4, 4), 0.6 / 255), "L1", 30.0)
+    image = lattice.lattice_within(original, torch.full((1, 3, 4, 4), 0.6 / 255), "L1", 30.0)
     assert (image - original).abs().sum() == 30
 
 
@@ -169,7 +172,7 @@ def test_the_lattice_of_large_rows_is_the_rule(norm):
         epsilon = 0.5 if norm == "L2" else 6.0
         delta = norms.project(delta, original, epsilon, norm).float()
         levels = (original * 255).round().float()
-        ours = norms.lattice_within(levels, delta, norm, epsilon * 255).flatten(1)
+        ours = lattice.lattice_within(levels, delta, norm, epsilon * 255).flatten(1)
         expected = lattice_by_sorting(levels.double(), delta, norm, epsilon * 255)
         assert torch.equal(ours.double(), expected), norm
 
@@ -181,8 +184,8 @@ def test_the_lattice_is_the_rule_on_both_of_its_paths(norm, monkeypatch):
     the budget (a delta far over it: the fill's further passes): the rule either way, on float32 deltas as the
     attacks give them, each path taken."""
     filled = []
-    whole_row = norms._pull_back_filling
-    monkeypatch.setattr(norms, "_pull_back_filling", lambda *args: filled.append(1) or whole_row(*args))
+    whole_row = lattice._pull_back_filling
+    monkeypatch.setattr(lattice, "_pull_back_filling", lambda *args: filled.append(1) or whole_row(*args))
     generator = torch.Generator().manual_seed(9)
     for original, delta in large_cases(generator):
         epsilon = 0.5 if norm == "L2" else 6.0
@@ -190,7 +193,7 @@ def test_the_lattice_is_the_rule_on_both_of_its_paths(norm, monkeypatch):
         levels = (original * 255).round().float()
         for scale in (1.0, 1.02, 4.0):  # inside the ball, just over it, far over it
             before = len(filled)
-            ours = norms.lattice_within(levels, delta * scale, norm, epsilon * 255).flatten(1)
+            ours = lattice.lattice_within(levels, delta * scale, norm, epsilon * 255).flatten(1)
             expected = lattice_by_sorting(levels.double(), delta * scale, norm, epsilon * 255)
             assert torch.equal(ours.double(), expected), (norm, scale)
             if norm == "L2" and scale < 4.0:
@@ -207,7 +210,7 @@ def test_whole_sums_are_exact_at_their_bound(width):
         at_bound = torch.full((2, width), float(bound))
         mixed = torch.randint(-bound, bound + 1, (3, width), generator=generator).float()
         for values in (at_bound, mixed):
-            assert torch.equal(norms.whole_sums(values, bound), values.double().sum(dim=1)), (bound, width)
+            assert torch.equal(whole_sums(values, bound), values.double().sum(dim=1)), (bound, width)
 
 
 def test_solve_capped_on_a_few_coordinates_is_solve_capped():
@@ -220,17 +223,17 @@ def test_solve_capped_on_a_few_coordinates_is_solve_capped():
     few = torch.rand(rows, n, generator=generator) < torch.tensor([0.0, 0.001, 0.01, 0.3, 1.0]).view(-1, 1)
     caps = torch.where(few, caps, 4.0)  # the others never saturate below the root
     goal = (slopes * caps.clamp(max=1)).sum(dim=1) * torch.rand(rows, generator=generator, dtype=torch.float64)
-    expected = norms.solve_capped(caps, slopes, slopes * caps, goal)
+    expected = projection.solve_capped(caps, slopes, slopes * caps, goal)
     row, column = few.nonzero(as_tuple=True)
     free = (slopes * ~few).sum(dim=1)
     for iterations in (50, 1):
-        ours = norms.solve_capped_few(row, caps[row, column], slopes[row, column], (slopes * caps)[row, column], free,
-                                      goal, iterations=iterations)
+        ours = solve_capped_few(row, caps[row, column], slopes[row, column], (slopes * caps)[row, column], free,
+                                goal, iterations=iterations)
         assert torch.allclose(ours, expected, rtol=1e-12, atol=0), iterations
-    together = norms.solve_capped_few(row, caps[row, column], slopes[row, column], (slopes * caps)[row, column], free,
-                                      goal)
-    alone = [norms.solve_capped_few(row[row == r] * 0, caps[r][few[r]], slopes[r][few[r]], (slopes * caps)[r][few[r]],
-                                    free[r:r + 1], goal[r:r + 1]) for r in range(rows)]
+    together = solve_capped_few(row, caps[row, column], slopes[row, column], (slopes * caps)[row, column], free,
+                                goal)
+    alone = [solve_capped_few(row[row == r] * 0, caps[r][few[r]], slopes[r][few[r]], (slopes * caps)[r][few[r]],
+                              free[r:r + 1], goal[r:r + 1]) for r in range(rows)]
     assert torch.equal(torch.cat(alone), together)
 
 
@@ -269,8 +272,8 @@ def test_solve_capped_without_its_iterations_sorts_to_the_same_root():
     slopes = torch.rand(5, 3000, generator=generator, dtype=torch.float64)
     caps = torch.rand(5, 3000, generator=generator, dtype=torch.float64).pow(4)
     goal = (slopes * caps).sum(dim=1) * torch.rand(5, generator=generator, dtype=torch.float64)
-    newton = norms.solve_capped(caps, slopes, slopes * caps, goal)
-    sorted_ = norms.solve_capped(caps, slopes, slopes * caps, goal, iterations=1)  # stops moving only by sorting
+    newton = projection.solve_capped(caps, slopes, slopes * caps, goal)
+    sorted_ = projection.solve_capped(caps, slopes, slopes * caps, goal, iterations=1)  # stops moving only by sorting
     assert torch.allclose(newton, sorted_, rtol=1e-12)
     assert torch.allclose(torch.where(caps <= newton.view(-1, 1), slopes * caps, newton.view(-1, 1) * slopes).sum(1),
                           goal, rtol=1e-10)
@@ -283,12 +286,12 @@ def test_the_room_inside_the_box_is_exact_at_its_edges():
                       torch.rand(1, 995, generator=generator)], dim=1).repeat(2, 1)
     up = torch.rand(base.shape, generator=generator) > 0.5
     up[0, :5], up[1, :5] = True, False
-    room = norms.room_towards(up, base)
+    room = projection.room_towards(up, base)
     assert torch.equal(room, torch.where(up, 1 - base, base)) and not torch.signbit(room).any()
-    # the float form the projections pass (norms.upwards), from values with zeros of both signs and tiny ones
+    # the float form the projections pass (projection.upwards), from values with zeros of both signs and tiny ones
     values = torch.where(up, torch.rand(base.shape, generator=generator) + 1e-30, -torch.rand(base.shape, generator=generator))
     values[:, 5:9] = torch.tensor([0.0, -0.0, 1e-45, -1e-45])
-    room = norms.room_towards(norms.upwards(values), base)
+    room = projection.room_towards(projection.upwards(values), base)
     assert torch.equal(room, torch.where(values > 0, 1 - base, base)) and not torch.signbit(room).any()
 
 
@@ -297,7 +300,7 @@ def test_the_crossing_value_is_the_sorted_one():
     keys = (torch.randn(4, 5000, generator=generator, dtype=torch.float64) * 4).round()  # many ties
     weights = torch.rand(4, 5000, generator=generator, dtype=torch.float64)
     needed = torch.tensor([0.5, 30.0, 2000.0, 1e9], dtype=torch.float64)  # one cut in the first 256, one past all
-    ours = norms.crossing_value(keys, weights, needed)
+    ours = lattice.crossing_value(keys, weights, needed)
     for row in range(4):
         order = keys[row].argsort(descending=True, stable=True)
         summed = weights[row][order].cumsum(0)
@@ -316,7 +319,7 @@ def test_the_fill_takes_the_largest_keys_first_ties_in_index_order(ties):
         keys = (keys * 4).round()
     weights = torch.rand(4, 3000, generator=generator, dtype=torch.float64)
     needed = torch.tensor([0.5, 30.0, 600.0, 1e9], dtype=torch.float64)  # the last one is never reached
-    fill = norms.fill_largest_first(keys, weights, needed)
+    fill = lattice.fill_largest_first(keys, weights, needed)
     assert (fill.before.dim() == 0) == (not ties), "the running sum only where a row has two keys at its cut"
     taken = fill.above | (fill.tied & (fill.before < fill.left))
     for row in range(4):

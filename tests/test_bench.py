@@ -286,11 +286,10 @@ def test_robust_accuracy_refuses_budgets_that_do_not_fit(digits, argv, message, 
     assert capsys.readouterr().out == ""
 
 
-def test_evaluate_scaling_memory_run_is_step_8_on_every_photo_with_its_peak(tmp_path, monkeypatch, capsys):
+def test_evaluate_scaling_memory_run_is_step_8_on_every_photo_with_its_peak(tmp_path, capsys):
     """The memory child in process: step 8 on three seeded noise photos with a small network; its own timer line
     (which the throughput runs parse) counts them, results.csv has each, and the peak resident set is printed (here
     this test process's: what it says about memory growth is the fresh child's business)."""
-    monkeypatch.setattr(step_8_evaluate, "load_model", step_8_evaluate.load_model)  # the child replaces it: undone
     photos = evaluate_scaling.synthetic_photos(tmp_path / "photos", 3)
     written = sorted(photos.iterdir())
     assert [path.name for path in written] == ["00000.png", "00001.png", "00002.png"]

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import step_2_pretrained
 import step_8_evaluate
 from utils import files
 from utils.models import find_class, predict_images, prepare_image
@@ -315,7 +316,7 @@ def solid(path, colour, size=40):
 def tiny(monkeypatch, capsys):
     """Run step 8's main in this process on the tiny model: returns (exit status, stderr)."""
     model = make_tiny_model()
-    monkeypatch.setattr(step_8_evaluate, "load_model", lambda name, device, **options: model)
+    monkeypatch.setattr(step_2_pretrained, "load_model", lambda name, device, **options: model)
 
     def call(*argv):
         with pytest.raises(SystemExit) as exit_:
@@ -583,7 +584,7 @@ def test_resume_keeps_rows_only_for_the_model_and_settings_they_were_made_with(t
     other = make_tiny_model()
     with torch.no_grad():
         next(other.parameters()).add_(1e-3)
-    monkeypatch.setattr(step_8_evaluate, "load_model", lambda name, device, **options: other)
+    monkeypatch.setattr(step_2_pretrained, "load_model", lambda name, device, **options: other)
     status, err = tiny(folder, *extra, "--output-dir", out, "--resume")
     assert status == 2 and "made with model " in err and err.count("\n") == 1, err
     assert (out / "results.csv").read_bytes() == before, "a refused resume leaves the results as they were"

@@ -2,10 +2,12 @@
 levels out of 255, the default), L2 or L1 (epsilon the norm of the whole image's perturbation in [0, 1] units).
 
 This package owns the attacks and everything they share: `base` (the result, the shared loop, the 8-bit lattice, the
-restarts and target ranking), `norms` (sizes, exact projections onto a ball intersected with the pixel box, the
-lattice inside the ball), and one module per attack (sgd, fgsm, pgd, mifgsm, cw, apgd, square, fab), each with its
-paper in its docstring. Here: the registry `ATTACKS` by name, `make_attack`, `run_attack` on 8-bit images, and the
-small helpers the step scripts share (`perturbation_size`, `budget_unit`, `goal_reached`).
+restarts and target ranking), `norms` (the threat models: sizes, steepest steps, the projection's dispatch),
+`projection` (the exact L2 and L1 projections onto a ball intersected with the pixel box), `lattice` (the 8-bit
+lattice inside an L2 or L1 ball), `rows` (the exact per-row sums and counts they share), and one module per attack
+(sgd, fgsm, pgd, mifgsm, cw, apgd, square, fab), each with its paper in its docstring. Here: the registry `ATTACKS`
+by name, `make_attack`, `run_attack` on 8-bit images, and the small helpers the step scripts share
+(`perturbation_size`, `budget_unit`, `goal_reached`).
 """
 import torch
 

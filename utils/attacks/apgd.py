@@ -5,6 +5,7 @@ import torch
 
 from utils.attacks import norms
 from utils.attacks.base import Attack, OverTopTargets, dlr
+from utils.attacks.rows import indicator, row_counts
 
 
 def apgd_checkpoints(steps):
@@ -142,8 +143,8 @@ class APGD(Attack):
         magnitude = grad.abs().flatten(1)
         rank = ((1 - state["share"]) * features).clamp(0, features - 1).long()
         threshold = quantile_values(magnitude, rank).view(-1, 1)
-        # norms.room_towards: why not torch.where; norms.indicator: why not a bool mask
-        signs = grad.flatten(1).sign().mul_(norms.indicator(torch.ge, magnitude, threshold))
+        # projection.room_towards: why not torch.where; indicator: why not a bool mask
+        signs = grad.flatten(1).sign().mul_(indicator(torch.ge, magnitude, threshold))
         spread = signs / signs.abs().sum(dim=1, keepdim=True).clamp_min(1e-10)
         return delta - state["eta"] * spread.view_as(delta)
 
@@ -187,9 +188,9 @@ class APGD(Attack):
 
 
 def nonzero_counts(delta):
-    """Per sample, how many coordinates of `delta` are not 0, exactly, as float64 (norms.indicator: why not a bool
+    """Per sample, how many coordinates of `delta` are not 0, exactly, as float64 (indicator: why not a bool
     tensor's sum)."""
-    return norms.row_counts(torch.ne, delta.flatten(1), 0)
+    return row_counts(torch.ne, delta.flatten(1), 0)
 
 
 def quantile_values(values, rank):

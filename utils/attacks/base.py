@@ -1,7 +1,7 @@
 """The shared base of every attack: the result, the loop, the projections and the 8-bit lattice, once.
 
 - every iterate is projected onto the epsilon ball of the attack's `norm` around the input and onto [0, 1], after the
-  last step too (the exact projections of utils.attacks.norms);
+  last step too (the exact projections of utils.attacks.projection);
 - the model always sees the 8-bit image that would be saved (the iterate rounded to whole levels and, in L2 and L1,
   pulled back onto the lattice inside the ball, with a straight-through gradient), so the success it reports is the
   success of the file, rounding cannot undo it, and an iterate whose rounding stops moving keeps accumulating until it
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from utils import speed
 from utils.attacks import norms
+from utils.attacks.lattice import lattice_within
 
 # The model sees the rounded 8-bit image, so a pixel moves only once delta crosses half a level. A sign step much
 # smaller than that starves: at epsilon 1 and 100 steps Madry's 2.5 * epsilon / steps is 0.025 levels, 20 steps of
@@ -165,9 +166,9 @@ class Attack:
 
     def on_lattice(self, original_levels, delta):
         """The 8-bit image original + delta as a float in [0, 1]: in Linf never more than floor(epsilon) levels away,
-        in L2 and L1 pulled back onto the lattice inside the ball (norms.lattice_within)."""
+        in L2 and L1 pulled back onto the lattice inside the ball (lattice_within)."""
         if self.norm != "Linf":
-            return norms.lattice_within(original_levels, delta, self.norm, self.levels).div_(255)
+            return lattice_within(original_levels, delta, self.norm, self.levels).div_(255)
         budget = float(int(self.levels))
         # (original_levels + (delta * 255).round().clamp(-budget, budget)).clamp(0, 255) / 255
         steps = delta.detach().mul(255).round_().clamp_(-budget, budget)

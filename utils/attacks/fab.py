@@ -3,18 +3,21 @@ import torch
 
 from utils.attacks import norms
 from utils.attacks.base import Attack, AttackResult, OverTopTargets
+from utils.attacks.lattice import fill_largest_first, lattice_sizes
+from utils.attacks.projection import room_towards, solve_capped
+from utils.attacks.rows import indicator
 
 
 def _fill_largest_first(weight, room, capacity, goal):
     """The fractional knapsack of FAB's L1 step: per row, m_i in [0, room_i] with sum weight_i m_i = goal, filling
-    the coordinates in decreasing order of weight (ties in index order), the last one partly (norms.fill_largest_first:
+    the coordinates in decreasing order of weight (ties in index order), the last one partly (fill_largest_first:
     every coordinate above the weight where the filling ends is full, those at it fill in index order while the
     tied capacity ahead of them is under what is left; `capacity` is weight * room)."""
-    fill = norms.fill_largest_first(weight, capacity, goal)
+    fill = fill_largest_first(weight, capacity, goal)
     rows, columns = (fill.tied & (fill.before < fill.left)).nonzero(as_tuple=True)  # the few filled partly
     before = fill.before[rows, columns] if fill.before.dim() else fill.before
     part = ((fill.left[rows, 0] - before) / weight[rows, columns].clamp_min(1e-30)).clamp(min=0).to(weight.dtype)
-    moved = room * fill.above.to(room.dtype)  # a float mask: norms.indicator says why
+    moved = room * fill.above.to(room.dtype)  # a float mask: indicator says why
     moved[rows, columns] = torch.minimum(part, room[rows, columns])
     return moved
 
@@ -27,7 +30,7 @@ def normal_parts(normal, norm):
     if norm == "L2":
         extra = (weight.clamp_min(1e-30), weight * weight)
     elif norm == "Linf":
-        extra = (norms.indicator(torch.gt, weight, 0),)
+        extra = (indicator(torch.gt, weight, 0),)
     else:
         extra = ()
     return (normal.sign(), weight) + extra
@@ -41,10 +44,10 @@ def hyperplane_step(point, normal, offset, norm, parts=None):
 
     Every coordinate moves in the direction sign(offset * normal_i), by m_i in [0, room_i], with sum |normal_i| m_i =
     |offset|: in L-infinity m_i = min(t, room_i), in L2 m_i = min(t |normal_i|, room_i) (t found exactly by
-    norms.solve_capped), in L1 the coordinates with the largest |normal_i| are filled first (a fractional knapsack)."""
+    solve_capped), in L1 the coordinates with the largest |normal_i| are filled first (a fractional knapsack)."""
     signs, weight, *extra = parts or normal_parts(normal, norm)
     direction = torch.sign(offset).view(-1, 1) * signs
-    room = norms.room_towards(direction.clamp_min(0), point)  # direction is -1, 0 or 1
+    room = room_towards(direction.clamp_min(0), point)  # direction is -1, 0 or 1
     goal = offset.abs()
     capacity = weight * room
     reachable = capacity.sum(dim=1) >= goal
@@ -57,10 +60,10 @@ def hyperplane_step(point, normal, offset, norm, parts=None):
     elif norm == "Linf":
         # a coordinate with w = 0 has slope and saturation 0: its break, any finite one, changes no sum; it need not
         # move
-        moved = torch.minimum(norms.solve_capped(r, w, c, g).to(w.dtype).view(-1, 1), r).mul_(e[0])
+        moved = torch.minimum(solve_capped(r, w, c, g).to(w.dtype).view(-1, 1), r).mul_(e[0])
     else:
         floored, slopes = e
-        t = norms.solve_capped(r / floored, slopes, c, g).to(w.dtype).view(-1, 1)
+        t = solve_capped(r / floored, slopes, c, g).to(w.dtype).view(-1, 1)
         moved = torch.minimum(t * w, r)  # a zero weight need not move: t * w is 0 there already
     if every:
         return direction.mul_(moved)
@@ -118,11 +121,11 @@ class FAB(OverTopTargets, Attack):
 
     def lattice_size(self, lattice_levels, original_levels):
         """Per image, the size in levels of the 8-bit perturbation, in double precision (whole levels and their
-        squares are exact in float32, and so are their sums: norms.lattice_sizes)."""
+        squares are exact in float32, and so are their sums: lattice_sizes)."""
         steps = (lattice_levels - original_levels).flatten(1)
         if self.norm == "Linf":
             return steps.abs().amax(dim=1).double()
-        sizes = norms.lattice_sizes(steps, self.norm)
+        sizes = lattice_sizes(steps, self.norm)
         return sizes if self.norm == "L1" else sizes.sqrt()
 
     def starts_at_input(self, restart):

@@ -7,8 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from utils.attacks import norms
 from utils.attacks.base import Attack, AttackResult, margin
+from utils.attacks.lattice import lattice_within
 
 
 def square_fraction(p_init, query, queries):
@@ -235,10 +235,10 @@ class Square(Attack):
 
     def to_ball(self, original, original_levels, delta):
         """original + delta scaled to L2 norm epsilon, clipped to [0, 1] (the reference's step), and its 8-bit image
-        inside the ball (norms.lattice_within)."""
+        inside the ball (lattice_within)."""
         scale = self.eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12)
         image = torch.addcmul(original, delta, scale.view(-1, 1, 1, 1)).clamp_(0, 1)
-        return image, norms.lattice_within(original_levels, image - original, "L2", self.levels).div_(255)
+        return image, lattice_within(original_levels, image - original, "L2", self.levels).div_(255)
 
     def run_l2(self, original, labels, restart, ids):
         """Square in L2 (Andriushchenko et al. 2020, section 3.2): the start is a grid of tiles of side H // 5, each

@@ -4,6 +4,7 @@ classifies the file wrong and it is within the budget), summary.md (certified ac
 
 Library entry points (step 8 calls them too): `certify_images(certifier, images_u8, labels, epsilons, ...)` -> rows,
 `write_certify_report(rows, out, ...)`, `start_certified(out, columns, resume, settings)` -> the rows kept,
+`finished_earlier(certifier, out, names, epsilons, resume)` -> the images an earlier run finished,
 `sort_certified(out, columns, names)` -> the rows in the images' order, `check_epsilons(epsilons, norm)` -> them
 sorted.
 """
@@ -92,6 +93,15 @@ def finished(kept, names, wanted):
     for row in kept:
         covered.setdefault(row["image"], set()).add(row["epsilon"])
     return {name for name in names if covered.get(name, set()) >= set(wanted)}
+
+
+def finished_earlier(certifier, out, names, epsilons, resume):
+    """certified.csv under `out` started for `certifier` (start_certified: an earlier run's rows kept with `resume`,
+    else removed), and the images of `names` those rows finish at every one of `epsilons` (a certifier with a radius
+    per image: its one row): the images a run skips. Step 10 and step 8's --certify resume this way."""
+    kept = start_certified(out, csv_columns(certifier), resume, certifier.recorded_settings())
+    wanted = {epsilon_text(epsilon) for epsilon in epsilons} if certifier.uses_epsilons else {""}
+    return finished(kept, names, wanted)
 
 
 def sort_certified(out, columns, names):

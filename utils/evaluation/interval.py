@@ -8,8 +8,7 @@ PNGs, each read back and checked), appended per photo, so --resume keeps the pho
 from argparse import ArgumentParser
 
 from utils.certify import CERTIFIERS, ROBUST, UNKNOWN
-from utils.certify.run import (certify_images, csv_columns, epsilon_text, finished, read_certified,
-                               start_certified)
+from utils.certify.run import certify_images, csv_columns, epsilon_text, finished_earlier, read_certified
 from utils.cli import UsageError
 from utils.models import prepare_image
 
@@ -58,14 +57,12 @@ def certify_photos(certifiers, model, photos, skipped, epsilons, norm, out, resu
     found, images = {}, {}  # each photo decoded once, for the first certifier that needs it
     for name, certifier in certifiers.items():
         folder = out / FOLDER / name
-        columns = csv_columns(certifier)
-        kept = start_certified(folder, columns, resume, certifier.recorded_settings())
-        done = finished(kept, names, wanted)
+        done = finished_earlier(certifier, folder, names, epsilons, resume)
         todo = [i for i, image in zip(indices, names) if image not in done]
         images.update((i, prepare_image(photos.paths[i], model)) for i in todo if i not in images)
         certify_images(certifier, [images.get(i) for i in indices], [photos.labels[i] for i in indices],
                        sorted(epsilons), names, [photos.stems[i] for i in indices], folder, done, norm)
-        found[name] = [row for row in read_certified(folder / "certified.csv", columns)
+        found[name] = [row for row in read_certified(folder / "certified.csv", csv_columns(certifier))
                        if row["image"] in set(names) and row["epsilon"] in wanted]
     return found
 

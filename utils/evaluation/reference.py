@@ -5,7 +5,8 @@ from pathlib import Path
 
 import torch
 
-from utils.attacks import norms, perturbation_size
+from utils.attacks import perturbation_size
+from utils.attacks.lattice import lattice_within
 from utils.cli import UsageError
 from utils.images import to_tensor, to_uint8
 
@@ -29,8 +30,8 @@ def reference_autoattack(model, images, labels, epsilon, seed=0, batch_size=64, 
     """How many images the reference AutoAttack (standard version in `norm`: APGD-CE, APGD-T, FAB-T, Square; in L1
     its L1 settings) leaves correctly classified, judged on its adversarial images put on whole levels (what a PNG
     holds; a rounding that undoes an attack counts as the model's) and, in L2 and L1, pulled back onto the lattice
-    inside the ball as ours are (utils.attacks.norms.lattice_within), and the largest perturbation in the norm's units.
-    `epsilon`: levels out of 255 in Linf, the norm of the whole perturbation in [0, 1] units in L2 and L1."""
+    inside the ball as ours are (utils.attacks.lattice.lattice_within), and the largest perturbation in the norm's
+    units. `epsilon`: levels out of 255 in Linf, the norm of the whole perturbation in [0, 1] units in L2 and L1."""
     robust, largest = reference_robust(model, images, labels, epsilon, seed, batch_size, norm)
     return int(robust.sum()), largest
 
@@ -54,7 +55,7 @@ def reference_robust(model, images, labels, epsilon, seed=0, batch_size=64, norm
         on_lattice = to_tensor(to_uint8(adversarial), images.device)
     else:
         levels = (images * 255).round()
-        on_lattice = norms.lattice_within(levels, adversarial - images, norm, epsilon * 255) / 255
+        on_lattice = lattice_within(levels, adversarial - images, norm, epsilon * 255) / 255
     largest = perturbation_size(on_lattice, images, norm).max().item()
     with torch.no_grad():
         clean_ok = model(images).argmax(dim=1) == labels
