@@ -124,3 +124,23 @@ def test_a_corrupt_cached_weights_file_is_one_line_not_a_traceback(tmp_path):
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "cannot load the ImageNet weights of resnet18" in result.stderr
+
+
+def test_a_library_error_names_the_parameter_and_a_command_line_its_flag(capsys):
+    """The library's message names its parameter (it is called from Python too); utils.cli.run writes the flag that
+    sets it, read from the parser, and leaves a name no flag sets as it is."""
+    import argparse
+
+    from utils.cli import UsageError, run
+
+    parser = argparse.ArgumentParser(prog="prog")
+    parser.add_argument("--input-size", type=int)
+
+    def main(args):
+        raise UsageError("`input_size` 7: `norm` too; `input_size` again", "input_size", "norm")
+
+    with pytest.raises(SystemExit) as exit_:
+        run(main, parser, [])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "prog: error: --input-size 7: norm too; --input-size again\n"
+    assert str(UsageError("`input_size` 7", "input_size")) == "input_size 7"

@@ -20,8 +20,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run(main, parser, argv=None):
-    """Parse argv and call main(args); a UsageError becomes one line on stderr and exit status 2. The process keeps
-    the memory it frees for reuse (utils.speed.keep_freed_memory)."""
+    """Parse argv and call main(args); a UsageError becomes one line on stderr, the parameters it names written as
+    the flags that set them (flag_of), and exit status 2. The process keeps the memory it frees for reuse
+    (utils.speed.keep_freed_memory)."""
     from utils import speed  # here, not at the top: speed imports torch, which whatever imports this module for its
     # errors alone (utils.files, and through it tools.create_idx_to_label) need not load. speed imports only utils.errors
     args = parser.parse_args(argv)
@@ -30,12 +31,25 @@ def run(main, parser, argv=None):
         status = main(args)
     except UsageError as error:
         if speaks_for_all():
-            print(f"{parser.prog}: error: {error}", file=sys.stderr)
+            print(f"{parser.prog}: error: {error.describe(flag_of(parser))}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(status or 0)
+
+
+def flag_of(parser):
+    """How a command line names a library parameter in an error (UsageError.describe): as the flag of `parser` that
+    sets it, read from the parser so that no table of names is kept twice ("norm" -> "--norm", "input_size" ->
+    "--input-size"); a parameter no flag sets, or a name given already as a flag, stays as written."""
+    def spell(parameter):
+        for action in parser._actions:
+            longs = [option for option in action.option_strings if option.startswith("--")]
+            if action.dest == parameter and longs:
+                return longs[0]
+        return parameter
+    return spell
 
 
 def number_in(low, high, kind=float, low_open=False, name="value"):
