@@ -17,7 +17,7 @@ from utils.flags import resolve_threat
 from utils.images import to_tensor
 from utils.models import load_model, prepare_image
 from utils.samples import digit_image
-from utils.threat import check_epsilon, largest_distance, resolve, zoo_threat
+from utils.threat import check_epsilon, check_methods, check_norm, largest_distance, resolve, zoo_threat
 from utils.training import load_checkpoint
 
 STEP_5, STEP_7, STEP_8, STEP_9 = ("step_5_perturb.py", "step_7_break_defense.py", "step_8_evaluate.py",
@@ -201,6 +201,16 @@ def test_budget_ranges_per_norm():
     for epsilon, norm in ((56, "L2"), (3073, "L1"), (256, "Linf"), (0, "L2"), (-1, "L1")):
         with pytest.raises(UsageError):
             check_epsilon(epsilon, norm, (3, 32, 32))
+
+
+def test_the_threat_checks_name_the_parameter_not_a_flag():
+    """Called from Python they name the parameter; the command line writes the flag (test_bad_norm_input_...)."""
+    with pytest.raises(UsageError, match=r"^norm 'L3': choose from Linf, L2, L1$"):
+        check_norm("L3")
+    with pytest.raises(UsageError, match=r"^epsilon must be in \(0, 255\], got 256 "):
+        check_epsilon(256, "Linf")
+    with pytest.raises(UsageError, match=r"^method square has no L1 version"):
+        check_methods(["square"], "L1")
 
 
 def test_step9_trains_in_l2_and_resume_refuses_another_norm(digits, tmp_path):

@@ -152,3 +152,4 @@ def test_bad_input_is_one_clear_error(images, labels, options, message):
     with pytest.raises(UsageError) as error:
         robust_accuracy(make_tiny_model(), images, labels, **options)
     assert message in str(error.value), str(error.value)
+    assert "--" not in str(error.value), "a library call names its parameters, not step 8's flags"

@@ -37,26 +37,36 @@ def largest_distance(norm, shape):
     return {"Linf": 255.0, "L2": math.sqrt(count), "L1": float(count)}[norm]
 
 
-def check_epsilon(epsilon, norm, shape=None, name="--epsilon"):
+def check_norm(norm):
+    """`norm` if it is one of NORMS, else a UsageError naming them."""
+    if norm not in NORMS:
+        raise UsageError(f"`norm` {norm!r}: choose from {', '.join(NORMS)}", "norm")
+    return norm
+
+
+def check_epsilon(epsilon, norm, shape=None, name="epsilon"):
     """`epsilon` if it is a budget of `norm` (UsageError otherwise): a positive number, at most 255 levels in
-    L-infinity and, once the image `shape` (C, H, W) is known, at most its largest distance in L2 and L1."""
+    L-infinity and, once the image `shape` (C, H, W) is known, at most its largest distance in L2 and L1. `name`:
+    the parameter the message names (a command line writes its flag, utils.errors.UsageError)."""
     if not isinstance(epsilon, (int, float)) or epsilon != epsilon or epsilon <= 0:
-        raise UsageError(f"{name} must be a positive number, got {epsilon}")
+        raise UsageError(f"`{name}` must be a positive number, got {epsilon}", name)
     if norm == "Linf" and epsilon > 255:
-        raise UsageError(f"{name} must be in (0, 255], got {epsilon:g} (levels out of 255, L-infinity)")
+        raise UsageError(f"`{name}` must be in (0, 255], got {epsilon:g} (levels out of 255, L-infinity)", name)
     if norm != "Linf" and shape is not None and epsilon > largest_distance(norm, shape):
         size = "x".join(map(str, shape))
         formula = f"sqrt({size.replace('x', '*')})" if norm == "L2" else size.replace("x", "*")
-        raise UsageError(f"{name} {epsilon:g} is over the largest {norm} distance of a {size} image in [0, 1] "
-                         f"units, {formula} = {largest_distance(norm, shape):.6g}")
+        raise UsageError(f"`{name}` {epsilon:g} is over the largest {norm} distance of a {size} image in [0, 1] "
+                         f"units, {formula} = {largest_distance(norm, shape):.6g}", name)
     return epsilon
 
 
-def check_methods(methods, norm, flag="--method"):
-    """UsageError unless every attack in `methods` offers `norm`; the message names the norms the first one has."""
+def check_methods(methods, norm, name="method"):
+    """UsageError unless every attack in `methods` offers `norm`; the message names the norms the first one has and
+    the parameter `name` (a command line writes its flag)."""
     for method in methods:
         if method in ATTACKS and norm not in ATTACKS[method].norms:
-            raise UsageError(f"{flag} {method} has no {norm} version: it has {', '.join(ATTACKS[method].norms)}")
+            raise UsageError(f"`{name}` {method} has no {norm} version: it has {', '.join(ATTACKS[method].norms)}",
+                             name)
 
 
 def zoo_threat(model):
@@ -91,13 +101,11 @@ def resolve(model, norm, epsilons, default_epsilons, flag="--epsilon"):
         if taken:
             note = (f"{model} is ranked by RobustBench in {NAMES[zoo[0]]} at epsilon {zoo[1]:g} "
                     f"({UNITS[zoo[0]]}): using {' '.join(taken)}")
-    norm = norm or DEFAULT_NORM
-    if norm not in NORMS:
-        raise UsageError(f"--norm {norm!r}: choose from {', '.join(NORMS)}")
+    norm = check_norm(norm or DEFAULT_NORM)
     if epsilons is None:
         if norm != DEFAULT_NORM:
-            raise UsageError(f"--norm {norm} needs {flag}: the {norm} norm of the whole perturbation in [0, 1] pixel "
-                             "units (e.g. 0.5 for CIFAR-10 in L2)")
+            raise UsageError(f"`norm` {norm} needs `{flag}`: the {norm} norm of the whole perturbation in [0, 1] "
+                             "pixel units (e.g. 0.5 for CIFAR-10 in L2)", "norm", flag)
         epsilons = default_epsilons
     for epsilon in epsilons:
         check_epsilon(epsilon, norm, name=flag)

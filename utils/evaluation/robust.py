@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from utils.attacks import NORMS
 from utils.certify import CERTIFIERS
 from utils.certify.run import certify_images
 from utils.cli import UsageError
@@ -35,7 +34,7 @@ from utils.evaluation.plan import CLEAN, NAMED_ENSEMBLES, Plan, Settings, check_
 from utils.evaluation.report import robust_counts
 from utils.models import Classifier, Preprocessing, default_classes
 from utils.speed import get_device
-from utils.threat import check_epsilon
+from utils.threat import check_epsilon, check_norm
 
 
 @dataclass
@@ -97,7 +96,7 @@ def robust_accuracy(model, images, labels, *, norm="Linf", epsilon=8, attacks=No
     """
     images_u8 = checked_images(images)
     labels = checked_labels(labels, len(images_u8))
-    checked_norm(norm)
+    check_norm(norm)
     restarts = None
     if attacks is None or (isinstance(attacks, str) and attacks in NAMED_ENSEMBLES):
         ensemble, target_classes, restarts = named_ensemble(attacks or "standard", norm, target_classes)
@@ -161,12 +160,6 @@ def check_label_range(labels, classes):
     """Every label names one of the model's `classes` outputs (an attack's goal and APGD-T's targets index them)."""
     if max(labels) >= classes:
         raise UsageError(f"labels must be class indices below the model's {classes} outputs, got {max(labels)}")
-
-
-def checked_norm(norm):
-    if norm not in NORMS:
-        raise UsageError(f"norm {norm!r}: choose from {', '.join(NORMS)}")
-    return norm
 
 
 def checked_attacks(attacks):
