@@ -91,7 +91,7 @@ def test_an_fp32_success_bf16_misses_is_a_success_after_more_steps():
 
 
 def test_fp16_is_refused_on_cpu(tmp_path):
-    with pytest.raises(UsageError, match="fp16"):
+    with pytest.raises(UsageError, match="^precision fp16 needs a CUDA device"):  # the library names its parameter
         speed.check_precision("fp16", "cpu")
     speed.check_precision("bf16", "cpu")
     photo = tmp_path / "photo.png"
@@ -100,8 +100,21 @@ def test_fp16_is_refused_on_cpu(tmp_path):
     # one bad input per program in a fresh process): the same one line and exit status, without 5 s of start-up
     process = run_in_process("step_5_perturb.py", photo, "--precision", "fp16", "--device", "cpu", cwd=tmp_path)
     assert process.returncode == 2
-    assert process.stderr.count("\n") == 1 and "fp16" in process.stderr, process.stderr
+    assert process.stderr.count("\n") == 1 and "error: --precision fp16 needs" in process.stderr, process.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+
+def test_cuda_without_a_cuda_device_is_refused(monkeypatch, tmp_path):
+    """The library names its parameter, step 5's command line the flag, as before."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UsageError, match="^device cuda was asked for, but PyTorch sees no CUDA device; use device cpu"):
+        speed.get_device("cuda")
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (8, 8)).save(photo)
+    process = run_in_process("step_5_perturb.py", photo, "--device", "cuda", cwd=tmp_path)
+    assert process.returncode == 2 and process.stderr.endswith(
+        "error: --device cuda was asked for, but PyTorch sees no CUDA device; use --device cpu\n"), process.stderr
 
 
 def test_bf16_attack_on_the_tiny_model_keeps_its_invariants(tiny_model, tiny_images):

@@ -38,11 +38,11 @@ __all__ = ["CHANNELS_LAST_DEVICES", "CONV_CALLS", "CONV_FUNCTIONS", "MEMORY_FORM
 
 
 def get_device(name="auto"):
-    """The torch device for --device: "auto" is CUDA when PyTorch sees one, else the CPU."""
+    """The torch device `name` names (a run's --device): "auto" is CUDA when PyTorch sees one, else the CPU."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for, but PyTorch sees no CUDA device; use --device cpu")
+        raise UsageError("`device` cuda was asked for, but PyTorch sees no CUDA device; use `device` cpu", "device")
     return name
 
 

@@ -22,7 +22,7 @@ def compile_model(model, example, device):
     and backward at `example`'s shape took (the compile itself: later calls at that shape reuse the code)."""
     reason = compiler_missing() if torch.device(device).type == "cpu" else None
     if reason:
-        raise UsageError(f"--compile: {reason}")
+        raise UsageError(f"`compile`: {reason}", "compile")
     example = example.to(device)
     memory_format = model.format_for(example)  # fixed before compiling: the compiled code is for one format
     compiled = model.with_net(torch.compile(model.net), memory_format=memory_format)

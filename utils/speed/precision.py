@@ -15,7 +15,8 @@ def check_precision(precision, device):
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision == "fp16" and torch.device(device).type != "cuda":
-        raise UsageError("--precision fp16 needs a CUDA device (CPU autocast computes in bf16); use bf16 or fp32")
+        raise UsageError("`precision` fp16 needs a CUDA device (CPU autocast computes in bf16); use bf16 or fp32",
+                         "precision")
     return precision
 
 
