@@ -71,8 +71,9 @@ def test_random_defense_varies_per_call_and_per_seed(photo):
                                               ("median", {"size": 4}), ("blur", {"sigma": -1}), ("resize", {"scale": 0}),
                                               ("nope", {})])
 def test_bad_parameters_are_usage_errors(name, parameters):
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError) as error:
         make_defense(name, **parameters)
+    assert "--" not in str(error.value), "the library names its parameter; steps 6 and 7 write the flag"
 
 
 def test_bpda_is_the_defense_forward_and_the_identity_backward(photo):

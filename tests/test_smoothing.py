@@ -193,7 +193,7 @@ def test_bad_settings_are_one_line_with_exit_2(argv, message, capsys):
 
 
 def test_settings_need_sigma_and_share_an_existing_batch_size():
-    with pytest.raises(UsageError, match="needs --sigma"):
+    with pytest.raises(UsageError, match="^method smoothing needs sigma "):  # step 10 says --sigma (test_certify)
         Smoothing.from_options(**vars(parser().parse_args([])))
     found = Smoothing.from_options(**vars(parser().parse_args(["--sigma", "0.25", "--n", "500"])))
     assert found == SmoothingSettings(0.25, 100, 500, 0.001, 1000, 0)

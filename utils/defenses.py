@@ -79,7 +79,7 @@ def defense_parameters(name, given):
         value = given.get(parameter)
         value = default if value is None else value
         if not check(value):
-            raise UsageError(f"--{parameter} for the {name} defense must be {description}, got {value:g}")
+            raise UsageError(f"`{parameter}` for the {name} defense must be {description}, got {value:g}", parameter)
         chosen[parameter] = value
     return chosen
 
