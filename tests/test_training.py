@@ -192,3 +192,14 @@ def test_compare_models_refuses_a_folder_without_results(tmp_path):
     result = run_tool("tools.compare_models", tmp_path, "--names", "x", "--output-dir", tmp_path / "out", cwd=tmp_path)
     assert result.returncode == 2 and "robust_accuracy.csv" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_training_data_and_export_name_their_parameters_not_flags(tmp_path):
+    """Called from Python they name the parameter; step 9 and tools/export_model write the flag (utils.cli.run)."""
+    from utils.cli import UsageError
+    from utils.models.export import export_program
+    from utils.training_data import split
+    with pytest.raises(UsageError, match=r"^val_fraction 0.9 leaves no training image out of 2$"):
+        split(2, 0.9, 0)
+    with pytest.raises(UsageError, match=r"^the model has no fixed input size: pass input_size N$"):
+        export_program(torch.nn.Linear(1, 1), tmp_path / "model.pt2", ["a"], None)

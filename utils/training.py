@@ -118,8 +118,8 @@ def resume_from(model, optimizer, path, settings, resume=True):
     changed = [name for name in SETTINGS if name != "epochs" and saved.get(name) != settings[name]]
     if changed:
         name = changed[0]
-        raise UsageError(f"{path}: made with --{name.replace('_', '-')} {saved.get(name)}, not {settings[name]}; "
-                         "resume with the same settings or remove the checkpoint")
+        raise UsageError(f"{path}: made with `{name}` {saved.get(name)}, not {settings[name]}; "
+                         "resume with the same settings or remove the checkpoint", name)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     print(f"Resuming after epoch {state['epoch']} from {display_path(path)}")

@@ -38,7 +38,8 @@ def read_targets(folder, labels, names):
         classes = class_names([f"{label}/" for label in listed])
         return classes, [classes.index(str(label)) for label in listed]
     if not all("/" in name for name in names):
-        raise UsageError(f"{folder}: training needs labels: an ImageFolder tree (one subfolder per class) or --labels")
+        raise UsageError(f"{folder}: training needs labels: an ImageFolder tree (one subfolder per class) or `labels`",
+                         "labels")
     classes = class_names(names)
     return classes, [classes.index(name.split("/")[0]) for name in names]
 
@@ -61,7 +62,7 @@ def split(count, val_fraction, seed):
     order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
     held_out = round(count * val_fraction)
     if held_out and count - held_out < 1:
-        raise UsageError(f"--val-fraction {val_fraction} leaves no training image out of {count}")
+        raise UsageError(f"`val_fraction` {val_fraction} leaves no training image out of {count}", "val_fraction")
     return order[held_out:].sort().values, order[:held_out].sort().values
 
 

@@ -63,7 +63,8 @@ def network_of(model, image_shape):
     """The model's layers for (3, H, W) images (UsageError for an operation a verifier cannot encode)."""
     side = model.preprocessing.crop_size
     if side is None:
-        raise UsageError(f"{model.name} takes images as they are; a verifier needs one size: pass --input-size N")
+        raise UsageError(f"{model.name} takes images as they are; a verifier needs one size: pass `input_size` N",
+                         "input_size")
     return extract_layers(model, image_shape or (3, side, side))
 
 

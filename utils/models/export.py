@@ -34,7 +34,8 @@ def export_program(module, path, classes, size):
     `path` for size x size images with a dynamic batch dimension (1..MAX_BATCH), and `classes` as `classes_path(path)`;
     returns the exported program."""
     if size is None:
-        raise UsageError(f"{getattr(module, 'name', 'the model')} has no fixed input size: pass --input-size N")
+        raise UsageError(f"{getattr(module, 'name', 'the model')} has no fixed input size: pass `input_size` N",
+                         "input_size")
     device = next(iter(module.parameters()), torch.zeros(())).device
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     with torch.no_grad():
