@@ -438,8 +438,11 @@ def test_label_sources(source, tiny, tmp_path):
     ({"red.png": RED}, ["--labels", "{csv}", "row:red.png,n00000000"], "unknown WordNet ID 'n00000000'"),
     ({"red.png": RED}, ["--labels", "{csv}", "row:red.png,unicorn"], "unknown class name 'unicorn'"),
     ({"red.png": RED}, ["--labels", "{tmp}/none.csv"], "no such labels file"),
-    ({"red.png": RED}, ["--ensemble", "fgsm"], "needs true labels"),
-    ({"7/red.png": RED}, ["--ensemble", "fgsm", "--target", "goldfish"], "excludes --target"),
+    ({"red.png": RED}, ["--ensemble", "fgsm"],
+     "--ensemble measures robust accuracy: it needs true labels (an ImageFolder tree or --labels)\n"),
+    ({"7/red.png": RED}, ["--ensemble", "fgsm", "--target", "goldfish"],
+     "--ensemble measures untargeted robustness: it excludes --target\n"),
+    ({"7/red.png": RED}, ["--adaptive"], "--adaptive attacks through a defense: give --defenses too\n"),
     ({"7/red.png": RED}, ["--ensemble", "fgsm,nope"], "unknown attack 'nope'"),
 ])
 def test_bad_labels_are_one_line_and_write_nothing(layout, extra, message, tiny, tmp_path):
@@ -455,6 +458,22 @@ def test_bad_labels_are_one_line_and_write_nothing(layout, extra, message, tiny,
     assert status == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert message in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_plan_names_its_parameters_not_step_8s_flags():
+    """make_plan and check_certify are library functions: their errors name the parameters; step 8 writes the flags
+    (above)."""
+    from utils.cli import UsageError
+    from utils.evaluation.interval import check_certify
+    for options, message in (({"ensemble": ["fgsm"]}, "ensemble measures robust accuracy: it needs true labels (an "
+                                                      "ImageFolder tree or labels)"),
+                             ({"adaptive": True}, "adaptive attacks through a defense: give defenses too")):
+        with pytest.raises(UsageError) as error:
+            make_plan(False, [2.0], [1], "Linf", **options)
+        assert str(error.value) == message
+    with pytest.raises(UsageError, match=r"^certify bounds the ensemble's robust accuracy .* \(an ImageFolder tree or "
+                                         r"labels\) and an ensemble$"):
+        check_certify(["bounds"], False, [], "Linf")
 
 
 def test_with_labels_and_no_methods_only_the_default_ensemble_runs():

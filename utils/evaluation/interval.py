@@ -41,11 +41,12 @@ def default_certifier_options(norm, seed):
 
 def check_certify(names, labelled, ensemble, norm):
     if names and not (labelled and ensemble):
-        raise UsageError("--certify bounds the ensemble's robust accuracy from below: it needs true labels (an "
-                         "ImageFolder tree or --labels) and an ensemble")
+        raise UsageError("`certify` bounds the ensemble's robust accuracy from below: it needs true labels (an "
+                         "ImageFolder tree or `labels`) and an ensemble", "certify", "labels")
     for name in names:
         if norm not in CERTIFIERS[name].norms:
-            raise UsageError(f"--certify {name} certifies {', '.join(CERTIFIERS[name].norms)}, not --norm {norm}")
+            raise UsageError(f"`certify` {name} certifies {', '.join(CERTIFIERS[name].norms)}, not `norm` {norm}",
+                             "certify", "norm")
 
 
 def certify_photos(certifiers, model, photos, skipped, epsilons, norm, out, resume):

@@ -210,11 +210,12 @@ def make_plan(labelled, epsilons, steps, norm, classes=None, methods=None, ensem
     norm's DEFAULT_METHODS), without labels, or for `defenses`. The grid aims at `target` (a class index or name
     among `classes`, None: DEFAULT_TARGET) unless `untargeted` or labelled without a target."""
     if adaptive and not defenses:
-        raise UsageError("--adaptive attacks through a defense: give --defenses too")
+        raise UsageError("`adaptive` attacks through a defense: give `defenses` too", "adaptive", "defenses")
     if ensemble and not labelled:
-        raise UsageError("--ensemble measures robust accuracy: it needs true labels (an ImageFolder tree or --labels)")
+        raise UsageError("`ensemble` measures robust accuracy: it needs true labels (an ImageFolder tree or `labels`)",
+                         "ensemble", "labels")
     if ensemble and target is not None:
-        raise UsageError("--ensemble measures untargeted robustness: it excludes --target")
+        raise UsageError("`ensemble` measures untargeted robustness: it excludes `target`", "ensemble", "target")
     ensemble = ensemble if ensemble is not None else (
         standard_ensemble(norm) if labelled and target is None else [])
     check_attacks(ensemble, methods, norm)
