@@ -22,7 +22,7 @@ from utils.evaluation.results import COLUMNS
 from tests.conftest import GRACE_HOPPER, OFFLINE, REPO, make_tiny_model, run_main, run_script, run_tool
 from tests.test_tutorial_units import tiny_png_header, truncated_jpeg
 from utils.attacks import ATTACKS
-from utils.cli import run
+from utils.cli import UsageError, run
 from utils.data import csv_labels, imagenet_val_labels
 from utils.defenses import make_defense
 from utils.samples import sample_paths
@@ -463,7 +463,6 @@ def test_bad_labels_are_one_line_and_write_nothing(layout, extra, message, tiny,
 def test_the_plan_names_its_parameters_not_step_8s_flags():
     """make_plan and check_certify are library functions: their errors name the parameters; step 8 writes the flags
     (above)."""
-    from utils.cli import UsageError
     from utils.evaluation.interval import check_certify
     for options, message in (({"ensemble": ["fgsm"]}, "ensemble measures robust accuracy: it needs true labels (an "
                                                       "ImageFolder tree or labels)"),
@@ -599,7 +598,8 @@ def test_resume_keeps_rows_only_for_the_model_and_settings_they_were_made_with(t
     assert tiny(folder, *extra, "--output-dir", out)[0] == 0
     before = (out / "results.csv").read_bytes()
     status, err = tiny(folder, *extra, "--output-dir", out, "--resume", "--seed", "1")
-    assert status == 2 and "made with seed 0, this run asks seed 1" in err, err
+    assert status == 2 and err.endswith(
+        "made with seed 0, this run asks seed 1; run with the same settings or without --resume\n"), err
     other = make_tiny_model()
     with torch.no_grad():
         next(other.parameters()).add_(1e-3)
@@ -609,7 +609,11 @@ def test_resume_keeps_rows_only_for_the_model_and_settings_they_were_made_with(t
     assert (out / "results.csv").read_bytes() == before, "a refused resume leaves the results as they were"
     (out / "evaluation.json").unlink()
     status, err = tiny(folder, *extra, "--output-dir", out, "--resume")
-    assert status == 2 and "no record of the settings" in err, err
+    assert status == 2 and err.endswith(
+        "no record of the settings it was made with (evaluation.json); run without --resume\n"), err
+    with pytest.raises(UsageError, match=r"^results.csv: no record of the settings it was made with \(none.json\); "
+                                         r"run without resume$"):  # the library's words: its `resume` parameter
+        files.check_same_settings(tmp_path / "none.json", {"seed": 0}, "results.csv")
 
 
 def test_gradient_free_check_fails_when_it_fools_what_gradients_did_not(tiny, planted, tmp_path, monkeypatch):

@@ -173,7 +173,8 @@ def test_step8_in_l2_names_the_norm_writes_fab_distances_and_refuses_another_nor
     assert (out / "robust_vs_distance.png").is_file()
     before = (out / "results.csv").read_bytes()
     again = run_in_process(STEP_8, *common, "--norm", "L1", "--epsilons", "8", "--resume", cwd=tmp_path)
-    assert again.returncode == 2 and "holds L2 results, not L1" in again.stderr, again.stderr
+    assert again.returncode == 2 and again.stderr.endswith(
+        "holds L2 results, not L1; resume with --norm L2 or use another --output-dir\n"), again.stderr
     assert (out / "results.csv").read_bytes() == before, "a refused resume leaves the results as they were"
 
 

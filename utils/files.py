@@ -110,11 +110,12 @@ def check_same_settings(path, settings, results):
     if earlier == settings:
         return
     if not isinstance(earlier, dict):
-        raise UsageError(f"{results}: no record of the settings it was made with ({path.name}); run without --resume")
+        raise UsageError(f"{results}: no record of the settings it was made with ({path.name}); run without `resume`",
+                         "resume")
     differ = [key for key in sorted(set(earlier) | set(settings)) if earlier.get(key) != settings.get(key)]
     raise UsageError(f"{results}: made with {', '.join(f'{key} {earlier.get(key)}' for key in differ)}, this run asks "
                      f"{', '.join(f'{key} {settings.get(key)}' for key in differ)}; run with the same settings or "
-                     "without --resume")
+                     "without `resume`", "resume")
 
 
 def append_csv(path, rows, columns):

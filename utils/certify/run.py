@@ -42,7 +42,8 @@ def read_certified(path, columns):
         lines.pop()
     reader = csv.DictReader(lines)
     if lines and tuple(reader.fieldnames or ()) != tuple(columns):
-        raise UsageError(f"{path}: made by another method or version (other columns); run without --resume")
+        raise UsageError(f"{path}: made by another method or version (other columns); run without `resume`",
+                         "resume")
     return [row for row in reader if None not in row.values() and None not in row]
 
 

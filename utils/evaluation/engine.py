@@ -285,7 +285,7 @@ def check_readable(paths, batches, context):
             break
     failures = [found for found in distributed.gather(failure, context) if found]
     if failures:
-        raise UsageError(min(failures)[1] + " (--strict)")
+        raise UsageError(min(failures)[1] + " (--strict)")  # the flag itself: step 8 alone calls this, for it
 
 
 @dataclass
@@ -311,7 +311,8 @@ def run_evaluation(model, photos, plan, settings, out, context=None, certifiers=
     gives robust accuracy as an interval (utils/evaluation/interval.py)."""
     context = context or distributed.Context(device=str(model.mean.device))
     if certifiers and context.world_size > 1:
-        raise UsageError("--certify runs in one process: run it without torchrun (or --resume it so afterwards)")
+        raise UsageError("`certify` runs in one process: run it without torchrun (or `resume` it so afterwards)",
+                         "certify", "resume")
     out = Path(out)
     made_folder = not out.exists()
     batches = distributed.deal(cut(len(photos.paths), settings.batch_size), context)

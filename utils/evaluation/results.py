@@ -50,7 +50,7 @@ def read_rows(path):
         lines.pop()
     reader = csv.DictReader(lines)
     if lines and tuple(reader.fieldnames or ()) != COLUMNS:
-        raise UsageError(f"{path}: not the results of this script (other columns); run without --resume")
+        raise UsageError(f"{path}: not the results of this script (other columns); run without `resume`", "resume")
     return [row for row in reader if None not in row.values() and None not in row]
 
 
@@ -92,8 +92,8 @@ def check_norm(rows, norm, out):
     rows of another norm are refused rather than reused or mixed."""
     other = sorted({row["norm"] for row in rows} - {norm})
     if other:
-        raise UsageError(f"{out / 'results.csv'}: holds {other[0]} results, not {norm}; resume with --norm {other[0]} "
-                         "or use another --output-dir")
+        raise UsageError(f"{out / 'results.csv'}: holds {other[0]} results, not {norm}; resume with `norm` {other[0]} "
+                         "or use another `output_dir`", "norm", "output_dir")
 
 
 def recorded_settings(settings, model_digest):
