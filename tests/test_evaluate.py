@@ -430,8 +430,10 @@ def test_label_sources(source, tiny, tmp_path):
 @pytest.mark.parametrize("layout, extra, message", [
     ({"n99999999/red.png": RED}, [], "unknown WordNet ID 'n99999999'"),
     ({"cats/red.png": RED}, [], "subfolder 'cats' is neither a WordNet ID"),
+    ({"cats/red.png": RED}, [], "name class subfolders so, or give --labels\n"),
     ({"1000/red.png": RED}, [], "class index 1000 is out of range"),
     ({"red.png": RED}, ["--labels", "imagenet-val"], "red.png: not an ImageNet validation image name"),
+    ({"red.png": RED}, ["--labels", "imagenet-val"], "so --labels imagenet-val has no label for it\n"),
     ({"red.png": RED, "green.png": GREEN}, ["--labels", "{csv}"], "no label for green.png"),
     ({"red.png": RED}, ["--labels", "{csv}", "row:blue.png,3"], "image 'blue.png' is not a photo of the folder"),
     ({"red.png": RED}, ["--labels", "{csv}", "row:red.png,1000"], "class index 1000 is out of range"),

