@@ -146,6 +146,7 @@ GOOD = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
     (GOOD, [0, 0], {"norm": "L1", "epsilon": 5, "attacks": ["square"]}, "attacks: square has no L1 version"),
     (GOOD, [0, 0], {"epsilon": 300}, "epsilon must be in (0, 255], got 300"),
     (GOOD, [0, 0], {"certify": "smoothing"}, "certify 'smoothing': choose from"),
+    (GOOD, [0, 0], {"norm": "L2", "epsilon": 0.5, "certify": "exact"}, "certify exact certifies Linf, L1, not norm L2"),
     (GOOD, [0, 0], {"steps": 0}, "steps must be a whole number >= 1, got 0"),
 ])
 def test_bad_input_is_one_clear_error(images, labels, options, message):

@@ -78,13 +78,13 @@ def start_certified(out, columns, resume, settings):
     return kept
 
 
-def check_epsilons(epsilons, norm, flag="--epsilons"):
+def check_epsilons(epsilons, norm, name="epsilons"):
     """`epsilons` ascending, once each is a budget of `norm`: in [0, 255] levels in L-infinity, at least 0 in L1 and
-    L2 (UsageError naming the first that is not, as `flag` gives it; 0 certifies the image itself)."""
+    L2 (UsageError naming the first that is not, and the parameter `name`; 0 certifies the image itself)."""
     high = 255 if norm == "Linf" else float("inf")
     bad = [epsilon for epsilon in epsilons if not 0 <= epsilon <= high]
     if bad:
-        raise UsageError(f"{flag} {bad[0]:g}: a {norm} budget must be in [0, {high:g}]")
+        raise UsageError(f"`{name}` {bad[0]:g}: a {norm} budget must be in [0, {high:g}]", name)
     return sorted(epsilons)
 
 

@@ -44,9 +44,14 @@ def check_certify(names, labelled, ensemble, norm):
         raise UsageError("`certify` bounds the ensemble's robust accuracy from below: it needs true labels (an "
                          "ImageFolder tree or `labels`) and an ensemble", "certify", "labels")
     for name in names:
-        if norm not in CERTIFIERS[name].norms:
-            raise UsageError(f"`certify` {name} certifies {', '.join(CERTIFIERS[name].norms)}, not `norm` {norm}",
-                             "certify", "norm")
+        check_certifies(name, norm)
+
+
+def check_certifies(name, norm):
+    """UsageError unless the certifier `name` certifies budgets in `norm` (step 8's --certify and the library call)."""
+    if norm not in CERTIFIERS[name].norms:
+        raise UsageError(f"`certify` {name} certifies {', '.join(CERTIFIERS[name].norms)}, not `norm` {norm}",
+                         "certify", "norm")
 
 
 def certify_photos(certifiers, model, photos, skipped, epsilons, norm, out, resume):

@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from utils.certify import CERTIFIERS
 from utils.certify.run import certify_images
 from utils.cli import UsageError
 from utils.data import cut
 from utils.evaluation.engine import MemoryStore, decode_batch, run_batch
-from utils.evaluation.interval import certified_counts, default_certifier_options, interval_certifiers, make_certifiers
+from utils.evaluation.interval import (certified_counts, check_certifies, default_certifier_options, interval_certifiers,
+                                       make_certifiers)
 from utils.evaluation.plan import CLEAN, NAMED_ENSEMBLES, Plan, Settings, check_ensemble, ensemble_jobs, named_ensemble
 from utils.evaluation.report import robust_counts
 from utils.models import Classifier, Preprocessing, default_classes
@@ -179,8 +179,7 @@ def checked_certifiers(certify, norm):
     for name in names:
         if name not in interval_certifiers():
             raise UsageError(f"certify {name!r}: choose from {', '.join(interval_certifiers())}")
-        if norm not in CERTIFIERS[name].norms:
-            raise UsageError(f"certify {name!r} certifies {', '.join(CERTIFIERS[name].norms)}, not norm {norm}")
+        check_certifies(name, norm)
     return names
 
 
