@@ -17,8 +17,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from step_2_pretrained import OFFLINE_MODEL, load_image, load_model
-from utils.cli import UsageError
+from step_2_pretrained import OFFLINE_MODEL, get_args_parser, load_image, load_model
+from utils.cli import UsageError, flag_of
 from utils.files import atomic_path
 from utils.perturbations import load_perturbation
 from utils.samples import sample_paths
@@ -81,7 +81,8 @@ def online_inputs():
     try:
         load_model("resnet18")
     except UsageError as error:
-        print(f"ResNet18 unavailable: {error}", flush=True)
+        # its advice is for the steps the demo runs: their flags (--model), as step 2's command line names them
+        print(f"ResNet18 unavailable: {error.describe(flag_of(get_args_parser()))}", flush=True)
         return None
     return photo, r
 

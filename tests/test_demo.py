@@ -22,7 +22,8 @@ from PIL import Image
 from utils.models import load_torchvision
 from tests.conftest import CORGI, GRACE_HOPPER, REPO, run_in_process, run_script, run_tool
 import demo
-from utils.cli import UsageError
+from utils.cli import UsageError, flag_of
+from step_2_pretrained import get_args_parser
 from utils.files import display_path
 from tools.make_readme import without_progress_bars
 
@@ -184,6 +185,18 @@ def test_http_error_is_reported_as_such_not_as_no_network(tmp_path, server, monk
     assert not (tmp_path / "outputs" / "downloads" / "dog.png").exists()
 
 
+
+
+def test_resnet18_unavailable_names_the_steps_flag(monkeypatch, capsys):
+    """The library's advice names its parameter (model); the demo runs the steps, so it says their --model."""
+    monkeypatch.setattr(demo, "download_first", lambda urls, path, check: path)
+
+    def unavailable(name):
+        raise UsageError("no weights: use `model` efficientnet_lite0, which needs no network", "model")
+    monkeypatch.setattr(demo, "load_model", unavailable)
+    assert demo.online_inputs() is None
+    assert capsys.readouterr().out == "ResNet18 unavailable: no weights: use --model efficientnet_lite0, which needs " \
+                                      "no network\n"
 @pytest.mark.parametrize("address, why", [
     ("http://tnn-no-such-host.invalid/step2a.png", "no network (the name tnn-no-such-host.invalid does not resolve)"),
     ("step2a.png", "not a web address (unknown url type: 'step2a.png')"),
@@ -241,7 +254,8 @@ def test_missing_weights_name_the_torch_cache_under_home(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.models, "get_model", no_network)
     with pytest.raises(UsageError) as error:
         load_torchvision("resnet18")
-    assert "to ~/.cache/torch/hub/checkpoints/resnet18-f37072fd.pth, or use --model efficientnet_lite0" in str(error.value)
+    assert "to ~/.cache/torch/hub/checkpoints/resnet18-f37072fd.pth, or use model efficientnet_lite0" in str(error.value)
+    assert "or use --model efficientnet_lite0" in error.value.describe(flag_of(get_args_parser())), "the steps' words"
     assert str(tmp_path) not in str(error.value)
 
 

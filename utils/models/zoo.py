@@ -48,7 +48,7 @@ def load_torchvision(name, pretrained=True):
         cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
         reason = getattr(error, "reason", None) or str(error).splitlines()[0]
         raise UsageError(f"cannot load the ImageNet weights of {name} ({reason}): download {weights.url} to {display_path(cache)}, "
-                         f"or use --model {OFFLINE_MODEL}, which needs no network")
+                         f"or use `model` {OFFLINE_MODEL}, which needs no network", "model")
     return Classifier(net, preprocessing, name)
 
 
