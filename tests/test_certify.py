@@ -364,7 +364,8 @@ def sigmoid_model(folder):
 @pytest.mark.parametrize("extra, message", [
     (["--time-limit", "0"], "--time-limit"), (["--time-limit", "soon"], "--time-limit"),
     (["--norm", "L2"], "not --norm L2"), (["--method", "magic"], "--method"),
-    (["--epsilons", "300"], "--epsilons 300: a Linf budget must be in [0, 255]"), (["SIGMOID"], "cannot encode sigmoid"),
+    (["--epsilons", "300"], "--epsilons 300: a Linf budget must be in [0, 255]"),
+    (["SIGMOID"], "cannot encode sigmoid"),
     (["--alpha-iterations", "0"], "--alpha-iterations"), (["--batch-size", "0"], "--batch-size"),
     (["--method", "bounds", "--propagation", "beta"], "propagation")])
 def test_bad_input_is_one_line_and_writes_nothing(digits_setup, tmp_path, extra, message):

@@ -445,7 +445,8 @@ def test_label_sources(source, tiny, tmp_path):
     ({"7/red.png": RED}, ["--ensemble", "fgsm", "--target", "goldfish"],
      "--ensemble measures untargeted robustness: it excludes --target\n"),
     ({"7/red.png": RED}, ["--adaptive"], "--adaptive attacks through a defense: give --defenses too\n"),
-    ({"7/red.png": RED}, ["--certify", "bounds", "--norm", "L2"], "--certify bounds certifies Linf, L1, not --norm L2\n"),
+    ({"7/red.png": RED}, ["--certify", "bounds", "--norm", "L2"],
+     "--certify bounds certifies Linf, L1, not --norm L2\n"),
     ({"red.png": RED}, ["--certify", "bounds"], "--certify bounds the ensemble's robust accuracy from below: it needs "
                                                 "true labels (an ImageFolder tree or --labels) and an ensemble\n"),
     ({"7/red.png": RED}, ["--ensemble", "fgsm,nope"], "unknown attack 'nope'"),

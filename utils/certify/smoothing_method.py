@@ -73,7 +73,8 @@ class Smoothing(Certifier):
     @classmethod
     def from_options(cls, sigma=None, n0=N0, n=N, alpha=ALPHA, batch_size=1000, seed=0, **_):
         if sigma is None:
-            raise UsageError("`method` smoothing needs `sigma` (the noise's standard deviation, e.g. 0.25)", "method", "sigma")
+            raise UsageError("`method` smoothing needs `sigma` (the noise's standard deviation, e.g. 0.25)",
+                             "method", "sigma")
         found = SmoothingSettings(sigma, n0, n, alpha, batch_size, seed)
         check_settings(found.sigma, found.n0, found.n, found.alpha, found.batch_size)
         return found

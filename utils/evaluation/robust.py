@@ -28,8 +28,8 @@ from utils.certify.run import certify_images
 from utils.cli import UsageError
 from utils.data import cut
 from utils.evaluation.engine import MemoryStore, decode_batch, run_batch
-from utils.evaluation.interval import (certified_counts, check_certifies, default_certifier_options, interval_certifiers,
-                                       make_certifiers)
+from utils.evaluation.interval import (certified_counts, check_certifies, default_certifier_options,
+                                       interval_certifiers, make_certifiers)
 from utils.evaluation.plan import CLEAN, NAMED_ENSEMBLES, Plan, Settings, check_ensemble, ensemble_jobs, named_ensemble
 from utils.evaluation.report import robust_counts
 from utils.models import Classifier, Preprocessing, default_classes
