@@ -39,14 +39,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from step_2_pretrained import load_model, prepare_image, to_tensor  # noqa: E402
+from step_2_pretrained import load_model, model_from_args, prepare_image, to_tensor  # noqa: E402
 from utils.attacks import NORMS  # noqa: E402
 from utils.cli import ArgumentParser, UsageError, listed, number_in, one_of, run  # noqa: E402
 from utils.flags import add_benchmark_arguments, positive_number  # noqa: E402
 from utils.threat import check_epsilon  # noqa: E402
 from utils.data import list_photos  # noqa: E402
 from utils.evaluation.distributed import launcher  # noqa: E402
-from utils.speed import NetworkClock  # noqa: E402
+from utils.speed import NetworkClock, get_device  # noqa: E402
 from utils.evaluation.reference import STANDARD_ITERATIONS, reference_autoattack, worst_case_robust  # noqa: E402
 
 
@@ -83,33 +83,29 @@ def run_ours_clocked(args, norm, epsilon, out):
     """Step 8 on our command line once more, in this process (one process of --threads threads; what it prints is
     dropped), its model's network clocked (NetworkClock, the wall clock): {attack: split} for each attack of its
     ensemble in the order they ran, then "all" for the whole run (loading, the clean forward, the judging of the PNGs
-    read back and the report included). Step 8 stays as it is: its model loader and the engine's call of each attack
-    are wrapped for the run, and put back."""
+    read back and the report included). Step 8 gets the clocked model as a benchmark's own network (its main's
+    `model`); the engine's call of each attack is wrapped for the run, and put back."""
     import step_8_evaluate
     from utils.evaluation import engine
-    clocks, runs = [], {}
-    load_model_, run_attack = step_8_evaluate.load_model, engine.run_attack
-
-    def load_clocked(*arguments, **options):
-        model = load_model_(*arguments, **options)
-        clocks.append(NetworkClock(model.net))
-        return model.with_net(clocks[-1])
+    runs, run_attack = {}, engine.run_attack
+    step_8_args = step_8_evaluate.get_args_parser().parse_args(step_8_arguments(args, norm, epsilon, out))
 
     def run_attack_clocked(model, method, *arguments, **options):
-        before, started = clocks[-1].reading(), time.perf_counter()
+        before, started = clock.reading(), time.perf_counter()
         try:
             return run_attack(model, method, *arguments, **options)
         finally:
-            one = split(clocks[-1], before, time.perf_counter() - started)
+            one = split(clock, before, time.perf_counter() - started)
             runs[method] = {key: runs.get(method, {}).get(key, 0) + value for key, value in one.items()}
     threads, started = torch.get_num_threads(), time.perf_counter()
     try:
-        with mock.patch.object(step_8_evaluate, "load_model", load_clocked), \
-                mock.patch.object(engine, "run_attack", run_attack_clocked), contextlib.redirect_stdout(io.StringIO()):
-            step_8_evaluate.main(step_8_evaluate.get_args_parser().parse_args(step_8_arguments(args, norm, epsilon, out)))
+        model = model_from_args(step_8_args, get_device(step_8_args.device))
+        clock = NetworkClock(model.net)
+        with mock.patch.object(engine, "run_attack", run_attack_clocked), contextlib.redirect_stdout(io.StringIO()):
+            step_8_evaluate.main(step_8_args, model=model.with_net(clock))
     finally:
         torch.set_num_threads(threads)
-    runs["all"] = split(clocks[-1], (0, 0, 0.0), time.perf_counter() - started)
+    runs["all"] = split(clock, (0, 0, 0.0), time.perf_counter() - started)
     return runs
 
 
