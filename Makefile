@@ -27,12 +27,14 @@ test: $(VENV)/.installed
 test-fast: $(VENV)/.installed
 	$(PYTHON) -m pytest -q -m "not slow and not crosscheck and not browser and (not e2e or smoke)"
 
-bench: $(VENV)/.installed $(DEMO)/adversarial.pt2
+bench: $(VENV)/.installed $(DEMO)/adversarial.pt2 outputs/certify-demo/mlp.pt2
 	$(PYTHON) bench/attack_speed.py
 	$(PYTHON) bench/evaluate_scaling.py
 	$(PYTHON) bench/robust_accuracy.py --model $(DEMO)/adversarial.pt2 --folder digits/test --norm Linf,L2,L1
 	$(PYTHON) bench/robust_accuracy.py --model $(DEMO)/adversarial.pt2 --folder digits/test --norm Linf,L2,L1 \
 		--processes 2 --batch-size 50
+	$(PYTHON) bench/fast_ensemble.py --model $(DEMO)/adversarial.pt2 > outputs/fast_ensemble_pgd.md
+	$(PYTHON) bench/fast_ensemble.py --model outputs/certify-demo/mlp.pt2 --epsilons 16,1,8 > outputs/fast_ensemble_mlp.md
 
 $(DEMO)/adversarial.pt2:
 	$(MAKE) robust-demo
@@ -85,10 +87,12 @@ robust-demo: $(VENV)/.installed
 # and on one trained with CROWN-IBP, at 2 and 8 levels on the 100 test digits.
 CERTIFY := outputs/certify-demo
 CERTIFY_EPSILONS := 8,16
-certify-demo: $(VENV)/.installed $(DEMO)/adversarial.pt2 samples
+$(CERTIFY)/mlp.pt2: $(VENV)/.installed
 	$(PYTHON) -m tools.sample_images --digits digits --test-per-class 10
 	$(PYTHON) step_9_adversarial_training.py digits/train --arch mlp --method pgd --epsilon 16 --steps 5 --epochs 10 \
-		--threads 1 --output $(CERTIFY)/mlp.pt2
+		--threads 1 --output $@
+
+certify-demo: $(VENV)/.installed $(DEMO)/adversarial.pt2 samples $(CERTIFY)/mlp.pt2
 	$(PYTHON) step_8_evaluate.py digits/test --model $(CERTIFY)/mlp.pt2 --epsilons $(CERTIFY_EPSILONS) \
 		--steps 50 --queries 1000 --batch-size 100 --certify exact,bounds --time-limit 20 --threads 1 --output-dir $(CERTIFY)/eval
 	$(PYTHON) bench/robust_accuracy.py --model $(CERTIFY)/mlp.pt2 --folder digits/test --norm Linf \
