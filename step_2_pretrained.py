@@ -87,12 +87,13 @@ def model_from_args(args, device):
                       input_size=getattr(args, "input_size", None))
 
 
-def prepared_model(args, device, batch_size):
-    """The --model loaded and set up by --precision, --memory-format and --compile (utils.speed.prepare_model). A
-    precision the device cannot run is refused before the model is loaded: the load can take long, or fail offline."""
+def prepared_model(args, device, batch_size, model=None):
+    """The --model loaded (or `model`, a network given in its place) and set up by --precision, --memory-format and
+    --compile (utils.speed.prepare_model). A precision the device cannot run is refused before the model is loaded:
+    the load can take long, or fail offline."""
     speed.check_precision(args.precision, device)
-    return speed.prepare_model(model_from_args(args, device), args.precision, args.memory_format, batch_size, device,
-                               compile=getattr(args, "compile", False))
+    return speed.prepare_model(model if model is not None else model_from_args(args, device), args.precision,
+                               args.memory_format, batch_size, device, compile=getattr(args, "compile", False))
 
 
 def chosen_target(args, default=DEFAULT_TARGET):

@@ -57,7 +57,7 @@ from pathlib import Path
 
 import torch
 
-from step_2_pretrained import chosen_target, find_class, get_device, model_from_args
+from step_2_pretrained import chosen_target, find_class, get_device, prepared_model
 from utils import speed
 from utils.attacks import ATTACKS
 from utils.cli import ArgumentParser, UsageError, listed, number_in, one_of, run
@@ -79,16 +79,13 @@ DEFAULT_ENSEMBLE = tuple(standard_ensemble("Linf"))
 # ---- inputs ---------------------------------------------------------------------------------------------------
 
 def evaluated_model(args, device, model=None):
-    """The model step 8 evaluates: --model loaded (step 2's model_from_args) or `model`, a network given in its place,
-    refused if it takes images of any size, then made ready by --precision, --memory-format and --compile
-    (utils.speed.prepare_model, the one place that does it: this only reads the flags)."""
-    speed.check_precision(args.precision, device)  # before the load, which can take long or fail offline
-    if model is None:
-        model = model_from_args(args, device)
+    """The model step 8 evaluates: step 2's prepared_model (--model loaded, or `model`, a network given in its place,
+    made ready by --precision, --memory-format and --compile), refused if it takes images of any size."""
+    model = prepared_model(args, device, args.batch_size, model)
     if model.preprocessing.crop_size is None:
         raise UsageError(f"{args.model} takes images as they are, and step 8 batches photos of any size: pass "
                          "--input-size N to resize and crop them all to N x N")
-    return speed.prepare_model(model, args.precision, args.memory_format, args.batch_size, device, args.compile)
+    return model
 
 
 def settings_of(args, model, device, restarts=None):

@@ -494,6 +494,20 @@ def test_with_labels_and_no_methods_only_the_default_ensemble_runs():
     assert make_plan(False, [2.0], [10], "Linf").ensemble == []
 
 
+def test_a_model_of_no_fixed_size_is_refused_before_any_output(monkeypatch, capsys, tmp_path):
+    """Step 8 batches photos, so a model that takes images as they are needs --input-size: one line, exit 2."""
+    from utils.models import Classifier, Preprocessing, freeze
+    sizeless = freeze(Classifier(make_tiny_model().net, Preprocessing(None, (0.5,) * 3, (0.25,) * 3), "sizeless"))
+    monkeypatch.setattr(step_2_pretrained, "load_model", lambda name, device, **options: sizeless)
+    folder, extra, _ = labelled_folder(tmp_path, "index")
+    with pytest.raises(SystemExit) as exit_:
+        run(main, get_args_parser(), [str(folder), *map(str, extra), "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "takes images as they are, and step 8 batches photos of any size: pass --input-size N" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_ensemble_fast_runs_its_two_stages_towards_three_classes(tiny, tmp_path):
     """--ensemble fast on the command line: summary.md's stages are APGD-CE's and APGD-T's alone, and
     evaluation.json records the three target classes (so --resume refuses a run with others)."""
