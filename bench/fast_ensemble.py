@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from step_2_pretrained import load_model, prepare_image, to_tensor  # noqa: E402
 from utils.attacks import NORMS  # noqa: E402
-from utils.cli import ArgumentParser, UsageError, listed, number_in, one_of, run  # noqa: E402
+from utils.cli import ArgumentParser, UsageError, comma_list, listed, number_in, one_of, run  # noqa: E402
 from utils.data import list_photos  # noqa: E402
 from utils.evaluation import robust_accuracy  # noqa: E402
 from utils.evaluation.report import markdown_table  # noqa: E402
@@ -85,7 +85,7 @@ def get_args_parser():
     add_benchmark_arguments(parser, model="outputs/robust-demo/adversarial.pt2", epsilon=None)
     parser.add_argument("--norm", type=listed(one_of(NORMS, "norm"), "--norm"), default=["Linf", "L2", "L1"],
                         help="threat models, one row each, comma-separated (default: Linf,L2,L1)")
-    parser.add_argument("--epsilons", type=listed(positive_number("--epsilons"), "--epsilons"), default=None,
+    parser.add_argument("--epsilons", type=comma_list(positive_number("--epsilons"), "--epsilons"), default=None,
                         help="one budget per norm, in its units, or several for one norm (default: Linf 32 levels, "
                              "L2 2, L1 12)")
     parser.add_argument("--steps", type=number_in(1, 100000, int, name="--steps"), default=50,

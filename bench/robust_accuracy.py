@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from step_2_pretrained import load_model, model_from_args, prepare_image, to_tensor  # noqa: E402
 from utils.attacks import NORMS  # noqa: E402
-from utils.cli import ArgumentParser, UsageError, listed, number_in, one_of, run  # noqa: E402
+from utils.cli import ArgumentParser, UsageError, comma_list, listed, number_in, one_of, run  # noqa: E402
 from utils.flags import add_benchmark_arguments, positive_number  # noqa: E402
 from utils.threat import check_epsilon  # noqa: E402
 from utils.data import list_photos  # noqa: E402
@@ -186,7 +186,7 @@ def get_args_parser():
     add_benchmark_arguments(parser, model="outputs/robust-demo/adversarial.pt2", epsilon=None)
     parser.add_argument("--norm", type=listed(one_of(NORMS, "norm"), "--norm"), default=["Linf"],
                         help="threat models, one row each, comma-separated (default: Linf)")
-    parser.add_argument("--epsilons", "--epsilon", type=listed(positive_number("--epsilons"), "--epsilons"), default=None,
+    parser.add_argument("--epsilons", "--epsilon", type=comma_list(positive_number("--epsilons"), "--epsilons"), default=None,
                         help="one budget per norm, in its units, or several for one norm (default: Linf 32 levels, "
                              "L2 2, L1 12)")
     parser.add_argument("--batch-size", type=number_in(1, 4096, int, name="--batch-size"), default=64,

@@ -148,6 +148,13 @@ ROW = re.compile(r"^\| (\w+) \| ([\d.]+) \| (\d+) \| ([\d.]+)% \((\d+)\) \| ([\d
 
 # ---- bench/fast_ensemble.py ----------------------------------------------------------------------------------------
 
+def test_the_same_budget_may_serve_two_norms():
+    """One budget per norm, in order: 8 levels in L-infinity and 8 in L1 are two budgets, not a repeat."""
+    for bench in (fast_ensemble, robust_accuracy):
+        assert parse(bench, "--norm", "Linf,L2,L1", "--epsilons", "8,1,8").epsilons == [8, 1, 8]
+    assert fast_ensemble.budgets(["Linf", "L2", "L1"], [8, 1, 8]) == [("Linf", 8), ("L2", 1), ("L1", 8)]
+
+
 def test_fast_ensemble_rows_are_the_library_calls_counts(digits, capsys):
     """A row per norm whose robust counts are the library call's for each ensemble on the same digits (recomputed
     here), whose difference follows from them, and whose ratio is the two printed times'."""
