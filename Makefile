@@ -116,3 +116,4 @@ certify-demo: $(VENV)/.installed $(DEMO)/adversarial.pt2 samples $(CERTIFY)/mlp.
 		> $(CERTIFY)/bench-crown-ibp-2.md
 	$(PYTHON) bench/certify.py --model $(CERTIFY)/crown_ibp.pt2 --images 100 --epsilon 8 --time-limit 10 \
 		> $(CERTIFY)/bench-crown-ibp-8.md
+	$(PYTHON) bench/fast_ensemble.py --model $(CERTIFY)/crown_ibp.pt2 --epsilons 8,1,8 > outputs/fast_ensemble_crown_ibp.md
