@@ -141,14 +141,14 @@ class ExactCertifier(Certifier):
         bounds = [(lower[0].cpu().double().numpy(), upper[0].cpu().double().numpy()) for lower, upper in tensor_bounds]
         ball = make_ball(image_u8, config.norm, epsilon, config.lattice)
         program = MarginProgram(self.network, ball, bounds, lattice=False)
-        share = BRANCH_SHARE if program.binaries <= MILP_MAX_BINARIES else 1.0
-        searched, domains = self.branch(image_u8, label, epsilon, tensor_bounds, box,
-                                        deadline - (1 - share) * config.time_limit)
+        solvable = program.binaries <= MILP_MAX_BINARIES
+        until = deadline - (1 - BRANCH_SHARE) * config.time_limit if solvable else deadline
+        searched, domains = self.branch(image_u8, label, epsilon, tensor_bounds, box, until)
         if searched is not None:
             return searched
         size = dict(margin_bound=float(margins.min()), domains=domains, binaries=program.binaries,
                     constraints=program.constraint_count)
-        if share == 1.0:
+        if not solvable:
             return dict(verdict=UNKNOWN, found_by="", **size)
         return self.solve(image_u8, label, epsilon, ball, bounds, margins, program, size, deadline)
 
