@@ -119,7 +119,7 @@ def test_the_fast_ensemble_is_apgd_and_apgd_t_towards_three_classes(tiny_images)
     assert robust_accuracy(model, images, labels, attacks="standard", **settings).attacks == \
         robust_accuracy(model, images, labels, **settings).attacks == ["apgd", "apgd-t", "fab", "square"]
     assert [named_ensemble("fast", norm) for norm in ("Linf", "L2", "L1")] == [(["apgd", "apgd-t"], 3, 1)] * 3
-    assert named_ensemble("fast", "L1", 5, 2) == (["apgd", "apgd-t"], 5, 2)
+    assert named_ensemble("fast", "L1", 5) == (["apgd", "apgd-t"], 5, 1)
     assert named_ensemble("standard", "L1") == (["apgd", "apgd-t", "fab"], None, None)
     from utils.evaluation.plan import Settings, stage_options
     l1 = dict(model="m", folder="f", epsilons=(1.0,), steps=(3,), norm="L1")

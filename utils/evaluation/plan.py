@@ -128,7 +128,7 @@ def standard_ensemble(norm):
 # --ensemble fast: APGD-CE (one restart, in L1 too), then APGD-T towards the 3 classes the model ranks highest after
 # the true one (the standard version goes towards 9), without FAB-T and Square: the stages that fooled every image the
 # standard ensemble fooled on the digits models of `make robust-demo` and `make certify-demo` (bench/fast_ensemble.py,
-# docs/evaluation.md). It gives up the standard version's second opinions, a gradient-free attack (Square) and a
+# docs/speed.md). It gives up the standard version's second opinions, a gradient-free attack (Square) and a
 # minimal-distance one (FAB-T), that catch a model whose gradients mislead: judge a new defense with the standard one.
 FAST_ENSEMBLE = ("apgd", "apgd-t")
 FAST_TARGET_CLASSES = 3
@@ -136,13 +136,13 @@ FAST_RESTARTS = 1
 NAMED_ENSEMBLES = ("standard", "fast")
 
 
-def named_ensemble(name, norm, target_classes=None, restarts=None):
+def named_ensemble(name, norm, target_classes=None):
     """(attacks, target classes, restarts) of the ensemble called `name` ("standard" or "fast") in `norm`; a
-    `target_classes` or `restarts` given wins over the fast ensemble's (None keeps each attack's default)."""
+    `target_classes` given wins over the fast ensemble's (None keeps each attack's default)."""
     if name == "fast":
         return ([method for method in FAST_ENSEMBLE if norm in ATTACKS[method].norms],
-                target_classes or FAST_TARGET_CLASSES, restarts or FAST_RESTARTS)
-    return standard_ensemble(norm), target_classes, restarts
+                target_classes or FAST_TARGET_CLASSES, FAST_RESTARTS)
+    return standard_ensemble(norm), target_classes, None
 
 
 def check_ensemble(ensemble, norm, flag="--ensemble"):
