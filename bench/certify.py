@@ -32,7 +32,7 @@ from utils.certify.propagation import METHODS  # noqa: E402
 from utils.evaluation import robust_accuracy  # noqa: E402
 from utils.flags import add_benchmark_arguments, add_device_argument  # noqa: E402
 from utils.cli import ArgumentParser, UsageError, number_in, run  # noqa: E402
-from utils.data import list_photos  # noqa: E402
+from utils.data import labelled_photos  # noqa: E402
 from utils.evaluation.reference import reference_autoattack  # noqa: E402
 from utils.speed import get_device  # noqa: E402
 
@@ -40,13 +40,9 @@ NAMES = {"interval": "interval", "crown": "CROWN", "alpha-crown": "alpha-CROWN"}
 
 
 def the_images(args, model):
-    paths, names = list_photos(args.folder)
-    if not all("/" in name for name in names):
-        raise UsageError(f"{args.folder}: needs true labels, an ImageFolder tree (one subfolder per class)")
+    paths, _, labels = labelled_photos(args.folder, model.classes, model.name)
     chosen = np.linspace(0, len(paths) - 1, min(args.images, len(paths))).round().astype(int)
-    images = [prepare_image(paths[i], model) for i in chosen]
-    labels = [model.classes.index(names[i].split("/")[0]) for i in chosen]
-    return images, labels
+    return [prepare_image(paths[i], model) for i in chosen], [labels[i] for i in chosen]
 
 
 def timed(certifier, images, labels, epsilon):

@@ -23,22 +23,19 @@ sys.path.insert(0, str(ROOT))
 from step_2_pretrained import load_model, prepare_image, to_tensor  # noqa: E402
 from utils.attacks import NORMS  # noqa: E402
 from utils.cli import ArgumentParser, UsageError, comma_list, listed, number_in, one_of, run  # noqa: E402
-from utils.data import list_photos  # noqa: E402
+from utils.data import labelled_photos  # noqa: E402
 from utils.evaluation import robust_accuracy  # noqa: E402
 from utils.evaluation.report import markdown_table  # noqa: E402
-from utils.flags import add_benchmark_arguments, positive_number  # noqa: E402
+from utils.flags import add_benchmark_arguments, norm_budgets, positive_number  # noqa: E402
 
-DEFAULT_EPSILONS = {"Linf": 32.0, "L2": 2.0, "L1": 12.0}
 ENSEMBLES = ("standard", "fast")
 
 
 def labelled_images(folder, model):
     """The folder's images as uint8 (N, 3, H, W) and their labels from its ImageFolder subfolders."""
-    paths, names = list_photos(folder)
-    if not all("/" in name for name in names):
-        raise UsageError(f"{folder}: needs true labels, an ImageFolder tree (one subfolder per class)")
+    paths, _, labels = labelled_photos(folder, model.classes, model.name)
     images = (to_tensor([prepare_image(path, model) for path in paths]) * 255).round().to(torch.uint8)
-    return images, torch.tensor([model.classes.index(name.split("/")[0]) for name in names])
+    return images, torch.tensor(labels)
 
 
 def timed_run(model, images, labels, ensemble, norm, epsilon, args):
@@ -49,20 +46,10 @@ def timed_run(model, images, labels, ensemble, norm, epsilon, args):
     return round(result.robust_accuracy * len(labels)), time.perf_counter() - started
 
 
-def budgets(norms, epsilons):
-    """(norm, epsilon) pairs: one budget per norm, or several budgets of one norm."""
-    epsilons = epsilons or [DEFAULT_EPSILONS[norm] for norm in norms]
-    if len(norms) == 1:
-        norms = norms * len(epsilons)
-    if len(epsilons) != len(norms):
-        raise UsageError(f"--epsilons: {len(epsilons)} budgets for {len(norms)} norms; give one per norm")
-    return list(zip(norms, epsilons))
-
-
 def main(args):
     if not Path(args.model).is_file():
         raise UsageError(f"{args.model}: no such model (make robust-demo trains it)")
-    pairs = budgets(args.norm, args.epsilons)
+    pairs = norm_budgets(args.norm, args.epsilons)
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
     images, labels = labelled_images(args.folder, model)

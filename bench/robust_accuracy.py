@@ -42,15 +42,13 @@ sys.path.insert(0, str(ROOT))
 from step_2_pretrained import load_model, model_from_args, prepare_image, to_tensor  # noqa: E402
 from utils.attacks import NORMS  # noqa: E402
 from utils.cli import ArgumentParser, UsageError, comma_list, listed, number_in, one_of, run  # noqa: E402
-from utils.flags import add_benchmark_arguments, positive_number  # noqa: E402
-from utils.threat import check_epsilon  # noqa: E402
-from utils.data import list_photos  # noqa: E402
+from utils.flags import add_benchmark_arguments, norm_budgets, positive_number  # noqa: E402
+from utils.data import labelled_photos  # noqa: E402
 from utils.evaluation.distributed import launcher  # noqa: E402
 from utils.speed import NetworkClock, get_device  # noqa: E402
 from utils.evaluation.reference import STANDARD_ITERATIONS, reference_autoattack, worst_case_robust  # noqa: E402
 
 
-DEFAULT_EPSILONS = {"Linf": 32.0, "L2": 2.0, "L1": 12.0}
 
 
 def step_8_arguments(args, norm, epsilon, out):
@@ -114,11 +112,8 @@ def run_reference(args, norm, epsilon):
     given, --processes x --threads), its network clocked (utils.speed.NetworkClock): (robust images, images, wall
     seconds, its split: see `split`)."""
     model = load_model(args.model)
-    paths, names = list_photos(args.folder)
-    if not all("/" in name for name in names):
-        raise UsageError(f"{args.folder}: needs true labels, an ImageFolder tree (one subfolder per class)")
-    images = to_tensor([prepare_image(path, model) for path in paths])
-    labels = torch.tensor([model.classes.index(name.split("/")[0]) for name in names])
+    paths, _, labels = labelled_photos(args.folder, model.classes, model.name)
+    images, labels = to_tensor([prepare_image(path, model) for path in paths]), torch.tensor(labels)
     clocked = NetworkClock(model.net)
     started = time.perf_counter()
     robust, _ = reference_autoattack(model.with_net(clocked), images, labels, epsilon, batch_size=args.batch_size,
@@ -130,14 +125,7 @@ def run_reference(args, norm, epsilon):
 def main(args):
     if not Path(args.model).is_file():
         raise UsageError(f"{args.model}: no such model (make robust-demo trains it)")
-    epsilons = args.epsilons or [DEFAULT_EPSILONS[norm] for norm in args.norm]
-    if len(args.norm) == 1:  # one norm: a row per budget
-        args.norm = args.norm * len(epsilons)
-    if len(epsilons) != len(args.norm):
-        raise UsageError(f"--epsilons gives {len(epsilons)} budgets for {len(args.norm)} norms (one per norm, or any "
-                         "number for one norm)")
-    for norm, epsilon in zip(args.norm, epsilons):
-        check_epsilon(epsilon, norm, name="--epsilons")
+    budgets = norm_budgets(args.norm, args.epsilons)
     reference_threads = args.processes * args.threads  # the cores ours gets, in one process
     torch.set_num_threads(reference_threads)
     cores = (f"{args.threads} thread(s)" if args.processes == 1 else
@@ -150,7 +138,7 @@ def main(args):
           "reference (s) | time ratio | reference in its network (s) | floor |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     splits = []
-    for norm, epsilon in zip(args.norm, epsilons):
+    for norm, epsilon in budgets:
         with tempfile.TemporaryDirectory() as out:
             ours, images, our_seconds = run_ours(args, norm, epsilon, Path(out))
         with tempfile.TemporaryDirectory() as out:
@@ -186,7 +174,8 @@ def get_args_parser():
     add_benchmark_arguments(parser, model="outputs/robust-demo/adversarial.pt2", epsilon=None)
     parser.add_argument("--norm", type=listed(one_of(NORMS, "norm"), "--norm"), default=["Linf"],
                         help="threat models, one row each, comma-separated (default: Linf)")
-    parser.add_argument("--epsilons", "--epsilon", type=comma_list(positive_number("--epsilons"), "--epsilons"), default=None,
+    parser.add_argument("--epsilons", "--epsilon", type=comma_list(positive_number("--epsilons"), "--epsilons"),
+                        default=None,
                         help="one budget per norm, in its units, or several for one norm (default: Linf 32 levels, "
                              "L2 2, L1 12)")
     parser.add_argument("--batch-size", type=number_in(1, 4096, int, name="--batch-size"), default=64,

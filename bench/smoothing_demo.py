@@ -25,28 +25,17 @@ from utils.certify.report_smoothing import certified_accuracy_figure, certified_
 from utils.certify.smoothing import ALPHA, N0, largest_radius  # noqa: E402
 from utils.certify.smoothing_method import Smoothing, SmoothingSettings, open_interval  # noqa: E402
 from utils.cli import ArgumentParser, UsageError, comma_list, listed, number_in, run  # noqa: E402
-from utils.data import list_photos  # noqa: E402
+from utils.data import labelled_photos  # noqa: E402
 from utils.figures import plt  # noqa: E402
 from utils.files import atomic_path, display_path, save_figure, save_text  # noqa: E402
 
 COLUMNS = ("image", "label", "epsilon", "verdict", "prediction", "seconds", "file", *Smoothing.columns)
 
 
-def labelled_photos(folder, model):
-    """(paths, names, class indices) of an ImageFolder whose subfolders are the model's class names."""
-    paths, names = list_photos(folder)
-    if not all("/" in name for name in names):
-        raise UsageError(f"{folder}: needs true labels, an ImageFolder tree (one subfolder per class)")
-    unknown = sorted({name.split("/")[0] for name in names} - set(model.classes))
-    if unknown:
-        raise UsageError(f"{folder}: subfolder {unknown[0]!r} is not a class of {model.name}")
-    return paths, names, [model.classes.index(name.split("/")[0]) for name in names]
-
-
 def certify_folder(model, folder, settings):
     """One certified.csv row per image of `folder`."""
     certifier = Smoothing(model, settings, "cpu")
-    paths, names, labels = labelled_photos(folder, model)
+    paths, names, labels = labelled_photos(folder, model.classes, model.name)
     rows = []
     for path, name, label in zip(paths, names, labels):
         [row] = certifier.certify(prepare_image(path, model), label, [])

