@@ -26,7 +26,8 @@ test: $(VENV)/.installed
 # fresh process (smoke), without the other fresh-process runs (e2e), the slow ones, the peers' cross-checks and the
 # browser
 test-fast: $(VENV)/.installed
-	$(PYTHON) -m pytest -q -n $(or $(JOBS),2) --dist loadfile -m "not slow and not crosscheck and not browser and (not e2e or smoke)"
+	$(PYTHON) -m pytest -q -n $(or $(JOBS),2) --dist loadfile \
+		-m "not slow and not crosscheck and not browser and (not e2e or smoke)"
 
 bench: $(VENV)/.installed $(DEMO)/adversarial.pt2 outputs/certify-demo/mlp.pt2
 	$(PYTHON) bench/attack_speed.py

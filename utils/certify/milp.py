@@ -8,8 +8,8 @@ utils.certify.bounds proved. An affine layer is its equalities. A ReLU whose inp
 identity and one whose bounds are both <= 0 is zero; one whose bounds straddle zero gets one binary delta (on or
 off) and the big-M constraints a >= 0, a >= z, a <= z - l (1 - delta), a <= u delta, exact for z in [l, u]. A max
 pool output m is the max of the inputs that can be the largest (upper bound above the largest lower bound, and the
-input with that lower bound): with one candidate m equals it; else one binary per candidate, m >= z_j, m <= z_j + (u_max - l_j)(1 - delta_j) and one
-delta set. The tighter the bounds, the fewer binaries and the smaller the big-Ms.
+input with that lower bound): with one candidate m equals it; else one binary per candidate, m >= z_j,
+m <= z_j + (u_max - l_j)(1 - delta_j) and one delta set. The tighter the bounds, the fewer binaries and the smaller the big-Ms.
 
 `MarginProgram(network, ball, bounds, lattice).solve(label, target, threshold, time_limit)` asks whether some input
 of the ball has logit[label] - logit[target] <= threshold: "infeasible" (none: proved), "found" (the input's levels

@@ -9,8 +9,8 @@ then AutoAttack's standard ensemble in the norm, or `attacks`), the same batches
 only on the images correct when clean that every earlier stage failed to fool, with the same attack options, seeds
 and image ids: step 8's own loop (utils/evaluation/engine.py: run_batch), judged on the 8-bit image kept in memory
 where step 8 judges its PNG read back (engine.MemoryStore: a PNG holds the same 8 bits), and counted as
-robust_accuracy.csv counts (report.robust_counts). So the same images, settings and device give step 8's verdicts; step 8 is this evaluation
-plus its files (PNGs, results.csv, --resume, the report, several processes). With `certify`, step 8's --certify
+robust_accuracy.csv counts (report.robust_counts). So the same images, settings and device give step 8's verdicts;
+step 8 is this evaluation plus its files (PNGs, results.csv, --resume, the report, several processes). With `certify`, step 8's --certify
 certifiers (with their default flags) bound the robust accuracy from below.
 
 Bad input (the images' shape, range or lattice, the labels, the norm, the budget, an attack's name) raises
@@ -83,8 +83,8 @@ def robust_accuracy(model, images, labels, *, norm="Linf", epsilon=8, attacks=No
     float in [0, 1] on the 8-bit lattice (each value k / 255); `labels`: N class indices. `norm` "Linf", "L2" or "L1";
     `epsilon` in step 8's units: levels out of 255 in Linf, the norm of the whole perturbation in [0, 1] pixel units
     in L2 and L1. `attacks`: step 8's --ensemble names in order, or "standard" (AutoAttack's standard version in the
-    norm, step 8's default; None too) or "fast" (step 8's --ensemble fast); `steps` (step 8's largest --steps), `queries`, `target_classes`, `early_stop`, `batch_size` and
-    `seed` as step 8's flags. `device`: "cpu", "cuda", "auto" (CUDA if any) or None (the model's own). `certify`: a
+    norm, step 8's default; None too) or "fast" (step 8's --ensemble fast); `steps` (step 8's largest --steps),
+    `queries`, `target_classes`, `early_stop`, `batch_size` and `seed` as step 8's flags. `device`: "cpu", "cuda", "auto" (CUDA if any) or None (the model's own). `certify`: a
     name or list of names of step 8's --certify certifiers ("bounds", "exact").
 
     Example (AutoAttack's `AutoAttack(net, norm="Linf", eps=8/255).run_standard_evaluation(x, y)`, with x in [0, 1]
@@ -108,8 +108,8 @@ def robust_accuracy(model, images, labels, *, norm="Linf", epsilon=8, attacks=No
     check_epsilon(epsilon, norm, tuple(images_u8.shape[1:]), "epsilon")
     certifier_names = checked_certifiers(certify, norm)
     settings = Settings(model="model", folder="", epsilons=(float(epsilon),), steps=(steps,), queries=queries,
-                        target_classes=target_classes, restarts=restarts, seed=seed, early_stop=early_stop, batch_size=batch_size,
-                        norm=norm)
+                        target_classes=target_classes, restarts=restarts, seed=seed, early_stop=early_stop,
+                        batch_size=batch_size, norm=norm)
     plan = Plan([], ensemble, None, [CLEAN, *ensemble_jobs(ensemble, settings.epsilons, (steps,), queries)])
     with evaluated(model, images_u8, device) as classifier:
         check_label_range(labels, len(classifier.classes))
@@ -284,7 +284,8 @@ def summarize(rows, stages, images_u8, plan, settings, certified):
                 fooled[index] = True
                 result_images[index] = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
     result = RobustAccuracy(robust, correct / count, per_attack, fooled, result_images,
-                            smallest_distances(rows, stages, count), settings.norm, settings.epsilons[0], list(plan.ensemble))
+                            smallest_distances(rows, stages, count), settings.norm, settings.epsilons[0],
+                            list(plan.ensemble))
     if certified:
         epsilon = settings.epsilons[0]
         result.certified_by = {name: certified_counts(found, epsilon)[0] / count for name, found in certified.items()}
